@@ -1,0 +1,262 @@
+"""NumPy kernels: the only place where arithmetic lives. No model knowledge, no mdref imports.
+
+Conventions: images NCHW, tokens [B, T, D], weights in PyTorch layout (Linear [out, in],
+Conv [out, in/groups, kh, kw]). Every op computes in the dtype of its input (float32 or float64);
+parameters are cast by the loader, never here. A parameter argument ``p`` is a dict holding
+``weight`` and optionally ``bias``, keyed like the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "linear", "conv2d", "group_norm", "layer_norm", "silu", "relu", "gelu", "quick_gelu", "erf",
+    "softmax", "attention", "causal_mask", "upsample_nearest2d", "timestep_embedding",
+]
+
+# Working-set limits for the two kernels that would otherwise allocate huge temporaries.
+IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
+SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
+
+
+def linear(x, p):
+    """torch.nn.Linear: x @ W^T + b.  x [..., in] -> [..., out]."""
+    y = x @ p["weight"].T                                           # [..., out]
+    if p.get("bias") is not None:
+        y = y + p["bias"]
+    return y
+
+
+def conv2d(x, p, *, stride=1, padding=0, groups=1):
+    """torch.nn.Conv2d (dilation 1, zero padding) as one im2col matmul per block of output rows.
+
+    x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo].
+    Groups are a batch dimension of the matmul, so depthwise (groups == C) needs no special case.
+    """
+    w = p["weight"]
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    if C != Cg * groups or O % groups:
+        raise ValueError(f"conv2d: input has {C} channels, weight {tuple(w.shape)} with groups={groups} "
+                         f"expects {Cg * groups}")
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))   # [B, C, Hp, Wp]
+    Ho = (x.shape[2] - kh) // stride + 1
+    Wo = (x.shape[3] - kw) // stride + 1
+    if kh == kw == 1 and stride == 1 and groups == 1:               # pointwise: no im2col needed
+        y = np.matmul(w.reshape(O, C), x.reshape(B, C, Ho * Wo))    # [B, O, Ho*Wo]
+    else:
+        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+        windows = windows[:, :, ::stride, ::stride]                 # [B, C, Ho, Wo, kh, kw] (a view)
+        wg = w.reshape(groups, O // groups, Cg * kh * kw)           # [G, O/G, Cg*kh*kw]
+        y = np.empty((B, groups, O // groups, Ho * Wo), dtype=x.dtype)
+        # The column matrix for a 512x512 image would take gigabytes, so it is built a block of rows at a time.
+        rows = max(1, min(Ho, IM2COL_BYTES // max(1, x.itemsize * C * kh * kw * Wo * B)))
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            cols = windows[:, :, r0:r1].transpose(0, 1, 4, 5, 2, 3)  # [B, C, kh, kw, r, Wo]
+            cols = cols.reshape(B, groups, Cg * kh * kw, (r1 - r0) * Wo)
+            y[..., r0 * Wo:r1 * Wo] = np.matmul(wg, cols)            # [B, G, O/G, r*Wo]
+        y = y.reshape(B, O, Ho * Wo)
+    y = y.reshape(B, O, Ho, Wo)                                     # [B, O, Ho, Wo]
+    if p.get("bias") is not None:
+        y = y + p["bias"][:, None, None]
+    return y
+
+
+def group_norm(x, p, groups, eps):
+    """torch.nn.GroupNorm: per (sample, group) zero mean and unit (biased) variance, then affine.
+    x [B, C, ...]."""
+    B, C = x.shape[:2]
+    g = x.reshape(B, groups, -1)                                    # [B, G, C/G * spatial]
+    mean = g.mean(axis=-1, keepdims=True)
+    centred = g - mean
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    y = (centred / np.sqrt(var + eps)).reshape(x.shape)             # [B, C, ...]
+    affine = (B, C) + (1,) * (x.ndim - 2)
+    return y * p["weight"].reshape(affine[1:]) + p["bias"].reshape(affine[1:])
+
+
+def layer_norm(x, p, eps):
+    """torch.nn.LayerNorm over the last axis (biased variance), then affine.  x [..., D]."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(var + eps) * p["weight"] + p["bias"]
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def silu(x):
+    """SiLU / Swish: x * sigmoid(x), written to avoid overflow of exp(-x) for very negative x."""
+    return x * _sigmoid(x)
+
+
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation: x * sigmoid(1.702 x)."""
+    return x * _sigmoid(1.702 * x)
+
+
+def gelu(x, approximate="none"):
+    """torch.nn.functional.gelu: 'none' = x * Phi(x) with the exact erf; 'tanh' = the tanh approximation."""
+    if approximate == "none":
+        return 0.5 * x * (1 + erf(x * (1 / math.sqrt(2))))
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+    raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+# ---- erf ---------------------------------------------------------------------------------------------
+# NumPy has no erf. This is the rational approximation of FreeBSD msun s_erf.c, accurate to < 1 ulp in
+# float64, evaluated on whole arrays. Its coefficients carry this notice:
+#   Copyright (C) 1993 by Sun Microsystems, Inc. All rights reserved.
+#   Developed at SunPro, a Sun Microsystems, Inc. business.
+#   Permission to use, copy, modify, and distribute this software is freely granted,
+#   provided that this notice is preserved.
+_ERX = 8.45062911510467529297e-01
+_PP = (1.28379167095512558561e-01, -3.25042107247001499370e-01, -2.84817495755985104766e-02,
+       -5.77027029648944159157e-03, -2.37630166566501626084e-05)
+_QQ = (1.0, 3.97917223959155352819e-01, 6.50222499887672944485e-02, 5.08130628187576562776e-03,
+       1.32494738004321644526e-04, -3.96022827877536812320e-06)
+_PA = (-2.36211856075265944077e-03, 4.14856118683748331666e-01, -3.72207876035701323847e-01,
+       3.18346619901161753674e-01, -1.10894694282396677476e-01, 3.54783043256182359371e-02,
+       -2.16637559486879084300e-03)
+_QA = (1.0, 1.06420880400844228286e-01, 5.40397917702171048937e-01, 7.18286544141962662868e-02,
+       1.26171219808761642112e-01, 1.36370839120290507362e-02, 1.19844998467991074170e-02)
+_RA = (-9.86494403484714822705e-03, -6.93858572707181764372e-01, -1.05586262253232909814e+01,
+       -6.23753324503260060396e+01, -1.62396669462573470355e+02, -1.84605092906711035994e+02,
+       -8.12874355063065934246e+01, -9.81432934416914548592e+00)
+_SA = (1.0, 1.96512716674392571292e+01, 1.37657754143519042600e+02, 4.34565877475229228821e+02,
+       6.45387271733267880336e+02, 4.29008140027567833386e+02, 1.08635005541779435134e+02,
+       6.57024977031928170135e+00, -6.04244152148580987438e-02)
+_RB = (-9.86494292470009928597e-03, -7.99283237680523006574e-01, -1.77579549177547519889e+01,
+       -1.60636384855821916062e+02, -6.37566443368389627722e+02, -1.02509513161107724954e+03,
+       -4.83519191608651397019e+02)
+_SB = (1.0, 3.03380607434824582924e+01, 3.25792512996573918826e+02, 1.53672958608443695994e+03,
+       3.19985821950859553908e+03, 2.55305040643316442583e+03, 4.74528541206955367215e+02,
+       -2.24409524465858183362e+01)
+
+
+def _poly(coeffs, z):
+    """Horner evaluation of sum(coeffs[i] * z**i)."""
+    acc = np.full_like(z, coeffs[-1])
+    for c in coeffs[-2::-1]:
+        acc = acc * z + c
+    return acc
+
+
+def erf(x):
+    """The error function, elementwise (msun s_erf.c rational approximations, computed in float64)."""
+    x = np.asarray(x)
+    a = np.abs(x.astype(np.float64))
+    out = np.empty_like(a)
+    small = a < 0.84375                                             # erf(x) = x + x R(x^2)
+    z = a[small] ** 2
+    out[small] = a[small] + a[small] * (_poly(_PP, z) / _poly(_QQ, z))
+    mid = (a >= 0.84375) & (a < 1.25)                               # expansion around 1
+    s = a[mid] - 1
+    out[mid] = _ERX + _poly(_PA, s) / _poly(_QA, s)
+    tail = (a >= 1.25) & (a < 6)                                    # 1 - erfc, erfc = exp(...) / x
+    t = a[tail]
+    s = 1 / (t * t)
+    near = t < 1 / 0.35
+    r_over_s = np.where(near, _poly(_RA, s) / _poly(_SA, s), _poly(_RB, s) / _poly(_SB, s))
+    hi = (t.view(np.uint64) & np.uint64(0xFFFFFFFF00000000)).view(np.float64)  # t with a short mantissa
+    out[tail] = 1 - np.exp(-hi * hi - 0.5625) * np.exp((hi - t) * (hi + t) + r_over_s) / t
+    out[a >= 6] = 1.0
+    out[np.isnan(a)] = np.nan
+    return (np.sign(x) * out).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+def softmax(x, axis=-1):
+    """Numerically stable softmax: exp(x - max) / sum. Rows of finite values always sum to 1."""
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def causal_mask(t, dtype):
+    """Additive causal mask [t, t]: 0 on and below the diagonal, the dtype's most negative value above,
+    as transformers' CLIP builds it (a finite value, so no row is ever all -inf)."""
+    m = np.zeros((t, t), dtype=dtype)
+    m[np.triu_indices(t, 1)] = np.finfo(dtype).min
+    return m
+
+
+def attention(q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
+    """Multi-head scaled dot-product attention on already projected q, k, v.
+
+    q [B, Tq, H*d], k [B, Tk, H*d], v [B, Tk, H*dv] -> [B, Tq, H*dv].
+    weighting 'softmax': softmax(q k^T * scale + mask) v.
+    weighting 'relu' (MobileDiffusion's deployable form): relu(q k^T * scale + mask) / Tk, then v.
+    mask is additive, broadcastable to [B, H, Tq, Tk]. scale defaults to 1/sqrt(d).
+    Queries are processed in chunks with one reused score buffer, so a 4096 x 4096 attention never
+    holds the scores of all queries of all heads at once.
+    """
+    B, Tq, D = q.shape
+    Tk = k.shape[1]
+    if D % heads or k.shape[2] != D or v.shape[2] % heads:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not split into {heads} heads")
+    if weighting not in ("softmax", "relu"):
+        raise ValueError(f"attention: weighting must be 'softmax' or 'relu', got {weighting!r}")
+    d, dv = D // heads, v.shape[2] // heads
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    qh = q.reshape(B, Tq, heads, d).transpose(0, 2, 1, 3) * np.asarray(scale, q.dtype)   # [B, H, Tq, d]
+    kt = k.reshape(B, Tk, heads, d).transpose(0, 2, 3, 1)          # [B, H, d, Tk]
+    vh = v.reshape(B, Tk, heads, dv).transpose(0, 2, 1, 3)         # [B, H, Tk, dv]
+    if mask is not None:
+        mask = np.broadcast_to(mask, (B, heads, Tq, Tk))
+    chunk = max(1, min(Tq, SCORES_BYTES // (B * heads * Tk * q.itemsize)))
+    buf = np.empty((B, heads, chunk, Tk), dtype=q.dtype)
+    out = np.empty((B, heads, Tq, dv), dtype=q.dtype)
+    for q0 in range(0, Tq, chunk):
+        q1 = min(Tq, q0 + chunk)
+        s = buf[:, :, : q1 - q0]
+        np.matmul(qh[:, :, q0:q1], kt, out=s)                      # [B, H, c, Tk]
+        if mask is not None:
+            s += mask[:, :, q0:q1]
+        if weighting == "softmax":
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+        else:
+            np.maximum(s, 0, out=s)
+            s /= Tk
+        np.matmul(s, vh, out=out[:, :, q0:q1])                      # [B, H, c, dv]
+    return out.transpose(0, 2, 1, 3).reshape(B, Tq, heads * dv)    # [B, Tq, H*dv]
+
+
+def upsample_nearest2d(x, scale=2):
+    """torch.nn.functional.interpolate(mode='nearest') by an integer factor.  [B, C, H, W] -> [B, C, sH, sW]."""
+    return x.repeat(scale, axis=2).repeat(scale, axis=3)
+
+
+def timestep_embedding(t, dim, *, flip_sin_to_cos, downscale_freq_shift, scale=1.0, max_period=10000,
+                       dtype=np.float32):
+    """Sinusoidal timestep embedding, diffusers `get_timestep_embedding`.
+
+    t [B] -> [B, dim]. freqs_i = exp(-ln(max_period) * i / (half - downscale_freq_shift)), i < half;
+    emb = [sin(t f), cos(t f)] (or [cos, sin] when flip_sin_to_cos), zero-padded when dim is odd.
+    Computed in `dtype` throughout (diffusers computes it in float32 whatever the model's dtype).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * np.arange(half, dtype=dtype) / np.asarray(half - downscale_freq_shift, dtype)
+    freqs = np.exp(exponent)                                        # [half]
+    args = np.asarray(t, dtype=dtype).reshape(-1)[:, None] * freqs[None, :] * np.asarray(scale, dtype)  # [B, half]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)     # [B, 2*half]
+    if flip_sin_to_cos:
+        emb = np.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb                                                      # [B, dim]
