@@ -53,21 +53,33 @@ def read_safetensors(path):
         header = json.loads(data[8:8 + n])
     except (ValueError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     body = memoryview(data)[8 + n:]
     tensors = {}
     for key, info in header.items():
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
+        try:
+            start, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(int(s) for s in info["shape"])
+            dtype = str(info["dtype"])
+        except (TypeError, KeyError, ValueError):
+            raise WeightsError(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
+        if dtype != "BF16" and dtype not in _DTYPES:
+            raise WeightsError(f"{path}: tensor {key!r} has dtype {dtype}, which mdref does not read "
+                               f"(expected one of F64, F32, F16, BF16)")
+        itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
+        # A truncated or corrupt file must fail here, by name, not in np.frombuffer / reshape.
+        if (not 0 <= start <= end <= len(body) or min(shape, default=0) < 0
+                or end - start != itemsize * int(np.prod(shape))):
+            raise WeightsError(f"{path}: tensor {key!r} ({dtype} {list(shape)}) expects bytes "
+                               f"[{start}, {end}) of a {len(body)}-byte data section: truncated or corrupt file")
         raw = body[start:end]
-        if info["dtype"] == "BF16":
+        if dtype == "BF16":
             bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
             arr = bits.view(np.float32)
-        elif info["dtype"] in _DTYPES:
-            arr = np.frombuffer(raw, dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
         else:
-            raise WeightsError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which mdref does not read "
-                               f"(expected one of F64, F32, F16, BF16)")
+            arr = np.frombuffer(raw, dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<"))
         tensors[key] = arr.reshape(shape)
     return tensors, metadata
 
