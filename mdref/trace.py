@@ -74,3 +74,36 @@ def record(name, x):
     if t is not None and t.wants(name):
         t.add(name, x)
     return x
+
+
+# ---- trace files -------------------------------------------------------------------------------------
+MANIFEST_KEY = "mdref_manifest"
+
+
+def save_trace(path, t, manifest=None):
+    """Write a trace as one safetensors file: one tensor per point (float arrays kept in their dtype), and
+    in the metadata a JSON manifest whose "points" lists the names in execution order."""
+    import json
+
+    from .weights import write_safetensors
+
+    arrays = t.arrays if isinstance(t, Trace) else dict(t)
+    manifest = dict(getattr(t, "meta", {}) or {}, **(manifest or {}))
+    manifest["points"] = list(arrays)
+    manifest["dtypes"] = {k: str(np.asarray(v).dtype) for k, v in arrays.items()}
+    write_safetensors(path, {k: np.asarray(v) for k, v in arrays.items()},
+                      metadata={MANIFEST_KEY: json.dumps(manifest, default=str)})
+
+
+def load_trace(path):
+    """Read a trace file written by save_trace (or by any tool writing the same format).
+    Returns (ordered {name: array}, manifest). Files without a manifest keep the file's key order."""
+    import json
+
+    from .weights import read_safetensors
+
+    tensors, meta = read_safetensors(path)
+    manifest = json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else {}
+    order = [n for n in manifest.get("points", []) if n in tensors]
+    order += [n for n in tensors if n not in order]
+    return {n: tensors[n] for n in order}, manifest
