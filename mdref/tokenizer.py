@@ -1,0 +1,249 @@
+"""CLIP's byte-level BPE tokenizer, run by the `tokenizers` library.
+
+It reproduces transformers' ``CLIPTokenizer`` (the tokenizers-backed one; in transformers 5 it is also
+``CLIPTokenizerFast``) and, where ftfy is installed, OpenAI's ``clip/simple_tokenizer.py``:
+
+1. clean-up    only if ftfy is importable (and ``fix_text`` is not False): ``ftfy.fix_text``, then
+               ``html.unescape`` twice and strip, as OpenAI's ``basic_clean`` does. Without ftfy this step is
+               skipped, which is what transformers does: text holding HTML entities (``&amp;``) or mojibake
+               then tokenizes differently from OpenAI's tokenizer (``&amp;`` stays 5 characters).
+2. normalise   Unicode NFC, every whitespace run -> one space, lowercase.
+3. split       CLIP's regex: the two special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
+               letters, single digits, runs of other non-space characters; whitespace is dropped.
+4. BPE         each piece as GPT-2 byte symbols with ``</w>`` on its last symbol, merged by rank.
+5. frame       ``[BOS] tokens [EOS] [PAD ...]`` to ``max_length`` (77): longer prompts keep their first
+               ``max_length - 2`` tokens and EOS stays last (a warning says how many were dropped).
+
+The vocabulary is the list OpenAI builds in code from the merges file: the 256 byte symbols, the same 256 with
+``</w>``, one token per merge (48,894 merges), then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
+Pad id: SD-1 tokenizers pad with ``<|endoftext|>`` (49407); SD-2 / OpenCLIP-style ones pad with ``!`` (0). Like
+transformers, the pad token is also a special token, so with pad ``!`` each ``!`` in a prompt becomes id 0 too.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+from tokenizers.models import BPE
+
+from .config import ConfigError
+
+__all__ = ["Tokenizer", "TokenizerError", "SHIPPED_DIR", "bytes_to_unicode", "clip_vocab", "read_merges"]
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights" / "clip"   # merges.txt, LICENSE, README.md
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+END_OF_WORD = "</w>"
+# OpenAI clip/simple_tokenizer.py SimpleTokenizer.pat (applied after lowercasing, so IGNORECASE is moot).
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+MERGES_HEADER = "#version: 0.2"
+
+
+class TokenizerError(ConfigError):
+    """A tokenizer folder or vocabulary that mdref cannot use."""
+
+
+def bytes_to_unicode():
+    """GPT-2 / CLIP byte -> printable character table, in OpenAI's order (it fixes the first 256 token ids)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(others))]
+    return {b: chr(c) for b, c in zip(printable + others, chars)}
+
+
+def clip_vocab(merges):
+    """OpenAI SimpleTokenizer's vocabulary: bytes, bytes + '</w>', one token per merge, BOS, EOS -> {token: id}."""
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def read_merges(path, limit=None):
+    """A merges.txt (optional '#version' first line, then 'left right' per line) -> list of pairs."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = []
+    for n, line in enumerate(lines[:limit] if limit else lines, start=2):
+        if not line:
+            continue
+        pair = tuple(line.split(" "))
+        if len(pair) != 2:
+            raise TokenizerError(f"{path}: line {n} is not a merge 'left right': {line!r}")
+        merges.append(pair)
+    return merges
+
+
+def _token_content(value, default):
+    """A special-token entry of tokenizer_config.json: a string, an AddedToken dict, or absent."""
+    if value is None:
+        return default
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+class Tokenizer:
+    """CLIP tokenizer: ``tok(prompts) -> int64 [B, max_length]``.
+
+    Attributes: ``bos_id``, ``eos_id``, ``pad_id``, ``max_length``, ``fix_text`` (whether the ftfy clean-up
+    runs), ``vocab`` ({token: id}) and ``merges`` (list of pairs)."""
+
+    def __init__(self, vocab, merges, *, pad_token=EOS, bos_token=BOS, eos_token=EOS, unk_token=EOS,
+                 max_length=77, fix_text=None):
+        for name, token in (("pad_token", pad_token), ("bos_token", bos_token), ("eos_token", eos_token),
+                            ("unk_token", unk_token)):
+            if token not in vocab:
+                raise TokenizerError(f"Tokenizer: {name} {token!r} is not in the vocabulary")
+        if max_length < 2:
+            raise TokenizerError(f"Tokenizer: max_length must be >= 2 (BOS and EOS), got {max_length}")
+        self.vocab, self.merges = dict(vocab), [tuple(m) for m in merges]
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.bos_id, self.eos_id, self.pad_id = vocab[bos_token], vocab[eos_token], vocab[pad_token]
+        self.max_length = int(max_length)
+        self._ftfy = _import_ftfy() if fix_text in (None, True) else None
+        if fix_text is True and self._ftfy is None:
+            raise TokenizerError("Tokenizer: fix_text=True needs the ftfy package, which is not installed")
+        self.fix_text = self._ftfy is not None
+        self.backend = _clip_backend(self.vocab, self.merges, unk_token,
+                                     specials=(bos_token, eos_token, unk_token, pad_token))
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path=None, *, max_length=None, fix_text=None):
+        """None: the shipped OpenAI vocabulary (weights/clip, pad 49407). A folder: a transformers / diffusers
+        ``tokenizer/`` folder (vocab.json + merges.txt, or tokenizer.json), or a pipeline folder holding one.
+        The pad token comes from tokenizer_config.json, else special_tokens_map.json, else '<|endoftext|>'."""
+        if path is None:
+            merges = read_merges(SHIPPED_DIR / "merges.txt")
+            return cls(clip_vocab(merges), merges, max_length=max_length or 77, fix_text=fix_text)
+        folder = Path(path)
+        if not folder.is_dir():
+            raise TokenizerError(f"{folder}: not a tokenizer folder")
+        if (folder / "tokenizer").is_dir() and not _has_vocab(folder):
+            folder = folder / "tokenizer"
+        vocab, merges = _read_vocab_and_merges(folder)
+        config = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):   # the latter wins, as in transformers 5
+            if (folder / name).is_file():
+                config.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
+        if max_length is None:
+            model_max = config.get("model_max_length", 77)
+            max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else 77  # 1e30 = "no limit"
+        return cls(vocab, merges, max_length=max_length, fix_text=fix_text,
+                   pad_token=_token_content(config.get("pad_token"), EOS),
+                   bos_token=_token_content(config.get("bos_token"), BOS),
+                   eos_token=_token_content(config.get("eos_token"), EOS),
+                   unk_token=_token_content(config.get("unk_token"), EOS))
+
+    def save_pretrained(self, folder):
+        """Write a transformers-compatible tokenizer folder: vocab.json, merges.txt, tokenizer_config.json,
+        special_tokens_map.json (what SD pipeline folders hold)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "\n".join([MERGES_HEADER] + [" ".join(m) for m in self.merges]) + "\n"
+        (folder / "merges.txt").write_text(merges, encoding="utf-8")
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                    "unk_token": self.unk_token}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "do_lower_case": True,
+                  "errors": "replace", "add_prefix_space": False, **specials}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        return folder
+
+    # ---- use ---------------------------------------------------------------------------------------
+    def __call__(self, prompts):
+        """str or list of str -> int64 [B, max_length]: BOS, tokens, EOS, then pad_id."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        keep = self.max_length - 2
+        ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)    # [B, max_length]
+        for b, tokens in enumerate(self.encode_batch(prompts)):
+            if len(tokens) > keep:
+                warnings.warn(f"Tokenizer: prompt {b} has {len(tokens)} tokens; {len(tokens) - keep} were "
+                              f"dropped to fit max_length={self.max_length} (BOS + {keep} + EOS)", stacklevel=2)
+                tokens = tokens[:keep]
+            ids[b, :len(tokens) + 2] = [self.bos_id, *tokens, self.eos_id]
+        return ids
+
+    def encode_batch(self, prompts):
+        """list of str -> list of token-id lists, without BOS / EOS and without truncation."""
+        texts = [self.clean(p) for p in prompts]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, prompt):
+        """str -> token ids, without BOS / EOS and without truncation."""
+        return self.encode_batch([prompt])[0]
+
+    def clean(self, text):
+        """OpenAI's basic_clean (ftfy.fix_text, html.unescape twice, strip) when ftfy is available; else as is."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer: a prompt must be a str, got {type(text).__name__}")
+        if self._ftfy is None:
+            return text
+        return html.unescape(html.unescape(self._ftfy.fix_text(text))).strip()
+
+    def decode(self, ids):
+        """Token ids -> text; special and pad tokens are skipped, '</w>' becomes a space."""
+        skip = {self.bos_id, self.eos_id, self.pad_id}
+        text = self.backend.decode([int(i) for i in ids if int(i) not in skip], skip_special_tokens=False)
+        return text.replace(END_OF_WORD, " ").strip()
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def __repr__(self):
+        return (f"Tokenizer(vocab={len(self.vocab)}, merges={len(self.merges)}, max_length={self.max_length}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id}, fix_text={self.fix_text})")
+
+
+def _clip_backend(vocab, merges, unk_token, specials):
+    """The tokenizers pipeline of transformers' CLIPTokenizer: NFC, whitespace runs -> ' ', lowercase; the CLIP
+    regex split; byte-level symbols; BPE with '</w>' on word ends. The special tokens (BOS, EOS, UNK *and PAD*)
+    are matched in the raw text first, as transformers does: with SD-2's pad token '!' every '!' of a prompt
+    becomes id 0 ('hello!!!' -> hello, 0, 0, 0), unlike OpenCLIP (diffusers issue #4153)."""
+    backend = _Backend(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD,
+                           fuse_unk=False, unk_token=unk_token))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),   # keep the matches only
+        # bytes -> symbols. Its GPT-2 split (use_regex) changes nothing for CLIP's pieces except a special-token
+        # string in another case ('<|ENDOFTEXT|>' -> '<|', 'endoftext', '|>'); kept to match transformers.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return backend
+
+
+def _has_vocab(folder):
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def _read_vocab_and_merges(folder):
+    """vocab.json + merges.txt, or else the BPE model inside tokenizer.json."""
+    if (folder / "vocab.json").is_file():
+        if not (folder / "merges.txt").is_file():
+            raise TokenizerError(f"{folder}: has vocab.json but no merges.txt")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        return vocab, read_merges(folder / "merges.txt")
+    if (folder / "tokenizer.json").is_file():
+        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+        if model.get("type") != "BPE":
+            raise TokenizerError(f"{folder / 'tokenizer.json'}: model type {model.get('type')!r}, expected 'BPE'")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges
+    raise TokenizerError(f"{folder}: no vocab.json + merges.txt and no tokenizer.json")
+
+
+def _import_ftfy():
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy
