@@ -168,10 +168,11 @@ class UNetConfig:
         values = list(value) if isinstance(value, (list, tuple)) else [value] * self.levels
         if len(values) != self.levels:
             raise ConfigError(f"UNetConfig: {key} has {len(values)} entries, expected one per level ({self.levels})")
+        least = 0 if key == "transformer_layers_per_block" else 1     # 0 is usual on levels without a transformer
         for v in values:
-            if not isinstance(v, kind) or (kind is int and (isinstance(v, bool) or v < 1)):
+            if not isinstance(v, kind) or (kind is int and (isinstance(v, bool) or v < least)):
                 raise ConfigError(f"UNetConfig: {key} entry {v!r} is not supported "
-                                  f"(expected {'a positive int' if kind is int else kind.__name__})")
+                                  f"(expected {f'an int >= {least}' if kind is int else kind.__name__})")
             if key == "transformer_kind" and v not in KINDS:
                 raise ConfigError(f"UNetConfig: transformer_kind entry {v!r}; supported: {list(KINDS)}")
         return values

@@ -1,0 +1,240 @@
+"""MobileDiffusion-only UNet layers, which diffusers does not have: mdref against recipe/twin.py (a PyTorch twin
+written independently from docs/mobilediffusion_unet.md, with the same weight names), plus invariants.
+
+Tolerances as for the diffusers parity tests: whole tensors, float32 max abs error <= 1e-5 * max|reference|,
+float64 <= 1e-10 * max|reference|.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")                  # recipe/twin.py borrows diffusers' timestep embedding
+
+import mdref.weights as W  # noqa: E402
+from mdref import unet as U  # noqa: E402
+from mdref.unet import UNet, UNetConfig  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
+twin = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(twin)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+RNG = np.random.default_rng
+
+
+def randomize(module, seed):
+    """Every tensor non-trivial: norms ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2), matrices / kernels ~ N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+    return module.eval()
+
+
+def params_of(module, dtype):
+    """The twin's state_dict as an mdref parameter tree (same key names, so no mapping)."""
+    return W.nest({k: v.detach().numpy().astype(np_dtype(dtype)) for k, v in module.state_dict().items()})
+
+
+def np_dtype(dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def check(name, ours, ref, dtype):
+    ref = ref.detach().numpy()
+    assert ours.shape == ref.shape
+    err = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+    print(f"{name} {dtype}: max|err|/max|ref| = {err:.3g}")
+    assert err <= TOLERANCE[dtype], (name, err)
+
+
+def tensors(dtype, *shapes, seed=0):
+    g = RNG(seed)
+    arrays = [g.standard_normal(s).astype(np_dtype(dtype)) for s in shapes]
+    return arrays, [torch.tensor(a) for a in arrays]
+
+
+# ---- layers against the twin --------------------------------------------------------------------------------------
+@DTYPES
+@pytest.mark.parametrize("mode", ["cross", "self"])
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "separate_kv"])
+@pytest.mark.parametrize("weighting", ["softmax", "relu"])
+def test_attention_matches_twin(weighting, shared_kv, mode, dtype):
+    kv_dim = 24 if mode == "cross" else 32
+    m = randomize(twin.Attention(32, kv_dim, 4, shared_kv, weighting), seed=1).to(dtype)
+    (x, ctx), (tx, tctx) = tensors(dtype, (2, 20, 32), (2, 7, 24))
+    if mode == "self":
+        ctx, tctx = None, None
+    with torch.no_grad():
+        ref = m(tx, tctx)
+    ours = U.attention(params_of(m, dtype), x, ctx, heads=4, shared_kv=shared_kv, weighting=weighting)
+    check(f"attention {weighting} shared_kv={shared_kv} {mode}", ours, ref, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_feed_forward_matches_twin(activation, dtype):
+    m = randomize(twin.FeedForward(32, 3, activation), seed=3).to(dtype)
+    (x,), (tx,) = tensors(dtype, (2, 20, 32))
+    with torch.no_grad():
+        ref = m(tx)
+    check(f"ff {activation}", U.feed_forward(params_of(m, dtype), x, activation=activation), ref, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("c_in, c_out", [(16, 32), (32, 32)])
+def test_separable_resnet_matches_twin(c_in, c_out, dtype):
+    m = randomize(twin.ResnetBlock2D(c_in, c_out, 40, 8, 1e-5, True), seed=4).to(dtype)
+    (x, temb), (tx, ttemb) = tensors(dtype, (2, c_in, 6, 10), (2, 40))
+    with torch.no_grad():
+        ref = m(tx, ttemb)
+    ours = U.resnet_block(params_of(m, dtype), x, temb, groups=8, eps=1e-5, separable=True)
+    check(f"separable resnet {c_in}->{c_out}", ours, ref, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("kind", ["cross", "full"])
+def test_transformer_block_matches_twin(kind, dtype):
+    cfg = twin.resolve_config(twin.tiny_md_config(attention_weighting="relu" if kind == "full" else "softmax"))
+    m = randomize(twin.BasicTransformerBlock(32, 24, 4, kind, cfg), seed=5).to(dtype)
+    (x, ctx), (tx, tctx) = tensors(dtype, (2, 20, 32), (2, 7, 24))
+    with torch.no_grad():
+        ref = m(tx, tctx)
+    ours = U.transformer_block(params_of(m, dtype), x, ctx, kind=kind, only_cross=False, heads=4, shared_kv=True,
+                               weighting=cfg["attention_weighting"], ff_activation="swiglu", eps=U.LAYER_NORM_EPS,
+                               name="block")
+    check(f"{kind} transformer block", ours, ref, dtype)
+
+
+# ---- whole small MobileDiffusion UNets against the twin -------------------------------------------------------
+MD_CONFIGS = {
+    "md_tiny": twin.tiny_md_config(),                                     # the preset's layout, shrunk
+    "md_relu_deeper": twin.tiny_md_config(attention_weighting="relu", layers_per_block=[2, 1, 1],
+                                          transformer_layers_per_block=[0, 2, 1], mid_transformer_layers=3,
+                                          use_linear_projection=False),
+    "md_separate_kv_geglu": twin.tiny_md_config(shared_kv=False, ff_activation="geglu", ff_mult=2,
+                                                separable_conv=[True, False, True]),
+}
+
+
+def timestep_embedding_f64(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
+                           max_period=10000):
+    """diffusers' get_timestep_embedding computed in float64 instead of float32."""
+    half = embedding_dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - downscale_freq_shift)
+    emb = scale * timesteps[:, None].double() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    return torch.nn.functional.pad(emb, (0, 1, 0, 0)) if embedding_dim % 2 else emb
+
+
+def save_twin(model, config, folder):
+    """The twin's weights and config in the diffusers folder layout that UNet.from_pretrained reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    W.write_safetensors(folder / "diffusion_pytorch_model.safetensors",
+                        {k: v.detach().numpy() for k, v in model.state_dict().items()})
+
+
+@DTYPES
+@pytest.mark.parametrize("name", list(MD_CONFIGS))
+def test_md_unet_matches_twin(name, dtype, tmp_path, monkeypatch):
+    config = MD_CONFIGS[name]
+    torch.manual_seed(0)
+    model = randomize(twin.TwinUNet(config), seed=6)
+    save_twin(model, config, tmp_path)
+    model = model.to(dtype)
+    if dtype == torch.float64:
+        # The twin, like diffusers, computes the timestep embedding in float32; mdref's float64 mode is float64
+        # throughout, so the twin's embedding is made float64 for this comparison.
+        monkeypatch.setattr(twin, "get_timestep_embedding", timestep_embedding_f64)
+    (sample, context), (tsample, tcontext) = tensors(dtype, (2, 8, 8, 12), (2, 5, 24), seed=7)
+    t = np.array([999, 40])
+    with torch.no_grad():
+        ref = model(tsample, torch.tensor(t), tcontext)
+    unet = UNet.from_pretrained(tmp_path, dtype=np_dtype(dtype))
+    assert unet.num_parameters() == sum(p.numel() for p in model.parameters())
+    check(name, unet(sample, t, context), ref, dtype)
+
+
+# ---- invariants ---------------------------------------------------------------------------------------------------
+def random_attention_params(dim, kv_dim, seed, shared_kv):
+    g = RNG(seed)
+    p = {"to_q": {"weight": g.standard_normal((dim, dim))}, "to_out": {"0": {"weight": g.standard_normal((dim, dim)),
+                                                                          "bias": g.standard_normal(dim)}}}
+    p["to_kv" if shared_kv else "to_k"] = {"weight": g.standard_normal((dim, kv_dim))}
+    return p
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "relu"])
+def test_shared_kv_equals_standard_attention_with_equal_k_and_v(weighting):
+    shared = random_attention_params(16, 12, seed=8, shared_kv=True)
+    standard = {"to_q": shared["to_q"], "to_k": shared["to_kv"], "to_v": shared["to_kv"], "to_out": shared["to_out"]}
+    x, ctx = RNG(9).standard_normal((2, 10, 16)), RNG(10).standard_normal((2, 6, 12))
+    a = U.attention(shared, x, ctx, heads=2, shared_kv=True, weighting=weighting)
+    b = U.attention(standard, x, ctx, heads=2, shared_kv=False, weighting=weighting)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_relu_attention_of_all_negative_scores_is_zero():
+    """q k^T < 0 everywhere (q from positive inputs, k = -inputs) -> relu weights 0 -> output = to_out bias."""
+    dim = 8
+    bias = RNG(11).standard_normal(dim)
+    p = {"to_q": {"weight": np.eye(dim)}, "to_kv": {"weight": -np.eye(dim)},
+         "to_out": {"0": {"weight": RNG(12).standard_normal((dim, dim)), "bias": bias}}}
+    x, ctx = RNG(13).uniform(0.1, 1, (2, 5, dim)), RNG(14).uniform(0.1, 1, (2, 4, dim))
+    out = U.attention(p, x, ctx, heads=2, shared_kv=True, weighting="relu")
+    np.testing.assert_array_equal(out, np.broadcast_to(bias, out.shape))
+
+
+def test_cross_only_block_ignores_self_attention_weights(tmp_path):
+    cfg = twin.resolve_config(twin.tiny_md_config())
+    full = randomize(twin.BasicTransformerBlock(32, 24, 4, "full", cfg), seed=15).double()
+    p = params_of(full, torch.float64)                                  # has norm1 / attn1
+    cross_only = {k: v for k, v in p.items() if k not in ("norm1", "attn1")}
+    x, ctx = RNG(16).standard_normal((2, 12, 32)), RNG(17).standard_normal((2, 5, 24))
+    kw = dict(kind="cross", only_cross=False, heads=4, shared_kv=True, weighting="softmax", ff_activation="swiglu",
+              eps=U.LAYER_NORM_EPS, name="block")
+    np.testing.assert_array_equal(U.transformer_block(p, x, ctx, **kw), U.transformer_block(cross_only, x, ctx, **kw))
+    # ... and a checkpoint that carries attn1 weights for a cross-only level is refused, naming the keys.
+    config = twin.tiny_md_config()
+    unet = UNet.from_config(UNetConfig.from_dict(config), seed=0)
+    flat = W.flatten(unet.params)
+    flat["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"] = np.zeros((32, 32), np.float32)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    W.write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", flat)
+    with pytest.raises(W.WeightsError, match=r"unexpected keys.*down_blocks\.1\.attentions\.0\.transformer_blocks"
+                                             r"\.0\.attn1\.to_q\.weight"):
+        UNet.from_pretrained(tmp_path)
+
+
+def test_mobilediffusion_preset_layout_and_parameter_count():
+    cfg = UNetConfig.from_dict(U.PRESETS["mobilediffusion"])
+    schema = U.param_schema(cfg)
+    n = sum(int(np.prod(s)) for s in schema.values())
+    print(f"mobilediffusion preset: {n:,} parameters")
+    assert abs(n - 386e6) <= 0.01 * 386e6
+    resnets = {k.split(".norm1")[0] for k in schema if k.endswith("norm1.weight") and ".resnets." in k}
+    assert len(resnets) == 13                      # 2+1+1 down, 2 mid, 3+2+2 up (see docs/unet_preset.md)
+    assert cfg.in_channels == cfg.out_channels == 8 and cfg.block_out_channels == [320, 640, 1024]
+    assert not any(k.startswith(("down_blocks.0.attentions", "up_blocks.2.attentions")) for k in schema)
+    level1 = [k for k in schema if k.startswith(("down_blocks.1.attentions", "up_blocks.1.attentions"))]
+    assert level1 and not any(".attn1." in k or ".norm1." in k for k in level1)          # cross-only
+    assert "mid_block.attentions.0.transformer_blocks.15.attn1.to_kv.weight" in schema    # full, shared K/V
+    assert "down_blocks.1.resnets.0.conv1.depthwise.weight" in schema                      # separable
+    assert "down_blocks.0.resnets.0.conv1.weight" in schema                                # regular at the top
+    assert schema["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"] == (6 * 1024, 1024)
