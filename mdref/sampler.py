@@ -1,0 +1,291 @@
+"""Noise schedule and one-step / few-step sampling, as pure functions of arrays.
+
+The sampler knows nothing of the UNet: it takes a callable ``model(x, t) -> output`` (x [B, C, h, w], t an int
+timestep) and returns the clean latent, ready for ``latents / scaling_factor + shift_factor`` and the decoder.
+
+Two samplers (``SchedulerConfig.sampler``):
+
+``"x0"`` -- MobileDiffusion's one-step sampling (DiffusionGAN / UFOGen, paper Sec. 3.3): start from pure Gaussian
+  noise ``x_T = n_0`` at ``t = T - 1`` (T = num_train_timesteps, "trailing"), call the model once and read the
+  clean latent off its output (`predict_x0`). With more steps (2-4; UFOGen / consistency-model multistep
+  sampling) the predicted x0 is re-noised to the next lower trailing timestep with fresh noise,
+  ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n_k``, and the model is called again; the last x0 is returned.
+``"euler"`` -- exactly what diffusers' ``EulerDiscreteScheduler(timestep_spacing="trailing")`` does inside
+  ``StableDiffusionPipeline`` (SD-Turbo and similar one-step checkpoints ship it): latents ``x = n_0 * sigma_max``,
+  the model sees ``x / sqrt(sigma^2 + 1)``, ``x0 = x - sigma * eps`` and an Euler step ``x + (x - x0) / sigma *
+  (sigma_next - sigma)``. Since ``sigma^2 = (1 - abar) / abar``, the model input is ``sqrt(1 - abar_T) n_0``
+  and one Euler step lands on x0: the one-step result equals the "x0" sampler fed ``sqrt(1 - abar_T) n_0``
+  instead of ``n_0`` (a 0.23% smaller input for SD's schedule). More Euler steps are deterministic (no re-noise).
+
+Schedule (`alphas_cumprod`): betas ``linspace(beta_start, beta_end, T)`` ("linear") or
+``linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2`` ("scaled_linear"), ``abar = cumprod(1 - betas)``.
+Precision: diffusers builds this table in float32 with PyTorch kernels; mdref reproduces those float32 values bit
+for bit (see `betas`, `alphas_cumprod`). The table is a constant of the model, so the float64 mode does not
+recompute it in float64: it widens the same float32 values exactly and runs all arithmetic on arrays in float64.
+A float32 and a float64 run therefore differ by arithmetic rounding only, and the float64 run is what diffusers
+computes with its float32 schedule in double precision. (A schedule recomputed in float64 differs from the
+float32 table by up to ~4e-7 relative; `alphas_cumprod(..., exact=True)` gives it for whoever wants it.)
+
+Noise and seeds (so that any runtime can reproduce it): all noise comes from one
+``numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal`` stream, drawn in float64 and then cast to the
+compute dtype. Draw k (k = 0 .. steps-1) has the latent's shape and is drawn k-th, i.e. it is
+``standard_normal((steps, *shape))[k]``: draw 0 is the initial noise at ``t = T - 1``, draw k >= 1 re-noises the
+x0 of step k-1 to the k-th trailing timestep ("x0" sampler; "euler" uses draw 0 only). A ``noise`` array passed by
+the caller overrides the seed: shape ``shape`` replaces draw 0 (later draws still come from the seed's stream),
+shape ``(steps, *shape)`` replaces all draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import trace
+from .config import ConfigError, from_dict, read_json, to_dict
+
+__all__ = ["SchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict", "load_scheduler_config",
+           "betas", "alphas_cumprod", "trailing_timesteps", "initial_noise", "sampling_noise", "predict_x0",
+           "add_noise", "sample_x0", "euler_sigmas", "sample_euler", "sample", "apply_guidance", "guided"]
+
+SAMPLERS = ("x0", "euler")
+BETA_SCHEDULES = ("scaled_linear", "linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class SchedulerConfig:
+    """Noise schedule + sampler choice. Defaults: MobileDiffusion / SD (1000 steps, scaled-linear 0.00085-0.012)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"      # "scaled_linear" | "linear"
+    prediction_type: str = "epsilon"          # "epsilon" | "v_prediction" | "sample"
+    timestep_spacing: str = "trailing"        # the only spacing whose first step is t = T - 1 for any step count
+    sampler: str = "x0"                       # "x0" (UFOGen / re-noise) | "euler" (diffusers EulerDiscreteScheduler)
+
+    def __post_init__(self):
+        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
+                              ("timestep_spacing", ("trailing",)), ("sampler", SAMPLERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"SchedulerConfig: {name} must be one of {list(allowed)}, "
+                                  f"found {getattr(self, name)!r}")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+            raise ConfigError(f"SchedulerConfig: num_train_timesteps must be an int >= 2, "
+                              f"found {self.num_train_timesteps!r}")
+
+
+# EulerDiscreteScheduler: diffusers' defaults for keys a config leaves out; values mdref requires (other values
+# change the sigmas or timesteps); keys without effect on trailing Euler sampling (steps_offset only shifts
+# "leading" timesteps, sigma_min/max only feed karras/exponential/beta sigmas) or left in the file by other
+# scheduler classes, which EulerDiscreteScheduler ignores too.
+_EULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                       prediction_type="epsilon", timestep_spacing="linspace")
+_EULER_REQUIRED = dict(trained_betas=None, interpolation_type="linear", use_karras_sigmas=False,
+                       use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete",
+                       rescale_betas_zero_snr=False, final_sigmas_type="zero")
+_EULER_IGNORED = ("steps_offset", "sigma_min", "sigma_max", "clip_sample", "clip_sample_range",
+                  "set_alpha_to_one", "skip_prk_steps", "sample_max_value", "thresholding",
+                  "dynamic_thresholding_ratio", "variance_type")
+MDREF_CLASS = "MDRefScheduler"
+
+
+def scheduler_config_from_diffusers(d, where="scheduler_config.json"):
+    """SchedulerConfig from a diffusers EulerDiscreteScheduler config (-> sampler "euler") or mdref's own
+    (``_class_name`` "MDRefScheduler" or absent). Other scheduler classes raise ConfigError."""
+    d = dict(d)
+    cls = d.get("_class_name", MDREF_CLASS)
+    if cls == MDREF_CLASS:
+        return from_dict(SchedulerConfig, d, where=where)
+    if cls != "EulerDiscreteScheduler":
+        raise ConfigError(f"{where}: scheduler class {cls!r} is not supported (mdref samples like "
+                          f"'EulerDiscreteScheduler' with trailing timesteps, or its own '{MDREF_CLASS}')")
+    for key, want in _EULER_REQUIRED.items():
+        found = d.pop(key, want)
+        if found != want and not (want is False and found is None):
+            raise ConfigError(f"{where}: {key} = {found!r} is not supported (mdref requires {want!r})")
+    if "sampler" in d:
+        raise ConfigError(f"{where}: 'sampler' is an mdref key; an EulerDiscreteScheduler config samples 'euler'")
+    return from_dict(SchedulerConfig, {**_EULER_DEFAULTS, **d, "sampler": "euler"}, ignore=_EULER_IGNORED,
+                     where=where)
+
+
+def scheduler_config_to_dict(cfg):
+    """The scheduler_config.json for cfg: a diffusers EulerDiscreteScheduler config for sampler "euler" (diffusers
+    loads it and samples the same), mdref's own class otherwise."""
+    d = to_dict(cfg)
+    if cfg.sampler == "euler":
+        del d["sampler"]
+        return {"_class_name": "EulerDiscreteScheduler", **d, **_EULER_REQUIRED}
+    return {"_class_name": MDREF_CLASS, **d}
+
+
+def load_scheduler_config(path):
+    """Read scheduler_config.json (a file, or a folder holding it)."""
+    path = Path(path)
+    path = path / "scheduler_config.json" if path.is_dir() else path
+    return scheduler_config_from_diffusers(read_json(path), where=str(path))
+
+
+# ---- schedule -----------------------------------------------------------------------------------------
+def _torch_linspace_f32(start, end, n):
+    """torch.linspace(start, end, n, dtype=torch.float32) on CPU, bit for bit.
+
+    PyTorch casts start/end to float32, takes step = (end - start) / (n - 1) in float32, and fills the first half
+    as start + step * i and the second half as end - step * (n - 1 - i), with one rounding (the kernel is compiled
+    to fused multiply-adds). Here the product is exact in float64 and the sum is rounded to float32 once more;
+    this matched torch on every element of every schedule tested (tests/test_sampler.py)."""
+    start, end = np.float32(start), np.float32(end)
+    step = np.float64((end - start) / np.float32(n - 1))
+    i = np.arange(n)
+    first = np.float64(start) + step * i
+    second = np.float64(end) - step * (n - 1 - i)
+    return np.where(i < n // 2, first, second).astype(np.float32)   # [n]
+
+
+def betas(cfg, exact=False):
+    """diffusers' betas: float32 values as torch computes them, or (exact=True) the same formula in float64."""
+    lo, hi, n = cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps
+    if cfg.beta_schedule == "scaled_linear":
+        lo, hi = math.sqrt(lo), math.sqrt(hi)
+    line = np.linspace(lo, hi, n) if exact else _torch_linspace_f32(lo, hi, n)
+    return line * line if cfg.beta_schedule == "scaled_linear" else line
+
+
+def alphas_cumprod(cfg, dtype=np.float32, exact=False):
+    """abar_t = prod_{s <= t} (1 - beta_s), t = 0 .. T-1, as diffusers' DDPM / Euler / DDIM schedulers hold it.
+
+    Default: diffusers' float32 table bit for bit (1 - betas in float32; PyTorch's CPU cumprod accumulates a
+    float32 tensor in float64 and rounds each prefix product to float32), returned in `dtype` (float64 widens it
+    exactly). exact=True: the schedule evaluated in float64 throughout instead."""
+    b = betas(cfg, exact)
+    if exact:
+        return np.cumprod(1 - b).astype(dtype)
+    a = np.float32(1) - b                                           # float32
+    return np.cumprod(a.astype(np.float64)).astype(np.float32).astype(dtype)
+
+
+def trailing_timesteps(num_train_timesteps, steps):
+    """diffusers' "trailing" spacing: round(arange(T, 0, -T/steps)) - 1, e.g. T=1000: 1 -> [999],
+    2 -> [999, 499], 3 -> [999, 666, 332], 4 -> [999, 749, 499, 249]."""
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be an integer in [1, {num_train_timesteps}], found {steps!r}")
+    ts = np.arange(num_train_timesteps, 0, -num_train_timesteps / steps).round().astype(np.int64) - 1
+    return ts[:steps]                                               # [steps]
+
+
+# ---- noise --------------------------------------------------------------------------------------------
+def initial_noise(shape, seed, dtype=np.float32):
+    """Generator(PCG64(seed)).standard_normal(shape) in float64, then cast: draw 0 of every sampler."""
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal(tuple(shape)).astype(dtype)
+
+
+def sampling_noise(shape, steps, seed=0, dtype=np.float32, noise=None):
+    """All noise a sampling run uses, [steps, *shape]: draw k = standard_normal((steps, *shape))[k] of the seed's
+    stream. `noise` overrides: shape `shape` replaces draw 0, shape (steps, *shape) replaces every draw."""
+    shape = tuple(shape)
+    draws = None
+    if noise is None or np.shape(noise) == shape:
+        draws = np.random.Generator(np.random.PCG64(seed)).standard_normal((steps,) + shape)  # [steps, *shape]
+    if noise is None:
+        return draws.astype(dtype)
+    noise = np.asarray(noise)
+    if noise.shape == shape:
+        draws[0] = noise
+        return draws.astype(dtype)
+    if noise.shape == (steps,) + shape:
+        return noise.astype(dtype)
+    expected = f"{shape}" + (f" or {(steps,) + shape} (one draw per step)" if steps > 1 else "")
+    raise ValueError(f"noise has shape {noise.shape}, expected {expected}")
+
+
+# ---- the x0 sampler -----------------------------------------------------------------------------------
+def predict_x0(model_output, x, abar_t, prediction_type):
+    """Clean latent from the model output at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps (DDPM, Ho et al. 2020 Eq. 4):
+    epsilon: (x - sqrt(1-abar) eps) / sqrt(abar); v_prediction (Salimans & Ho 2022, v = sqrt(abar) eps -
+    sqrt(1-abar) x0): sqrt(abar) x - sqrt(1-abar) v; sample: the output itself."""
+    a = np.asarray(abar_t, dtype=x.dtype)
+    if prediction_type == "epsilon":
+        return (x - np.sqrt(1 - a) * model_output) / np.sqrt(a)
+    if prediction_type == "v_prediction":
+        return np.sqrt(a) * x - np.sqrt(1 - a) * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ConfigError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, found {prediction_type!r}")
+
+
+def add_noise(x0, noise, abar_t):
+    """The forward process q(x_t | x0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (diffusers' add_noise)."""
+    a = np.asarray(abar_t, dtype=x0.dtype)
+    return np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+
+
+def sample_x0(model, draws, cfg, dtype=np.float32):
+    """One call per trailing timestep: x = draws[0]; for each t: x0 = predict_x0(model(x, t)); re-noise x0 to the
+    next timestep with draws[k]. draws [steps, B, C, h, w] (`sampling_noise`). Returns the last x0."""
+    steps = draws.shape[0]
+    abar = alphas_cumprod(cfg, dtype)
+    ts = trailing_timesteps(cfg.num_train_timesteps, steps)
+    x = draws[0].astype(dtype)                                      # x_{T-1}: pure noise
+    for k, t in enumerate(ts):
+        x0 = predict_x0(model(x, int(t)), x, abar[t], cfg.prediction_type)
+        trace.record("sampler.x0", x0)
+        if k + 1 < steps:
+            x = add_noise(x0, draws[k + 1].astype(dtype), abar[ts[k + 1]])
+    return x0
+
+
+# ---- the euler sampler (diffusers EulerDiscreteScheduler, trailing) -----------------------------------
+def euler_sigmas(cfg, timesteps):
+    """sigma_t = sqrt((1 - abar_t) / abar_t) at the given timesteps, then a final 0: float32 like diffusers."""
+    abar = alphas_cumprod(cfg, np.float32)[np.asarray(timesteps)]
+    sigma = np.sqrt((np.float32(1) - abar) / abar)                  # float32
+    return np.concatenate([sigma, np.zeros(1, np.float32)])        # [steps + 1]
+
+
+def sample_euler(model, noise, cfg, steps=1, dtype=np.float32):
+    """StableDiffusionPipeline's loop with EulerDiscreteScheduler(trailing), s_churn 0: noise [B, C, h, w] ->
+    the final latents. The scalar coefficients are float32 as diffusers computes them; arrays run in `dtype`."""
+    ts = trailing_timesteps(cfg.num_train_timesteps, steps)
+    sigmas = euler_sigmas(cfg, ts)
+    x = np.asarray(noise, dtype) * sigmas.max()                    # init_noise_sigma = sigma_max ("trailing")
+    for k, t in enumerate(ts):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        in_scale = np.sqrt(sigma * sigma + np.float32(1))          # float32, scale_model_input
+        out = model(x / in_scale.astype(dtype), int(t))
+        if cfg.prediction_type == "epsilon":
+            x0 = x - sigma.astype(dtype) * out
+        elif cfg.prediction_type == "v_prediction":
+            x0 = out * (-sigma / in_scale).astype(dtype) + x / (sigma * sigma + np.float32(1)).astype(dtype)
+        else:
+            x0 = out
+        trace.record("sampler.x0", x0)
+        derivative = (x - x0) / sigma.astype(dtype)
+        x = x + derivative * (sigma_next - sigma).astype(dtype)    # one Euler step of the probability-flow ODE
+    return x
+
+
+# ---- entry point and guidance -------------------------------------------------------------------------
+def sample(model, cfg, shape, *, steps=1, seed=0, noise=None, dtype=np.float32):
+    """Run the configured sampler: the clean latent [B, C, h, w] for ``model(x, t)``. Noise: see the module doc."""
+    draws = sampling_noise(shape, steps, seed, dtype, noise)       # [steps, B, C, h, w]
+    trace.record("sampler.noise", draws[0])
+    if cfg.sampler == "euler":
+        return sample_euler(model, draws[0], cfg, steps, dtype)
+    return sample_x0(model, draws, cfg, dtype)
+
+
+def apply_guidance(uncond, cond, scale):
+    """Classifier-free guidance (Ho & Salimans 2022), as diffusers: uncond + scale * (cond - uncond)."""
+    return uncond + np.asarray(scale, dtype=cond.dtype) * (cond - uncond)
+
+
+def guided(model_cond, model_uncond=None, scale=None):
+    """model(x, t) with classifier-free guidance; scale None (the default for one-step models) = model_cond."""
+    if scale is None:
+        return model_cond
+    if model_uncond is None:
+        raise ValueError("guided: a guidance scale needs an unconditional model (negative prompt)")
+    return lambda x, t: apply_guidance(model_uncond(x, t), model_cond(x, t), scale)
