@@ -6,18 +6,24 @@ It reproduces transformers' ``CLIPTokenizer`` (the tokenizers-backed one; in tra
 1. clean-up    only if ftfy is importable (and ``fix_text`` is not False): ``ftfy.fix_text``, then
                ``html.unescape`` twice and strip, as OpenAI's ``basic_clean`` does. Without ftfy this step is
                skipped, which is what transformers does: text holding HTML entities (``&amp;``) or mojibake
-               then tokenizes differently from OpenAI's tokenizer (``&amp;`` stays 5 characters).
-2. normalise   Unicode NFC, every whitespace run -> one space, lowercase.
-3. split       CLIP's regex: the two special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
+               then tokenizes differently from OpenAI's tokenizer (``&amp;`` stays 5 characters). transformers'
+               CLIPTokenizer never applies ftfy, so ``fix_text=False`` matches it whatever is installed.
+2. specials    the special tokens (BOS, EOS, UNK, PAD) are cut out of the raw text first, case-sensitively,
+               as transformers does (OpenAI matches them after lowercasing).
+3. normalise   Unicode NFC, every whitespace run -> one space, lowercase.
+4. split       CLIP's regex: the two special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
                letters, single digits, runs of other non-space characters; whitespace is dropped.
-4. BPE         each piece as GPT-2 byte symbols with ``</w>`` on its last symbol, merged by rank.
-5. frame       ``[BOS] tokens [EOS] [PAD ...]`` to ``max_length`` (77): longer prompts keep their first
+5. BPE         each piece as GPT-2 byte symbols with ``</w>`` on its last symbol, merged by rank.
+6. frame       ``[BOS] tokens [EOS] [PAD ...]`` to ``max_length`` (77): longer prompts keep their first
                ``max_length - 2`` tokens and EOS stays last (a warning says how many were dropped).
 
 The vocabulary is the list OpenAI builds in code from the merges file: the 256 byte symbols, the same 256 with
 ``</w>``, one token per merge (48,894 merges), then ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
 Pad id: SD-1 tokenizers pad with ``<|endoftext|>`` (49407); SD-2 / OpenCLIP-style ones pad with ``!`` (0). Like
 transformers, the pad token is also a special token, so with pad ``!`` each ``!`` in a prompt becomes id 0 too.
+(transformers 4's slow Python CLIPTokenizer, without ftfy, also differed: BERT's BasicTokenizer put spaces around
+CJK characters and removed control characters. mdref follows the tokenizers-backed class, the only one in
+transformers 5 and the one diffusers pipelines load.)
 """
 
 from __future__ import annotations
