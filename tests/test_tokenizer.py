@@ -86,7 +86,8 @@ LENGTH_PROMPTS = [_long(74), _long(75), _long(76), _long(77), _long(210),
 
 # ---- the OpenAI reference, ported (clip/simple_tokenizer.py, MIT, Copyright (c) 2021 OpenAI) ------------------
 def _openai_bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -115,8 +116,8 @@ class OpenAISimpleTokenizer:
         self.encoder = _openai_vocab(merges)
         self.bpe_ranks = dict(zip(merges, range(len(merges))))
         self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                 regex.IGNORECASE)
+        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                                 r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
         self.regex, self.fix_text = regex, fix_text
 
     def bpe(self, token):
@@ -332,6 +333,18 @@ def test_matches_openai_reference(monkeypatch, merges):
     assert not bad, f"ids differ from OpenAI's SimpleTokenizer on {bad}"
     assert np.array_equal(tok("&amp;"), tok("&"))
     assert not np.array_equal(Tokenizer.from_pretrained(None, fix_text=False)("&amp;"), tok("&"))
+
+
+def test_matches_openai_reference_with_real_ftfy(merges):
+    """Where ftfy is installed, the default tokenizer is OpenAI's (checked by hand with ftfy 6.3.1: 57 prompts)."""
+    ftfy = pytest.importorskip("ftfy")
+    tok = Tokenizer.from_pretrained(None)
+    assert tok.fix_text
+    oracle = OpenAISimpleTokenizer(merges, ftfy.fix_text)
+    prompts = [p for p in PROMPTS + LENGTH_PROMPTS + ["mojibake: cafÃ©", "&amp;amp; “smart quotes”"]
+               if "ENDOFTEXT" not in p]
+    ours = _ids(tok, prompts)
+    assert [p for p, row in zip(prompts, ours) if row.tolist() != oracle(p)] == []
 
 
 def test_fix_text_needs_ftfy(monkeypatch):
