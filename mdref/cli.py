@@ -1,28 +1,275 @@
-"""The `mdref` command: a thin shell over the pipeline."""
+"""The `mdref` command: a thin shell over the pipeline and the trace tools.
+
+Bad input (unknown preset, missing path, bad size, unreadable noise file, ...) prints one `mdref: error: ...`
+line and exits with status 2; `compare` exits 1 when the traces diverge.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 from . import __version__
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+# ---- shared argument groups -------------------------------------------------------------------------------------
+def _add_model_args(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", metavar="PATH", help="diffusers-style pipeline folder (default: the embedded model)")
+    g.add_argument("--preset", metavar="NAME", help="seeded weights for a named architecture: mobilediffusion, tiny")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's weights (default 0)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+
+
+def _add_sample_args(p):
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: PCG64(seed).standard_normal in float64, cast")
+    p.add_argument("--noise", metavar="FILE.npy", help="initial noise [B, C, h, w] as .npy (overrides --seed)")
+    p.add_argument("--steps", type=int, default=1, help="UNet evaluations (default 1)")
+    p.add_argument("--height", type=int, help="image height in pixels")
+    p.add_argument("--width", type=int, help="image width in pixels")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default off)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for guidance")
+
+
+def load_pipeline(args, dtype=None):
+    from .pipeline import PRESETS, Pipeline
+
+    dtype = dtype or DTYPES[args.dtype]
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return Pipeline.from_preset(args.preset, seed=args.weights_seed, dtype=dtype)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such folder")
+    return Pipeline.from_pretrained(args.model, dtype=dtype)
+
+
+def _read_noise(path):
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"--noise {path}: no such file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--noise {path}: not a readable .npy array ({e})") from None
+    if arr.dtype.kind != "f":
+        raise UsageError(f"--noise {path}: expected a float array, found dtype {arr.dtype}")
+    return arr
+
+
+def _check_size(pipe, args):
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    try:
+        return pipe.latent_shape(1, args.height, args.width)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _run(pipe, args):
+    _check_size(pipe, args)
+    noise = _read_noise(args.noise)
+    try:
+        return pipe.run(args.prompt, seed=args.seed, noise=noise, steps=args.steps, height=args.height,
+                        width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
+    except ValueError as e:
+        if noise is not None and "noise" in str(e):
+            raise UsageError(f"--noise {args.noise}: {e}") from None
+        raise
+
+
+def _manifest(pipe, args, result):
+    return {
+        "mdref_version": __version__, "numpy_version": np.__version__, "model": pipe.source,
+        "untrained": pipe.untrained, "weights_sha256": pipe.weights_sha256(), "prompt": args.prompt,
+        "token_ids": result.token_ids.tolist(), "seed": None if args.noise else args.seed,
+        "noise_source": args.noise or f"PCG64({args.seed}).standard_normal float64 -> {args.dtype}",
+        "timesteps": [float(t) for t in result.timesteps], "steps": args.steps, "dtype": args.dtype,
+        "guidance_scale": args.guidance,
+    }
+
+
+def _atomic_png(image, path, text):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def cmd_generate(args):
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
+    load_s = time.perf_counter() - t0
+    if pipe.untrained:
+        print(f"note: {pipe.source} has UNTRAINED seeded weights; the picture is noise", file=sys.stderr)
+    result = _run(pipe, args)
+    print(f"load          {load_s * 1000:9.1f} ms", file=sys.stderr)
+    for stage, s in result.timings.items():
+        print(f"{stage:<13} {s * 1000:9.1f} ms", file=sys.stderr)
+    meta = _manifest(pipe, args, result)
+    meta.pop("token_ids")
+    _atomic_png(result.pil()[0], args.output, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args):
+    from .weights import flatten
+
+    pipe = load_pipeline(args)
+    d = pipe.describe()
+    levels = {}
+    for key, v in flatten(pipe.unet.params).items():
+        parts = key.split(".")
+        group = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+        levels[group] = levels.get(group, 0) + int(np.size(v))
+    d["unet_parameters_by_block"] = levels
+    print(json.dumps(d, indent=2, default=str))
+    return 0
+
+
+def cmd_trace(args):
+    from .trace import save_trace, trace
+
+    pipe = load_pipeline(args)
+    with trace(args.points) as t:
+        result = _run(pipe, args)
+    save_trace(args.output, t, _manifest(pipe, args, result))
+    print(f"wrote {len(t.arrays)} points to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args):
+    from .comparison import compare, format_report
+    from .trace import load_trace
+    from .weights import WeightsError
+
+    traces = []
+    for path in (args.a, args.b):
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: no such trace file")
+        try:
+            traces.append(load_trace(path)[0])
+        except (WeightsError, ValueError, KeyError) as e:
+            raise UsageError(f"{path}: not a readable trace file ({e})") from None
+    report = compare(traces[0], traces[1], rtol=args.rtol, atol=args.atol, points=args.points)
+    if not report.points:
+        raise UsageError(f"{args.a} and {args.b} have no points in common"
+                         + (f" matching {args.points!r}" if args.points else ""))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, default=str))
+    else:
+        print(format_report(report, all_points=not args.only_failures))
+    return 0 if report.ok else 1
+
+
+def cmd_golden(args):
+    from .golden import write_golden
+
+    pipe = load_pipeline(args)
+    manifest = write_golden(pipe, args.directory, dtype_name=args.dtype)
+    print(f"wrote {len(manifest['cases'])} cases to {args.directory}", file=sys.stderr)
+    return 0
+
+
+def cmd_precision(args):
+    from .comparison import compare, format_report
+    from .trace import trace
+
+    results = {}
+    for name in ("float64", "float32"):
+        pipe = load_pipeline(args, DTYPES[name])
+        with trace(args.points) as t:
+            _run(pipe, args)
+        results[name] = t
+    report = compare(results["float64"], results["float32"], rtol=np.inf, points=args.points)
+    print(f"float32 vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, seed {args.seed}")
+    print(format_report(report))
+    return 0
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mdref", description="mdref: a NumPy golden reference for one-step "
                                      "text-to-image diffusion in the MobileDiffusion family.")
     parser.add_argument("--version", action="version", version=f"mdref {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="draw an image from a prompt")
+    _add_sample_args(p)
+    p.add_argument("-o", "--output", required=True, help="output PNG path")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameter counts, latent shape, schedule, prediction type")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("trace", help="record named activations of one run into a safetensors file")
+    _add_sample_args(p)
+    p.add_argument("-o", "--output", required=True, help="output trace .safetensors")
+    p.add_argument("--points", action="append", help="glob (or re:REGEX) of point names to keep; repeatable")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("compare", help="compare two traces and name the first point that diverges")
+    p.add_argument("a", help="reference trace")
+    p.add_argument("b", help="candidate trace")
+    p.add_argument("--rtol", type=float, default=None, help="tolerance relative to max|a| (default by dtype)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-30)")
+    p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to compare; repeatable")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--only-failures", action="store_true", help="print only points that exceed the tolerance")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("golden", help="write a self-describing golden bundle for fixed prompts and seeds")
+    p.add_argument("directory", help="output folder")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_golden)
+
+    p = sub.add_parser("precision", help="float32 vs float64 error, point by point, for one input")
+    _add_sample_args(p)
+    p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to report; repeatable")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_precision)
     return parser
 
 
 def main(argv=None):
+    from .config import ConfigError
+    from .weights import WeightsError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, WeightsError) as e:
+        print(f"mdref: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

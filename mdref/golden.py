@@ -1,0 +1,72 @@
+"""Golden bundles: fixed prompts and seeds run through a pipeline, every intermediate saved in formats any
+language reads (.npy, .png, safetensors, JSON), so a runtime can be checked stage by stage.
+
+Layout (documented in the README):
+    DIR/manifest.json                 model, versions, conventions, the list of cases and files
+    DIR/<case>/token_ids.npy          int64 [1, 77]
+    DIR/<case>/text_embeddings.npy    [1, 77, D]   text encoder last hidden state
+    DIR/<case>/noise.npy              [1, C, h, w] initial latent noise
+    DIR/<case>/unet_out.npy           [1, C, h, w] raw UNet output of the (last) step
+    DIR/<case>/x0.npy                 [1, C, h, w] clean latent
+    DIR/<case>/image.npy              [1, 3, H, W] decoder output, float in [-1, 1]
+    DIR/<case>/image.png              8-bit image: round(clip((x + 1) / 2, 0, 1) * 255)
+    DIR/<case>/trace.safetensors      every traced point (mdref trace format)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .trace import save_trace, trace
+
+__all__ = ["GOLDEN_CASES", "write_golden"]
+
+GOLDEN_CASES = [
+    ("a large red circle on the left, blue background", 0),
+    ("a small yellow triangle at the top, black background", 1),
+    ("green background, a large white square in the center", 2),
+    ("a purple circle", 3),
+]
+
+
+def write_golden(pipe, directory, *, cases=GOLDEN_CASES, dtype_name="float32", points=None):
+    """Run each (prompt, seed) case and write the bundle; returns the manifest dict."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "mdref_version": __version__, "numpy_version": np.__version__, "model": pipe.source,
+        "untrained": pipe.untrained, "weights_sha256": pipe.weights_sha256(), "dtype": dtype_name,
+        "conventions": {
+            "noise": "numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal(shape) in float64, then cast",
+            "timestep": "one step at t = num_train_timesteps - 1",
+            "pixels": "round(clip((image + 1) / 2, 0, 1) * 255)",
+            "decoder_input": "x0 / scaling_factor + shift_factor",
+        },
+        "pipeline": pipe.describe(),
+        "cases": [],
+    }
+    for i, (prompt, seed) in enumerate(cases):
+        case = directory / f"case{i}"
+        case.mkdir(exist_ok=True)
+        with trace(points) as t:
+            r = pipe.run(prompt, seed=seed)
+        unet_out = t["unet.out"] if "unet.out" in t else None
+        arrays = {"token_ids": r.token_ids, "text_embeddings": r.text_embeddings, "noise": r.noise,
+                  "unet_out": unet_out, "x0": r.x0, "image": r.image}
+        for name, arr in arrays.items():
+            if arr is not None:
+                np.save(case / f"{name}.npy", arr)
+        r.pil()[0].save(case / "image.png")
+        save_trace(case / "trace.safetensors", t, {"prompt": prompt, "seed": seed, "dtype": dtype_name,
+                                                   "model": pipe.source, "mdref_version": __version__})
+        manifest["cases"].append({
+            "name": case.name, "prompt": prompt, "seed": seed, "timesteps": [float(x) for x in r.timesteps],
+            "files": {f"{k}.npy": list(np.shape(v)) for k, v in arrays.items() if v is not None}
+            | {"image.png": list(r.pixels.shape[1:]), "trace.safetensors": len(t.arrays)},
+        })
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
