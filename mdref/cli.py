@@ -65,7 +65,7 @@ def _read_noise(path):
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise UsageError(f"--noise {path}: not a readable .npy array ({e})") from None
+        raise UsageError(f"--noise {path}: not a readable .npy float array (mdref loads .npy without pickle)") from None
     if arr.dtype.kind != "f":
         raise UsageError(f"--noise {path}: expected a float array, found dtype {arr.dtype}")
     return arr
@@ -270,6 +270,9 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:           # `mdref info | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
