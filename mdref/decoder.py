@@ -157,8 +157,7 @@ def config_to_diffusers(cfg):
              "up_block_types": ["UpDecoderBlock2D"] * len(cfg.block_out_channels)}
     else:
         keys = list(_TINY_DEFAULTS) + ["tiny_clamp"]
-        d = {"_class_name": "AutoencoderTiny", "act_fn": "relu", "upsample_fn": "nearest",
-             "block_out_channels": list(cfg.decoder_block_out_channels)}
+        d = {"_class_name": "AutoencoderTiny", "act_fn": "relu", "upsample_fn": "nearest"}
     full = to_dict(cfg)
     d.update({k: list(full[k]) if isinstance(full[k], tuple) else full[k] for k in keys})
     return d

@@ -165,6 +165,9 @@ def test_save_pretrained_round_trip(kl_folder, tiny_folder, tmp_path):
         assert set(read_safetensors(tmp_path / folder.name / "diffusion_pytorch_model.safetensors")[0]) == \
             set(param_schema(dec.config))                           # decode side only
         np.testing.assert_array_equal(again(latents), dec(latents))
+        theirs = type(vae).from_pretrained(tmp_path / folder.name)   # diffusers reads mdref's folder too
+        assert report(f"diffusers on mdref's {type(vae).__name__} folder", dec(latents),
+                      oracle(theirs, latents, np.float32)) <= TOL[np.float32]
 
 
 def test_lite_preset_parameter_count_and_schema():
