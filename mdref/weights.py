@@ -90,7 +90,7 @@ def write_safetensors(path, tensors, metadata=None):
     names = {np.dtype(v): k for k, v in _DTYPES.items()}
     header, chunks, offset = {}, [], 0
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.asarray(tensors[key])            # not ascontiguousarray: it makes 0-d arrays 1-d
         if arr.dtype not in names:
             raise WeightsError(f"write_safetensors: {key!r} has dtype {arr.dtype}, which cannot be stored")
         buf = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
