@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import trace
 from .config import ConfigError, from_dict, read_json, to_dict
 from .ops import attention, conv2d, group_norm, linear, relu, silu, upsample_nearest2d
+from .trace import record
 from .weights import WeightsError, check_schema, flatten, init_params, nest, read_safetensors, write_safetensors
 
 __all__ = ["DecoderConfig", "Decoder", "param_schema", "tiny_stages", "kl_decode", "tiny_decode",
@@ -290,14 +290,14 @@ def kl_up_block(p, x, cfg):
 def kl_decode(p, z, cfg):
     """AutoencoderKL.decode(z).sample: post_quant_conv, diffusers `Decoder`. z [B, c, h, w] -> [B, 3, f h, f w]."""
     if cfg.use_post_quant_conv:
-        z = trace.record("decoder.post_quant_conv", conv2d(z, p["post_quant_conv"]))
+        z = record("decoder.post_quant_conv", conv2d(z, p["post_quant_conv"]))
     d = p["decoder"]
-    x = trace.record("decoder.conv_in", conv2d(z, d["conv_in"], padding=1))           # [B, C_top, h, w]
-    x = trace.record("decoder.mid_block", kl_mid_block(d["mid_block"], x, cfg))
+    x = record("decoder.conv_in", conv2d(z, d["conv_in"], padding=1))           # [B, C_top, h, w]
+    x = record("decoder.mid_block", kl_mid_block(d["mid_block"], x, cfg))
     for i in range(len(cfg.block_out_channels)):
-        x = trace.record(f"decoder.up_blocks.{i}", kl_up_block(d["up_blocks"][str(i)], x, cfg))  # [B, C_i, ., .]
+        x = record(f"decoder.up_blocks.{i}", kl_up_block(d["up_blocks"][str(i)], x, cfg))  # [B, C_i, ., .]
     x = silu(group_norm(x, d["conv_norm_out"], cfg.norm_num_groups, cfg.norm_eps))
-    return trace.record("decoder.out", conv2d(x, d["conv_out"], padding=1))            # [B, 3, f h, f w]
+    return record("decoder.out", conv2d(x, d["conv_out"], padding=1))            # [B, 3, f h, f w]
 
 
 # ---- TAESD decoder ------------------------------------------------------------------------------------
@@ -321,8 +321,8 @@ def tiny_decode(p, z, cfg):
             x = upsample_nearest2d(x, cfg.upsampling_scaling_factor)  # [B, C, sH, sW]
         else:                                                       # conv_in / conv_nobias / conv_out
             x = conv2d(x, layers[str(i)], padding=1)
-        trace.record(f"decoder.layers.{i}", x)
-    return trace.record("decoder.out", x * 2 - 1)                  # [B, 3, f h, f w] in [-1, 1]
+        record(f"decoder.layers.{i}", x)
+    return record("decoder.out", x * 2 - 1)                  # [B, 3, f h, f w] in [-1, 1]
 
 
 # ---- loading helpers ----------------------------------------------------------------------------------

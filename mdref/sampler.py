@@ -43,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import trace
 from .config import ConfigError, from_dict, read_json, to_dict
+from .trace import record
 
 __all__ = ["SchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict", "load_scheduler_config",
            "betas", "alphas_cumprod", "trailing_timesteps", "initial_noise", "sampling_noise", "predict_x0",
@@ -231,7 +231,7 @@ def sample_x0(model, draws, cfg, dtype=np.float32):
     x = draws[0].astype(dtype)                                      # x_{T-1}: pure noise
     for k, t in enumerate(ts):
         x0 = predict_x0(model(x, int(t)), x, abar[t], cfg.prediction_type)
-        trace.record("sampler.x0", x0)
+        record("sampler.x0", x0)
         if k + 1 < steps:
             x = add_noise(x0, draws[k + 1].astype(dtype), abar[ts[k + 1]])
     return x0
@@ -261,7 +261,7 @@ def sample_euler(model, noise, cfg, steps=1, dtype=np.float32):
             x0 = out * (-sigma / in_scale).astype(dtype) + x / (sigma * sigma + np.float32(1)).astype(dtype)
         else:
             x0 = out
-        trace.record("sampler.x0", x0)
+        record("sampler.x0", x0)
         derivative = (x - x0) / sigma.astype(dtype)
         x = x + derivative * (sigma_next - sigma).astype(dtype)    # one Euler step of the probability-flow ODE
     return x
@@ -271,7 +271,7 @@ def sample_euler(model, noise, cfg, steps=1, dtype=np.float32):
 def sample(model, cfg, shape, *, steps=1, seed=0, noise=None, dtype=np.float32):
     """Run the configured sampler: the clean latent [B, C, h, w] for ``model(x, t)``. Noise: see the module doc."""
     draws = sampling_noise(shape, steps, seed, dtype, noise)       # [steps, B, C, h, w]
-    trace.record("sampler.noise", draws[0])
+    record("sampler.noise", draws[0])
     if cfg.sampler == "euler":
         return sample_euler(model, draws[0], cfg, steps, dtype)
     return sample_x0(model, draws, cfg, dtype)

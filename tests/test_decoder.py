@@ -14,7 +14,7 @@ import pytest
 from mdref.config import ConfigError
 from mdref.decoder import (PRESETS, Decoder, DecoderConfig, config_from_diffusers, diffusers_to_raw_taesd,
                            param_schema, raw_taesd_to_diffusers)
-from mdref import trace
+from mdref.trace import trace as tracing
 from mdref.weights import WeightsError, read_safetensors, write_safetensors
 
 torch = pytest.importorskip("torch")
@@ -208,11 +208,11 @@ def test_config_errors(kl_folder):
 
 def test_trace_points(kl_folder, tiny_folder):
     latents = np.zeros((1, 4, 2, 3), np.float32)
-    with trace.trace("decoder.*") as t:
+    with tracing("decoder.*") as t:
         Decoder.from_pretrained(kl_folder[1])(latents)
     assert t.names() == ["decoder.post_quant_conv", "decoder.conv_in", "decoder.mid_block", "decoder.up_blocks.0",
                          "decoder.up_blocks.1", "decoder.up_blocks.2", "decoder.out"]
-    with trace.trace("decoder.*") as t:
+    with tracing("decoder.*") as t:
         dec = Decoder.from_pretrained(tiny_folder[1])
         dec(latents)
     assert t.names()[:2] == ["decoder.layers.0", "decoder.layers.1"] and t.names()[-1] == "decoder.out"
