@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import trace
 from .config import ConfigError, from_dict, read_json, to_dict
 from .ops import attention, causal_mask, gelu, layer_norm, linear, quick_gelu
+from .trace import record
 from .weights import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
                       write_safetensors)
 
@@ -154,22 +154,22 @@ def mlp(p, x, *, act):
 def encoder_layer(p, x, *, heads, eps, mask, act, name):
     """CLIPEncoderLayer: pre-LayerNorm residual blocks, x + attn(LN1 x), then x + mlp(LN2 x).  x [B, T, D]."""
     attn = self_attention(p["self_attn"], layer_norm(x, p["layer_norm1"], eps), heads=heads, mask=mask)
-    x = x + trace.record(f"{name}.self_attn", attn)
-    return x + trace.record(f"{name}.mlp", mlp(p["mlp"], layer_norm(x, p["layer_norm2"], eps), act=act))
+    x = x + record(f"{name}.self_attn", attn)
+    return x + record(f"{name}.mlp", mlp(p["mlp"], layer_norm(x, p["layer_norm2"], eps), act=act))
 
 
 def text_transformer(p, ids, cfg):
     """CLIPTextTransformer forward: embeddings, causal encoder layers, final LayerNorm.
     ids int [B, T] (T <= max_position_embeddings) -> last_hidden_state [B, T, D] in the params' dtype."""
-    x = trace.record("text_encoder.embeddings", embeddings(p["embeddings"], ids))         # [B, T, D]
+    x = record("text_encoder.embeddings", embeddings(p["embeddings"], ids))               # [B, T, D]
     mask = causal_mask(ids.shape[1], x.dtype)                                            # [T, T]
     act = ACTIVATIONS[cfg.hidden_act]
     for i in range(cfg.num_hidden_layers):
         name = f"text_encoder.encoder.layers.{i}"
         x = encoder_layer(p["encoder"]["layers"][str(i)], x, heads=cfg.num_attention_heads,
                           eps=cfg.layer_norm_eps, mask=mask, act=act, name=name)
-        trace.record(name, x)
-    return trace.record("text_encoder.final_layer_norm", layer_norm(x, p["final_layer_norm"], cfg.layer_norm_eps))
+        record(name, x)
+    return record("text_encoder.final_layer_norm", layer_norm(x, p["final_layer_norm"], cfg.layer_norm_eps))
 
 
 def pooled_output(ids, hidden, eos_token_id):

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from mdref import trace  # noqa: E402
+from mdref.trace import trace as trace_activations  # noqa: E402
 from mdref.config import ConfigError  # noqa: E402
 from mdref.text_encoder import PRESETS, TextEncoder, TextEncoderConfig, param_schema  # noqa: E402
 from mdref.tokenizer import Tokenizer  # noqa: E402
@@ -136,7 +136,7 @@ def test_trace_points_match_transformers_modules(tmp_path):
     with torch.no_grad():
         model(torch.from_numpy(ids))
     te = TextEncoder.from_pretrained(folder, dtype=np.float64)
-    with trace.trace() as t:
+    with trace_activations() as t:
         te(ids)
     expected = ["embeddings"] + [f"encoder.layers.{i}{s}" for i in range(3) for s in (".self_attn", ".mlp", "")] \
         + ["final_layer_norm"]
