@@ -477,7 +477,7 @@ PRESETS = {
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        block_out_channels=[320, 640, 1024], layers_per_block=[2, 1, 1], transformer_layers_per_block=[1, 1, 1],
+        block_out_channels=[320, 640, 1024], layers_per_block=[2, 1, 1], transformer_layers_per_block=[0, 1, 1],
         attention_head_dim=[5, 10, 16], cross_attention_dim=768, use_linear_projection=True,
         norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
         transformer_kind=["none", "cross", "full"], mid_transformer_layers=16, shared_kv=True,
