@@ -14,10 +14,11 @@ from .decoder import Decoder, DecoderConfig  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
+from .trace import active as trace_active  # noqa: E402
 from .trace import load_trace, record, save_trace, trace  # noqa: E402
 from .unet import UNet, UNetConfig  # noqa: E402
 from .weights import WeightsError  # noqa: E402
 
 __all__ = ["__version__", "ops", "sampler", "compare", "ConfigError", "WeightsError", "Decoder", "DecoderConfig",
-           "Pipeline", "TextEncoder", "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "trace", "record",
+           "Pipeline", "TextEncoder", "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "trace", "trace_active", "record",
            "save_trace", "load_trace"]

@@ -60,7 +60,7 @@ class CompareReport:
 
 
 def default_tolerance(dtypes):
-    """rtol for the least precise of the given dtype names (unknown names count as float32)."""
+    """rtol for the least precise of the given float dtype names (unknown names, or none, count as float32)."""
     order = ["bfloat16", "float16", "float32", "float64"]
     worst = min((order.index(d) if d in order else 2) for d in dtypes) if dtypes else 2
     return DEFAULT_RTOL[order[worst]]
@@ -74,7 +74,7 @@ def _as_trace(x):
         arrays = x
     else:
         arrays, _ = load_trace(x)
-    return arrays, {str(np.asarray(v).dtype) for v in arrays.values()}
+    return arrays, {str(np.asarray(v).dtype) for v in arrays.values() if np.asarray(v).dtype.kind == "f"}
 
 
 def _matcher(points):

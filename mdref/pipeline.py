@@ -219,8 +219,8 @@ class Pipeline:
         t0 = time.perf_counter()
         image = self.decode(x0)
         timings["decoder"] = time.perf_counter() - t0
+        record("image", np.clip((image + 1) / 2, 0, 1))                     # [B, 3, H, W] in [0, 1], before 8 bits
         pixels = to_pixels(image)
-        record("image", pixels)
         self.last_timings = timings
         return Result(prompts, ids, context, draws[0], timesteps, x0, image, pixels, timings)
 

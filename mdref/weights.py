@@ -171,7 +171,7 @@ def init_params(schema, seed, dtype=np.float32):
             arr = np.zeros(shape)
         elif len(shape) == 1:
             arr = np.ones(shape)
-        elif "embedding" in key:
+        elif key.endswith("embedding.weight"):          # token / position embedding tables
             arr = rng.standard_normal(shape) * 0.02
         else:
             fan_in = int(np.prod(shape[1:]))
