@@ -86,6 +86,20 @@ def test_kl_matches_diffusers(kl_folder, dtype):
     assert report(f"AutoencoderKL.decode {np.dtype(dtype).name}", got, ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("variant", [dict(use_post_quant_conv=False), dict(mid_block_add_attention=False),
+                                     dict(layers_per_block=0, block_out_channels=(8, 16), latent_channels=8)])
+def test_kl_variants_match_diffusers(variant, tmp_path):
+    """The config switches: no post_quant_conv, no mid attention, one ResNet per up block, 8 latent channels."""
+    cfg = {**KL_CFG, **variant}
+    levels = len(cfg["block_out_channels"])
+    cfg.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    vae = randomize(diffusers.AutoencoderKL(**cfg), seed=5)
+    vae.save_pretrained(tmp_path)
+    dec = Decoder.from_pretrained(tmp_path)
+    latents = np.random.default_rng(5).standard_normal((2, vae.config.latent_channels, 4, 6)).astype(np.float32)
+    assert report(f"AutoencoderKL {variant} float32", dec(latents), oracle(vae, latents, np.float32)) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiny_matches_diffusers(tiny_folder, dtype):
     vae, folder = tiny_folder
