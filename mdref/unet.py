@@ -28,7 +28,6 @@ Conventions
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +141,8 @@ class UNetConfig:
         if len(set(self.per_level("cross_attention_dim"))) != 1:
             raise ConfigError(f"UNetConfig: cross_attention_dim {self.cross_attention_dim} differs between levels; "
                               f"one context tensor feeds every level, so mdref needs a single width")
+        if self.mid_transformer_layers is not None and self.mid_block_type is None:
+            raise ConfigError("UNetConfig: mid_transformer_layers is set but mid_block_type is null (no mid block)")
         if self.mid_transformer_layers is not None and not (isinstance(self.mid_transformer_layers, int)
                                                             and self.mid_transformer_layers >= 1):
             raise ConfigError(f"UNetConfig: mid_transformer_layers={self.mid_transformer_layers!r} must be an int >= 1")
@@ -212,7 +213,8 @@ def stage_plan(cfg):
     kinds = cfg.per_level("transformer_kind")
 
     def stage(name, level, resnets, kind, n_layers, resample, block_type):
-        if (kind == "none") != (block_type in ("DownBlock2D", "UpBlock2D")):
+        """block_type None: the mid block (full blocks; diffusers' mid block ignores only_cross_attention)."""
+        if block_type is not None and (kind == "none") != (block_type in ("DownBlock2D", "UpBlock2D")):
             raise ConfigError(f"UNetConfig: transformer_kind {kind!r} of level {level} does not fit {name} "
                               f"of type {block_type}")
         if kind == "cross" and only_cross[level]:
@@ -222,7 +224,7 @@ def stage_plan(cfg):
             raise ConfigError(f"UNetConfig: attention_head_dim (heads) {heads[level]} does not divide "
                               f"block_out_channels[{level}] = {ch[level]}")
         return Stage(name, tuple(resnets), ch[level], kind, n_layers, heads[level], cross[level],
-                     only_cross[level] and kind == "full", sep[level], resample)
+                     only_cross[level] and kind == "full" and block_type is not None, sep[level], resample)
 
     down, c = [], ch[0]
     for i in range(L):
@@ -233,8 +235,7 @@ def stage_plan(cfg):
     mid = None
     if cfg.mid_block_type is not None:
         n = cfg.mid_transformer_layers or tlayers[-1]
-        mid = stage("mid_block", L - 1, [(ch[-1], ch[-1])] * 2, "full", n, None, "CrossAttnDownBlock2D")
-        mid = dataclasses.replace(mid, only_cross=False)  # UNetMidBlock2DCrossAttn ignores only_cross_attention
+        mid = stage("mid_block", L - 1, [(ch[-1], ch[-1])] * 2, "full", n, None, None)
     up, prev = [], ch[-1]
     for i in range(L):
         level = L - 1 - i                                 # up_blocks.0 is the innermost level
@@ -325,7 +326,8 @@ def param_schema(cfg):
 
 # ---- layers -----------------------------------------------------------------------------------------------------
 def time_embedding(p, t, dim, *, flip_sin_to_cos, freq_shift, dtype):
-    """diffusers Timesteps + TimestepEmbedding: sinusoidal embedding -> linear_1 -> SiLU -> linear_2.  t [B] -> [B, 4*C0]."""
+    """diffusers Timesteps + TimestepEmbedding: sinusoidal embedding -> linear_1 -> SiLU -> linear_2.
+    t [B] -> [B, 4*C0]; the sinusoid is computed in `dtype` (diffusers: always float32)."""
     e = ops.timestep_embedding(t, dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift,
                                dtype=dtype)                                       # [B, C0]
     return ops.linear(ops.silu(ops.linear(e, p["linear_1"])), p["linear_2"])      # [B, 4*C0]
@@ -395,7 +397,8 @@ def transformer_2d(p, x, context, st, cfg, *, name):
     for k in range(st.transformer_layers):
         h = transformer_block(p["transformer_blocks"][str(k)], h, context, kind=st.kind, only_cross=st.only_cross,
                               heads=st.heads, shared_kv=cfg.shared_kv, weighting=cfg.attention_weighting,
-                              ff_activation=cfg.ff_activation, eps=LAYER_NORM_EPS, name=f"{name}.transformer_blocks.{k}")
+                              ff_activation=cfg.ff_activation, eps=LAYER_NORM_EPS,
+                              name=f"{name}.transformer_blocks.{k}")
     if cfg.use_linear_projection:
         h = ops.linear(h, p["proj_out"]).reshape(B, H, W, C).transpose(0, 3, 1, 2)    # [B, C, H, W]
     else:
