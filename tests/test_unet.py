@@ -190,3 +190,16 @@ def test_missing_weight_names_the_key(tmp_path):
     with pytest.raises(W.WeightsError, match=r"missing keys.*down_blocks\.1\.attentions\.0\.transformer_blocks"
                                              r"\.0\.attn2\.to_k\.weight"):
         UNet.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_name_the_argument():
+    unet = UNet.from_config(UNetConfig.from_dict(CONFIGS["sdxs"]))    # 3 levels, context width 24
+    sample, context = np.zeros((2, 4, 8, 8)), np.zeros((2, T, 24))
+    with pytest.raises(ValueError, match=r"context must be \[B=2, T, 24\]"):
+        unet(sample, 1, np.zeros((2, T, 32)))
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \[B=2\]"):
+        unet(sample, np.array([1, 2, 3]), context)
+    with pytest.raises(ValueError, match=r"sample must be \[B, 4, H, W\]"):
+        unet(np.zeros((2, 3, 8, 8)), 1, context)
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        UNet.from_config(UNetConfig.from_dict(CONFIGS["sdxs"]), dtype=np.float16)

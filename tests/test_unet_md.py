@@ -238,3 +238,18 @@ def test_mobilediffusion_preset_layout_and_parameter_count():
     assert "down_blocks.1.resnets.0.conv1.depthwise.weight" in schema                      # separable
     assert "down_blocks.0.resnets.0.conv1.weight" in schema                                # regular at the top
     assert schema["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"] == (6 * 1024, 1024)
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(transformer_kind=["cross", "cross", "full"]), "transformer_kind"),      # level 0 is a DownBlock2D
+    (dict(transformer_kind=["none", "self", "full"]), "transformer_kind"),
+    (dict(only_cross_attention=[False, True, False]), "only_cross_attention"),   # level 1 is cross-only already
+    (dict(separable_conv=[False, True]), "separable_conv"),
+    (dict(attention_weighting="sigmoid"), "attention_weighting"),
+    (dict(ff_activation="gelu"), "ff_activation"),
+    (dict(mid_block_type=None, mid_transformer_layers=2), "mid_transformer_layers"),
+    (dict(attention_head_dim=[1, 3, 2]), "attention_head_dim"),                 # 3 heads do not divide 32
+])
+def test_inconsistent_md_config_names_the_key(change, key):
+    with pytest.raises(U.ConfigError, match=key):
+        UNetConfig.from_dict(dict(twin.tiny_md_config(), **change))
