@@ -165,6 +165,7 @@ def config_to_diffusers(cfg):
 
 # ---- weight schema ------------------------------------------------------------------------------------
 def _conv(key, cout, cin, k, bias=True):
+    """nn.Conv2d(cin, cout, k) keys."""
     s = {f"{key}.weight": (cout, cin, k, k)}
     if bias:
         s[f"{key}.bias"] = (cout,)
@@ -172,10 +173,12 @@ def _conv(key, cout, cin, k, bias=True):
 
 
 def _norm(key, c):
+    """nn.GroupNorm(., c) keys."""
     return {f"{key}.weight": (c,), f"{key}.bias": (c,)}
 
 
 def _resnet_schema(key, cin, cout):
+    """ResnetBlock2D keys without time embedding; a 1x1 conv_shortcut only when the width changes."""
     s = {**_norm(f"{key}.norm1", cin), **_conv(f"{key}.conv1", cout, cin, 3),
          **_norm(f"{key}.norm2", cout), **_conv(f"{key}.conv2", cout, cout, 3)}
     if cin != cout:
