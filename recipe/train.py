@@ -1,0 +1,537 @@
+"""Training recipe for mdref's embedded default model (issue 5).
+
+Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint exists, so a run resumes):
+  ae      autoencoder: pixel-unshuffle encoder (not shipped) + diffusers AutoencoderKL decoder layout
+  aeft    decoder-only fine-tune (edge-weighted loss), encoder frozen so the latent space is kept
+  unet    CLIP text encoder + MobileDiffusion UNet twin, x0 prediction, DDPM linear betas, 30% of batch at t=999
+  adv     UFOGen-style one-step adversarial fine-tune of the UNet
+  export  weights folder (diffusers-style pipeline layout, float16 safetensors)
+
+    python recipe/train.py --out runs/default --export weights/default          # the shipped model
+    python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model   # CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data  # noqa: E402
+from twin import TwinUNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_MAX_LEN = 77
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+LATENT_CHANNELS = 8
+DEV = torch.device("cpu")  # set by --device
+
+
+def randn(shape, g):
+    """Seeded normal noise (CPU generator, so runs agree across devices), moved to the training device."""
+    return torch.randn(shape, generator=g).to(DEV)
+
+
+def render(cs, g):
+    return data.render(cs, g).to(DEV)
+
+
+class Schedule:
+    """Step loop bounded by a step count and (optionally) a wall-clock budget; progress drives the lr."""
+
+    def __init__(self, steps, budget_s=None):
+        self.steps, self.budget, self.t0 = steps, budget_s, time.time()
+
+    def progress(self, i):
+        p = i / self.steps
+        if self.budget:
+            p = max(p, (time.time() - self.t0) / self.budget)
+        return min(p, 1.0)
+
+    def done(self, i):
+        return i >= self.steps or (self.budget is not None and time.time() - self.t0 >= self.budget)
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+# ---------------------------------------------------------------- configs
+FULL = {
+    "vae": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, norm_num_groups=8),
+    "encoder_width": 64,
+    "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+    "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
+                 mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
+    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900),
+    "batch": dict(ae=32, aeft=32, unet=256, adv=128),
+    "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
+}
+# the same model on one GPU (how the shipped weights were made): bigger batches, more steps, time-capped stages
+GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000), batch=dict(ae=64, aeft=64, unet=512, adv=256),
+           budget=dict(ae=90, aeft=50, unet=220, adv=120))
+TINY = {
+    "vae": dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4),
+    "encoder_width": 16,
+    "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+    "unet": dict(block_out_channels=[16, 16, 32], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
+                 mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=4),
+    "steps": dict(ae=3, aeft=3, unet=3, adv=3),
+    "batch": dict(ae=4, aeft=4, unet=8, adv=4),
+    "budget": {},
+}
+
+
+def vae_config(spec, scaling_factor=1.0):
+    """diffusers AutoencoderKL config (the encoder half of it is not shipped)."""
+    n = len(spec["block_out_channels"])
+    return {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(spec["block_out_channels"]), "layers_per_block": spec["layers_per_block"],
+            "act_fn": "silu", "latent_channels": LATENT_CHANNELS, "norm_num_groups": spec["norm_num_groups"],
+            "sample_size": data.IMAGE_SIZE, "scaling_factor": scaling_factor, "shift_factor": None,
+            "force_upcast": False, "use_quant_conv": False, "use_post_quant_conv": True,
+            "mid_block_add_attention": True}
+
+
+def text_config(spec):
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
+            "max_position_embeddings": TOKENIZER_MAX_LEN, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, "projection_dim": spec["hidden_size"],
+            "attention_dropout": 0.0, "dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0, **spec}
+
+
+def unet_config(spec, cross_dim):
+    n = len(spec["block_out_channels"])
+    kinds = ["none", "cross"] + ["full"] * (n - 2)
+    return {"_class_name": "UNet2DConditionModel", "sample_size": data.IMAGE_SIZE // 8,
+            "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS, "flip_sin_to_cos": True, "freq_shift": 0,
+            "down_block_types": ["DownBlock2D" if k == "none" else "CrossAttnDownBlock2D" for k in kinds],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["UpBlock2D" if k == "none" else "CrossAttnUpBlock2D" for k in reversed(kinds)],
+            "only_cross_attention": False, "block_out_channels": spec["block_out_channels"],
+            "layers_per_block": spec["layers_per_block"],
+            "transformer_layers_per_block": spec["transformer_layers_per_block"], "downsample_padding": 1,
+            "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": spec["norm_num_groups"],
+            "norm_eps": 1e-5, "cross_attention_dim": cross_dim, "attention_head_dim": spec["attention_head_dim"],
+            "use_linear_projection": True, "upcast_attention": False, "resnet_time_scale_shift": "default",
+            "transformer_kind": kinds, "mid_transformer_layers": spec["mid_transformer_layers"], "shared_kv": True,
+            "attention_weighting": "softmax", "ff_activation": "swiglu", "ff_mult": 3,
+            "separable_conv": [k != "none" for k in kinds], "prediction_type": "sample"}
+
+
+def scheduler_config():
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": "linear",
+            "beta_start": BETA_START, "beta_end": BETA_END, "prediction_type": "sample",
+            "timestep_spacing": "trailing", "clip_sample": False}
+
+
+def alphas_cumprod():
+    betas = torch.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+# ---------------------------------------------------------------- models
+class Encoder(nn.Module):
+    """Pixel-unshuffle encoder: 64x64x3 -> 8x8x8 (training only; not shipped)."""
+
+    def __init__(self, width):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.PixelUnshuffle(4), nn.Conv2d(48, w, 3, padding=1), nn.SiLU(),  # [B, w, 16, 16]
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+            nn.PixelUnshuffle(2), nn.Conv2d(4 * w, 2 * w, 3, padding=1), nn.SiLU(),  # [B, 2w, 8, 8]
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, LATENT_CHANNELS, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_vae(spec):
+    from diffusers import AutoencoderKL
+    cfg = {k: v for k, v in vae_config(spec).items() if not k.startswith("_")}
+    vae = AutoencoderKL(**cfg)
+    vae.encoder = None  # the shipped decoder half only; our own encoder is trained beside it
+    return vae
+
+
+def decode(vae, z):
+    """raw latent -> image [-1, 1] range (no clamp)."""
+    return vae.decoder(vae.post_quant_conv(z))
+
+
+def make_text(spec):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(**text_config(spec)))
+
+
+def make_tokenizer():
+    """transformers CLIPTokenizer on the real CLIP BPE vocabulary (weights/clip/ or a local extraction)."""
+    from transformers import CLIPTokenizer
+    import os
+    dirs = [os.environ.get("CLIP_VOCAB_DIR"), ROOT / "weights" / "clip", "/tmp/cliptok"]
+    for d in [Path(d) for d in dirs if d]:
+        if (d / "vocab.json").exists() and (d / "merges.txt").exists():
+            return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), pad_token="<|endoftext|>")
+    raise FileNotFoundError("CLIP vocabulary (vocab.json + merges.txt) not found in weights/clip or /tmp/cliptok")
+
+
+class TokenCache:
+    def __init__(self):
+        self.tok = make_tokenizer()
+        self.cache = {}
+
+    def __call__(self, prompts):
+        missing = [p for p in set(prompts) if p not in self.cache]
+        if missing:
+            ids = self.tok(missing, padding="max_length", max_length=TOKENIZER_MAX_LEN, truncation=True).input_ids
+            self.cache.update({p: torch.tensor(i) for p, i in zip(missing, ids)})
+        return torch.stack([self.cache[p] for p in prompts])  # [B, 77]
+
+
+class Discriminator(nn.Module):
+    """UFOGen-style discriminator: text encoder + UNet down path and mid block (copied from the trained model)
+    + a small head giving one logit per image."""
+
+    def __init__(self, text, unet):
+        super().__init__()
+        self.text = copy.deepcopy(text)
+        u = copy.deepcopy(unet)
+        self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = \
+            u.conv_in, u.time_embedding, u.down_blocks, u.mid_block
+        self.c0, self.cfg = u.cfg["block_out_channels"][0], u.cfg
+        c = u.cfg["block_out_channels"][-1]
+        self.head = nn.Sequential(nn.GroupNorm(u.cfg["norm_num_groups"], c), nn.SiLU(), nn.Conv2d(c, c, 1), nn.SiLU(),
+                                  nn.Conv2d(c, 1, 1))
+
+    def forward(self, x, t, ids):
+        from diffusers.models.embeddings import get_timestep_embedding
+        ctx = self.text(ids).last_hidden_state
+        emb = self.time_embedding(get_timestep_embedding(t, self.c0, flip_sin_to_cos=True, downscale_freq_shift=0))
+        h = self.conv_in(x)
+        for blk in self.down_blocks:
+            h, _ = blk(h, emb, ctx)
+        h = self.mid_block(h, emb, ctx)
+        return self.head(h).mean(dim=(1, 2, 3))  # [B]
+
+
+# ---------------------------------------------------------------- helpers
+def lr_at(p, base, warmup=0.04):
+    """Linear warm-up over the first `warmup` of progress p in [0, 1], then cosine decay to 5%."""
+    if p < warmup:
+        return base * max(p, 0.002) / warmup
+    q = (p - warmup) / (1 - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * q)))
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - decay)
+
+
+def edge_weight(x):
+    """1 + 8 * (pixels next to an edge of the target image), [B, 1, H, W]."""
+    gx = (x[..., :, 1:] - x[..., :, :-1]).abs().sum(1, keepdim=True)
+    gy = (x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True)
+    e = F.pad(gx, (0, 1, 0, 0)) + F.pad(gx, (1, 0, 0, 0)) + F.pad(gy, (0, 0, 0, 1)) + F.pad(gy, (0, 0, 1, 0))
+    e = F.max_pool2d(e, 3, 1, 1)
+    return 1 + 8 * (e > 0.05).float()
+
+
+def recon_loss(y, x, edge):
+    w = edge_weight(x) if edge else 1.0
+    return (w * ((y - x) ** 2 + (y - x).abs())).mean()
+
+
+class Log:
+    def __init__(self, path):
+        self.f = open(path, "a")
+
+    def __call__(self, *a):
+        s = " ".join(str(x) for x in a)
+        print(s, flush=True)
+        self.f.write(s + "\n")
+        self.f.flush()
+
+
+# ---------------------------------------------------------------- stages
+def _combos(a):
+    return data.ALL_COMBOS if a.ae_all else data.TRAIN_COMBOS
+
+
+def _step(opt, loss, params):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _cpu(sd):
+    return {k: v.detach().cpu() for k, v in sd.items()}
+
+
+def stage_ae(a, cfg, out, log):
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(101)
+    enc, vae = Encoder(cfg["encoder_width"]).to(DEV), make_vae(cfg["vae"]).to(DEV)
+    params = list(enc.parameters()) + list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    sch, bs, i = Schedule(cfg["steps"]["ae"], cfg["budget"].get("ae")), cfg["batch"]["ae"], 0
+    while not sch.done(i):
+        set_lr(opt, lr_at(sch.progress(i), 2e-3))
+        x = render(data.sample_combos(bs, g, _combos(a)), g)
+        z = enc(x)
+        zn = z + 0.1 * z.detach().std() * randn(z.shape, g)  # decoder sees slightly noised latents
+        loss = recon_loss(decode(vae, zn), x, edge=False) + 1e-4 * (z ** 2).mean()
+        _step(opt, loss, params)
+        if i % 100 == 0:
+            log(f"ae step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
+        i += 1
+    with torch.no_grad():  # latent statistics: per-channel mean, one global std
+        zs = torch.cat([enc(render(data.sample_combos(256, g), g)) for _ in range(2 if a.tiny else 8)])
+        mean = zs.mean(dim=(0, 2, 3))
+        std = (zs - mean[None, :, None, None]).std()
+    ck = {"enc": _cpu(enc.state_dict()), "vae": _cpu(vae.state_dict()), "mean": mean.cpu(), "std": std.cpu(),
+          "final_loss": loss.item(), "wall_s": sch.elapsed(), "steps": i}
+    torch.save(ck, out / "ae.pt")
+    log(f"ae done: {i} steps, loss {loss.item():.5f}, latent std {std.item():.4f}, wall {sch.elapsed():.0f}s")
+
+
+def load_ae(cfg, out, name):
+    ck = torch.load(out / name, weights_only=True, map_location="cpu")
+    enc, vae = Encoder(cfg["encoder_width"]), make_vae(cfg["vae"])
+    enc.load_state_dict(ck["enc"])
+    vae.load_state_dict(ck["vae"])
+    return enc.eval().to(DEV), vae.eval().to(DEV), ck
+
+
+def stage_aeft(a, cfg, out, log):
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(202)
+    enc, vae, ck = load_ae(cfg, out, "ae.pt")
+    enc.requires_grad_(False)
+    vae.train()
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    sch, bs, i = Schedule(cfg["steps"]["aeft"], cfg["budget"].get("aeft")), cfg["batch"]["aeft"], 0
+    while not sch.done(i):
+        set_lr(opt, lr_at(sch.progress(i), 5e-4))
+        x = render(data.sample_combos(bs, g, _combos(a)), g)
+        with torch.no_grad():
+            z = enc(x)
+            z = z + 0.05 * ck["std"].to(DEV) * randn(z.shape, g)
+        loss = recon_loss(decode(vae, z), x, edge=True)
+        _step(opt, loss, params)
+        if i % 100 == 0:
+            log(f"aeft step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
+        i += 1
+    ck = dict(ck, vae=_cpu(vae.state_dict()), final_loss_ft=loss.item(), wall_s_ft=sch.elapsed(), steps_ft=i)
+    torch.save(ck, out / "aeft.pt")
+    log(f"aeft done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
+def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS, p_complete=0.5):
+    cs = data.sample_combos(bs, g, combos)
+    with torch.no_grad():
+        z = (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)  # normalised latent [B, 8, 8, 8]
+    ids = tokens(data.sample_prompts(cs, g, p_complete=p_complete)).to(DEV)
+    return z, ids
+
+
+def sample_t(bs, g, p_last=0.3):
+    t = torch.randint(NUM_TRAIN_TIMESTEPS, (bs,), generator=g)
+    return torch.where(torch.rand(bs, generator=g) < p_last, torch.full_like(t, NUM_TRAIN_TIMESTEPS - 1), t).to(DEV)
+
+
+def q_sample(z, t, ab, g):
+    a = ab.to(DEV)[t][:, None, None, None]
+    return a.sqrt() * z + (1 - a).sqrt() * randn(z.shape, g)
+
+
+def stage_unet(a, cfg, out, log):
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(303)
+    enc, _, ck = load_ae(cfg, out, "aeft.pt")
+    tokens = TokenCache()
+    text = make_text(cfg["text"]).to(DEV)
+    unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"])).to(DEV)
+    ema_t, ema_u = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    ab = alphas_cumprod()
+    sch, bs, i = Schedule(cfg["steps"]["unet"], cfg["budget"].get("unet")), cfg["batch"]["unet"], 0
+    while not sch.done(i):
+        set_lr(opt, lr_at(sch.progress(i), 1e-3))
+        z, ids = latents_and_prompts(enc, ck["mean"], ck["std"], tokens, bs, g)
+        t = sample_t(bs, g)
+        pred = unet(q_sample(z, t, ab, g), t, text(ids).last_hidden_state)
+        loss = F.mse_loss(pred, z)
+        _step(opt, loss, params)
+        decay = min(0.999, (1 + i) / (10 + i))
+        ema_update(ema_t, text, decay)
+        ema_update(ema_u, unet, decay)
+        if i % 100 == 0:
+            log(f"unet step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
+        i += 1
+    torch.save({"unet": _cpu(ema_u.state_dict()), "final_loss": loss.item(), "wall_s": sch.elapsed(), "steps": i},
+               out / "unet.pt")
+    torch.save({"text": _cpu(ema_t.state_dict())}, out / "unet_text.pt")
+    log(f"unet done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
+def load_text_unet(cfg, out, name):
+    ck = torch.load(out / name, weights_only=True, map_location="cpu")
+    text = make_text(cfg["text"])
+    unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"]))
+    text.load_state_dict(torch.load(out / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
+    unet.load_state_dict(ck["unet"])
+    return text.eval().to(DEV), unet.eval().to(DEV), ck
+
+
+def stage_adv(a, cfg, out, log):
+    torch.manual_seed(4)
+    g = torch.Generator().manual_seed(404)
+    enc, _, ck_ae = load_ae(cfg, out, "aeft.pt")
+    text, unet, _ = load_text_unet(cfg, out, "unet.pt")
+    tokens = TokenCache()
+    text.requires_grad_(False)
+    disc = Discriminator(text, unet).to(DEV)
+    disc.text.requires_grad_(True)
+    unet.train()
+    ema_u = copy.deepcopy(unet).eval()
+    opt_g = torch.optim.Adam(unet.parameters(), lr=5e-5, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    ab = alphas_cumprod()
+    sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
+    while not sch.done(i):
+        z, ids = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g)
+        with torch.no_grad():
+            ctx = text(ids).last_hidden_state
+        t = sample_t(bs, g, p_last=0.7)
+        pred = unet(q_sample(z, t, ab, g), t, ctx)
+        tp = torch.randint(400, (bs,), generator=g).to(DEV)  # re-noise real and predicted x0 to t' < 400
+        real_n, fake_n = q_sample(z, tp, ab, g), q_sample(pred, tp, ab, g)
+        # discriminator: real (matched prompt) vs fake, plus real with a shuffled prompt as fake (weight 0.5)
+        perm = torch.randperm(bs, generator=g).to(DEV)
+        differ = (ids[perm] != ids).any(1).float()
+        loss_d = F.softplus(-disc(real_n, tp, ids)).mean() + F.softplus(disc(fake_n.detach(), tp, ids)).mean() + \
+            0.5 * (F.softplus(disc(real_n, tp, ids[perm])) * differ).mean()
+        _step(opt_d, loss_d, list(disc.parameters()))
+        # generator: MSE to the clean latent + 0.1 x non-saturating adversarial loss
+        disc.requires_grad_(False)
+        mse = F.mse_loss(pred, z)
+        adv = F.softplus(-disc(fake_n, tp, ids)).mean()
+        _step(opt_g, mse + 0.1 * adv, list(unet.parameters()))
+        disc.requires_grad_(True)
+        ema_update(ema_u, unet, min(0.99, (1 + i) / (10 + i)))
+        if i % 50 == 0:
+            log(f"adv step {i} mse {mse.item():.5f} adv {adv.item():.4f} loss_d {loss_d.item():.4f} "
+                f"t {sch.elapsed():.0f}s")
+        i += 1
+    torch.save({"unet": _cpu(ema_u.state_dict()), "final_mse": mse.item(), "final_adv": adv.item(),
+                "final_loss_d": loss_d.item(), "wall_s": sch.elapsed(), "steps": i}, out / "adv.pt")
+    log(f"adv done: {i} steps, mse {mse.item():.5f} adv {adv.item():.4f} loss_d {loss_d.item():.4f}, "
+        f"wall {sch.elapsed():.0f}s")
+
+
+# ---------------------------------------------------------------- export
+def save_f16(sd, path):
+    from safetensors.torch import save_file
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
+
+
+def stage_export(a, cfg, out, log, dest):
+    global DEV
+    DEV = torch.device("cpu")
+    dest = Path(dest)
+    _, vae, ck_ae = load_ae(cfg, out, "aeft.pt")
+    final = "adv.pt" if (out / "adv.pt").exists() else "unet.pt"
+    text, unet, _ = load_text_unet(cfg, out, final)
+    # fold the per-channel latent mean into post_quant_conv's bias: decode(zn / sf) == decoder(pqc(zn*std + mean))
+    mean, std = ck_ae["mean"], ck_ae["std"]
+    with torch.no_grad():
+        w = vae.post_quant_conv.weight[:, :, 0, 0]  # [8, 8]
+        vae.post_quant_conv.bias += w @ mean
+    for sub in ["text_encoder", "unet", "vae", "scheduler"]:
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    tc = text_config(cfg["text"])
+    (dest / "text_encoder" / "config.json").write_text(json.dumps(tc, indent=2) + "\n")
+    save_f16({"text_model." + k.removeprefix("text_model."): v for k, v in text.state_dict().items()},
+             dest / "text_encoder" / "model.safetensors")
+    uc = unet_config(cfg["unet"], cfg["text"]["hidden_size"])
+    (dest / "unet" / "config.json").write_text(json.dumps(uc, indent=2) + "\n")
+    save_f16(unet.state_dict(), dest / "unet" / "diffusion_pytorch_model.safetensors")
+    vc = vae_config(cfg["vae"], scaling_factor=float(1.0 / std))
+    (dest / "vae" / "config.json").write_text(json.dumps(vc, indent=2) + "\n")
+    save_f16({k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))},
+             dest / "vae" / "diffusion_pytorch_model.safetensors")
+    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")
+    mi = {"_class_name": "MobileDiffusionPipeline", "_mdref_note": "mdref embedded default (recipe/train.py)",
+          "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["mdref", "UNet"],
+          "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
+          "tokenizer": None}
+    (dest / "model_index.json").write_text(json.dumps(mi, indent=2) + "\n")
+    log(f"exported {final} to {dest}")
+
+
+# ---------------------------------------------------------------- main
+STAGES = ["ae", "aeft", "unet", "adv"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "default"))
+    ap.add_argument("--export", default=None, help="folder to export the pipeline to (after the last stage)")
+    ap.add_argument("--tiny", action="store_true", help="tiny config (CI)")
+    ap.add_argument("--steps", type=int, default=None, help="override every stage's step count")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
+    ap.add_argument("--budget", default=None, help="per-stage wall caps, e.g. ae=90,unet=200 (seconds)")
+    ap.add_argument("--ae-all", action="store_true", help="train the autoencoder on all combinations")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    global DEV
+    DEV = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    cfg = copy.deepcopy(TINY if a.tiny else GPU if a.gpu else FULL)
+    if a.budget:
+        cfg["budget"].update({k: float(v) for k, v in (kv.split("=") for kv in a.budget.split(","))})
+    if a.steps is not None:
+        cfg["steps"] = {k: a.steps for k in cfg["steps"]}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "log.txt")
+    log(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv}
+    for s in a.stages.split(","):
+        if (out / f"{s}.pt").exists():
+            log(f"{s}: checkpoint exists, skipped")
+            continue
+        fns[s](a, cfg, out, log)
+    if a.export:
+        stage_export(a, cfg, out, log, a.export)
+
+
+if __name__ == "__main__":
+    main()
