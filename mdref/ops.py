@@ -93,13 +93,13 @@ def relu(x):
 
 
 def silu(x):
-    """SiLU / Swish: x * sigmoid(x), written to avoid overflow of exp(-x) for very negative x."""
+    """SiLU / Swish: x * sigmoid(x)."""
     return x * _sigmoid(x)
 
 
 def _sigmoid(x):
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    """sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental, no overflow for any x (exp(-x) would overflow)."""
+    return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 
 def quick_gelu(x):
