@@ -474,7 +474,7 @@ def unet_forward(p, cfg, sample, timestep, context):
 
 # ---- presets ----------------------------------------------------------------------------------------------------
 PRESETS = {
-    # MobileDiffusion as mdref reads it (DESIGN.md; choices and the parameter breakdown in docs/unet_preset.md).
+    # MobileDiffusion as mdref reads it (DESIGN.md; choices and the parameter breakdown in weights/README.md).
     "mobilediffusion": dict(
         sample_size=64, in_channels=8, out_channels=8,
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],

@@ -229,7 +229,7 @@ def test_mobilediffusion_preset_layout_and_parameter_count():
     print(f"mobilediffusion preset: {n:,} parameters")
     assert abs(n - 386e6) <= 0.01 * 386e6
     resnets = {k.split(".norm1")[0] for k in schema if k.endswith("norm1.weight") and ".resnets." in k}
-    assert len(resnets) == 13                      # 2+1+1 down, 2 mid, 3+2+2 up (see docs/unet_preset.md)
+    assert len(resnets) == 13                      # 2+1+1 down, 2 mid, 3+2+2 up (see weights/README.md)
     assert cfg.in_channels == cfg.out_channels == 8 and cfg.block_out_channels == [320, 640, 1024]
     assert not any(k.startswith(("down_blocks.0.attentions", "up_blocks.2.attentions")) for k in schema)
     level1 = [k for k in schema if k.startswith(("down_blocks.1.attentions", "up_blocks.1.attentions"))]
