@@ -204,7 +204,9 @@ def cmd_precision(args):
         results[name] = t
     report = compare(results["float64"], results["float32"], rtol=np.inf, points=args.points)
     print(f"float32 vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, seed {args.seed}")
-    print(format_report(report))
+    print(format_report(report).split("\n\n")[0])
+    worst = max(report.points, key=lambda p: p.rel_to_max)
+    print(f"\nlargest float32 error relative to max|float64|: {worst.rel_to_max:.3e} at {worst.name}")
     return 0
 
 
