@@ -38,7 +38,8 @@ mdref.save_trace(out / "mdref_trace_b.safetensors", b, {"prompt": prompt, "seed"
 
 report = mdref.compare(out / "mdref_trace_a.safetensors", out / "mdref_trace_b.safetensors")
 diverged = [p for p in report.points if not p.ok]
-print(f"{len(report.points) - len(diverged)} points agree, {len(diverged)} diverge (tolerance {report.rtol:g} * max|a|):")
+print(f"{len(report.points) - len(diverged)} points agree, {len(diverged)} diverge "
+      f"(tolerance {report.rtol:g} * max|a|):")
 for p in diverged[:4]:                                         # execution order: the cause comes first
     print(f"  {p.name:<56} max|a - b| / max|a| = {p.rel_to_max:.2e}")
 print(f"compare named {report.first_divergence!r} (the perturbed layer is unet.mid_block.resnets.0)")

@@ -5,7 +5,7 @@ mdref.save_trace (or any safetensors writer; one tensor per point), and compare.
 
     python examples/compare_with_diffusers.py                        # a random tiny SD pipeline, built offline
     python examples/compare_with_diffusers.py --dtype float64        # both sides in float64 (tolerance 1e-9)
-    python examples/compare_with_diffusers.py --perturb              # change one torch weight: compare names it
+    python examples/compare_with_diffusers.py --perturb              # change one torch bias: compare names it
     python examples/compare_with_diffusers.py --model PATH           # a local diffusers StableDiffusion folder
 
 Point names are mdref's (checkpoint key prefixes; `mdref trace` lists them): "text_encoder.<path without
@@ -30,10 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
-import diffusers
 import transformers
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 import mdref
 from mdref import cli, sampler
@@ -49,7 +50,9 @@ UNET_POINT = re.compile(rf"time_embedding|conv_in|{BLOCK}|(down|up)_blocks\.\d+\
                         rf"{BLOCK}\.(resnets|attentions)\.\d+(\.transformer_blocks\.\d+(\.(attn1|attn2|ff))?)?")
 TEXT_POINT = re.compile(r"embeddings|encoder\.layers\.\d+(\.(self_attn|mlp))?|final_layer_norm")
 DECODER_POINT = re.compile(r"conv_in|mid_block|up_blocks\.\d+")
-# Where --perturb adds 1e-3 (first that exists): (mdref point that changes first, parameter of that torch module).
+# Where --perturb adds 1e-3 (the first that exists): (mdref point that changes first, parameter of that module).
+# A bias entry shifts one output channel by exactly 1e-3 everywhere, which float32's tolerance (1e-4 of max|x|)
+# sees on a model with O(1) activations; a weight-matrix entry's effect scales with its input and may not be.
 PERTURB = [("unet.mid_block.attentions.0.transformer_blocks.0.attn2", "attn2.to_out.0.bias"),
            ("unet.mid_block.resnets.0", "conv2.bias")]
 
@@ -101,26 +104,32 @@ def timestep_embedding_f64(module, args, out):
 
 class TracedEuler(diffusers.EulerDiscreteScheduler):
     """EulerDiscreteScheduler that records sampler.x0 and latents.x0 into `self.trace`, and steps float64 latents
-    in float64 (diffusers' step casts them to float32). Deterministic Euler (s_churn = 0) only."""
+    in float64 (diffusers' step casts them to float32)."""
     trace = None
 
     def step(self, model_output, timestep, sample, *args, return_dict=True, **kwargs):
-        if sample.dtype != torch.float64:
-            prev, x0 = super().step(model_output, timestep, sample, *args, return_dict=False, **kwargs)
+        if sample.dtype == torch.float64:
+            prev, x0 = self.step_float64(model_output, timestep, sample)
         else:
-            if self.step_index is None:
-                self._init_step_index(timestep)
-            sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]   # float32
-            kind = self.config.prediction_type
-            x0 = model_output if kind in ("sample", "original_sample") else sample - sigma * model_output \
-                if kind == "epsilon" else model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-            prev = sample + (sample - x0) / sigma * (sigma_next - sigma)
-            self._step_index += 1
+            prev, x0 = super().step(model_output, timestep, sample, *args, return_dict=False, **kwargs)
         self.trace.add("sampler.x0", to_numpy(x0))
-        if self.step_index == len(self.timesteps):
+        if self.step_index == len(self.timesteps):              # the last step: the latents the VAE decodes
             self.trace.add("latents.x0", to_numpy(prev))
-        return (prev, x0) if not return_dict else diffusers.schedulers.scheduling_euler_discrete.\
-            EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+    def step_float64(self, model_output, timestep, sample):
+        """diffusers' deterministic Euler step (s_churn = 0) without the cast of the latents to float32."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]   # float32, as diffusers
+        if self.config.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        elif self.config.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        else:                                                      # "sample"
+            x0 = model_output
+        self._step_index += 1
+        return sample + (sample - x0) / sigma * (sigma_next - sigma), x0
 
 
 # ---- the two traces -----------------------------------------------------------------------------------------------
@@ -149,8 +158,7 @@ def diffusers_trace(pipe, prompt, noise, dtype_name):
     return t
 
 
-def mdref_trace(folder, prompt, noise, dtype_name):
-    pipe = mdref.Pipeline.from_pretrained(folder, dtype=NP_DTYPES[dtype_name])
+def mdref_trace(pipe, prompt, noise):
     with mdref.trace() as t:
         pipe.run(prompt, noise=noise)
     return t
@@ -171,7 +179,7 @@ def randomize(module, seed):
 
 def build_random_tiny(folder, seed=0):
     """A random tiny StableDiffusionPipeline (CLIP text model, UNet2DConditionModel, AutoencoderKL, the CLIP
-    tokenizer written from mdref's shipped vocabulary, Euler trailing), saved to `folder`. Offline, ~1 s."""
+    tokenizer written from mdref's shipped vocabulary, Euler trailing), saved to folder/sd-tiny. Offline, ~1 s."""
     torch.manual_seed(seed)
     tok_dir = mdref.Tokenizer.from_pretrained(None).save_pretrained(Path(folder) / "tokenizer-src")
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -183,7 +191,8 @@ def build_random_tiny(folder, seed=0):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   layers_per_block=1, norm_num_groups=8)
     for i, m in enumerate((text_encoder, unet, vae)):
         randomize(m, seed + i)
@@ -206,7 +215,7 @@ def load_diffusers(folder, dtype_name):
 
 
 def perturb(pipe):
-    """Add 1e-3 to one parameter of a mid-network UNet layer; returns the mdref point that should diverge first."""
+    """Add 1e-3 to one bias entry of a mid-network UNet layer; returns the mdref point that should diverge first."""
     modules = dict(pipe.unet.named_modules())
     for point, param in PERTURB:
         module = modules.get(point.removeprefix("unet."))
@@ -223,7 +232,7 @@ def main(argv=None):
     ap.add_argument("--model", help="local diffusers StableDiffusion pipeline folder (default: a random tiny one)")
     ap.add_argument("--dtype", choices=sorted(NP_DTYPES), default="float32")
     ap.add_argument("--out", help="folder for the two traces (default: a new temporary folder)")
-    ap.add_argument("--perturb", action="store_true", help="add 1e-3 to one weight of a mid-network torch layer")
+    ap.add_argument("--perturb", action="store_true", help="add 1e-3 to one bias entry of a mid-network torch layer")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--seed", type=int, default=0, help="noise seed (PCG64, as mdref)")
     ap.add_argument("--verbose", action="store_true", help="keep diffusers' and transformers' log messages")
@@ -238,9 +247,13 @@ def main(argv=None):
     folder = Path(args.model) if args.model else build_random_tiny(out / "model")
     print(f"model: {folder}{'' if args.model else ' (random tiny, built offline)'}, dtype {args.dtype}")
 
-    shape = mdref.Pipeline.from_pretrained(folder).latent_shape(1)            # (1, C, h, w)
-    noise = sampler.initial_noise(shape, args.seed, NP_DTYPES[args.dtype])    # the same noise for both sides
-    t_mdref = mdref_trace(folder, args.prompt, noise, args.dtype)
+    try:
+        ours = mdref.Pipeline.from_pretrained(folder, dtype=NP_DTYPES[args.dtype])
+    except (mdref.ConfigError, mdref.WeightsError) as e:                     # e.g. a scheduler mdref lacks
+        print(f"mdref cannot load {folder}: {e}", file=sys.stderr)
+        return 2
+    noise = sampler.initial_noise(ours.latent_shape(1), args.seed, ours.dtype)   # [1, C, h, w], for both sides
+    t_mdref = mdref_trace(ours, args.prompt, noise)
     pipe = load_diffusers(folder, args.dtype)
     perturbed = perturb(pipe) if args.perturb else None
     t_torch = diffusers_trace(pipe, args.prompt, noise, args.dtype)
@@ -249,11 +262,12 @@ def main(argv=None):
     save_trace(out / "mdref.safetensors", t_mdref, dict(facts, runtime=f"mdref {mdref.__version__}"))
     save_trace(out / "diffusers.safetensors", t_torch, dict(facts, runtime=f"diffusers {diffusers.__version__}, "
                f"torch {torch.__version__}", perturbed=perturbed))
+    a, b = str(out / "mdref.safetensors"), str(out / "diffusers.safetensors")
     print(f"traced {len(t_mdref.names())} mdref points, {len(t_torch.names())} diffusers points "
-          f"({time.perf_counter() - t0:.1f} s); now: mdref compare {out}/mdref.safetensors {out}/diffusers.safetensors\n")
-    status = cli.main(["compare", str(out / "mdref.safetensors"), str(out / "diffusers.safetensors")])
+          f"({time.perf_counter() - t0:.1f} s)\n$ mdref compare {a} {b}")
+    status = cli.main(["compare", a, b])                 # the reference (mdref) first
     if perturbed:
-        print(f"\nperturbed layer: {perturbed} (+1e-3 on one parameter of the torch model)")
+        print(f"\nperturbed layer: {perturbed} (+1e-3 on one bias entry of the torch model)")
     return status
 
 
