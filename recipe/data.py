@@ -90,8 +90,8 @@ def sample_combos(n, gen, combos=TRAIN_COMBOS):
     return [combos[i] for i in idx]
 
 
-def render(combos, gen=None, jitter=True, size=IMAGE_SIZE):
-    """Render scenes -> float tensor [B, 3, size, size] in [-1, 1]."""
+def render(combos, gen=None, jitter=True, size=IMAGE_SIZE, device=None):
+    """Render scenes -> float tensor [B, 3, size, size] in [-1, 1] (random draws on the CPU generator `gen`)."""
     B = len(combos)
     s = size / IMAGE_SIZE
     cx = torch.tensor([POSITION_XY[c[3]][0] for c in combos], dtype=torch.float32) * s + size / 2
@@ -101,7 +101,9 @@ def render(combos, gen=None, jitter=True, size=IMAGE_SIZE):
         cx = cx + (torch.rand(B, generator=gen) * 2 - 1) * POS_JITTER * s
         cy = cy + (torch.rand(B, generator=gen) * 2 - 1) * POS_JITTER * s
         r = r + (torch.rand(B, generator=gen) * 2 - 1) * SIZE_JITTER * s
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")  # [H, W]
+    cx, cy, r = cx.to(device), cy.to(device), r.to(device)
+    yy, xx = torch.meshgrid(torch.arange(size, device=device) + 0.5, torch.arange(size, device=device) + 0.5,
+                            indexing="ij")  # [H, W]
     dx = xx[None] - cx[:, None, None]  # [B, H, W]
     dy = yy[None] - cy[:, None, None]
     rr = r[:, None, None]
@@ -115,11 +117,11 @@ def render(combos, gen=None, jitter=True, size=IMAGE_SIZE):
     sd_right = (h * dx - rr * (dy + rr)) / norm  # edge (0,-r) -> (r, 0.8r)
     sd_left = (-h * dx - rr * (dy + rr)) / norm  # edge (0,-r) -> (-r, 0.8r)
     sd_tri = torch.maximum(sd_base, torch.maximum(sd_left, sd_right))
-    kind = torch.tensor([SHAPES.index(c[0]) for c in combos])[:, None, None]
+    kind = torch.tensor([SHAPES.index(c[0]) for c in combos], device=device)[:, None, None]
     sd = torch.where(kind == 0, sd_circle, torch.where(kind == 1, sd_square, sd_tri))
     alpha = (0.5 - sd * s ** -1).clamp(0, 1)[:, None]  # [B, 1, H, W]
-    fg = torch.tensor([PALETTE[c[1]] for c in combos], dtype=torch.float32)[:, :, None, None] / 127.5 - 1
-    bg = torch.tensor([PALETTE[c[2]] for c in combos], dtype=torch.float32)[:, :, None, None] / 127.5 - 1
+    fg = torch.tensor([PALETTE[c[1]] for c in combos], dtype=torch.float32, device=device)[:, :, None, None] / 127.5 - 1
+    bg = torch.tensor([PALETTE[c[2]] for c in combos], dtype=torch.float32, device=device)[:, :, None, None] / 127.5 - 1
     return alpha * fg + (1 - alpha) * bg  # [B, 3, H, W]
 
 

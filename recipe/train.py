@@ -43,7 +43,7 @@ def randn(shape, g):
 
 
 def render(cs, g):
-    return data.render(cs, g).to(DEV)
+    return data.render(cs, g, device=DEV)
 
 
 class Schedule:
@@ -420,6 +420,7 @@ def stage_adv(a, cfg, out, log):
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999))
     ab = alphas_cumprod()
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
+    saved_mid = False
     while not sch.done(i):
         z, ids = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g)
         with torch.no_grad():
@@ -434,13 +435,16 @@ def stage_adv(a, cfg, out, log):
         loss_d = F.softplus(-disc(real_n, tp, ids)).mean() + F.softplus(disc(fake_n.detach(), tp, ids)).mean() + \
             0.5 * (F.softplus(disc(real_n, tp, ids[perm])) * differ).mean()
         _step(opt_d, loss_d, list(disc.parameters()))
-        # generator: MSE to the clean latent + 0.1 x non-saturating adversarial loss
+        # generator: MSE to the clean latent + adv_weight (0.1) x non-saturating adversarial loss
         disc.requires_grad_(False)
         mse = F.mse_loss(pred, z)
         adv = F.softplus(-disc(fake_n, tp, ids)).mean()
-        _step(opt_g, mse + 0.1 * adv, list(unet.parameters()))
+        _step(opt_g, mse + a.adv_weight * adv, list(unet.parameters()))
         disc.requires_grad_(True)
         ema_update(ema_u, unet, min(0.99, (1 + i) / (10 + i)))
+        if not saved_mid and sch.progress(i) >= 0.5:
+            torch.save({"unet": _cpu(ema_u.state_dict()), "steps": i}, out / "adv_mid.pt")
+            saved_mid = True
         if i % 50 == 0:
             log(f"adv step {i} mse {mse.item():.5f} adv {adv.item():.4f} loss_d {loss_d.item():.4f} "
                 f"t {sch.elapsed():.0f}s")
@@ -504,6 +508,7 @@ def main(argv=None):
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--adv-weight", type=float, default=0.1, help="weight of the adversarial generator loss")
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
     ap.add_argument("--budget", default=None, help="per-stage wall caps, e.g. ae=90,unet=200 (seconds)")
     ap.add_argument("--ae-all", action="store_true", help="train the autoencoder on all combinations")
