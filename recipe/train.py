@@ -71,12 +71,12 @@ FULL = {
     "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
-    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900),
+    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600),
     "batch": dict(ae=32, aeft=32, unet=256, adv=128),
     "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
 }
 # the same model on one GPU (how the shipped weights were made): bigger batches, more steps, time-capped stages
-GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000), batch=dict(ae=64, aeft=64, unet=512, adv=256),
+GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500), batch=dict(ae=64, aeft=64, unet=512, adv=256),
            budget=dict(ae=90, aeft=50, unet=220, adv=120))
 TINY = {
     "vae": dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4),
@@ -84,7 +84,7 @@ TINY = {
     "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
     "unet": dict(block_out_channels=[16, 16, 32], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=4),
-    "steps": dict(ae=3, aeft=3, unet=3, adv=3),
+    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3),
     "batch": dict(ae=4, aeft=4, unet=8, adv=4),
     "budget": {},
 }
@@ -129,9 +129,10 @@ def unet_config(spec, cross_dim):
 
 
 def scheduler_config():
-    return {"_class_name": "DDPMScheduler", "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": "linear",
+    """mdref's own scheduler class: DDPM linear betas, x0 prediction, one step from t = 999 (trailing)."""
+    return {"_class_name": "MDRefScheduler", "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": "linear",
             "beta_start": BETA_START, "beta_end": BETA_END, "prediction_type": "sample",
-            "timestep_spacing": "trailing", "clip_sample": False}
+            "timestep_spacing": "trailing", "sampler": "x0"}
 
 
 def alphas_cumprod():
@@ -188,15 +189,24 @@ def make_tokenizer():
 
 
 class TokenCache:
+    """prompt -> CLIP token ids [77] (pad 49407), cached. mdref.Tokenizer (the pipeline's own) when importable,
+    else transformers' CLIPTokenizer on the same vocabulary (they agree on every training prompt)."""
+
     def __init__(self):
-        self.tok = make_tokenizer()
+        try:
+            import mdref
+            tok = mdref.Tokenizer.from_pretrained(None)
+            self.encode = lambda ps: [list(r) for r in tok(ps)]
+        except Exception:  # mdref or its vocabulary not available (e.g. on a bare GPU machine)
+            tok = make_tokenizer()
+            self.encode = lambda ps: tok(ps, padding="max_length", max_length=TOKENIZER_MAX_LEN,
+                                         truncation=True).input_ids
         self.cache = {}
 
     def __call__(self, prompts):
-        missing = [p for p in set(prompts) if p not in self.cache]
+        missing = sorted(p for p in set(prompts) if p not in self.cache)
         if missing:
-            ids = self.tok(missing, padding="max_length", max_length=TOKENIZER_MAX_LEN, truncation=True).input_ids
-            self.cache.update({p: torch.tensor(i) for p, i in zip(missing, ids)})
+            self.cache.update({p: torch.tensor(i, dtype=torch.int64) for p, i in zip(missing, self.encode(missing))})
         return torch.stack([self.cache[p] for p in prompts])  # [B, 77]
 
 
@@ -455,6 +465,44 @@ def stage_adv(a, cfg, out, log):
         f"wall {sch.elapsed():.0f}s")
 
 
+def stage_decft(a, cfg, out, log):
+    """Decoder-only fine-tune on the one-step generator's own predicted latents: the generator sees a real latent
+    re-noised to t in [T_LO, T_HI) (so its prediction is aligned with the rendered image) and the decoder learns to
+    draw the crisp render from that imperfect latent; half of each batch is real latents (keeps reconstruction)."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(505)
+    enc, vae, ck = load_ae(cfg, out, "aeft.pt")
+    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
+    tokens = TokenCache()
+    enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
+    vae.train()
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    ab = alphas_cumprod()
+    mean, std = ck["mean"].to(DEV)[None, :, None, None], ck["std"].to(DEV)
+    sch, bs, i = Schedule(cfg["steps"]["decft"], cfg["budget"].get("decft")), cfg["batch"]["aeft"], 0
+    while not sch.done(i):
+        set_lr(opt, lr_at(sch.progress(i), 2e-4))
+        cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
+        x = render(cs, g)
+        with torch.no_grad():
+            z = (enc(x) - mean) / std
+            h = bs // 2
+            t = torch.randint(200, 700, (h,), generator=g).to(DEV)
+            ids = tokens([data.prompt(*c) for c in cs[:h]]).to(DEV)
+            pred = unet(q_sample(z[:h], t, ab, g), t, text(ids).last_hidden_state)
+            zin = torch.cat([pred, z[h:] + 0.05 * randn(z[h:].shape, g)]) * std + mean
+        loss = recon_loss(decode(vae, zin), x, edge=True)
+        _step(opt, loss, params)
+        if i % 50 == 0:
+            log(f"decft step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
+        i += 1
+    ck = dict(ck, vae=_cpu(vae.state_dict()), final_loss_decft=loss.item(), wall_s_decft=sch.elapsed(), steps_decft=i)
+    torch.save(ck, out / "decft.pt")
+    log(f"decft done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
+
 # ---------------------------------------------------------------- export
 def save_f16(sd, path):
     from safetensors.torch import save_file
@@ -465,7 +513,7 @@ def stage_export(a, cfg, out, log, dest):
     global DEV
     DEV = torch.device("cpu")
     dest = Path(dest)
-    _, vae, ck_ae = load_ae(cfg, out, "aeft.pt")
+    _, vae, ck_ae = load_ae(cfg, out, "decft.pt" if (out / "decft.pt").exists() else "aeft.pt")
     final = "adv.pt" if (out / "adv.pt").exists() else "unet.pt"
     text, unet, _ = load_text_unet(cfg, out, final)
     # fold the per-channel latent mean into post_quant_conv's bias: decode(zn / sf) == decoder(pqc(zn*std + mean))
@@ -496,7 +544,7 @@ def stage_export(a, cfg, out, log, dest):
 
 
 # ---------------------------------------------------------------- main
-STAGES = ["ae", "aeft", "unet", "adv"]
+STAGES = ["ae", "aeft", "unet", "adv", "decft"]
 
 
 def main(argv=None):
@@ -528,7 +576,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log.txt")
     log(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv}
+    fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv, "decft": stage_decft}
     for s in a.stages.split(","):
         if (out / f"{s}.pt").exists():
             log(f"{s}: checkpoint exists, skipped")

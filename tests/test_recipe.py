@@ -1,0 +1,148 @@
+"""The training recipe (recipe/) and the shipped default model (weights/default).
+
+(a) the recipe runs every stage on a tiny config and its export loads in mdref;
+(b) parity on the SHIPPED weights: the PyTorch twin UNet, transformers CLIPTextModel and diffusers' AutoencoderKL
+    decoder against mdref (float32, max abs error <= 1e-5 * max|reference|);
+(c) prompt adherence of the shipped model through mdref, well above chance;
+(d) the evaluator on freshly rendered ground truth.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipe"
+DEFAULT = ROOT / "weights" / "default"
+sys.path.insert(0, str(RECIPE))
+
+import data  # noqa: E402
+from evaluate import ATTRS, evaluate, score  # noqa: E402
+
+needs_default = pytest.mark.skipif(not (DEFAULT / "unet" / "config.json").is_file(),
+                                   reason="weights/default not present")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ---------------------------------------------------------------- (d) evaluator
+def test_evaluator_on_ground_truth():
+    g = torch.Generator().manual_seed(123)
+    cs = data.sample_combos(300, g, data.ALL_COMBOS)
+    acc, wrong = score(data.to_uint8(data.render(cs, g)), cs)
+    print("evaluator on 300 renders:", acc)
+    assert min(acc.values()) >= 0.99, wrong[:5]
+
+
+def test_heldout_list_matches_seed():
+    saved = json.loads((RECIPE / "heldout.json").read_text())
+    assert saved["count"] == 168 == len(data.HELDOUT)
+    assert [tuple(c[k] for k in saved["attributes"]) for c in saved["combinations"]] == [tuple(c) for c in data.HELDOUT]
+    assert not set(data.HELDOUT) & set(data.TRAIN_COMBOS)
+
+
+# ---------------------------------------------------------------- (a) recipe smoke run
+def test_recipe_tiny_runs_every_stage(tmp_path):
+    t0 = time.time()
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "2", "--out", str(out),
+                        "--export", str(out / "model")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    wall = time.time() - t0
+    print(f"tiny recipe wall {wall:.1f}s")
+    for stage in ["ae", "aeft", "unet", "adv", "decft"]:
+        assert (out / f"{stage}.pt").is_file(), stage
+    mdref = pytest.importorskip("mdref")
+    pipe = mdref.Pipeline.from_pretrained(out / "model")
+    px = pipe.run(["a red circle"], seed=0).pixels
+    assert px.shape == (1, 64, 64, 3) and px.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- (b) parity on the shipped weights
+@needs_default
+def test_shipped_text_encoder_parity():
+    mdref = pytest.importorskip("mdref")
+    from transformers import CLIPTextModel
+
+    ref = CLIPTextModel.from_pretrained(DEFAULT / "text_encoder", torch_dtype=torch.float32).eval()
+    te = mdref.TextEncoder.from_pretrained(DEFAULT / "text_encoder", dtype=np.float32)
+    ids = mdref.Tokenizer.from_pretrained(None)(["a large red circle on the left, blue background", "a shape"])
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
+    err = rel_err(te(ids), want)
+    print(f"text encoder f32 rel err {err:.2e}")
+    assert err <= 1e-5
+
+
+@needs_default
+def test_shipped_unet_parity():
+    mdref = pytest.importorskip("mdref")
+    from safetensors.torch import load_file
+    from twin import TwinUNet
+
+    cfg = json.loads((DEFAULT / "unet" / "config.json").read_text())
+    twin = TwinUNet(cfg).eval()
+    sd = {k: v.float() for k, v in load_file(str(DEFAULT / "unet" / "diffusion_pytorch_model.safetensors")).items()}
+    twin.load_state_dict(sd, strict=True)
+    un = mdref.UNet.from_pretrained(DEFAULT / "unet", dtype=np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, cfg["cross_attention_dim"])).astype(np.float32)
+    for t in (999, 250):
+        with torch.no_grad():
+            want = twin(torch.from_numpy(x), t, torch.from_numpy(ctx)).numpy()
+        err = rel_err(un(x, t, ctx), want)
+        print(f"unet t={t} f32 rel err {err:.2e}")
+        assert err <= 1e-5
+
+
+@needs_default
+def test_shipped_decoder_parity():
+    mdref = pytest.importorskip("mdref")
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    cfg = {k: v for k, v in json.loads((DEFAULT / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
+    vae = AutoencoderKL(**cfg).eval()
+    sd = {k: v.float() for k, v in load_file(str(DEFAULT / "vae" / "diffusion_pytorch_model.safetensors")).items()}
+    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("encoder.") for k in missing)
+    dec = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float32)
+    z = np.random.default_rng(1).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = vae.decode(torch.from_numpy(z)).sample.numpy()
+    err = rel_err(dec(z), want)
+    print(f"decoder f32 rel err {err:.2e}")
+    assert err <= 1e-5
+
+
+# ---------------------------------------------------------------- (c) adherence of the shipped model
+# Measured on 400 held-out samples (weights/README_default.md): background, colour, position, size ~100%,
+# shape ~80%. Chance is 1/8, 1/7, 1/5, 1/2, 1/3. Thresholds leave a wide margin for 48 samples.
+ADHERENCE_MIN = {"background": 0.9, "colour": 0.9, "position": 0.85, "size": 0.85, "shape": 0.6}
+
+
+@needs_default
+def test_shipped_model_adherence():
+    mdref = pytest.importorskip("mdref")
+    from benchmark_adherence import complete_prompts
+
+    pipe = mdref.Pipeline.from_pretrained(DEFAULT)
+    combos, prompts = complete_prompts(48, seed=5)
+    px = pipe.run(prompts, seed=3).pixels
+    acc, wrong = score(px, combos)
+    print("adherence on 48 held-out prompts:", acc)
+    for k, lo in ADHERENCE_MIN.items():
+        assert acc[k] >= lo, (k, acc[k], wrong[:5])
