@@ -544,7 +544,7 @@ def stage_export(a, cfg, out, log, dest):
 
 
 # ---------------------------------------------------------------- main
-STAGES = ["ae", "aeft", "unet", "adv", "decft"]
+STAGES = ["ae", "aeft", "unet", "adv"]  # "decft" is optional (tried for the shipped model; it did not help)
 
 
 def main(argv=None):

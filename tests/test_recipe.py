@@ -58,7 +58,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     t0 = time.time()
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "2", "--out", str(out),
-                        "--export", str(out / "model")], capture_output=True, text=True, timeout=300)
+                        "--stages", "ae,aeft,unet,adv,decft", "--export", str(out / "model")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     wall = time.time() - t0
     print(f"tiny recipe wall {wall:.1f}s")
