@@ -30,6 +30,7 @@ IMAGE_SIZE = 64
 OFFSET = 13  # px from the image centre for left/right/top/bottom
 POSITION_XY = {"left": (-OFFSET, 0), "right": (OFFSET, 0), "top": (0, -OFFSET), "bottom": (0, OFFSET), "center": (0, 0)}
 RADIUS = {"small": 9.0, "large": 15.0}  # half the shape's width in px; small shapes are >= 16 px across
+SQUARE_SCALE = 1.0  # square half-side / r: small squares are 16-20 px wide (0.9 before 2026-11-26 14:05)
 TRIANGLE_SCALE = 1.15  # triangles are drawn a little wider so their area is not much below a circle's
 POS_JITTER = 3.0
 SIZE_JITTER = 1.0
@@ -108,7 +109,7 @@ def render(combos, gen=None, jitter=True, size=IMAGE_SIZE, device=None):
     dy = yy[None] - cy[:, None, None]
     rr = r[:, None, None]
     sd_circle = torch.sqrt(dx * dx + dy * dy) - rr
-    sd_square = torch.maximum(dx.abs(), dy.abs()) - rr * 0.9
+    sd_square = torch.maximum(dx.abs(), dy.abs()) - rr * SQUARE_SCALE
     # upward triangle (r scaled by TRIANGLE_SCALE): apex (0, -r), base y = +0.8 r spanning x in [-r, r]
     rr = rr * TRIANGLE_SCALE
     h = 1.8 * rr

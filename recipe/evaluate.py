@@ -6,7 +6,7 @@ shape class, position and size (NumPy only).
 - mask: pixels closer to the shape colour than to the background (projection on the bg -> fg line > 0.5);
   the largest 4-connected component is the shape; other components over MIN_BLOB px count as extra blobs
 - position: the mask's bounding-box centre relative to the image centre (centre box +-CENTER_BOX px, else the larger axis)
-- size: mask area (in 64x64 units) above / below SIZE_AREA
+- size: mask area / the class's area per r^2 (r = half the shape's width) above / below SIZE_R2
 - class: row widths of the mask over the top and bottom fifths of its bounding box, and the fill ratio of the box
 """
 
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import COLOURS, PALETTE  # noqa: E402
+from data import COLOURS, PALETTE, SQUARE_SCALE, TRIANGLE_SCALE  # noqa: E402
 
 PAL = np.array([PALETTE[c] for c in COLOURS], dtype=np.float64)  # [8, 3]
 CENTER_BOX = 6.5  # px at 64x64
-SIZE_AREA = 390.0  # px^2 at 64x64: small shapes are <= ~325, large >= ~465
+SIZE_R2 = 144.0  # r^2 threshold (r = 12 px at 64x64): small shapes have r <= 10, large r >= 14
+SHAPE_AREA = {"circle": np.pi, "square": 4 * SQUARE_SCALE ** 2, "triangle": 1.8 * TRIANGLE_SCALE ** 2}  # area / r^2
 FAR_FROM_BG = 60.0  # RGB distance for the first (colour) pass
 MIN_BLOB = 12  # px at 64x64: smaller specks are ignored when counting shapes
 ATTRS = ["shape", "colour", "background", "position", "size"]
@@ -82,7 +83,6 @@ def evaluate(img):
         pos = "left" if cx < 0 else "right"
     else:
         pos = "top" if cy < 0 else "bottom"
-    size = "large" if area > SIZE_AREA else "small"
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     box = mask[y0:y1, x0:x1].astype(np.float64)
     h, w = box.shape
@@ -95,9 +95,11 @@ def evaluate(img):
         shape = "square"
     else:
         shape = "circle"
+    r2 = area / SHAPE_AREA[shape]  # the shape's r^2 (r = half its width, data.RADIUS)
+    size = "large" if r2 > SIZE_R2 else "small"
     return {"shape": shape, "colour": COLOURS[fg_i], "background": COLOURS[bg_i], "position": pos, "size": size,
             "blobs": blobs, "clean": blobs == 1,
-            "features": {"fill": float(fill), "top_w": float(top_w), "bot_w": float(bot_w), "area": float(area)}}
+            "features": {"fill": float(fill), "top_w": float(top_w), "bot_w": float(bot_w), "area": float(area), "r2": float(r2)}}
 
 
 def score(images, combos):

@@ -559,6 +559,7 @@ def main(argv=None):
     ap.add_argument("--adv-weight", type=float, default=0.1, help="weight of the adversarial generator loss")
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
     ap.add_argument("--budget", default=None, help="per-stage wall caps, e.g. ae=90,unet=200 (seconds)")
+    ap.add_argument("--batch", default=None, help="per-stage batch sizes, e.g. adv=64")
     ap.add_argument("--ae-all", action="store_true", help="train the autoencoder on all combinations")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -568,6 +569,8 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     cfg = copy.deepcopy(TINY if a.tiny else GPU if a.gpu else FULL)
+    if a.batch:
+        cfg["batch"].update({k: int(v) for k, v in (kv.split("=") for kv in a.batch.split(","))})
     if a.budget:
         cfg["budget"].update({k: float(v) for k, v in (kv.split("=") for kv in a.budget.split(","))})
     if a.steps is not None:
