@@ -64,7 +64,7 @@ def _read_noise(path):
         raise UsageError(f"--noise {path}: no such file")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError):
         raise UsageError(f"--noise {path}: not a readable .npy float array (mdref loads .npy without pickle)") from None
     if arr.dtype.kind != "f":
         raise UsageError(f"--noise {path}: expected a float array, found dtype {arr.dtype}")

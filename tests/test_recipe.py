@@ -26,7 +26,7 @@ DEFAULT = ROOT / "weights" / "default"
 sys.path.insert(0, str(RECIPE))
 
 import data  # noqa: E402
-from evaluate import ATTRS, evaluate, score  # noqa: E402
+from evaluate import score  # noqa: E402
 
 needs_default = pytest.mark.skipif(not (DEFAULT / "unet" / "config.json").is_file(),
                                    reason="weights/default not present")

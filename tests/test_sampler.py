@@ -26,7 +26,7 @@ def test_alphas_cumprod_equal_diffusers(schedule, start, end):
     kernels' rounding (see sampler._torch_linspace_f32 and alphas_cumprod), so the tables are expected to be
     bit-identical; the assertion allows 1 ulp because PyTorch's CPU kernels may round differently on another
     instruction set (e.g. without FMA). The number of differing entries is printed for the report."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.DDPMScheduler(beta_start=start, beta_end=end, beta_schedule=schedule)
     cfg = S.SchedulerConfig(beta_schedule=schedule, beta_start=start, beta_end=end)
