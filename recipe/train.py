@@ -209,6 +209,13 @@ class TokenCache:
             self.cache.update({p: torch.tensor(i, dtype=torch.int64) for p, i in zip(missing, self.encode(missing))})
         return torch.stack([self.cache[p] for p in prompts])  # [B, 77]
 
+    def is_complete(self, ids):
+        """Whether token ids [77] are those of a prompt that gives all five attributes (either word order)."""
+        if not hasattr(self, "complete"):
+            full = [data.prompt(*c, order=o) for c in data.ALL_COMBOS for o in (0, 1)]
+            self.complete = {tuple(r.tolist()) for r in self(full)}
+        return tuple(ids.tolist()) in self.complete
+
 
 class Discriminator(nn.Module):
     """UFOGen-style discriminator: text encoder + UNet down path and mid block (copied from the trained model)
@@ -432,12 +439,13 @@ def stage_adv(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
     saved_mid = False
     while not sch.done(i):
-        z, ids = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g)
+        z, ids = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, p_complete=a.adv_p_complete)
+        complete = torch.tensor([tokens.is_complete(r) for r in ids], device=DEV)
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
         t = sample_t(bs, g, p_last=0.7)
         pred = unet(q_sample(z, t, ab, g), t, ctx)
-        tp = torch.randint(400, (bs,), generator=g).to(DEV)  # re-noise real and predicted x0 to t' < 400
+        tp = torch.randint(a.adv_tmax, (bs,), generator=g).to(DEV)  # re-noise real and predicted x0 to t' < adv_tmax
         real_n, fake_n = q_sample(z, tp, ab, g), q_sample(pred, tp, ab, g)
         # discriminator: real (matched prompt) vs fake, plus real with a shuffled prompt as fake (weight 0.5)
         perm = torch.randperm(bs, generator=g).to(DEV)
@@ -447,11 +455,15 @@ def stage_adv(a, cfg, out, log):
         _step(opt_d, loss_d, list(disc.parameters()))
         # generator: MSE to the clean latent + adv_weight (0.1) x non-saturating adversarial loss
         disc.requires_grad_(False)
-        mse = F.mse_loss(pred, z)
+        # at t = 999 the noisy input says nothing about z, so MSE there pulls towards the mean of all images the
+        # prompt allows (blurred corners, averaged colours); --mse-last-weight scales that part down
+        per = ((pred - z) ** 2).mean(dim=(1, 2, 3))
+        w_last = torch.where(complete, a.mse_last_weight, a.mse_last_open_weight)
+        mse = (per * torch.where(t == NUM_TRAIN_TIMESTEPS - 1, w_last, torch.ones_like(w_last))).mean()
         adv = F.softplus(-disc(fake_n, tp, ids)).mean()
         _step(opt_g, mse + a.adv_weight * adv, list(unet.parameters()))
         disc.requires_grad_(True)
-        ema_update(ema_u, unet, min(0.99, (1 + i) / (10 + i)))
+        ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))
         if not saved_mid and sch.progress(i) >= 0.5:
             torch.save({"unet": _cpu(ema_u.state_dict()), "steps": i}, out / "adv_mid.pt")
             saved_mid = True
@@ -557,6 +569,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--adv-weight", type=float, default=0.1, help="weight of the adversarial generator loss")
+    ap.add_argument("--mse-last-weight", type=float, default=1.0,
+                    help="adv stage: weight of the MSE term on samples at t = 999 with complete prompts (1 = plain "
+                         "UFOGen reconstruction)")
+    ap.add_argument("--mse-last-open-weight", type=float, default=1.0,
+                    help="adv stage: the same for prompts that leave attributes out")
+    ap.add_argument("--adv-p-complete", type=float, default=0.5,
+                    help="adv stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
+    ap.add_argument("--adv-ema", type=float, default=0.99, help="adv stage: EMA decay of the generator weights")
+    ap.add_argument("--adv-tmax", type=int, default=400, help="adv stage: the discriminator sees x0 re-noised to t' < this")
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
     ap.add_argument("--budget", default=None, help="per-stage wall caps, e.g. ae=90,unet=200 (seconds)")
     ap.add_argument("--batch", default=None, help="per-stage batch sizes, e.g. adv=64")

@@ -58,7 +58,11 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     t0 = time.time()
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "2", "--out", str(out),
-                        "--stages", "ae,aeft,unet,adv,decft", "--export", str(out / "model")], capture_output=True, text=True, timeout=300)
+                        "--stages", "ae,aeft,unet,adv,decft", "--export", str(out / "model"),
+                        # the adversarial stage's options as the shipped model used them (weights/README.md)
+                        "--adv-weight", "0.25", "--mse-last-weight", "0.3", "--mse-last-open-weight", "0.5",
+                        "--adv-p-complete", "0.25", "--adv-ema", "0.998", "--adv-tmax", "200"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     wall = time.time() - t0
     print(f"tiny recipe wall {wall:.1f}s")
@@ -68,6 +72,18 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     pipe = mdref.Pipeline.from_pretrained(out / "model")
     px = pipe.run(["a red circle"], seed=0).pixels
     assert px.shape == (1, 64, 64, 3) and px.dtype == np.uint8
+    # recipe/average.py: the uniform weight mean of checkpoints, refusing checkpoints of different models
+    from average import average
+    a = torch.load(out / "unet.pt", weights_only=True)["unet"]
+    gen = torch.Generator().manual_seed(0)
+    b = {k: v + torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    torch.save({"unet": b}, tmp_path / "moved.pt")
+    m = average([out / "unet.pt", tmp_path / "moved.pt"])
+    assert m.keys() == a.keys()
+    assert max(float((m[k] - (a[k] + b[k]) / 2).abs().max()) for k in m) < 1e-6
+    torch.save({"unet": {k: v for k, v in a.items() if k != "conv_in.weight"}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt"):
+        average([out / "unet.pt", tmp_path / "other.pt"])
 
 
 # ---------------------------------------------------------------- (b) parity on the shipped weights
