@@ -434,7 +434,7 @@ def stage_adv(a, cfg, out, log):
     unet.train()
     ema_u = copy.deepcopy(unet).eval()
     opt_g = torch.optim.Adam(unet.parameters(), lr=5e-5, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=a.d_lr, betas=(0.5, 0.999))
     ab = alphas_cumprod()
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
     saved_mid = False
@@ -576,6 +576,7 @@ def main(argv=None):
                     help="adv stage: the same for prompts that leave attributes out")
     ap.add_argument("--adv-p-complete", type=float, default=0.5,
                     help="adv stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
+    ap.add_argument("--d-lr", type=float, default=1e-4, help="adv stage: the discriminator's learning rate")
     ap.add_argument("--adv-ema", type=float, default=0.99, help="adv stage: EMA decay of the generator weights")
     ap.add_argument("--adv-tmax", type=int, default=400, help="adv stage: the discriminator sees x0 re-noised to t' < this")
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")

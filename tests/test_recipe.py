@@ -61,7 +61,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
                         "--stages", "ae,aeft,unet,adv,decft", "--export", str(out / "model"),
                         # the adversarial stage's options as the shipped model used them (weights/README.md)
                         "--adv-weight", "0.25", "--mse-last-weight", "0.3", "--mse-last-open-weight", "0.5",
-                        "--adv-p-complete", "0.25", "--adv-ema", "0.998", "--adv-tmax", "200"],
+                        "--adv-p-complete", "0.25", "--adv-ema", "0.998", "--adv-tmax", "200", "--d-lr", "2e-4"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     wall = time.time() - t0
