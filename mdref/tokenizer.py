@@ -1,13 +1,13 @@
 """CLIP's byte-level BPE tokenizer, run by the `tokenizers` library.
 
 It reproduces transformers' ``CLIPTokenizer`` (the tokenizers-backed one; in transformers 5 it is also
-``CLIPTokenizerFast``) and, where ftfy is installed, OpenAI's ``clip/simple_tokenizer.py``:
+``CLIPTokenizerFast``) and, given ``fix_text=ftfy.fix_text``, OpenAI's ``clip/simple_tokenizer.py``:
 
-1. clean-up    only if ftfy is importable (and ``fix_text`` is not False): ``ftfy.fix_text``, then
-               ``html.unescape`` twice and strip, as OpenAI's ``basic_clean`` does. Without ftfy this step is
-               skipped, which is what transformers does: text holding HTML entities (``&amp;``) or mojibake
-               then tokenizes differently from OpenAI's tokenizer (``&amp;`` stays 5 characters). transformers'
-               CLIPTokenizer never applies ftfy, so ``fix_text=False`` matches it whatever is installed.
+1. clean-up    only when a ``fix_text`` function is passed (OpenAI uses ``ftfy.fix_text``; mdref never imports
+               ftfy itself): ``fix_text``, then ``html.unescape`` twice and strip, as OpenAI's ``basic_clean``
+               does. By default this step is skipped, which is what transformers' CLIPTokenizer does: text
+               holding HTML entities (``&amp;``) or mojibake then tokenizes differently from OpenAI's tokenizer
+               (``&amp;`` stays 5 characters). The default does not depend on what else is installed.
 2. specials    the special tokens (BOS, EOS, UNK, PAD) are cut out of the raw text first, case-sensitively,
                as transformers does (OpenAI matches them after lowercasing).
 3. normalise   Unicode NFC, every whitespace run -> one space, lowercase.
@@ -95,8 +95,11 @@ def _token_content(value, default):
 class Tokenizer:
     """CLIP tokenizer: ``tok(prompts) -> int64 [B, max_length]``.
 
-    Attributes: ``bos_id``, ``eos_id``, ``pad_id``, ``max_length``, ``fix_text`` (whether the ftfy clean-up
-    runs), ``vocab`` ({token: id}) and ``merges`` (list of pairs)."""
+    Attributes: ``bos_id``, ``eos_id``, ``pad_id``, ``max_length``, ``fix_text`` (whether OpenAI's clean-up
+    runs), ``vocab`` ({token: id}) and ``merges`` (list of pairs).
+
+    ``fix_text``: None or False (default) skips the clean-up, as transformers does; a function str -> str
+    (``ftfy.fix_text``) turns on OpenAI's ``basic_clean`` with it."""
 
     def __init__(self, vocab, merges, *, pad_token=EOS, bos_token=BOS, eos_token=EOS, unk_token=EOS,
                  max_length=77, fix_text=None):
@@ -110,10 +113,11 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.bos_id, self.eos_id, self.pad_id = vocab[bos_token], vocab[eos_token], vocab[pad_token]
         self.max_length = int(max_length)
-        self._ftfy = _import_ftfy() if fix_text in (None, True) else None
-        if fix_text is True and self._ftfy is None:
-            raise TokenizerError("Tokenizer: fix_text=True needs the ftfy package, which is not installed")
-        self.fix_text = self._ftfy is not None
+        if fix_text is True or not (fix_text in (None, False) or callable(fix_text)):
+            raise TokenizerError(f"Tokenizer: fix_text must be None, False or a function str -> str such as "
+                                 f"ftfy.fix_text (mdref does not import ftfy), got {fix_text!r}")
+        self._fix_text = fix_text or None
+        self.fix_text = self._fix_text is not None
         self.backend = _clip_backend(self.vocab, self.merges, unk_token,
                                      specials=(bos_token, eos_token, unk_token, pad_token))
 
@@ -186,12 +190,12 @@ class Tokenizer:
         return self.encode_batch([prompt])[0]
 
     def clean(self, text):
-        """OpenAI's basic_clean (ftfy.fix_text, html.unescape twice, strip) when ftfy is available; else as is."""
+        """OpenAI's basic_clean (fix_text, html.unescape twice, strip) when a fix_text function was given."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer: a prompt must be a str, got {type(text).__name__}")
-        if self._ftfy is None:
+        if self._fix_text is None:
             return text
-        return html.unescape(html.unescape(self._ftfy.fix_text(text))).strip()
+        return html.unescape(html.unescape(self._fix_text(text))).strip()
 
     def decode(self, ids):
         """Token ids -> text; special and pad tokens are skipped, '</w>' becomes a space."""
@@ -245,11 +249,3 @@ def _read_vocab_and_merges(folder):
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         return model["vocab"], merges
     raise TokenizerError(f"{folder}: no vocab.json + merges.txt and no tokenizer.json")
-
-
-def _import_ftfy():
-    try:
-        import ftfy
-    except ImportError:
-        return None
-    return ftfy

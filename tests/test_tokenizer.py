@@ -317,16 +317,16 @@ def test_save_pretrained_round_trip(tmp_path, folder):
 
 
 # ---- OpenAI reference parity -------------------------------------------------------------------------------------
-def test_matches_openai_reference(monkeypatch, merges):
+def test_matches_openai_reference(merges):
     """With an ftfy stand-in (NFC, ftfy.fix_text's default normalisation), mdref's clean-up path equals
     OpenAI's encode, html.unescape included. Excluded: the upper-case special-token prompt, where OpenAI's
     cache maps '<|endoftext|>' (after lowercasing) to 49407 but transformers and mdref do not."""
-    stub = types.ModuleType("ftfy")
-    stub.fix_text = lambda s: unicodedata.normalize("NFC", s)
-    monkeypatch.setitem(sys.modules, "ftfy", stub)
-    tok = Tokenizer.from_pretrained(None, fix_text=True)
+    def fix_text(s):
+        return unicodedata.normalize("NFC", s)
+
+    tok = Tokenizer.from_pretrained(None, fix_text=fix_text)
     assert tok.fix_text
-    oracle = OpenAISimpleTokenizer(merges, stub.fix_text)
+    oracle = OpenAISimpleTokenizer(merges, fix_text)
     prompts = [p for p in PROMPTS + LENGTH_PROMPTS if "ENDOFTEXT" not in p]
     ours = _ids(tok, prompts)
     bad = [p[:40] for p, row in zip(prompts, ours) if row.tolist() != oracle(p)]
@@ -336,9 +336,9 @@ def test_matches_openai_reference(monkeypatch, merges):
 
 
 def test_matches_openai_reference_with_real_ftfy(merges):
-    """Where ftfy is installed, the default tokenizer is OpenAI's (checked by hand with ftfy 6.3.1: 57 prompts)."""
+    """With fix_text=ftfy.fix_text the tokenizer is OpenAI's (checked by hand with ftfy 6.3.1: 57 prompts)."""
     ftfy = pytest.importorskip("ftfy")
-    tok = Tokenizer.from_pretrained(None)
+    tok = Tokenizer.from_pretrained(None, fix_text=ftfy.fix_text)
     assert tok.fix_text
     oracle = OpenAISimpleTokenizer(merges, ftfy.fix_text)
     prompts = [p for p in PROMPTS + LENGTH_PROMPTS + ["mojibake: cafÃ©", "&amp;amp; “smart quotes”"]
@@ -347,8 +347,10 @@ def test_matches_openai_reference_with_real_ftfy(merges):
     assert [p for p, row in zip(prompts, ours) if row.tolist() != oracle(p)] == []
 
 
-def test_fix_text_needs_ftfy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ftfy", None)           # import ftfy now raises ImportError
+def test_fix_text_is_a_function_never_an_import(monkeypatch):
+    stub = types.ModuleType("ftfy")                          # an installed ftfy must not change the default
+    stub.fix_text = lambda s: "changed"
+    monkeypatch.setitem(sys.modules, "ftfy", stub)
     assert not Tokenizer.from_pretrained(None).fix_text
     with pytest.raises(TokenizerError, match="ftfy"):
         Tokenizer.from_pretrained(None, fix_text=True)
