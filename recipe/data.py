@@ -73,8 +73,9 @@ def prompt(shape, colour, background, position, size, order=0):
     return f"{obj}, {bg}" if order == 0 else f"{bg}, {obj}"
 
 
-def sample_prompts(combos, gen, p_complete=0.5, p_drop=0.35):
-    """Prompts for combos; with prob 1 - p_complete each attribute is dropped independently with prob p_drop."""
+def sample_prompt_attributes(combos, gen, p_complete=0.5, p_drop=0.35):
+    """(attributes, word order) per combo; with prob 1 - p_complete each attribute is dropped (None) independently
+    with prob p_drop."""
     out = []
     for c in combos:
         keep = [True] * 5
@@ -82,8 +83,13 @@ def sample_prompts(combos, gen, p_complete=0.5, p_drop=0.35):
             keep = (torch.rand(5, generator=gen) > p_drop).tolist()
         attrs = [a if k else None for a, k in zip(c, keep)]
         order = int(torch.rand((), generator=gen).item() < 0.5)
-        out.append(prompt(*attrs, order=order))
+        out.append((attrs, order))
     return out
+
+
+def sample_prompts(combos, gen, p_complete=0.5, p_drop=0.35):
+    """Prompts for combos, attributes dropped as sample_prompt_attributes does."""
+    return [prompt(*attrs, order=order) for attrs, order in sample_prompt_attributes(combos, gen, p_complete, p_drop)]
 
 
 def sample_combos(n, gen, combos=TRAIN_COMBOS):

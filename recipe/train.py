@@ -209,13 +209,6 @@ class TokenCache:
             self.cache.update({p: torch.tensor(i, dtype=torch.int64) for p, i in zip(missing, self.encode(missing))})
         return torch.stack([self.cache[p] for p in prompts])  # [B, 77]
 
-    def is_complete(self, ids):
-        """Whether token ids [77] are those of a prompt that gives all five attributes (either word order)."""
-        if not hasattr(self, "complete"):
-            full = [data.prompt(*c, order=o) for c in data.ALL_COMBOS for o in (0, 1)]
-            self.complete = {tuple(r.tolist()) for r in self(full)}
-        return tuple(ids.tolist()) in self.complete
-
 
 class Discriminator(nn.Module):
     """UFOGen-style discriminator: text encoder + UNet down path and mid block (copied from the trained model)
@@ -365,11 +358,14 @@ def stage_aeft(a, cfg, out, log):
 
 
 def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS, p_complete=0.5):
+    """Normalised latents [B, 8, 8, 8], token ids [B, 77] and whether each prompt gives all five attributes [B]."""
     cs = data.sample_combos(bs, g, combos)
     with torch.no_grad():
         z = (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)  # normalised latent [B, 8, 8, 8]
-    ids = tokens(data.sample_prompts(cs, g, p_complete=p_complete)).to(DEV)
-    return z, ids
+    drawn = data.sample_prompt_attributes(cs, g, p_complete=p_complete)
+    ids = tokens([data.prompt(*attrs, order=order) for attrs, order in drawn]).to(DEV)
+    complete = torch.tensor([None not in attrs for attrs, _ in drawn], device=DEV)
+    return z, ids, complete
 
 
 def sample_t(bs, g, p_last=0.3):
@@ -396,7 +392,7 @@ def stage_unet(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["unet"], cfg["budget"].get("unet")), cfg["batch"]["unet"], 0
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), 1e-3))
-        z, ids = latents_and_prompts(enc, ck["mean"], ck["std"], tokens, bs, g)
+        z, ids, _ = latents_and_prompts(enc, ck["mean"], ck["std"], tokens, bs, g)
         t = sample_t(bs, g)
         pred = unet(q_sample(z, t, ab, g), t, text(ids).last_hidden_state)
         loss = F.mse_loss(pred, z)
@@ -439,8 +435,8 @@ def stage_adv(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
     saved_mid = False
     while not sch.done(i):
-        z, ids = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, p_complete=a.adv_p_complete)
-        complete = torch.tensor([tokens.is_complete(r) for r in ids], device=DEV)
+        z, ids, complete = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g,
+                                               p_complete=a.adv_p_complete)
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
         t = sample_t(bs, g, p_last=0.7)
@@ -456,7 +452,7 @@ def stage_adv(a, cfg, out, log):
         # generator: MSE to the clean latent + adv_weight (0.1) x non-saturating adversarial loss
         disc.requires_grad_(False)
         # at t = 999 the noisy input says nothing about z, so MSE there pulls towards the mean of all images the
-        # prompt allows (blurred corners, averaged colours); --mse-last-weight scales that part down
+        # prompt allows (blurred corners, averaged colours); --mse-last-weight / --mse-last-open-weight scale it
         per = ((pred - z) ** 2).mean(dim=(1, 2, 3))
         w_last = torch.where(complete, a.mse_last_weight, a.mse_last_open_weight)
         mse = (per * torch.where(t == NUM_TRAIN_TIMESTEPS - 1, w_last, torch.ones_like(w_last))).mean()
