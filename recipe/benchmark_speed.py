@@ -10,7 +10,6 @@ same safetensors, same tokens and same noise; one UNet call at t = 999 (the one-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,13 +32,10 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (NumPy uses its BLAS defaults)")
     a = ap.parse_args(argv)
+    import reference
     import torch
-    from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel
 
     import mdref
-    from twin import TwinUNet
 
     torch.set_num_threads(a.threads)
     pipe = mdref.Pipeline.from_pretrained(a.model)
@@ -57,18 +53,11 @@ def main(argv=None):
             stages["total"].append(total)
 
     # ---- PyTorch
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
-    ucfg = json.loads((folder / "unet" / "config.json").read_text())
-    unet = TwinUNet(ucfg).eval()
-    unet.load_state_dict({k: v.float() for k, v in
-                          load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")).items()})
-    vcfg = {k: v for k, v in json.loads((folder / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
-    vae = AutoencoderKL(**vcfg).eval()
-    vae.load_state_dict({k: v.float() for k, v in
-                         load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")).items()}, strict=False)
+    text, unet, vae = (reference.text_encoder(folder / "text_encoder"), reference.unet(folder / "unet"),
+                       reference.autoencoder(folder / "vae"))
     ids = torch.from_numpy(mdref.Tokenizer.from_pretrained(None)([PROMPT]).astype(np.int64))
     noise = torch.from_numpy(np.asarray(res.noise, dtype=np.float32))  # the NumPy run's noise [1, C, h, w]
-    sf = vcfg["scaling_factor"]
+    sf = vae.config.scaling_factor
     pt = {"text_encoder": [], "unet": [], "decoder": [], "total": []}
     with torch.inference_mode():
         for i in range(a.runs + 1):

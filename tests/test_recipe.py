@@ -90,9 +90,9 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
 @needs_default
 def test_shipped_text_encoder_parity():
     mdref = pytest.importorskip("mdref")
-    from transformers import CLIPTextModel
+    import reference
 
-    ref = CLIPTextModel.from_pretrained(DEFAULT / "text_encoder", torch_dtype=torch.float32).eval()
+    ref = reference.text_encoder(DEFAULT / "text_encoder")
     te = mdref.TextEncoder.from_pretrained(DEFAULT / "text_encoder", dtype=np.float32)
     ids = mdref.Tokenizer.from_pretrained(None)(["a large red circle on the left, blue background", "a shape"])
     with torch.no_grad():
@@ -105,13 +105,10 @@ def test_shipped_text_encoder_parity():
 @needs_default
 def test_shipped_unet_parity():
     mdref = pytest.importorskip("mdref")
-    from safetensors.torch import load_file
-    from twin import TwinUNet
+    import reference
 
-    cfg = json.loads((DEFAULT / "unet" / "config.json").read_text())
-    twin = TwinUNet(cfg).eval()
-    sd = {k: v.float() for k, v in load_file(str(DEFAULT / "unet" / "diffusion_pytorch_model.safetensors")).items()}
-    twin.load_state_dict(sd, strict=True)
+    twin = reference.unet(DEFAULT / "unet")                   # strict: every key of the shipped file
+    cfg = twin.cfg
     un = mdref.UNet.from_pretrained(DEFAULT / "unet", dtype=np.float32)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
@@ -127,14 +124,9 @@ def test_shipped_unet_parity():
 @needs_default
 def test_shipped_decoder_parity():
     mdref = pytest.importorskip("mdref")
-    from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
+    import reference
 
-    cfg = {k: v for k, v in json.loads((DEFAULT / "vae" / "config.json").read_text()).items() if not k.startswith("_")}
-    vae = AutoencoderKL(**cfg).eval()
-    sd = {k: v.float() for k, v in load_file(str(DEFAULT / "vae" / "diffusion_pytorch_model.safetensors")).items()}
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.startswith("encoder.") for k in missing)
+    vae = reference.autoencoder(DEFAULT / "vae")              # raises unless only encoder.* keys are missing
     dec = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float32)
     z = np.random.default_rng(1).standard_normal((2, 8, 8, 8)).astype(np.float32)
     with torch.no_grad():
