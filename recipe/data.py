@@ -52,8 +52,8 @@ def heldout_combos():
 
 
 HELDOUT = heldout_combos()
-_HELD = set(HELDOUT)
-TRAIN_COMBOS = [c for c in ALL_COMBOS if c not in _HELD]
+HELDOUT_SET = set(HELDOUT)
+TRAIN_COMBOS = [c for c in ALL_COMBOS if c not in HELDOUT_SET]
 
 
 def write_heldout_json(path=HELDOUT_FILE):

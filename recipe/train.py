@@ -368,6 +368,47 @@ def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS,
     return z, ids, complete
 
 
+def couple_open(attrs, noise):
+    """A combination for a prompt that leaves attributes open, with the open ones read off the noise x_T [8, 8, 8]:
+    attribute k (in combination order: shape, colour, background, position, size) takes bucket floor(Phi(u) * n) of
+    its n allowed values, u = 8 x the mean of noise channel k ~ N(0, 1); the background is chosen before the shape
+    colour and neither may equal the other. None if the result is a held-out combination."""
+    u = noise[:5].mean(dim=(1, 2)).double().cpu() * 8.0  # [5], each ~ N(0, 1)
+    p = (0.5 * (1 + torch.erf(u / math.sqrt(2)))).tolist()
+
+    def pick(k, options):
+        return attrs[k] if attrs[k] is not None else options[min(int(p[k] * len(options)), len(options) - 1)]
+
+    bg = pick(2, [c for c in data.COLOURS if c != attrs[1]])
+    combo = (pick(0, data.SHAPES), pick(1, [c for c in data.COLOURS if c != bg]), bg, pick(3, data.POSITIONS),
+             pick(4, data.SIZES))
+    return None if combo in data.HELDOUT_SET else combo
+
+
+def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5):
+    """Adversarial-stage batch in which the t = 999 samples with open prompts get a target image whose open
+    attributes are a fixed function of their noise (couple_open), instead of an independent random image: the MSE
+    term then asks for one definite scene per noise rather than the mean of every scene the prompt allows.
+    Returns latents, token ids, complete [B], coupled [B], t [B] and the noisy input x_t."""
+    cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
+    drawn = data.sample_prompt_attributes(cs, g, p_complete=p_complete)
+    t = sample_t(bs, g, p_last=0.7)
+    noise = torch.randn((bs, LATENT_CHANNELS, 8, 8), generator=g)  # x_T for the t = 999 rows, [B, 8, 8, 8]
+    coupled = [False] * bs
+    for i, (attrs, _) in enumerate(drawn):
+        if t[i] == NUM_TRAIN_TIMESTEPS - 1 and None in attrs:
+            c = couple_open(attrs, noise[i])
+            if c is not None:
+                cs[i], coupled[i] = c, True
+    with torch.no_grad():
+        z = (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)  # [B, 8, 8, 8]
+    ids = tokens([data.prompt(*attrs, order=order) for attrs, order in drawn]).to(DEV)
+    complete = torch.tensor([None not in attrs for attrs, _ in drawn], device=DEV)
+    a = ab.to(DEV)[t][:, None, None, None]
+    x_t = a.sqrt() * z + (1 - a).sqrt() * noise.to(DEV)
+    return z, ids, complete, torch.tensor(coupled, device=DEV), t, x_t
+
+
 def sample_t(bs, g, p_last=0.3):
     t = torch.randint(NUM_TRAIN_TIMESTEPS, (bs,), generator=g)
     return torch.where(torch.rand(bs, generator=g) < p_last, torch.full_like(t, NUM_TRAIN_TIMESTEPS - 1), t).to(DEV)
@@ -433,14 +474,19 @@ def stage_adv(a, cfg, out, log):
     opt_d = torch.optim.Adam(disc.parameters(), lr=a.d_lr, betas=(0.5, 0.999))
     ab = alphas_cumprod()
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
-    saved_mid = False
+    saved_mid, snaps = False, 1
     while not sch.done(i):
-        z, ids, complete = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g,
-                                               p_complete=a.adv_p_complete)
+        if a.couple_open:
+            z, ids, complete, coupled, t, x_t = coupled_batch(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, ab,
+                                                             p_complete=a.adv_p_complete)
+        else:
+            z, ids, complete = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g,
+                                                   p_complete=a.adv_p_complete)
+            t = sample_t(bs, g, p_last=0.7)
+            x_t, coupled = q_sample(z, t, ab, g), torch.zeros_like(complete)
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
-        t = sample_t(bs, g, p_last=0.7)
-        pred = unet(q_sample(z, t, ab, g), t, ctx)
+        pred = unet(x_t, t, ctx)
         tp = torch.randint(a.adv_tmax, (bs,), generator=g).to(DEV)  # re-noise real and predicted x0 to t' < adv_tmax
         real_n, fake_n = q_sample(z, tp, ab, g), q_sample(pred, tp, ab, g)
         # discriminator: real (matched prompt) vs fake, plus real with a shuffled prompt as fake (weight 0.5)
@@ -454,7 +500,8 @@ def stage_adv(a, cfg, out, log):
         # at t = 999 the noisy input says nothing about z, so MSE there pulls towards the mean of all images the
         # prompt allows (blurred corners, averaged colours); --mse-last-weight / --mse-last-open-weight scale it
         per = ((pred - z) ** 2).mean(dim=(1, 2, 3))
-        w_last = torch.where(complete, a.mse_last_weight, a.mse_last_open_weight)
+        w_last = torch.where(coupled, a.mse_coupled_weight,
+                             torch.where(complete, a.mse_last_weight, a.mse_last_open_weight))
         mse = (per * torch.where(t == NUM_TRAIN_TIMESTEPS - 1, w_last, torch.ones_like(w_last))).mean()
         adv = F.softplus(-disc(fake_n, tp, ids)).mean()
         _step(opt_g, mse + a.adv_weight * adv, list(unet.parameters()))
@@ -463,6 +510,9 @@ def stage_adv(a, cfg, out, log):
         if not saved_mid and sch.progress(i) >= 0.5:
             torch.save({"unet": _cpu(ema_u.state_dict()), "steps": i}, out / "adv_mid.pt")
             saved_mid = True
+        if a.adv_snapshots and snaps < a.adv_snapshots and sch.progress(i) >= snaps / a.adv_snapshots:
+            torch.save({"unet": _cpu(ema_u.state_dict()), "steps": i}, out / f"adv_snap{snaps}.pt")
+            snaps += 1
         if i % 50 == 0:
             log(f"adv step {i} mse {mse.item():.5f} adv {adv.item():.4f} loss_d {loss_d.item():.4f} "
                 f"t {sch.elapsed():.0f}s")
@@ -511,6 +561,45 @@ def stage_decft(a, cfg, out, log):
 
 
 
+def stage_distill(a, cfg, out, log):
+    """One-step distillation onto two one-step teachers (checkpoints --teacher-complete / --teacher-open), sampled as
+    mdref samples (pure noise at t = 999, one call): prompts giving all five attributes follow the first, prompts that
+    leave attributes open the second. The student starts from unet.pt; no images are rendered."""
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(606)
+    text, unet, _ = load_text_unet(cfg, out, "unet.pt")
+    tokens = TokenCache()
+    teachers = []
+    for path in (a.teacher_complete, a.teacher_open):
+        m = copy.deepcopy(unet)
+        m.load_state_dict({k: v.float() for k, v in
+                           torch.load(path, weights_only=True, map_location="cpu")["unet"].items()})
+        teachers.append(m.eval().requires_grad_(False))
+    unet.train()
+    ema_u = copy.deepcopy(unet).eval()
+    opt = torch.optim.Adam(unet.parameters(), lr=a.distill_lr, betas=(0.9, 0.999))
+    sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("distill")), cfg["batch"]["adv"], 0
+    while not sch.done(i):
+        cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
+        drawn = data.sample_prompt_attributes(cs, g, p_complete=a.adv_p_complete)
+        ids = tokens([data.prompt(*attrs, order=order) for attrs, order in drawn]).to(DEV)
+        complete = torch.tensor([None not in attrs for attrs, _ in drawn], device=DEV)[:, None, None, None]
+        x_t = randn((bs, LATENT_CHANNELS, 8, 8), g)  # pure noise, [B, 8, 8, 8]
+        t = torch.full((bs,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
+        with torch.no_grad():
+            ctx = text(ids).last_hidden_state
+            target = torch.where(complete, teachers[0](x_t, t, ctx), teachers[1](x_t, t, ctx))
+        loss = F.mse_loss(unet(x_t, t, ctx), target)
+        _step(opt, loss, list(unet.parameters()))
+        ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))
+        if i % 50 == 0:
+            log(f"distill step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
+        i += 1
+    torch.save({"unet": _cpu(ema_u.state_dict()), "final_loss": loss.item(), "wall_s": sch.elapsed(), "steps": i,
+                "teachers": [a.teacher_complete, a.teacher_open]}, out / "distill.pt")
+    log(f"distill done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
 # ---------------------------------------------------------------- export
 def save_f16(sd, path):
     from safetensors.torch import save_file
@@ -522,7 +611,7 @@ def stage_export(a, cfg, out, log, dest):
     DEV = torch.device("cpu")
     dest = Path(dest)
     _, vae, ck_ae = load_ae(cfg, out, "decft.pt" if (out / "decft.pt").exists() else "aeft.pt")
-    final = "adv.pt" if (out / "adv.pt").exists() else "unet.pt"
+    final = next(n for n in ["distill.pt", "adv.pt", "unet.pt"] if (out / n).exists())
     text, unet, _ = load_text_unet(cfg, out, final)
     # fold the per-channel latent mean into post_quant_conv's bias: decode(zn / sf) == decoder(pqc(zn*std + mean))
     mean, std = ck_ae["mean"], ck_ae["std"]
@@ -575,6 +664,16 @@ def main(argv=None):
     ap.add_argument("--d-lr", type=float, default=1e-4, help="adv stage: the discriminator's learning rate")
     ap.add_argument("--adv-ema", type=float, default=0.99, help="adv stage: EMA decay of the generator weights")
     ap.add_argument("--adv-tmax", type=int, default=400, help="adv stage: the discriminator sees x0 re-noised to t' < this")
+    ap.add_argument("--couple-open", action="store_true",
+                    help="adv stage: t = 999 samples with open prompts get targets whose open attributes are read off "
+                         "their noise (couple_open)")
+    ap.add_argument("--mse-coupled-weight", type=float, default=1.0,
+                    help="adv stage: MSE weight of the coupled samples (with --couple-open)")
+    ap.add_argument("--teacher-complete", default=None, help="distill stage: teacher for complete prompts")
+    ap.add_argument("--teacher-open", default=None, help="distill stage: teacher for prompts with attributes left out")
+    ap.add_argument("--distill-lr", type=float, default=5e-5)
+    ap.add_argument("--adv-snapshots", type=int, default=0,
+                    help="adv stage: also save the EMA at 1/N, 2/N, ... (N-1)/N of the run as adv_snap{k}.pt")
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
     ap.add_argument("--budget", default=None, help="per-stage wall caps, e.g. ae=90,unet=200 (seconds)")
     ap.add_argument("--batch", default=None, help="per-stage batch sizes, e.g. adv=64")
@@ -597,7 +696,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log.txt")
     log(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv, "decft": stage_decft}
+    fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv, "decft": stage_decft,
+           "distill": stage_distill}
     for s in a.stages.split(","):
         if (out / f"{s}.pt").exists():
             log(f"{s}: checkpoint exists, skipped")

@@ -68,6 +68,27 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     print(f"tiny recipe wall {wall:.1f}s")
     for stage in ["ae", "aeft", "unet", "adv", "decft"]:
         assert (out / f"{stage}.pt").is_file(), stage
+    # the adversarial stage with noise-coupled targets and snapshots, then the two-teacher distillation
+    out2 = tmp_path / "run2"
+    out2.mkdir()
+    for f in ["aeft.pt", "unet_text.pt", "unet.pt"]:
+        (out2 / f).write_bytes((out / f).read_bytes())
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
+                        "--stages", "adv,distill", "--couple-open", "--mse-coupled-weight", "0.5",
+                        "--adv-snapshots", "3", "--teacher-complete", str(out / "unet.pt"),
+                        "--teacher-open", str(out / "adv.pt"), "--distill-lr", "1e-4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    for name in ["adv_snap1.pt", "adv_snap2.pt", "adv.pt", "distill.pt"]:
+        assert (out2 / name).is_file(), name
+    r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
+                        "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
+                        "--soup", f"s={out2 / 'adv.pt'},{out2 / 'distill.pt'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [row["name"] for row in rows] == [str(out2 / "distill.pt"), "s"]
+    assert all(0 <= row["shape"] <= 1 and 0 <= row["open_clean"] <= 1 for row in rows)
     mdref = pytest.importorskip("mdref")
     pipe = mdref.Pipeline.from_pretrained(out / "model")
     px = pipe.run(["a red circle"], seed=0).pixels
@@ -84,6 +105,38 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     torch.save({"unet": {k: v for k, v in a.items() if k != "conv_in.weight"}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt"):
         average([out / "unet.pt", tmp_path / "other.pt"])
+
+
+def test_couple_open_reads_open_attributes_off_the_noise():
+    """recipe/train.py couple_open: given attributes kept, open ones a function of the noise, every allowed value
+    reachable with roughly equal frequency, background != shape colour, never a held-out combination."""
+    import collections
+    import train
+    g = torch.Generator().manual_seed(5)
+    counts = collections.Counter()
+    n_none = 0
+    for i in range(3000):
+        noise = torch.randn(8, 8, 8, generator=g)
+        attrs = [None, None, None, None, None] if i % 2 else ["square", None, "blue", None, "large"]
+        c = train.couple_open(attrs, noise)
+        assert c == train.couple_open(attrs, noise.clone())  # deterministic
+        if c is None:
+            n_none += 1
+            continue
+        assert c not in data.HELDOUT_SET and c[1] != c[2]
+        assert all(a is None or a == v for a, v in zip(attrs, c))
+        if i % 2:
+            counts[c[2]] += 1
+    assert 0 < n_none < 450  # about 10% of combinations are held out
+    assert set(counts) == set(data.COLOURS)
+    assert max(counts.values()) < 1.6 * min(counts.values()), counts
+    # the background is read off noise channel 2: raising that channel's mean moves it to a later colour
+    noise = torch.zeros(8, 8, 8)
+    picks = []
+    for m in [-2.0, -0.5, 0.5, 2.0]:
+        noise[2] = m
+        picks.append(data.COLOURS.index(train.couple_open(["circle", "red", None, "left", "small"], noise)[2]))
+    assert picks == sorted(picks) and picks[0] < picks[-1]
 
 
 # ---------------------------------------------------------------- (b) parity on the shipped weights

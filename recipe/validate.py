@@ -1,0 +1,117 @@
+"""Validation of one-step UNet checkpoints with the PyTorch twin, for choosing among training runs (not the benchmark).
+
+The benchmark (benchmark_adherence.py) uses held-out attribute combinations and fixed seeds; choosing a model by
+its score there would fit the test set. This script draws from the TRAINING combinations at other seeds instead:
+  - complete prompts: `--n` training-combination prompts, both word orders, one noise each;
+  - open prompts: benchmark_adherence.OPEN_PROMPTS, 16 noises each, at `--seed-sets` other seed sets.
+It samples exactly as mdref does (pure noise at t = 999, one UNet call, decode) and judges with evaluate.py.
+
+    python recipe/validate.py --run runs/v9 runs/v9/adv.pt runs/e1/adv.pt --soup avg=runs/e1/adv.pt,runs/e2/adv.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data  # noqa: E402
+import train  # noqa: E402
+from average import average  # noqa: E402
+from benchmark_adherence import OPEN_PROMPTS  # noqa: E402
+from evaluate import ATTRS, evaluate  # noqa: E402
+
+LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
+
+
+class Sampler:
+    """Text encoder + decoder of a run folder (unet_text.pt, aeft.pt); one-step samples for any UNet state dict."""
+
+    def __init__(self, run, cfg=train.FULL):
+        run = Path(run)
+        self.cfg = cfg
+        _, self.vae, ck = train.load_ae(cfg, run, "aeft.pt")
+        self.mean, self.std = ck["mean"].to(train.DEV)[None, :, None, None], ck["std"].to(train.DEV)
+        text = train.make_text(cfg["text"])
+        text.load_state_dict(torch.load(run / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
+        self.text = text.eval().to(train.DEV)
+        self.unet = train.TwinUNet(train.unet_config(cfg["unet"], cfg["text"]["hidden_size"])).eval().to(train.DEV)
+        self.tokens = train.TokenCache()
+
+    @torch.no_grad()
+    def __call__(self, state, prompts, seed, batch=256):
+        """uint8 images [N, 64, 64, 3] for `prompts`, noise from torch.Generator().manual_seed(seed)."""
+        self.unet.load_state_dict(state)
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for b in range(0, len(prompts), batch):
+            ids = self.tokens(prompts[b:b + batch]).to(train.DEV)
+            noise = train.randn((len(ids), train.LATENT_CHANNELS, 8, 8), g)  # x_T, [B, 8, 8, 8]
+            t = torch.full((len(ids),), LAST_T, device=train.DEV)
+            z = self.unet(noise, t, self.text(ids).last_hidden_state)  # predicted clean latent (normalised)
+            x = train.decode(self.vae, z * self.std + self.mean)
+            out.append(data.to_uint8(x.cpu()))
+        return np.concatenate(out)
+
+
+def validate(sampler, state, n=300, seed_sets=4):
+    rng = random.Random(12345)
+    combos = [rng.choice(data.TRAIN_COMBOS) for _ in range(n)]
+    prompts = [data.prompt(*c, order=i % 2) for i, c in enumerate(combos)]
+    rs = [evaluate(img) for img in sampler(state, prompts, seed=777)]
+    res = {k: float(np.mean([r[k] == c[j] for r, c in zip(rs, combos)])) for j, k in enumerate(ATTRS)}
+    res["all"] = float(np.mean([all(r[k] == c[j] for j, k in enumerate(ATTRS)) for r, c in zip(rs, combos)]))
+    texts = [data.prompt(*spec) for spec in OPEN_PROMPTS]
+    clean, obey, distinct, per_prompt = [], [], [], np.zeros(len(texts))
+    for s in range(seed_sets):
+        imgs = sampler(state, [t for t in texts for _ in range(16)], seed=9000 + s)
+        for p, spec in enumerate(OPEN_PROMPTS):
+            rs = [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]]
+            open_ = [k for k, v in zip(ATTRS, spec) if v is None]
+            c = np.mean([r["clean"] for r in rs])
+            clean.append(c)
+            per_prompt[p] += c / seed_sets
+            obey.append(np.mean([all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]))
+            distinct.append(len({tuple(r[k] for k in open_) for r in rs if r["clean"]}))
+    res.update(open_clean=float(np.mean(clean)), open_obeyed=float(np.mean(obey)), open_min_distinct=min(distinct),
+               open_clean_per_prompt=[round(float(v), 3) for v in per_prompt])
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="*", help="checkpoints with a 'unet' state dict")
+    ap.add_argument("--run", required=True, help="run folder with aeft.pt and unet_text.pt")
+    ap.add_argument("--soup", action="append", default=[], help="NAME=a.pt,b.pt,...: also validate their mean")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--seed-sets", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tiny", action="store_true", help="the run used train.py --tiny")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="append one JSON line per checkpoint to this file")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    train.DEV = torch.device(a.device)
+    sampler = Sampler(a.run, train.TINY if a.tiny else train.FULL)
+    todo = [(p, lambda p=p: torch.load(p, weights_only=True, map_location="cpu")["unet"]) for p in a.checkpoints]
+    for spec in a.soup:
+        name, members = spec.split("=", 1)
+        todo.append((name, lambda m=members: average(m.split(","))))
+    for name, load in todo:
+        res = dict(name=name, **validate(sampler, load(), a.n, a.seed_sets))
+        print(f"{name}: shape {res['shape']:.3f} all {res['all']:.3f} open clean {res['open_clean']:.3f} "
+              f"obeyed {res['open_obeyed']:.3f} min distinct {res['open_min_distinct']} "
+              f"per prompt {res['open_clean_per_prompt']}", flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
