@@ -5,9 +5,12 @@ Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint e
   aeft    decoder-only fine-tune (edge-weighted loss), encoder frozen so the latent space is kept
   unet    CLIP text encoder + MobileDiffusion UNet twin, x0 prediction, DDPM linear betas, 30% of batch at t=999
   adv     UFOGen-style one-step adversarial fine-tune of the UNet
+  decft   (optional) decoder fine-tune on the generator's own latents
+  distill (optional) one-step student onto two one-step teachers (complete / open prompts)
   export  weights folder (diffusers-style pipeline layout, float16 safetensors)
 
-    python recipe/train.py --out runs/default --export weights/default          # the shipped model
+    python recipe/train.py --out runs/cpu --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
+        --export weights/default                                                 # the shipped model, CPU, 2 h
     python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model   # CI smoke run
 """
 
