@@ -360,14 +360,26 @@ def stage_aeft(a, cfg, out, log):
     log(f"aeft done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
-def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS, p_complete=0.5):
-    """Normalised latents [B, 8, 8, 8], token ids [B, 77] and whether each prompt gives all five attributes [B]."""
-    cs = data.sample_combos(bs, g, combos)
+def normalised_latents(enc, cs, g, mean, std):
+    """Render the combinations and encode them: latents with the per-channel mean removed and unit std [B, 8, 8, 8]."""
     with torch.no_grad():
-        z = (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)  # normalised latent [B, 8, 8, 8]
+        return (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)
+
+
+def draw_prompts(cs, tokens, g, p_complete):
+    """Prompts for the combinations with attributes dropped (data.sample_prompt_attributes): the drawn
+    (attributes, word order) pairs, token ids [B, 77] and whether each prompt gives all five attributes [B]."""
     drawn = data.sample_prompt_attributes(cs, g, p_complete=p_complete)
     ids = tokens([data.prompt(*attrs, order=order) for attrs, order in drawn]).to(DEV)
     complete = torch.tensor([None not in attrs for attrs, _ in drawn], device=DEV)
+    return drawn, ids, complete
+
+
+def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS, p_complete=0.5):
+    """Normalised latents [B, 8, 8, 8], token ids [B, 77] and whether each prompt gives all five attributes [B]."""
+    cs = data.sample_combos(bs, g, combos)
+    z = normalised_latents(enc, cs, g, mean, std)
+    _, ids, complete = draw_prompts(cs, tokens, g, p_complete)
     return z, ids, complete
 
 
@@ -394,7 +406,7 @@ def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5):
     term then asks for one definite scene per noise rather than the mean of every scene the prompt allows.
     Returns latents, token ids, complete [B], coupled [B], t [B] and the noisy input x_t."""
     cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
-    drawn = data.sample_prompt_attributes(cs, g, p_complete=p_complete)
+    drawn, ids, complete = draw_prompts(cs, tokens, g, p_complete)
     t = sample_t(bs, g, p_last=0.7)
     noise = torch.randn((bs, LATENT_CHANNELS, 8, 8), generator=g)  # x_T for the t = 999 rows, [B, 8, 8, 8]
     coupled = [False] * bs
@@ -403,13 +415,8 @@ def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5):
             c = couple_open(attrs, noise[i])
             if c is not None:
                 cs[i], coupled[i] = c, True
-    with torch.no_grad():
-        z = (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)  # [B, 8, 8, 8]
-    ids = tokens([data.prompt(*attrs, order=order) for attrs, order in drawn]).to(DEV)
-    complete = torch.tensor([None not in attrs for attrs, _ in drawn], device=DEV)
-    a = ab.to(DEV)[t][:, None, None, None]
-    x_t = a.sqrt() * z + (1 - a).sqrt() * noise.to(DEV)
-    return z, ids, complete, torch.tensor(coupled, device=DEV), t, x_t
+    z = normalised_latents(enc, cs, g, mean, std)
+    return z, ids, complete, torch.tensor(coupled, device=DEV), t, q_sample(z, t, ab, g, noise=noise.to(DEV))
 
 
 def sample_t(bs, g, p_last=0.3):
@@ -417,9 +424,10 @@ def sample_t(bs, g, p_last=0.3):
     return torch.where(torch.rand(bs, generator=g) < p_last, torch.full_like(t, NUM_TRAIN_TIMESTEPS - 1), t).to(DEV)
 
 
-def q_sample(z, t, ab, g):
+def q_sample(z, t, ab, g, noise=None):
+    """DDPM forward process: sqrt(ab_t) z + sqrt(1 - ab_t) noise (fresh noise from g unless given)."""
     a = ab.to(DEV)[t][:, None, None, None]
-    return a.sqrt() * z + (1 - a).sqrt() * randn(z.shape, g)
+    return a.sqrt() * z + (1 - a).sqrt() * (randn(z.shape, g) if noise is None else noise)
 
 
 def stage_unet(a, cfg, out, log):
@@ -453,13 +461,19 @@ def stage_unet(a, cfg, out, log):
     log(f"unet done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
+def load_text(cfg, out):
+    """The trained text encoder of a run folder (unet_text.pt), eval mode, on DEV."""
+    text = make_text(cfg["text"])
+    text.load_state_dict(torch.load(out / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
+    return text.eval().to(DEV)
+
+
 def load_text_unet(cfg, out, name):
     ck = torch.load(out / name, weights_only=True, map_location="cpu")
-    text = make_text(cfg["text"])
+    text = load_text(cfg, out)  # built before the UNet: both draw their (overwritten) init from the global RNG
     unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"]))
-    text.load_state_dict(torch.load(out / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
     unet.load_state_dict(ck["unet"])
-    return text.eval().to(DEV), unet.eval().to(DEV), ck
+    return text, unet.eval().to(DEV), ck
 
 
 def stage_adv(a, cfg, out, log):
@@ -567,7 +581,8 @@ def stage_decft(a, cfg, out, log):
 def stage_distill(a, cfg, out, log):
     """One-step distillation onto two one-step teachers (checkpoints --teacher-complete / --teacher-open), sampled as
     mdref samples (pure noise at t = 999, one call): prompts giving all five attributes follow the first, prompts that
-    leave attributes open the second. The student starts from unet.pt; no images are rendered."""
+    leave attributes open the second. The student starts from unet.pt; no images are rendered. Step count and batch
+    size are the adv stage's (--batch adv=N); its wall cap is --budget distill=S."""
     torch.manual_seed(6)
     g = torch.Generator().manual_seed(606)
     text, unet, _ = load_text_unet(cfg, out, "unet.pt")
@@ -575,23 +590,19 @@ def stage_distill(a, cfg, out, log):
     teachers = []
     for path in (a.teacher_complete, a.teacher_open):
         m = copy.deepcopy(unet)
-        m.load_state_dict({k: v.float() for k, v in
-                           torch.load(path, weights_only=True, map_location="cpu")["unet"].items()})
+        m.load_state_dict(torch.load(path, weights_only=True, map_location="cpu")["unet"])  # float16 copies cast too
         teachers.append(m.eval().requires_grad_(False))
     unet.train()
     ema_u = copy.deepcopy(unet).eval()
     opt = torch.optim.Adam(unet.parameters(), lr=a.distill_lr, betas=(0.9, 0.999))
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("distill")), cfg["batch"]["adv"], 0
     while not sch.done(i):
-        cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
-        drawn = data.sample_prompt_attributes(cs, g, p_complete=a.adv_p_complete)
-        ids = tokens([data.prompt(*attrs, order=order) for attrs, order in drawn]).to(DEV)
-        complete = torch.tensor([None not in attrs for attrs, _ in drawn], device=DEV)[:, None, None, None]
+        _, ids, complete = draw_prompts(data.sample_combos(bs, g, data.TRAIN_COMBOS), tokens, g, a.adv_p_complete)
         x_t = randn((bs, LATENT_CHANNELS, 8, 8), g)  # pure noise, [B, 8, 8, 8]
         t = torch.full((bs,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
-            target = torch.where(complete, teachers[0](x_t, t, ctx), teachers[1](x_t, t, ctx))
+            target = torch.where(complete[:, None, None, None], teachers[0](x_t, t, ctx), teachers[1](x_t, t, ctx))
         loss = F.mse_loss(unet(x_t, t, ctx), target)
         _step(opt, loss, list(unet.parameters()))
         ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))

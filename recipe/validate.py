@@ -35,12 +35,9 @@ class Sampler:
 
     def __init__(self, run, cfg=train.FULL):
         run = Path(run)
-        self.cfg = cfg
         _, self.vae, ck = train.load_ae(cfg, run, "aeft.pt")
         self.mean, self.std = ck["mean"].to(train.DEV)[None, :, None, None], ck["std"].to(train.DEV)
-        text = train.make_text(cfg["text"])
-        text.load_state_dict(torch.load(run / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
-        self.text = text.eval().to(train.DEV)
+        self.text = train.load_text(cfg, run)
         self.unet = train.TwinUNet(train.unet_config(cfg["unet"], cfg["text"]["hidden_size"])).eval().to(train.DEV)
         self.tokens = train.TokenCache()
 
