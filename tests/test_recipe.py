@@ -183,18 +183,23 @@ def test_shipped_decoder_parity():
     vae = reference.autoencoder(DEFAULT / "vae")              # raises unless only encoder.* keys are missing
     dec = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float32)
     z = np.random.default_rng(1).standard_normal((2, 8, 8, 8)).astype(np.float32)
+    # The float32 oracle runs PyTorch's native convolution. oneDNN's multi-threaded float32 convolution is itself
+    # 1.6e-5 from the float64 result on these weights (8.3e-6 natively), so against it the figure measures oneDNN's
+    # rounding, not mdref; it is printed below beside the bounded ones.
     with torch.no_grad():
-        want32 = vae.decode(torch.from_numpy(z)).sample.numpy()
+        with torch.backends.mkldnn.flags(enabled=False):
+            want32 = vae.decode(torch.from_numpy(z)).sample.numpy()
+        want32_onednn = vae.decode(torch.from_numpy(z)).sample.numpy()
         want64 = vae.double().decode(torch.from_numpy(z).double()).sample.numpy()
     got32 = dec(z)
     got64 = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float64)(z.astype(np.float64))
-    # float64 on both sides: the same function; float32 mdref against that float64 truth. (On the shipped decoder
-    # PyTorch's own float32 result is ~1.6e-5 from the float64 truth, so float32 vs float32 is reported, not bounded.)
-    err64, err32 = rel_err(got64, want64), rel_err(got32, want64)
-    print(f"decoder f64 rel err {err64:.2e}; mdref f32 vs f64 {err32:.2e}; torch f32 vs f64 "
-          f"{rel_err(want32, want64):.2e}; mdref f32 vs torch f32 {rel_err(got32, want32):.2e}")
-    assert err64 <= 1e-12
+    err32, err64, truth32 = rel_err(got32, want32), rel_err(got64, want64), rel_err(got32, want64)
+    print(f"decoder f32 rel err {err32:.2e} (oneDNN oracle {rel_err(got32, want32_onednn):.2e}); f64 {err64:.2e}; "
+          f"mdref f32 vs f64 {truth32:.2e}; torch f32 vs f64 {rel_err(want32, want64):.2e} native, "
+          f"{rel_err(want32_onednn, want64):.2e} oneDNN")
     assert err32 <= 1e-5
+    assert err64 <= 1e-12
+    assert truth32 <= 1e-5
 
 
 # ---------------------------------------------------------------- (c) adherence of the shipped model
