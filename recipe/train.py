@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
+from evaluate import evaluate  # noqa: E402
 from twin import TwinUNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,12 +75,13 @@ FULL = {
     "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
-    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600),
-    "batch": dict(ae=32, aeft=32, unet=256, adv=128),
+    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300),
+    "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128),
     "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
 }
 # the same model on one GPU (how the shipped weights were made): bigger batches, more steps, time-capped stages
-GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500), batch=dict(ae=64, aeft=64, unet=512, adv=256),
+GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500, project=600),
+           batch=dict(ae=64, aeft=64, unet=512, adv=256, project=256),
            budget=dict(ae=90, aeft=50, unet=220, adv=120))
 TINY = {
     "vae": dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4),
@@ -87,8 +89,8 @@ TINY = {
     "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
     "unet": dict(block_out_channels=[16, 16, 32], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=4),
-    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3),
-    "batch": dict(ae=4, aeft=4, unet=8, adv=4),
+    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3),
+    "batch": dict(ae=4, aeft=4, unet=8, adv=4, project=8),
     "budget": {},
 }
 
@@ -383,16 +385,25 @@ def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS,
     return z, ids, complete
 
 
-def couple_open(attrs, noise):
-    """A combination for a prompt that leaves attributes open, with the open ones read off the noise x_T [8, 8, 8]:
-    attribute k (in combination order: shape, colour, background, position, size) takes bucket floor(Phi(u) * n) of
-    its n allowed values, u = 8 x the mean of noise channel k ~ N(0, 1); the background is chosen before the shape
-    colour and neither may equal the other. None if the result is a held-out combination."""
+def noise_quantiles(noise):
+    """Five numbers in (0, 1) read off a noise x_T [8, 8, 8]: Phi(u_k), u_k = 8 x the mean of channel k ~ N(0, 1), so
+    each is uniform over noises; attribute k (combination order) then takes bucket floor(Phi(u_k) * n) of n values."""
     u = noise[:5].mean(dim=(1, 2)).double().cpu() * 8.0  # [5], each ~ N(0, 1)
-    p = (0.5 * (1 + torch.erf(u / math.sqrt(2)))).tolist()
+    return (0.5 * (1 + torch.erf(u / math.sqrt(2)))).tolist()
+
+
+def bucket(q, options):
+    return options[min(int(q * len(options)), len(options) - 1)]
+
+
+def couple_open(attrs, noise):
+    """A combination for a prompt that leaves attributes open, with the open ones read off the noise x_T [8, 8, 8]
+    (noise_quantiles); the background is chosen before the shape colour and neither may equal the other. None if
+    the result is a held-out combination."""
+    q = noise_quantiles(noise)
 
     def pick(k, options):
-        return attrs[k] if attrs[k] is not None else options[min(int(p[k] * len(options)), len(options) - 1)]
+        return attrs[k] if attrs[k] is not None else bucket(q[k], options)
 
     bg = pick(2, [c for c in data.COLOURS if c != attrs[1]])
     combo = (pick(0, data.SHAPES), pick(1, [c for c in data.COLOURS if c != bg]), bg, pick(3, data.POSITIONS),
@@ -614,6 +625,81 @@ def stage_distill(a, cfg, out, log):
     log(f"distill done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
+def read_scenes(vae, zn, mean, std):
+    """What one-step samples show: decode normalised latents [B, 8, 8, 8] and read each picture with evaluate.py."""
+    with torch.no_grad():
+        x = decode(vae, zn * std.to(DEV) + mean.to(DEV)[None, :, None, None])  # [B, 3, 64, 64]
+    return [evaluate(img) for img in data.to_uint8(x.cpu())]
+
+
+def project_combo(attrs, seen, noise):
+    """The clean scene nearest to a sample for a prompt that leaves attributes open: the prompt's attributes where
+    it gives them, the ones read off the sample (read_scenes) where it does not; where the sample shows none or one
+    that clashes (shape colour = background), the value read off its noise as couple_open does. A fixed function of
+    (prompt, sample, noise). None if that is a held-out combination."""
+    q = noise_quantiles(noise)
+
+    def choose(k, read, options):
+        if attrs[k] is not None:
+            return attrs[k]
+        return read if read in options else bucket(q[k], options)
+
+    bg = choose(2, seen["background"], [c for c in data.COLOURS if c != attrs[1]])
+    combo = (choose(0, seen["shape"], data.SHAPES), choose(1, seen["colour"], [c for c in data.COLOURS if c != bg]),
+             bg, choose(3, seen["position"], data.POSITIONS), choose(4, seen["size"], data.SIZES))
+    return None if combo in data.HELDOUT_SET else combo
+
+
+def stage_project(a, cfg, out, log):
+    """Projection of the one-step generator onto clean scenes (mdref's own step after UFOGen; not in the paper),
+    sampled as mdref samples (pure noise at t = 999, one call). A frozen copy of the adv-stage generator draws each
+    noise first. For a prompt that leaves attributes open, the target is a fresh render of the scene that drawing
+    shows (project_combo), so the MSE pulls each noise to the nearest clean scene instead of to the mean of all
+    scenes the prompt allows (the blotches between two backgrounds that adversarial training alone leaves). For a
+    complete prompt the target is the frozen drawing itself, so what the adv stage learned there is held. Reading
+    the scene off the frozen copy, not the model in training, keeps the noise -> scene map fixed: read off the
+    model itself (tried), every noise of a prompt collapsed onto one scene within 300 steps."""
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(707)
+    enc, vae, ck_ae = load_ae(cfg, out, "aeft.pt")
+    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
+    tokens = TokenCache()
+    text.requires_grad_(False)
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    unet.train()
+    ema_u = copy.deepcopy(unet).eval()
+    opt = torch.optim.Adam(unet.parameters(), lr=a.project_lr, betas=(0.9, 0.999))
+    sch, bs, i = Schedule(cfg["steps"]["project"], cfg["budget"].get("project")), cfg["batch"]["project"], 0
+    t = torch.full((bs,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
+    while not sch.done(i):
+        drawn, ids, _ = draw_prompts(data.sample_combos(bs, g, data.TRAIN_COMBOS), tokens, g, a.project_p_complete)
+        x_t = randn((bs, LATENT_CHANNELS, 8, 8), g)  # pure noise, [B, 8, 8, 8]
+        with torch.no_grad():
+            ctx = text(ids).last_hidden_state
+            target = frozen(x_t, t, ctx)
+        pred = unet(x_t, t, ctx)
+        rows = [r for r, (attrs, _) in enumerate(drawn) if None in attrs]
+        weight = torch.ones(bs, device=DEV)
+        if rows:
+            drawing = target if a.project_read == "frozen" else pred.detach()
+            seen = read_scenes(vae, drawing[rows], ck_ae["mean"], ck_ae["std"])
+            combos = [project_combo(drawn[r][0], s, x_t[r]) for r, s in zip(rows, seen)]
+            keep = [r for r, c in zip(rows, combos) if c is not None]
+            weight[[r for r, c in zip(rows, combos) if c is None]] = 0.0  # never train towards a held-out scene
+            if keep:
+                target[keep] = normalised_latents(enc, [c for c in combos if c is not None], g, ck_ae["mean"],
+                                                  ck_ae["std"])
+        loss = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weight).sum() / weight.sum()
+        _step(opt, loss, list(unet.parameters()))
+        ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))
+        if i % 25 == 0:
+            log(f"project step {i} loss {loss.item():.5f} open {len(rows)} t {sch.elapsed():.0f}s")
+        i += 1
+    torch.save({"unet": _cpu(ema_u.state_dict()), "final_loss": loss.item(), "wall_s": sch.elapsed(), "steps": i},
+               out / "project.pt")
+    log(f"project done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
 # ---------------------------------------------------------------- export
 def save_f16(sd, path):
     from safetensors.torch import save_file
@@ -625,7 +711,7 @@ def stage_export(a, cfg, out, log, dest):
     DEV = torch.device("cpu")
     dest = Path(dest)
     _, vae, ck_ae = load_ae(cfg, out, "decft.pt" if (out / "decft.pt").exists() else "aeft.pt")
-    final = next(n for n in ["distill.pt", "adv.pt", "unet.pt"] if (out / n).exists())
+    final = next(n for n in ["distill.pt", "project.pt", "adv.pt", "unet.pt"] if (out / n).exists())
     text, unet, _ = load_text_unet(cfg, out, final)
     # fold the per-channel latent mean into post_quant_conv's bias: decode(zn / sf) == decoder(pqc(zn*std + mean))
     mean, std = ck_ae["mean"], ck_ae["std"]
@@ -686,6 +772,11 @@ def main(argv=None):
     ap.add_argument("--teacher-complete", default=None, help="distill stage: teacher for complete prompts")
     ap.add_argument("--teacher-open", default=None, help="distill stage: teacher for prompts with attributes left out")
     ap.add_argument("--distill-lr", type=float, default=5e-5)
+    ap.add_argument("--project-lr", type=float, default=5e-5, help="project stage: the generator's learning rate")
+    ap.add_argument("--project-read", choices=["frozen", "self"], default="frozen",
+                    help="project stage: read the scene off the frozen adv-stage generator or the model in training")
+    ap.add_argument("--project-p-complete", type=float, default=0.25,
+                    help="project stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
     ap.add_argument("--adv-snapshots", type=int, default=0,
                     help="adv stage: also save the EMA at 1/N, 2/N, ... (N-1)/N of the run as adv_snap{k}.pt")
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
@@ -711,7 +802,7 @@ def main(argv=None):
     log = Log(out / "log.txt")
     log(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv, "decft": stage_decft,
-           "distill": stage_distill}
+           "distill": stage_distill, "project": stage_project}
     for s in a.stages.split(","):
         if (out / f"{s}.pt").exists():
             log(f"{s}: checkpoint exists, skipped")

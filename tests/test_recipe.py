@@ -71,15 +71,15 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     # the adversarial stage with noise-coupled targets and snapshots, then the two-teacher distillation
     out2 = tmp_path / "run2"
     out2.mkdir()
-    for f in ["aeft.pt", "unet_text.pt", "unet.pt"]:
+    for f in ["aeft.pt", "unet_text.pt", "unet.pt"]:  # the project stage reads aeft.pt, unet_text.pt and adv.pt
         (out2 / f).write_bytes((out / f).read_bytes())
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
-                        "--stages", "adv,distill", "--couple-open", "--mse-coupled-weight", "0.5",
+                        "--stages", "adv,project,distill", "--couple-open", "--mse-coupled-weight", "0.5",
                         "--adv-snapshots", "3", "--teacher-complete", str(out / "unet.pt"),
                         "--teacher-open", str(out / "adv.pt"), "--distill-lr", "1e-4"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    for name in ["adv_snap1.pt", "adv_snap2.pt", "adv.pt", "distill.pt"]:
+    for name in ["adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "distill.pt"]:
         assert (out2 / name).is_file(), name
     r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
                         "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
@@ -138,6 +138,50 @@ def test_couple_open_reads_open_attributes_off_the_noise():
         noise[2] = m
         picks.append(data.COLOURS.index(train.couple_open(["circle", "red", None, "left", "small"], noise)[2]))
     assert picks == sorted(picks) and picks[0] < picks[-1]
+
+
+def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
+    """recipe/train.py project_combo: given attributes kept; open ones as read off the sample when they are allowed,
+    else the noise's bucket (as couple_open reads it); background != shape colour; never a held-out combination."""
+    import train
+    g = torch.Generator().manual_seed(6)
+    rng = np.random.default_rng(6)
+    n_none = 0
+    for i in range(2000):
+        noise = torch.randn(8, 8, 8, generator=g)
+        truth = data.ALL_COMBOS[rng.integers(len(data.ALL_COMBOS))]
+        seen = dict(zip(["shape", "colour", "background", "position", "size"], truth))
+        if i % 5 == 0:
+            seen.update(shape=None, colour=None, position=None, size=None)  # a sample with nothing far from its bg
+        attrs = [v if rng.random() < 0.5 else None for v in data.sample_combos(1, g)[0]]
+        c = train.project_combo(attrs, seen, noise)
+        assert c == train.project_combo(attrs, seen, noise.clone())  # deterministic
+        if c is None:
+            n_none += 1
+            continue
+        assert c not in data.HELDOUT_SET and c[1] != c[2]
+        assert all(a is None or a == v for a, v in zip(attrs, c))
+        bg_ok = attrs[2] is None and seen["background"] != attrs[1]
+        if bg_ok:
+            assert c[2] == seen["background"]
+        q = train.noise_quantiles(noise)
+        for k, key, options in [(0, "shape", data.SHAPES), (3, "position", data.POSITIONS), (4, "size", data.SIZES)]:
+            if attrs[k] is None:
+                assert c[k] == (seen[key] if seen[key] is not None else options[int(q[k] * len(options))])
+        if attrs[1] is None and bg_ok and seen["colour"] is not None and seen["colour"] != c[2]:
+            assert c[1] == seen["colour"]
+    assert 0 < n_none < 400
+    # a sample showing the prompt's own colour as background: the background comes from the noise instead
+    noise = torch.zeros(8, 8, 8)
+    picks = set()
+    for m in [-0.15, -0.08, -0.03, 0.03, 0.08, 0.15]:  # channel mean m: u = 8 m
+        noise[2] = m
+        c = train.project_combo(["circle", "red", None, "left", "small"],
+                                dict(shape=None, colour=None, background="red", position=None, size=None), noise)
+        if c is not None:  # None: that background makes a held-out combination
+            assert c[2] != "red"
+            picks.add(c[2])
+    assert len(picks) >= 3
 
 
 # ---------------------------------------------------------------- (b) parity on the shipped weights
