@@ -7,6 +7,7 @@ Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint e
   adv     UFOGen-style one-step adversarial fine-tune of the UNet
   decft   (optional) decoder fine-tune on the generator's own latents
   distill (optional) one-step student onto two one-step teachers (complete / open prompts)
+  project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
   export  weights folder (diffusers-style pipeline layout, float16 safetensors)
 
     python recipe/train.py --out runs/cpu --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
@@ -46,8 +47,8 @@ def randn(shape, g):
     return torch.randn(shape, generator=g).to(DEV)
 
 
-def render(cs, g):
-    return data.render(cs, g, device=DEV)
+def render(cs, g, jitter=True):
+    return data.render(cs, g, jitter=jitter, device=DEV)
 
 
 class Schedule:
@@ -362,10 +363,10 @@ def stage_aeft(a, cfg, out, log):
     log(f"aeft done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
-def normalised_latents(enc, cs, g, mean, std):
+def normalised_latents(enc, cs, g, mean, std, jitter=True):
     """Render the combinations and encode them: latents with the per-channel mean removed and unit std [B, 8, 8, 8]."""
     with torch.no_grad():
-        return (enc(render(cs, g)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)
+        return (enc(render(cs, g, jitter)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)
 
 
 def draw_prompts(cs, tokens, g, p_complete):
@@ -651,14 +652,15 @@ def project_combo(attrs, seen, noise):
 
 
 def stage_project(a, cfg, out, log):
-    """Projection of the one-step generator onto clean scenes (mdref's own step after UFOGen; not in the paper),
-    sampled as mdref samples (pure noise at t = 999, one call). A frozen copy of the adv-stage generator draws each
-    noise first. For a prompt that leaves attributes open, the target is a fresh render of the scene that drawing
-    shows (project_combo), so the MSE pulls each noise to the nearest clean scene instead of to the mean of all
-    scenes the prompt allows (the blotches between two backgrounds that adversarial training alone leaves). For a
-    complete prompt the target is the frozen drawing itself, so what the adv stage learned there is held. Reading
-    the scene off the frozen copy, not the model in training, keeps the noise -> scene map fixed: read off the
-    model itself (tried), every noise of a prompt collapsed onto one scene within 300 steps."""
+    """Projection of the one-step generator onto clean scenes (mdref's own experiment after UFOGen; not in the paper,
+    not in the default stages), sampled as mdref samples (pure noise at t = 999, one call). A frozen copy of the
+    adv-stage generator (adv.pt) draws each noise first. For a prompt that leaves attributes open, the target is a
+    fresh render of the scene read off a drawing (project_combo; --project-read picks whose drawing: the frozen
+    copy's, the model's own, the frozen one where it is clean and the model's where not, or none: every open
+    attribute from the noise), so the MSE asks for one clean scene per noise instead of the mean of all scenes the
+    prompt allows. For a complete prompt the target is the frozen drawing itself, so what the adv stage learned there
+    is held. Measured (weights/README.md): read off the model itself, every noise of a prompt collapsed onto one
+    scene within 300 steps; read off the frozen copy, the share of clean samples did not move."""
     torch.manual_seed(7)
     g = torch.Generator().manual_seed(707)
     enc, vae, ck_ae = load_ae(cfg, out, "aeft.pt")
@@ -681,14 +683,22 @@ def stage_project(a, cfg, out, log):
         rows = [r for r, (attrs, _) in enumerate(drawn) if None in attrs]
         weight = torch.ones(bs, device=DEV)
         if rows:
-            drawing = target if a.project_read == "frozen" else pred.detach()
-            seen = read_scenes(vae, drawing[rows], ck_ae["mean"], ck_ae["std"])
-            combos = [project_combo(drawn[r][0], s, x_t[r]) for r, s in zip(rows, seen)]
-            keep = [r for r, c in zip(rows, combos) if c is not None]
+            seen = read_scenes(vae, target[rows], ck_ae["mean"], ck_ae["std"])  # what the frozen copy drew
+            if a.project_read == "noise":  # every open attribute from the noise, as couple_open reads it
+                seen = [dict(sc, shape=None, colour=None, background=None, position=None, size=None) for sc in seen]
+            unclean = [j for j, sc in enumerate(seen) if not sc["clean"]]
+            if a.project_read == "self" or (a.project_read == "hybrid" and unclean):
+                redo = range(len(rows)) if a.project_read == "self" else unclean
+                for j, sc in zip(redo, read_scenes(vae, pred.detach()[[rows[j] for j in redo]], ck_ae["mean"],
+                                                   ck_ae["std"])):
+                    seen[j] = sc
+            combos = [project_combo(drawn[r][0], sc, x_t[r]) for r, sc in zip(rows, seen)]
+            weight[[rows[j] for j in unclean]] = a.project_unclean_weight
             weight[[r for r, c in zip(rows, combos) if c is None]] = 0.0  # never train towards a held-out scene
+            keep = [r for r, c in zip(rows, combos) if c is not None]
             if keep:
                 target[keep] = normalised_latents(enc, [c for c in combos if c is not None], g, ck_ae["mean"],
-                                                  ck_ae["std"])
+                                                  ck_ae["std"], jitter=a.project_jitter)
         loss = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weight).sum() / weight.sum()
         _step(opt, loss, list(unet.parameters()))
         ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))
@@ -701,15 +711,16 @@ def stage_project(a, cfg, out, log):
 
 
 # ---------------------------------------------------------------- export
-def save_f16(sd, path):
+def save_weights(sd, path, dtype=torch.float16):
     from safetensors.torch import save_file
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}, str(path))
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in sd.items()}, str(path))
 
 
 def stage_export(a, cfg, out, log, dest):
     global DEV
     DEV = torch.device("cpu")
     dest = Path(dest)
+    dtype = torch.float32 if a.export_float32 else torch.float16
     _, vae, ck_ae = load_ae(cfg, out, "decft.pt" if (out / "decft.pt").exists() else "aeft.pt")
     final = next(n for n in ["distill.pt", "project.pt", "adv.pt", "unet.pt"] if (out / n).exists())
     text, unet, _ = load_text_unet(cfg, out, final)
@@ -722,15 +733,15 @@ def stage_export(a, cfg, out, log, dest):
         (dest / sub).mkdir(parents=True, exist_ok=True)
     tc = text_config(cfg["text"])
     (dest / "text_encoder" / "config.json").write_text(json.dumps(tc, indent=2) + "\n")
-    save_f16({"text_model." + k.removeprefix("text_model."): v for k, v in text.state_dict().items()},
-             dest / "text_encoder" / "model.safetensors")
+    save_weights({"text_model." + k.removeprefix("text_model."): v for k, v in text.state_dict().items()},
+                 dest / "text_encoder" / "model.safetensors", dtype)
     uc = unet_config(cfg["unet"], cfg["text"]["hidden_size"])
     (dest / "unet" / "config.json").write_text(json.dumps(uc, indent=2) + "\n")
-    save_f16(unet.state_dict(), dest / "unet" / "diffusion_pytorch_model.safetensors")
+    save_weights(unet.state_dict(), dest / "unet" / "diffusion_pytorch_model.safetensors", dtype)
     vc = vae_config(cfg["vae"], scaling_factor=float(1.0 / std))
     (dest / "vae" / "config.json").write_text(json.dumps(vc, indent=2) + "\n")
-    save_f16({k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))},
-             dest / "vae" / "diffusion_pytorch_model.safetensors")
+    save_weights({k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))},
+                 dest / "vae" / "diffusion_pytorch_model.safetensors", dtype)
     (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2) + "\n")
     mi = {"_class_name": "MobileDiffusionPipeline", "_mdref_note": "mdref embedded default (recipe/train.py)",
           "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["mdref", "UNet"],
@@ -748,6 +759,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "default"))
     ap.add_argument("--export", default=None, help="folder to export the pipeline to (after the last stage)")
+    ap.add_argument("--export-float32", action="store_true",
+                    help="export float32 safetensors (the shipped folder is float16; this is for checking that)")
     ap.add_argument("--tiny", action="store_true", help="tiny config (CI)")
     ap.add_argument("--steps", type=int, default=None, help="override every stage's step count")
     ap.add_argument("--stages", default=",".join(STAGES))
@@ -773,8 +786,13 @@ def main(argv=None):
     ap.add_argument("--teacher-open", default=None, help="distill stage: teacher for prompts with attributes left out")
     ap.add_argument("--distill-lr", type=float, default=5e-5)
     ap.add_argument("--project-lr", type=float, default=5e-5, help="project stage: the generator's learning rate")
-    ap.add_argument("--project-read", choices=["frozen", "self"], default="frozen",
-                    help="project stage: read the scene off the frozen adv-stage generator or the model in training")
+    ap.add_argument("--project-read", choices=["frozen", "self", "hybrid", "noise"], default="frozen",
+                    help="project stage: read the scene off the frozen adv-stage generator, the model in training, "
+                         "the frozen one where its sample is clean and the model in training where it is not, or "
+                         "take every open attribute from the noise (couple_open's rule)")
+    ap.add_argument("--project-unclean-weight", type=float, default=1.0,
+                    help="project stage: loss weight of open-prompt samples the frozen generator drew unclean")
+    ap.add_argument("--project-jitter", type=int, default=1, help="project stage: 0 renders targets without jitter")
     ap.add_argument("--project-p-complete", type=float, default=0.25,
                     help="project stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
     ap.add_argument("--adv-snapshots", type=int, default=0,

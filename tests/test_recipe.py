@@ -75,6 +75,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
         (out2 / f).write_bytes((out / f).read_bytes())
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
                         "--stages", "adv,project,distill", "--couple-open", "--mse-coupled-weight", "0.5",
+                        "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
                         "--adv-snapshots", "3", "--teacher-complete", str(out / "unet.pt"),
                         "--teacher-open", str(out / "adv.pt"), "--distill-lr", "1e-4"],
                        capture_output=True, text=True, timeout=300, check=False)
@@ -93,6 +94,23 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     pipe = mdref.Pipeline.from_pretrained(out / "model")
     px = pipe.run(["a red circle"], seed=0).pixels
     assert px.shape == (1, 64, 64, 3) and px.dtype == np.uint8
+    # a float32 export of the same run rounds to the float16 export exactly; check_float16.py compares the two
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--out", str(out), "--stages", "ae",
+                        "--export", str(out / "f32"), "--export-float32"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    from safetensors.numpy import load_file
+    for f in ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+              "vae/diffusion_pytorch_model.safetensors"]:
+        w16, w32 = load_file(out / "model" / f), load_file(out / "f32" / f)
+        assert w16.keys() == w32.keys()
+        assert all(w32[k].dtype == np.float32 and w16[k].dtype == np.float16 for k in w16)
+        assert all(np.array_equal(w32[k].astype(np.float16), w16[k]) for k in w16), f
+    r = subprocess.run([sys.executable, str(RECIPE / "check_float16.py"), "--float16", str(out / "model"),
+                        "--float32", str(out / "f32"), "--n", "4"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "samples read differently" in r.stdout
     # recipe/average.py: the uniform weight mean of checkpoints, refusing checkpoints of different models
     from average import average
     a = torch.load(out / "unet.pt", weights_only=True)["unet"]
