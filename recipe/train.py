@@ -76,13 +76,13 @@ FULL = {
     "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
-    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300),
-    "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128),
+    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300, decproj=300),
+    "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128, decproj=64),
     "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
 }
 # the same model on one GPU (how the shipped weights were made): bigger batches, more steps, time-capped stages
-GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500, project=600),
-           batch=dict(ae=64, aeft=64, unet=512, adv=256, project=256),
+GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500, project=600, decproj=600),
+           batch=dict(ae=64, aeft=64, unet=512, adv=256, project=256, decproj=128),
            budget=dict(ae=90, aeft=50, unet=220, adv=120))
 TINY = {
     "vae": dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4),
@@ -90,8 +90,8 @@ TINY = {
     "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
     "unet": dict(block_out_channels=[16, 16, 32], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=4),
-    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3),
-    "batch": dict(ae=4, aeft=4, unet=8, adv=4, project=8),
+    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3, decproj=3),
+    "batch": dict(ae=4, aeft=4, unet=8, adv=4, project=8, decproj=8),
     "budget": {},
 }
 
@@ -590,6 +590,56 @@ def stage_decft(a, cfg, out, log):
 
 
 
+def stage_decproj(a, cfg, out, log):
+    """Decoder projection (mdref's own experiment, not in the paper, not in the default stages): a decoder-only
+    fine-tune on the one-step generator's own samples (adv.pt at pure noise, prompts drawn as in training), each
+    paired with a render of the clean scene read off a drawing of it (--project-read frozen: the decoder before this
+    stage; self: the decoder in training), with no jitter, so a latent that lies between two scenes is drawn as the
+    nearer one instead of as blotches. The decoder does not see the prompt, so nothing of the prompt is imposed:
+    every attribute is read off the drawing (project_combo with nothing given). A quarter of each batch is real
+    latents with their own renders (keeps reconstruction); samples that read as a held-out combination get weight 0."""
+    torch.manual_seed(8)
+    g = torch.Generator().manual_seed(808)
+    enc, vae, ck = load_ae(cfg, out, "aeft.pt")
+    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
+    tokens = TokenCache()
+    enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
+    frozen = copy.deepcopy(vae).eval().requires_grad_(False)
+    vae.train()
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=a.decproj_lr, weight_decay=0.0)
+    mean, std = ck["mean"].to(DEV)[None, :, None, None], ck["std"].to(DEV)
+    sch, bs, i = Schedule(cfg["steps"]["decproj"], cfg["budget"].get("decproj")), cfg["batch"]["decproj"], 0
+    n_real = bs // 4
+    t = torch.full((bs - n_real,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
+    while not sch.done(i):
+        set_lr(opt, lr_at(sch.progress(i), a.decproj_lr))
+        cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
+        _, ids, _ = draw_prompts(cs[n_real:], tokens, g, a.project_p_complete)
+        x_real = render(cs[:n_real], g)  # [R, 3, 64, 64]
+        noise = randn((bs - n_real, LATENT_CHANNELS, 8, 8), g)  # x_T, [B - R, 8, 8, 8]
+        with torch.no_grad():
+            z_gen = unet(noise, t, text(ids).last_hidden_state) * std + mean  # raw latents of one-step samples
+            z_real = enc(x_real) + 0.05 * std * randn((n_real, LATENT_CHANNELS, 8, 8), g)
+            drawn = frozen if a.project_read == "frozen" else vae
+            seen = [evaluate(img) for img in data.to_uint8(decode(drawn, z_gen).cpu())]
+        combos = [project_combo([None] * 5, sc, nz) for sc, nz in zip(seen, noise)]
+        weight = torch.tensor([1.0] * n_real + [0.0 if c is None else 1.0 for c in combos], device=DEV)
+        x_gen = data.render([c if c is not None else cs[0] for c in combos], g, jitter=False, device=DEV)
+        x = torch.cat([x_real, x_gen])
+        d = decode(vae, torch.cat([z_real, z_gen])) - x  # [B, 3, 64, 64]
+        per = (edge_weight(x) * (d ** 2 + d.abs())).mean(dim=(1, 2, 3))  # recon_loss, per sample
+        loss = (per * weight).sum() / weight.sum()
+        _step(opt, loss, params)
+        if i % 25 == 0:
+            log(f"decproj step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
+        i += 1
+    ck = dict(ck, vae=_cpu(vae.state_dict()), final_loss_decproj=loss.item(), wall_s_decproj=sch.elapsed(),
+              steps_decproj=i)
+    torch.save(ck, out / "decproj.pt")
+    log(f"decproj done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
 def stage_distill(a, cfg, out, log):
     """One-step distillation onto two one-step teachers (checkpoints --teacher-complete / --teacher-open), sampled as
     mdref samples (pure noise at t = 999, one call): prompts giving all five attributes follow the first, prompts that
@@ -721,7 +771,8 @@ def stage_export(a, cfg, out, log, dest):
     DEV = torch.device("cpu")
     dest = Path(dest)
     dtype = torch.float32 if a.export_float32 else torch.float16
-    _, vae, ck_ae = load_ae(cfg, out, "decft.pt" if (out / "decft.pt").exists() else "aeft.pt")
+    dec = next(n for n in ["decproj.pt", "decft.pt", "aeft.pt"] if (out / n).exists())
+    _, vae, ck_ae = load_ae(cfg, out, dec)
     final = next(n for n in ["distill.pt", "project.pt", "adv.pt", "unet.pt"] if (out / n).exists())
     text, unet, _ = load_text_unet(cfg, out, final)
     # fold the per-channel latent mean into post_quant_conv's bias: decode(zn / sf) == decoder(pqc(zn*std + mean))
@@ -748,7 +799,7 @@ def stage_export(a, cfg, out, log, dest):
           "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
           "tokenizer": None}
     (dest / "model_index.json").write_text(json.dumps(mi, indent=2) + "\n")
-    log(f"exported {final} to {dest}")
+    log(f"exported {final} (UNet) and {dec} (decoder) to {dest}")
 
 
 # ---------------------------------------------------------------- main
@@ -792,6 +843,7 @@ def main(argv=None):
                          "take every open attribute from the noise (couple_open's rule)")
     ap.add_argument("--project-unclean-weight", type=float, default=1.0,
                     help="project stage: loss weight of open-prompt samples the frozen generator drew unclean")
+    ap.add_argument("--decproj-lr", type=float, default=2e-4, help="decproj stage: the decoder's peak learning rate")
     ap.add_argument("--project-jitter", type=int, default=1, help="project stage: 0 renders targets without jitter")
     ap.add_argument("--project-p-complete", type=float, default=0.25,
                     help="project stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
@@ -820,7 +872,7 @@ def main(argv=None):
     log = Log(out / "log.txt")
     log(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv, "decft": stage_decft,
-           "distill": stage_distill, "project": stage_project}
+           "distill": stage_distill, "project": stage_project, "decproj": stage_decproj}
     for s in a.stages.split(","):
         if (out / f"{s}.pt").exists():
             log(f"{s}: checkpoint exists, skipped")

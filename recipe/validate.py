@@ -31,11 +31,12 @@ LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
 
 
 class Sampler:
-    """Text encoder + decoder of a run folder (unet_text.pt, aeft.pt); one-step samples for any UNet state dict."""
+    """Text encoder + decoder of a run folder (unet_text.pt, aeft.pt or another decoder checkpoint); one-step samples
+    for any UNet state dict."""
 
-    def __init__(self, run, cfg=train.FULL):
+    def __init__(self, run, cfg=train.FULL, decoder="aeft.pt"):
         run = Path(run)
-        _, self.vae, ck = train.load_ae(cfg, run, "aeft.pt")
+        _, self.vae, ck = train.load_ae(cfg, run, decoder)
         self.mean, self.std = ck["mean"].to(train.DEV)[None, :, None, None], ck["std"].to(train.DEV)
         self.text = train.load_text(cfg, run)
         self.unet = train.TwinUNet(train.unet_config(cfg["unet"], cfg["text"]["hidden_size"])).eval().to(train.DEV)
@@ -86,6 +87,7 @@ def main(argv=None):
     ap.add_argument("checkpoints", nargs="*", help="checkpoints with a 'unet' state dict")
     ap.add_argument("--run", required=True, help="run folder with aeft.pt and unet_text.pt")
     ap.add_argument("--soup", action="append", default=[], help="NAME=a.pt,b.pt,...: also validate their mean")
+    ap.add_argument("--decoder", default="aeft.pt", help="decoder checkpoint in the run folder (e.g. decproj.pt)")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--seed-sets", type=int, default=4)
     ap.add_argument("--device", default="cpu")
@@ -95,7 +97,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     train.DEV = torch.device(a.device)
-    sampler = Sampler(a.run, train.TINY if a.tiny else train.FULL)
+    sampler = Sampler(a.run, train.TINY if a.tiny else train.FULL, a.decoder)
     todo = [(p, lambda p=p: torch.load(p, weights_only=True, map_location="cpu")["unet"]) for p in a.checkpoints]
     for spec in a.soup:
         name, members = spec.split("=", 1)

@@ -74,15 +74,16 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     for f in ["aeft.pt", "unet_text.pt", "unet.pt"]:  # the project stage reads aeft.pt, unet_text.pt and adv.pt
         (out2 / f).write_bytes((out / f).read_bytes())
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
-                        "--stages", "adv,project,distill", "--couple-open", "--mse-coupled-weight", "0.5",
+                        "--stages", "adv,project,decproj,distill", "--couple-open", "--mse-coupled-weight", "0.5",
                         "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
                         "--adv-snapshots", "3", "--teacher-complete", str(out / "unet.pt"),
                         "--teacher-open", str(out / "adv.pt"), "--distill-lr", "1e-4"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    for name in ["adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "distill.pt"]:
+    for name in ["adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "decproj.pt", "distill.pt"]:
         assert (out2 / name).is_file(), name
     r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
+                        "--decoder", "decproj.pt",
                         "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
                         "--soup", f"s={out2 / 'adv.pt'},{out2 / 'distill.pt'}"],
                        capture_output=True, text=True, timeout=300, check=False)
