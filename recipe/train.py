@@ -8,6 +8,7 @@ Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint e
   decft   (optional) decoder fine-tune on the generator's own latents
   distill (optional) one-step student onto two one-step teachers (complete / open prompts)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
+  decproj (optional, tried, not shipped) decoder fine-tune: one-step samples drawn as the clean scene they show
   export  weights folder (diffusers-style pipeline layout, float16 safetensors)
 
     python recipe/train.py --out runs/cpu --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
