@@ -553,19 +553,23 @@ def stage_adv(a, cfg, out, log):
         f"wall {sch.elapsed():.0f}s")
 
 
+def decoder_stage_setup(cfg, out, lr):
+    """What a decoder-only stage after adv needs: the autoencoder of aeft.pt (decoder in training mode), the frozen
+    text encoder and adv.pt generator, a token cache, and AdamW over the decoder's parameters."""
+    enc, vae, ck = load_ae(cfg, out, "aeft.pt")
+    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
+    enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
+    params = list(vae.parameters())
+    return enc, vae.train(), ck, text, unet, TokenCache(), params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def stage_decft(a, cfg, out, log):
     """Decoder-only fine-tune on the one-step generator's own predicted latents: the generator sees a real latent
     re-noised to t in [T_LO, T_HI) (so its prediction is aligned with the rendered image) and the decoder learns to
     draw the crisp render from that imperfect latent; half of each batch is real latents (keeps reconstruction)."""
     torch.manual_seed(5)
     g = torch.Generator().manual_seed(505)
-    enc, vae, ck = load_ae(cfg, out, "aeft.pt")
-    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
-    tokens = TokenCache()
-    enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
-    vae.train()
-    params = list(vae.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    enc, vae, ck, text, unet, tokens, params, opt = decoder_stage_setup(cfg, out, 2e-4)
     ab = alphas_cumprod()
     mean, std = ck["mean"].to(DEV)[None, :, None, None], ck["std"].to(DEV)
     sch, bs, i = Schedule(cfg["steps"]["decft"], cfg["budget"].get("decft")), cfg["batch"]["aeft"], 0
@@ -601,14 +605,8 @@ def stage_decproj(a, cfg, out, log):
     latents with their own renders (keeps reconstruction); samples that read as a held-out combination get weight 0."""
     torch.manual_seed(8)
     g = torch.Generator().manual_seed(808)
-    enc, vae, ck = load_ae(cfg, out, "aeft.pt")
-    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
-    tokens = TokenCache()
-    enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
+    enc, vae, ck, text, unet, tokens, params, opt = decoder_stage_setup(cfg, out, a.decproj_lr)
     frozen = copy.deepcopy(vae).eval().requires_grad_(False)
-    vae.train()
-    params = list(vae.parameters())
-    opt = torch.optim.AdamW(params, lr=a.decproj_lr, weight_decay=0.0)
     mean, std = ck["mean"].to(DEV)[None, :, None, None], ck["std"].to(DEV)
     sch, bs, i = Schedule(cfg["steps"]["decproj"], cfg["budget"].get("decproj")), cfg["batch"]["decproj"], 0
     n_real = bs // 4
