@@ -624,7 +624,8 @@ def stage_decproj(a, cfg, out, log):
             seen = [evaluate(img) for img in data.to_uint8(decode(drawn, z_gen).cpu())]
         combos = [project_combo([None] * 5, sc, nz) for sc, nz in zip(seen, noise)]
         weight = torch.tensor([1.0] * n_real + [0.0 if c is None else 1.0 for c in combos], device=DEV)
-        x_gen = data.render([c if c is not None else cs[0] for c in combos], g, jitter=False, device=DEV)
+        x_gen = data.render([c if c is not None else cs[0] for c in combos], g, jitter=False,  # cs[0]: weight-0 filler
+                            device=DEV)
         x = torch.cat([x_real, x_gen])
         d = decode(vae, torch.cat([z_real, z_gen])) - x  # [B, 3, 64, 64]
         per = (edge_weight(x) * (d ** 2 + d.abs())).mean(dim=(1, 2, 3))  # recon_loss, per sample
