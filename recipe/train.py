@@ -272,9 +272,14 @@ def edge_weight(x):
     return 1 + 8 * (e > 0.05).float()
 
 
-def recon_loss(y, x, edge):
+def recon_error(y, x, edge):
+    """Per-pixel reconstruction error (squared + absolute), edge-weighted if asked, [B, 3, H, W]."""
     w = edge_weight(x) if edge else 1.0
-    return (w * ((y - x) ** 2 + (y - x).abs())).mean()
+    return w * ((y - x) ** 2 + (y - x).abs())
+
+
+def recon_loss(y, x, edge):
+    return recon_error(y, x, edge).mean()
 
 
 class Log:
@@ -618,18 +623,15 @@ def stage_decproj(a, cfg, out, log):
         x_real = render(cs[:n_real], g)  # [R, 3, 64, 64]
         noise = randn((bs - n_real, LATENT_CHANNELS, 8, 8), g)  # x_T, [B - R, 8, 8, 8]
         with torch.no_grad():
-            z_gen = unet(noise, t, text(ids).last_hidden_state) * std + mean  # raw latents of one-step samples
+            zn_gen = unet(noise, t, text(ids).last_hidden_state)  # one-step samples, normalised latents
             z_real = enc(x_real) + 0.05 * std * randn((n_real, LATENT_CHANNELS, 8, 8), g)
-            drawn = frozen if a.project_read == "frozen" else vae
-            seen = [evaluate(img) for img in data.to_uint8(decode(drawn, z_gen).cpu())]
+        seen = read_scenes(frozen if a.project_read == "frozen" else vae, zn_gen, ck["mean"], ck["std"])
         combos = [project_combo([None] * 5, sc, nz) for sc, nz in zip(seen, noise)]
         weight = torch.tensor([1.0] * n_real + [0.0 if c is None else 1.0 for c in combos], device=DEV)
-        x_gen = data.render([c if c is not None else cs[0] for c in combos], g, jitter=False,  # cs[0]: weight-0 filler
-                            device=DEV)
+        x_gen = render([c if c is not None else cs[0] for c in combos], g, jitter=False)  # cs[0]: weight-0 filler
         x = torch.cat([x_real, x_gen])
-        d = decode(vae, torch.cat([z_real, z_gen])) - x  # [B, 3, 64, 64]
-        per = (edge_weight(x) * (d ** 2 + d.abs())).mean(dim=(1, 2, 3))  # recon_loss, per sample
-        loss = (per * weight).sum() / weight.sum()
+        y = decode(vae, torch.cat([z_real, zn_gen * std + mean]))  # [B, 3, 64, 64]
+        loss = (recon_error(y, x, edge=True).mean(dim=(1, 2, 3)) * weight).sum() / weight.sum()
         _step(opt, loss, params)
         if i % 25 == 0:
             log(f"decproj step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
