@@ -495,8 +495,8 @@ def load_text_unet(cfg, out, name):
 
 
 def stage_adv(a, cfg, out, log):
-    torch.manual_seed(4)
-    g = torch.Generator().manual_seed(404)
+    torch.manual_seed(a.adv_seed)
+    g = torch.Generator().manual_seed(100 * a.adv_seed + 4)  # 404 for the default seed 4
     enc, _, ck_ae = load_ae(cfg, out, "aeft.pt")
     text, unet, _ = load_text_unet(cfg, out, "unet.pt")
     tokens = TokenCache()
@@ -505,7 +505,7 @@ def stage_adv(a, cfg, out, log):
     disc.text.requires_grad_(True)
     unet.train()
     ema_u = copy.deepcopy(unet).eval()
-    opt_g = torch.optim.Adam(unet.parameters(), lr=5e-5, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(unet.parameters(), lr=a.g_lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=a.d_lr, betas=(0.5, 0.999))
     ab = alphas_cumprod()
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
@@ -827,6 +827,8 @@ def main(argv=None):
                     help="adv stage: the same for prompts that leave attributes out")
     ap.add_argument("--adv-p-complete", type=float, default=0.5,
                     help="adv stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
+    ap.add_argument("--g-lr", type=float, default=5e-5, help="adv stage: the generator's learning rate")
+    ap.add_argument("--adv-seed", type=int, default=4, help="adv stage: torch seed (the data generator gets 100x + 4)")
     ap.add_argument("--d-lr", type=float, default=1e-4, help="adv stage: the discriminator's learning rate")
     ap.add_argument("--adv-ema", type=float, default=0.99, help="adv stage: EMA decay of the generator weights")
     ap.add_argument("--adv-tmax", type=int, default=400, help="adv stage: the discriminator sees x0 re-noised to t' < this")
