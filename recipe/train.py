@@ -418,14 +418,14 @@ def couple_open(attrs, noise):
     return None if combo in data.HELDOUT_SET else combo
 
 
-def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5):
+def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5, p_last=0.7):
     """Adversarial-stage batch in which the t = 999 samples with open prompts get a target image whose open
     attributes are a fixed function of their noise (couple_open), instead of an independent random image: the MSE
     term then asks for one definite scene per noise rather than the mean of every scene the prompt allows.
     Returns latents, token ids, complete [B], coupled [B], t [B] and the noisy input x_t."""
     cs = data.sample_combos(bs, g, data.TRAIN_COMBOS)
     drawn, ids, complete = draw_prompts(cs, tokens, g, p_complete)
-    t = sample_t(bs, g, p_last=0.7)
+    t = sample_t(bs, g, p_last=p_last)
     noise = torch.randn((bs, LATENT_CHANNELS, 8, 8), generator=g)  # x_T for the t = 999 rows, [B, 8, 8, 8]
     coupled = [False] * bs
     for i, (attrs, _) in enumerate(drawn):
@@ -462,9 +462,13 @@ def stage_unet(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["unet"], cfg["budget"].get("unet")), cfg["batch"]["unet"], 0
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), 1e-3))
-        z, ids, _ = latents_and_prompts(enc, ck["mean"], ck["std"], tokens, bs, g)
-        t = sample_t(bs, g)
-        pred = unet(q_sample(z, t, ab, g), t, text(ids).last_hidden_state)
+        if a.unet_couple_open:  # t = 999 rows with open prompts: target scene read off their noise (couple_open)
+            z, ids, _, _, t, x_t = coupled_batch(enc, ck["mean"], ck["std"], tokens, bs, g, ab, p_last=0.3)
+        else:
+            z, ids, _ = latents_and_prompts(enc, ck["mean"], ck["std"], tokens, bs, g)
+            t = sample_t(bs, g)
+            x_t = q_sample(z, t, ab, g)
+        pred = unet(x_t, t, text(ids).last_hidden_state)
         loss = F.mse_loss(pred, z)
         _step(opt, loss, params)
         decay = min(0.999, (1 + i) / (10 + i))
@@ -835,6 +839,9 @@ def main(argv=None):
     ap.add_argument("--couple-open", action="store_true",
                     help="adv stage: t = 999 samples with open prompts get targets whose open attributes are read off "
                          "their noise (couple_open)")
+    ap.add_argument("--unet-couple-open", action="store_true",
+                    help="unet stage: t = 999 samples with open prompts get a target whose open attributes are read "
+                         "off their noise (couple_open), so x0 at t = 999 is one scene per noise, not the mean")
     ap.add_argument("--mse-coupled-weight", type=float, default=1.0,
                     help="adv stage: MSE weight of the coupled samples (with --couple-open)")
     ap.add_argument("--teacher-complete", default=None, help="distill stage: teacher for complete prompts")

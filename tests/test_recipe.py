@@ -76,7 +76,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
                         "--stages", "adv,project,decproj,distill", "--couple-open", "--mse-coupled-weight", "0.5",
                         "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
-                        "--adv-snapshots", "3", "--teacher-complete", str(out / "unet.pt"),
+                        "--adv-snapshots", "3", "--adv-seed", "5", "--g-lr", "1e-4", "--teacher-complete", str(out / "unet.pt"),
                         "--teacher-open", str(out / "adv.pt"), "--distill-lr", "1e-4"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
