@@ -68,19 +68,21 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     print(f"tiny recipe wall {wall:.1f}s")
     for stage in ["ae", "aeft", "unet", "adv", "decft"]:
         assert (out / f"{stage}.pt").is_file(), stage
-    # the adversarial stage with noise-coupled targets and snapshots, then the two-teacher distillation
+    # noise-coupled targets from the unet stage on, the adversarial stage with snapshots, the projections, then the
+    # two-teacher distillation
     out2 = tmp_path / "run2"
     out2.mkdir()
-    for f in ["aeft.pt", "unet_text.pt", "unet.pt"]:  # the project stage reads aeft.pt, unet_text.pt and adv.pt
-        (out2 / f).write_bytes((out / f).read_bytes())
+    (out2 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())  # every later stage reads aeft.pt
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
-                        "--stages", "adv,project,decproj,distill", "--couple-open", "--mse-coupled-weight", "0.5",
+                        "--stages", "unet,adv,project,decproj,distill", "--unet-couple-open", "--couple-open",
+                        "--mse-coupled-weight", "0.5", "--adv-snapshots", "3", "--adv-seed", "5", "--g-lr", "1e-4",
                         "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
-                        "--adv-snapshots", "3", "--adv-seed", "5", "--g-lr", "1e-4", "--teacher-complete", str(out / "unet.pt"),
-                        "--teacher-open", str(out / "adv.pt"), "--distill-lr", "1e-4"],
+                        "--teacher-complete", str(out / "unet.pt"), "--teacher-open", str(out / "adv.pt"),
+                        "--distill-lr", "1e-4"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    for name in ["adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "decproj.pt", "distill.pt"]:
+    for name in ["unet.pt", "unet_text.pt", "adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "decproj.pt",
+                 "distill.pt"]:
         assert (out2 / name).is_file(), name
     r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
                         "--decoder", "decproj.pt",
