@@ -517,11 +517,11 @@ def stage_adv(a, cfg, out, log):
     while not sch.done(i):
         if a.couple_open:
             z, ids, complete, coupled, t, x_t = coupled_batch(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, ab,
-                                                             p_complete=a.adv_p_complete)
+                                                             p_complete=a.adv_p_complete, p_last=a.adv_p_last)
         else:
             z, ids, complete = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g,
                                                    p_complete=a.adv_p_complete)
-            t = sample_t(bs, g, p_last=0.7)
+            t = sample_t(bs, g, p_last=a.adv_p_last)
             x_t, coupled = q_sample(z, t, ab, g), torch.zeros_like(complete)
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
@@ -833,6 +833,8 @@ def main(argv=None):
                     help="adv stage: fraction of prompts kept complete (the rest drop each attribute with p 0.35)")
     ap.add_argument("--g-lr", type=float, default=5e-5, help="adv stage: the generator's learning rate")
     ap.add_argument("--adv-seed", type=int, default=4, help="adv stage: torch seed (the data generator gets 100x + 4)")
+    ap.add_argument("--adv-p-last", type=float, default=0.7,
+                    help="adv stage: share of rows at t = 999 (the rest at uniform t, as a denoiser)")
     ap.add_argument("--d-lr", type=float, default=1e-4, help="adv stage: the discriminator's learning rate")
     ap.add_argument("--adv-ema", type=float, default=0.99, help="adv stage: EMA decay of the generator weights")
     ap.add_argument("--adv-tmax", type=int, default=400, help="adv stage: the discriminator sees x0 re-noised to t' < this")

@@ -76,6 +76,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "3", "--out", str(out2),
                         "--stages", "unet,adv,project,decproj,distill", "--unet-couple-open", "--couple-open",
                         "--mse-coupled-weight", "0.5", "--adv-snapshots", "3", "--adv-seed", "5", "--g-lr", "1e-4",
+                        "--adv-p-last", "0.9",
                         "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
                         "--teacher-complete", str(out / "unet.pt"), "--teacher-open", str(out / "adv.pt"),
                         "--distill-lr", "1e-4"],
