@@ -418,7 +418,7 @@ def couple_open(attrs, noise):
     return None if combo in data.HELDOUT_SET else combo
 
 
-def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5, p_last=0.7):
+def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete, p_last):
     """Adversarial-stage batch in which the t = 999 samples with open prompts get a target image whose open
     attributes are a fixed function of their noise (couple_open), instead of an independent random image: the MSE
     term then asks for one definite scene per noise rather than the mean of every scene the prompt allows.
@@ -437,7 +437,18 @@ def coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=0.5, p_last=0.7)
     return z, ids, complete, torch.tensor(coupled, device=DEV), t, q_sample(z, t, ab, g, noise=noise.to(DEV))
 
 
-def sample_t(bs, g, p_last=0.3):
+def diffusion_batch(enc, mean, std, tokens, bs, g, ab, p_complete, p_last, couple):
+    """A training batch for the unet and adv stages: normalised latents z, token ids, complete [B], coupled [B], t [B]
+    and x_t. A share p_last of the rows sits at t = 999 (the one-step sampler's timestep), the rest at uniform t; with
+    `couple`, t = 999 rows with open prompts take their target scene from their noise (coupled_batch)."""
+    if couple:
+        return coupled_batch(enc, mean, std, tokens, bs, g, ab, p_complete=p_complete, p_last=p_last)
+    z, ids, complete = latents_and_prompts(enc, mean, std, tokens, bs, g, p_complete=p_complete)
+    t = sample_t(bs, g, p_last)
+    return z, ids, complete, torch.zeros_like(complete), t, q_sample(z, t, ab, g)
+
+
+def sample_t(bs, g, p_last):
     t = torch.randint(NUM_TRAIN_TIMESTEPS, (bs,), generator=g)
     return torch.where(torch.rand(bs, generator=g) < p_last, torch.full_like(t, NUM_TRAIN_TIMESTEPS - 1), t).to(DEV)
 
@@ -462,12 +473,8 @@ def stage_unet(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["unet"], cfg["budget"].get("unet")), cfg["batch"]["unet"], 0
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), 1e-3))
-        if a.unet_couple_open:  # t = 999 rows with open prompts: target scene read off their noise (couple_open)
-            z, ids, _, _, t, x_t = coupled_batch(enc, ck["mean"], ck["std"], tokens, bs, g, ab, p_last=0.3)
-        else:
-            z, ids, _ = latents_and_prompts(enc, ck["mean"], ck["std"], tokens, bs, g)
-            t = sample_t(bs, g)
-            x_t = q_sample(z, t, ab, g)
+        z, ids, _, _, t, x_t = diffusion_batch(enc, ck["mean"], ck["std"], tokens, bs, g, ab, p_complete=0.5,
+                                               p_last=0.3, couple=a.unet_couple_open)
         pred = unet(x_t, t, text(ids).last_hidden_state)
         loss = F.mse_loss(pred, z)
         _step(opt, loss, params)
@@ -515,14 +522,8 @@ def stage_adv(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
     saved_mid, snaps = False, 1
     while not sch.done(i):
-        if a.couple_open:
-            z, ids, complete, coupled, t, x_t = coupled_batch(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, ab,
-                                                             p_complete=a.adv_p_complete, p_last=a.adv_p_last)
-        else:
-            z, ids, complete = latents_and_prompts(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g,
-                                                   p_complete=a.adv_p_complete)
-            t = sample_t(bs, g, p_last=a.adv_p_last)
-            x_t, coupled = q_sample(z, t, ab, g), torch.zeros_like(complete)
+        z, ids, complete, coupled, t, x_t = diffusion_batch(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, ab,
+                                                            a.adv_p_complete, a.adv_p_last, a.couple_open)
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
         pred = unet(x_t, t, ctx)
