@@ -232,9 +232,11 @@ class Discriminator(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(u.cfg["norm_num_groups"], c), nn.SiLU(), nn.Conv2d(c, c, 1), nn.SiLU(),
                                   nn.Conv2d(c, 1, 1))
 
-    def forward(self, x, t, ids):
+    def forward(self, x, t, ids=None, ctx=None):
+        """One logit per image [B] for x [B, 8, 8, 8] at t [B], conditioned on token ids [B, 77] through the
+        discriminator's own text encoder, or on a given text context ctx [B, 77, D] (--disc-frozen-text)."""
         from diffusers.models.embeddings import get_timestep_embedding
-        ctx = self.text(ids).last_hidden_state
+        ctx = self.text(ids).last_hidden_state if ctx is None else ctx
         emb = self.time_embedding(get_timestep_embedding(t, self.c0, flip_sin_to_cos=True, downscale_freq_shift=0))
         h = self.conv_in(x)
         for blk in self.down_blocks:
@@ -513,11 +515,12 @@ def stage_adv(a, cfg, out, log):
     tokens = TokenCache()
     text.requires_grad_(False)
     disc = Discriminator(text, unet).to(DEV)
-    disc.text.requires_grad_(True)
+    disc.text.requires_grad_(not a.disc_frozen_text)
+    d_params = [p for p in disc.parameters() if p.requires_grad]
     unet.train()
     ema_u = copy.deepcopy(unet).eval()
     opt_g = torch.optim.Adam(unet.parameters(), lr=a.g_lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=a.d_lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(d_params, lr=a.d_lr, betas=(0.5, 0.999))
     ab = alphas_cumprod()
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
     saved_mid, snaps = False, 1
@@ -532,9 +535,13 @@ def stage_adv(a, cfg, out, log):
         # discriminator: real (matched prompt) vs fake, plus real with a shuffled prompt as fake (weight 0.5)
         perm = torch.randperm(bs, generator=g).to(DEV)
         differ = (ids[perm] != ids).any(1).float()
-        loss_d = F.softplus(-disc(real_n, tp, ids)).mean() + F.softplus(disc(fake_n.detach(), tp, ids)).mean() + \
-            0.5 * (F.softplus(disc(real_n, tp, ids[perm])) * differ).mean()
-        _step(opt_d, loss_d, list(disc.parameters()))
+        if a.disc_frozen_text:  # the same three terms from one batched call on the frozen text context
+            d_real, d_fake, d_shuf = disc(torch.cat([real_n, fake_n.detach(), real_n]), tp.repeat(3),
+                                          ctx=torch.cat([ctx, ctx, ctx[perm]])).split(bs)
+        else:
+            d_real, d_fake, d_shuf = disc(real_n, tp, ids), disc(fake_n.detach(), tp, ids), disc(real_n, tp, ids[perm])
+        loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean() + 0.5 * (F.softplus(d_shuf) * differ).mean()
+        _step(opt_d, loss_d, d_params)
         # generator: MSE to the clean latent + adv_weight (0.1) x non-saturating adversarial loss
         disc.requires_grad_(False)
         # at t = 999 the noisy input says nothing about z, so MSE there pulls towards the mean of all images the
@@ -543,9 +550,10 @@ def stage_adv(a, cfg, out, log):
         w_last = torch.where(coupled, a.mse_coupled_weight,
                              torch.where(complete, a.mse_last_weight, a.mse_last_open_weight))
         mse = (per * torch.where(t == NUM_TRAIN_TIMESTEPS - 1, w_last, torch.ones_like(w_last))).mean()
-        adv = F.softplus(-disc(fake_n, tp, ids)).mean()
+        adv = F.softplus(-(disc(fake_n, tp, ctx=ctx) if a.disc_frozen_text else disc(fake_n, tp, ids))).mean()
         _step(opt_g, mse + a.adv_weight * adv, list(unet.parameters()))
-        disc.requires_grad_(True)
+        for q in d_params:
+            q.requires_grad_(True)
         ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))
         if not saved_mid and sch.progress(i) >= 0.5:
             torch.save({"unet": _cpu(ema_u.state_dict()), "steps": i}, out / "adv_mid.pt")
@@ -813,6 +821,15 @@ def stage_export(a, cfg, out, log, dest):
 STAGES = ["ae", "aeft", "unet", "adv"]  # "decft" is optional (tried for the shipped model; it did not help)
 
 
+def per_stage(spec, cast, known, flag):
+    """'unet=1800,adv=2800' -> {'unet': 1800, 'adv': 2800}; a stage the config has no entry for is an error."""
+    pairs = dict(kv.split("=", 1) for kv in spec.split(","))
+    unknown = sorted(set(pairs) - set(known))
+    if unknown:
+        sys.exit(f"{flag}: unknown stage {', '.join(unknown)} (expected some of {', '.join(known)})")
+    return {k: cast(v) for k, v in pairs.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "default"))
@@ -820,7 +837,8 @@ def main(argv=None):
     ap.add_argument("--export-float32", action="store_true",
                     help="export float32 safetensors (the shipped folder is float16; this is for checking that)")
     ap.add_argument("--tiny", action="store_true", help="tiny config (CI)")
-    ap.add_argument("--steps", type=int, default=None, help="override every stage's step count")
+    ap.add_argument("--steps", default=None,
+                    help="override every stage's step count (N) or some of them (e.g. unet=1800,adv=2800)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -837,6 +855,9 @@ def main(argv=None):
     ap.add_argument("--adv-p-last", type=float, default=0.7,
                     help="adv stage: share of rows at t = 999 (the rest at uniform t, as a denoiser)")
     ap.add_argument("--d-lr", type=float, default=1e-4, help="adv stage: the discriminator's learning rate")
+    ap.add_argument("--disc-frozen-text", action="store_true",
+                    help="adv stage: the discriminator reads the generator's frozen text context instead of training "
+                         "its own text encoder (one text pass per step instead of five; ~1.5x faster steps)")
     ap.add_argument("--adv-ema", type=float, default=0.99, help="adv stage: EMA decay of the generator weights")
     ap.add_argument("--adv-tmax", type=int, default=400, help="adv stage: the discriminator sees x0 re-noised to t' < this")
     ap.add_argument("--couple-open", action="store_true",
@@ -876,11 +897,13 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     cfg = copy.deepcopy(TINY if a.tiny else GPU if a.gpu else FULL)
     if a.batch:
-        cfg["batch"].update({k: int(v) for k, v in (kv.split("=") for kv in a.batch.split(","))})
+        cfg["batch"].update(per_stage(a.batch, int, cfg["batch"], "--batch"))
     if a.budget:
-        cfg["budget"].update({k: float(v) for k, v in (kv.split("=") for kv in a.budget.split(","))})
-    if a.steps is not None:
-        cfg["steps"] = {k: a.steps for k in cfg["steps"]}
+        cfg["budget"].update(per_stage(a.budget, float, cfg["steps"], "--budget"))
+    if a.steps is not None and "=" in a.steps:
+        cfg["steps"].update(per_stage(a.steps, int, cfg["steps"], "--steps"))
+    elif a.steps is not None:
+        cfg["steps"] = {k: int(a.steps) for k in cfg["steps"]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log.txt")
