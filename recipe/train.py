@@ -77,12 +77,13 @@ FULL = {
     "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
-    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300, decproj=300),
+    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300, decproj=300, distill=900),
     "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128, decproj=64),
     "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
 }
 # the same model on one GPU (how the shipped weights were made): bigger batches, more steps, time-capped stages
-GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500, project=600, decproj=600),
+GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500, project=600, decproj=600,
+                            distill=3000),
            batch=dict(ae=64, aeft=64, unet=512, adv=256, project=256, decproj=128),
            budget=dict(ae=90, aeft=50, unet=220, adv=120))
 TINY = {
@@ -91,7 +92,7 @@ TINY = {
     "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
     "unet": dict(block_out_channels=[16, 16, 32], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=4),
-    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3, decproj=3),
+    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3, decproj=3, distill=3),
     "batch": dict(ae=4, aeft=4, unet=8, adv=4, project=8, decproj=8),
     "budget": {},
 }
@@ -658,11 +659,11 @@ def stage_decproj(a, cfg, out, log):
 def stage_distill(a, cfg, out, log):
     """One-step distillation onto two one-step teachers (checkpoints --teacher-complete / --teacher-open), sampled as
     mdref samples (pure noise at t = 999, one call): prompts giving all five attributes follow the first, prompts that
-    leave attributes open the second. The student starts from unet.pt; no images are rendered. Step count and batch
-    size are the adv stage's (--batch adv=N); its wall cap is --budget distill=S."""
+    leave attributes open the second. The student starts from --distill-init (default unet.pt) of the run folder; no
+    images are rendered. Batch size is the adv stage's (--batch adv=N); steps --steps distill=N, cap --budget distill=S."""
     torch.manual_seed(6)
     g = torch.Generator().manual_seed(606)
-    text, unet, _ = load_text_unet(cfg, out, "unet.pt")
+    text, unet, _ = load_text_unet(cfg, out, a.distill_init)
     tokens = TokenCache()
     teachers = []
     for path in (a.teacher_complete, a.teacher_open):
@@ -672,7 +673,7 @@ def stage_distill(a, cfg, out, log):
     unet.train()
     ema_u = copy.deepcopy(unet).eval()
     opt = torch.optim.Adam(unet.parameters(), lr=a.distill_lr, betas=(0.9, 0.999))
-    sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("distill")), cfg["batch"]["adv"], 0
+    sch, bs, i = Schedule(cfg["steps"]["distill"], cfg["budget"].get("distill")), cfg["batch"]["adv"], 0
     while not sch.done(i):
         _, ids, complete = draw_prompts(data.sample_combos(bs, g, data.TRAIN_COMBOS), tokens, g, a.adv_p_complete)
         x_t = randn((bs, LATENT_CHANNELS, 8, 8), g)  # pure noise, [B, 8, 8, 8]
@@ -871,6 +872,8 @@ def main(argv=None):
     ap.add_argument("--teacher-complete", default=None, help="distill stage: teacher for complete prompts")
     ap.add_argument("--teacher-open", default=None, help="distill stage: teacher for prompts with attributes left out")
     ap.add_argument("--distill-lr", type=float, default=5e-5)
+    ap.add_argument("--distill-init", default="unet.pt", help="distill stage: the student's starting checkpoint in "
+                    "the run folder (e.g. adv.pt)")
     ap.add_argument("--project-lr", type=float, default=5e-5, help="project stage: the generator's learning rate")
     ap.add_argument("--project-read", choices=["frozen", "self", "hybrid", "noise"], default="frozen",
                     help="project stage: read the scene off the frozen adv-stage generator, the model in training, "

@@ -73,21 +73,21 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     out2 = tmp_path / "run2"
     out2.mkdir()
     (out2 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())  # every later stage reads aeft.pt
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unet=2,adv=4", "--out",
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unet=2,adv=4,distill=5", "--out",
                         str(out2), "--disc-frozen-text",
                         "--stages", "unet,adv,project,decproj,distill", "--unet-couple-open", "--couple-open",
                         "--mse-coupled-weight", "0.5", "--adv-snapshots", "3", "--adv-seed", "5", "--g-lr", "1e-4",
                         "--adv-p-last", "0.9",
                         "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
                         "--teacher-complete", str(out / "unet.pt"), "--teacher-open", str(out / "adv.pt"),
-                        "--distill-lr", "1e-4"],
+                        "--distill-lr", "1e-4", "--distill-init", "adv.pt"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     for name in ["unet.pt", "unet_text.pt", "adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "decproj.pt",
                  "distill.pt"]:
         assert (out2 / name).is_file(), name
-    # --steps unet=2,adv=4 set those two stages only
-    assert [torch.load(out2 / f, weights_only=True)["steps"] for f in ("unet.pt", "adv.pt")] == [2, 4]
+    # --steps unet=2,adv=4,distill=5 set those three stages only
+    assert [torch.load(out2 / f, weights_only=True)["steps"] for f in ("unet.pt", "adv.pt", "distill.pt")] == [2, 4, 5]
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unte=2", "--out", str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--steps: unknown stage unte" in r.stderr, r.stderr[-2000:]
