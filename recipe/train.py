@@ -6,13 +6,15 @@ Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint e
   unet    CLIP text encoder + MobileDiffusion UNet twin, x0 prediction, DDPM linear betas, 30% of batch at t=999
   adv     UFOGen-style one-step adversarial fine-tune of the UNet
   decft   (optional) decoder fine-tune on the generator's own latents
-  distill (optional) one-step student onto two one-step teachers (complete / open prompts)
+  distill one-step student onto two one-step teachers (complete / open prompts; the shipped model's last stage)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
   decproj (optional, tried, not shipped) decoder fine-tune: one-step samples drawn as the clean scene they show
   export  weights folder (diffusers-style pipeline layout, float16 safetensors)
 
-    python recipe/train.py --out runs/cpu --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
-        --export weights/default                                                 # the shipped model, CPU, 2 h
+    python recipe/train.py --out runs/cpu2 --stages ae,aeft,unet,adv,distill --steps unet=1800,adv=2800 \
+        --disc-frozen-text --adv-snapshots 4 --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
+        --distill-init adv.pt --teacher-complete runs/cpu2/adv_snap1.pt --teacher-open runs/cpu2/adv.pt \
+        --distill-lr 1e-4 --export weights/default                              # the shipped model, CPU, 2 h
     python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model   # CI smoke run
 """
 
@@ -660,7 +662,8 @@ def stage_distill(a, cfg, out, log):
     """One-step distillation onto two one-step teachers (checkpoints --teacher-complete / --teacher-open), sampled as
     mdref samples (pure noise at t = 999, one call): prompts giving all five attributes follow the first, prompts that
     leave attributes open the second. The student starts from --distill-init (default unet.pt) of the run folder; no
-    images are rendered. Batch size is the adv stage's (--batch adv=N); steps --steps distill=N, cap --budget distill=S."""
+    images are rendered. Batch size is the adv stage's (--batch adv=N); steps --steps distill=N, wall cap
+    --budget distill=S."""
     torch.manual_seed(6)
     g = torch.Generator().manual_seed(606)
     text, unet, _ = load_text_unet(cfg, out, a.distill_init)
