@@ -827,7 +827,10 @@ STAGES = ["ae", "aeft", "unet", "adv"]  # "decft" is optional (tried for the shi
 
 def per_stage(spec, cast, known, flag):
     """'unet=1800,adv=2800' -> {'unet': 1800, 'adv': 2800}; a stage the config has no entry for is an error."""
-    pairs = dict(kv.split("=", 1) for kv in spec.split(","))
+    items = [kv.split("=", 1) for kv in spec.split(",")]
+    if any(len(kv) != 2 for kv in items):
+        sys.exit(f"{flag}: expected STAGE=VALUE pairs separated by commas (e.g. unet=1800,adv=2800), got {spec!r}")
+    pairs = dict(items)
     unknown = sorted(set(pairs) - set(known))
     if unknown:
         sys.exit(f"{flag}: unknown stage {', '.join(unknown)} (expected some of {', '.join(known)})")

@@ -91,6 +91,10 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unte=2", "--out", str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--steps: unknown stage unte" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--budget", "unet=2,adv", "--out",
+                        str(out2)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0 and "--budget: expected STAGE=VALUE pairs" in r.stderr, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
                         "--decoder", "decproj.pt",
                         "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
