@@ -43,6 +43,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 LATENT_CHANNELS = 8
 DEV = torch.device("cpu")  # set by --device
+BF16: set[str] = set()  # stages whose forward passes run under bfloat16 autocast (set by --bf16)
+BF16_STAGES = ("ae", "aeft", "adv", "distill", "decproj")  # the stages that honour --bf16
 
 
 def randn(shape, g):
@@ -52,6 +54,12 @@ def randn(shape, g):
 
 def render(cs, g, jitter=True):
     return data.render(cs, g, jitter=jitter, device=DEV)
+
+
+def amp(stage):
+    """bfloat16 autocast for a stage's forward passes (--bf16 STAGES), a no-op for the other stages. Weights,
+    gradients, optimiser state, EMAs and losses stay float32; backward passes run outside it."""
+    return torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=stage in BF16)
 
 
 class Schedule:
@@ -178,8 +186,8 @@ def make_vae(spec):
 
 
 def decode(vae, z):
-    """raw latent -> image [-1, 1] range (no clamp)."""
-    return vae.decoder(vae.post_quant_conv(z))
+    """raw latent -> image [-1, 1] range (no clamp), float32 (also under --bf16 autocast)."""
+    return vae.decoder(vae.post_quant_conv(z)).float()
 
 
 def make_text(spec):
@@ -245,7 +253,7 @@ class Discriminator(nn.Module):
         for blk in self.down_blocks:
             h, _ = blk(h, emb, ctx)
         h = self.mid_block(h, emb, ctx)
-        return self.head(h).mean(dim=(1, 2, 3))  # [B]
+        return self.head(h).float().mean(dim=(1, 2, 3))  # [B], float32 also under --bf16 autocast
 
 
 # ---------------------------------------------------------------- helpers
@@ -324,9 +332,11 @@ def stage_ae(a, cfg, out, log):
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), 2e-3))
         x = render(data.sample_combos(bs, g, _combos(a)), g)
-        z = enc(x)
-        zn = z + 0.1 * z.detach().std() * randn(z.shape, g)  # decoder sees slightly noised latents
-        loss = recon_loss(decode(vae, zn), x, edge=False) + 1e-4 * (z ** 2).mean()
+        with amp("ae"):
+            z = enc(x).float()
+            zn = z + 0.1 * z.detach().std() * randn(z.shape, g)  # decoder sees slightly noised latents
+            y = decode(vae, zn)
+        loss = recon_loss(y, x, edge=False) + 1e-4 * (z ** 2).mean()
         _step(opt, loss, params)
         if i % 100 == 0:
             log(f"ae step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
@@ -361,10 +371,12 @@ def stage_aeft(a, cfg, out, log):
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), 5e-4))
         x = render(data.sample_combos(bs, g, _combos(a)), g)
-        with torch.no_grad():
-            z = enc(x)
+        with torch.no_grad(), amp("aeft"):
+            z = enc(x).float()
             z = z + 0.05 * ck["std"].to(DEV) * randn(z.shape, g)
-        loss = recon_loss(decode(vae, z), x, edge=True)
+        with amp("aeft"):
+            y = decode(vae, z)
+        loss = recon_loss(y, x, edge=True)
         _step(opt, loss, params)
         if i % 100 == 0:
             log(f"aeft step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s")
@@ -377,7 +389,7 @@ def stage_aeft(a, cfg, out, log):
 def normalised_latents(enc, cs, g, mean, std, jitter=True):
     """Render the combinations and encode them: latents with the per-channel mean removed and unit std [B, 8, 8, 8]."""
     with torch.no_grad():
-        return (enc(render(cs, g, jitter)) - mean.to(DEV)[None, :, None, None]) / std.to(DEV)
+        return (enc(render(cs, g, jitter)).float() - mean.to(DEV)[None, :, None, None]) / std.to(DEV)
 
 
 def draw_prompts(cs, tokens, g, p_complete):
@@ -528,24 +540,27 @@ def stage_adv(a, cfg, out, log):
     sch, bs, i = Schedule(cfg["steps"]["adv"], cfg["budget"].get("adv")), cfg["batch"]["adv"], 0
     saved_mid, snaps = False, 1
     while not sch.done(i):
-        z, ids, complete, coupled, t, x_t = diffusion_batch(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, ab,
-                                                            a.adv_p_complete, a.adv_p_last, a.couple_open)
-        with torch.no_grad():
-            ctx = text(ids).last_hidden_state
-        pred = unet(x_t, t, ctx)
-        tp = torch.randint(a.adv_tmax, (bs,), generator=g).to(DEV)  # re-noise real and predicted x0 to t' < adv_tmax
-        real_n, fake_n = q_sample(z, tp, ab, g), q_sample(pred, tp, ab, g)
-        # discriminator: real (matched prompt) vs fake, plus real with a shuffled prompt as fake (weight 0.5)
-        perm = torch.randperm(bs, generator=g).to(DEV)
-        differ = (ids[perm] != ids).any(1).float()
-        if a.disc_frozen_text:  # the same three terms from one batched call on the frozen text context
-            d_real, d_fake, d_shuf = disc(torch.cat([real_n, fake_n.detach(), real_n]), tp.repeat(3),
-                                          ctx=torch.cat([ctx, ctx, ctx[perm]])).split(bs)
-        else:
-            d_real, d_fake, d_shuf = disc(real_n, tp, ids), disc(fake_n.detach(), tp, ids), disc(real_n, tp, ids[perm])
-        loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean() + 0.5 * (F.softplus(d_shuf) * differ).mean()
+        with amp("adv"):  # forward passes only (--bf16 adv); the backward passes run outside it
+            z, ids, complete, coupled, t, x_t = diffusion_batch(enc, ck_ae["mean"], ck_ae["std"], tokens, bs, g, ab,
+                                                                a.adv_p_complete, a.adv_p_last, a.couple_open)
+            with torch.no_grad():
+                ctx = text(ids).last_hidden_state
+            pred = unet(x_t, t, ctx).float()
+            tp = torch.randint(a.adv_tmax, (bs,), generator=g).to(DEV)  # re-noise real and predicted x0: t' < adv_tmax
+            real_n, fake_n = q_sample(z, tp, ab, g), q_sample(pred, tp, ab, g)
+            # discriminator: real (matched prompt) vs fake, plus real with a shuffled prompt as fake (weight 0.5)
+            perm = torch.randperm(bs, generator=g).to(DEV)
+            differ = (ids[perm] != ids).any(1).float()
+            if a.disc_frozen_text:  # the same three terms from one batched call on the frozen text context
+                d_real, d_fake, d_shuf = disc(torch.cat([real_n, fake_n.detach(), real_n]), tp.repeat(3),
+                                              ctx=torch.cat([ctx, ctx, ctx[perm]])).split(bs)
+            else:
+                d_real, d_fake = disc(real_n, tp, ids), disc(fake_n.detach(), tp, ids)
+                d_shuf = disc(real_n, tp, ids[perm])
+            loss_d = (F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                      + 0.5 * (F.softplus(d_shuf) * differ).mean())
         _step(opt_d, loss_d, d_params)
-        # generator: MSE to the clean latent + adv_weight (0.1) x non-saturating adversarial loss
+        # generator: MSE to the clean latent + adv_weight (--adv-weight) x non-saturating adversarial loss
         disc.requires_grad_(False)
         # at t = 999 the noisy input says nothing about z, so MSE there pulls towards the mean of all images the
         # prompt allows (blurred corners, averaged colours); --mse-last-weight / --mse-last-open-weight scale it
@@ -553,7 +568,8 @@ def stage_adv(a, cfg, out, log):
         w_last = torch.where(coupled, a.mse_coupled_weight,
                              torch.where(complete, a.mse_last_weight, a.mse_last_open_weight))
         mse = (per * torch.where(t == NUM_TRAIN_TIMESTEPS - 1, w_last, torch.ones_like(w_last))).mean()
-        adv = F.softplus(-(disc(fake_n, tp, ctx=ctx) if a.disc_frozen_text else disc(fake_n, tp, ids))).mean()
+        with amp("adv"):
+            adv = F.softplus(-(disc(fake_n, tp, ctx=ctx) if a.disc_frozen_text else disc(fake_n, tp, ids))).mean()
         _step(opt_g, mse + a.adv_weight * adv, list(unet.parameters()))
         for q in d_params:
             q.requires_grad_(True)
@@ -576,9 +592,10 @@ def stage_adv(a, cfg, out, log):
 
 def decoder_stage_setup(cfg, out, lr):
     """What a decoder-only stage after adv needs: the autoencoder of aeft.pt (decoder in training mode), the frozen
-    text encoder and adv.pt generator, a token cache, and AdamW over the decoder's parameters."""
+    text encoder and the run's one-step generator (distill.pt when the run has one, else adv.pt), a token cache, and
+    AdamW over the decoder's parameters."""
     enc, vae, ck = load_ae(cfg, out, "aeft.pt")
-    text, unet, _ = load_text_unet(cfg, out, "adv.pt")
+    text, unet, _ = load_text_unet(cfg, out, "distill.pt" if (out / "distill.pt").exists() else "adv.pt")
     enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
     params = list(vae.parameters())
     return enc, vae.train(), ck, text, unet, TokenCache(), params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -638,15 +655,16 @@ def stage_decproj(a, cfg, out, log):
         _, ids, _ = draw_prompts(cs[n_real:], tokens, g, a.project_p_complete)
         x_real = render(cs[:n_real], g)  # [R, 3, 64, 64]
         noise = randn((bs - n_real, LATENT_CHANNELS, 8, 8), g)  # x_T, [B - R, 8, 8, 8]
-        with torch.no_grad():
-            zn_gen = unet(noise, t, text(ids).last_hidden_state)  # one-step samples, normalised latents
-            z_real = enc(x_real) + 0.05 * std * randn((n_real, LATENT_CHANNELS, 8, 8), g)
-        seen = read_scenes(frozen if a.project_read == "frozen" else vae, zn_gen, ck["mean"], ck["std"])
+        with torch.no_grad(), amp("decproj"):
+            zn_gen = unet(noise, t, text(ids).last_hidden_state).float()  # one-step samples, normalised latents
+            z_real = enc(x_real).float() + 0.05 * std * randn((n_real, LATENT_CHANNELS, 8, 8), g)
+            seen = read_scenes(frozen if a.project_read == "frozen" else vae, zn_gen, ck["mean"], ck["std"])
         combos = [project_combo([None] * 5, sc, nz) for sc, nz in zip(seen, noise)]
         weight = torch.tensor([1.0] * n_real + [0.0 if c is None else 1.0 for c in combos], device=DEV)
         x_gen = render([c if c is not None else cs[0] for c in combos], g, jitter=False)  # cs[0]: weight-0 filler
         x = torch.cat([x_real, x_gen])
-        y = decode(vae, torch.cat([z_real, zn_gen * std + mean]))  # [B, 3, 64, 64]
+        with amp("decproj"):
+            y = decode(vae, torch.cat([z_real, zn_gen * std + mean]))  # [B, 3, 64, 64]
         loss = (recon_error(y, x, edge=True).mean(dim=(1, 2, 3)) * weight).sum() / weight.sum()
         _step(opt, loss, params)
         if i % 25 == 0:
@@ -681,10 +699,12 @@ def stage_distill(a, cfg, out, log):
         _, ids, complete = draw_prompts(data.sample_combos(bs, g, data.TRAIN_COMBOS), tokens, g, a.adv_p_complete)
         x_t = randn((bs, LATENT_CHANNELS, 8, 8), g)  # pure noise, [B, 8, 8, 8]
         t = torch.full((bs,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
-        with torch.no_grad():
+        with torch.no_grad(), amp("distill"):
             ctx = text(ids).last_hidden_state
             target = torch.where(complete[:, None, None, None], teachers[0](x_t, t, ctx), teachers[1](x_t, t, ctx))
-        loss = F.mse_loss(unet(x_t, t, ctx), target)
+        with amp("distill"):
+            pred = unet(x_t, t, ctx).float()
+        loss = F.mse_loss(pred, target.float())
         _step(opt, loss, list(unet.parameters()))
         ema_update(ema_u, unet, min(a.adv_ema, (1 + i) / (10 + i)))
         if i % 50 == 0:
@@ -837,6 +857,15 @@ def per_stage(spec, cast, known, flag):
     return {k: cast(v) for k, v in pairs.items()}
 
 
+def per_stage_names(spec, known, flag):
+    """'aeft,adv' -> ['aeft', 'adv']; an unknown stage is an error."""
+    names = [n for n in spec.split(",") if n]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        sys.exit(f"{flag}: unknown stage {', '.join(unknown)} (expected some of {', '.join(known)})")
+    return names
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "default"))
@@ -896,11 +925,16 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="the GPU schedule (bigger batches, time-capped stages)")
     ap.add_argument("--budget", default=None, help="per-stage wall caps, e.g. ae=90,unet=200 (seconds)")
     ap.add_argument("--batch", default=None, help="per-stage batch sizes, e.g. adv=64")
+    ap.add_argument("--bf16", default="", help="stages whose forward passes run under bfloat16 autocast (some of "
+                    f"{','.join(BF16_STAGES)}; weights, optimiser state and losses stay float32; ~2.7x faster "
+                    "decoder training, ~1.2x faster adv steps on a CPU with AVX512-BF16)")
     ap.add_argument("--ae-all", action="store_true", help="train the autoencoder on all combinations")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     global DEV
     DEV = torch.device(a.device)
+    BF16.clear()
+    BF16.update(per_stage_names(a.bf16, BF16_STAGES, "--bf16"))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True

@@ -82,6 +82,22 @@ def validate(sampler, state, n=300, seed_sets=4):
     return res
 
 
+@torch.no_grad()
+def reconstruction(run, cfg, decoder, n, seed=4321):
+    """The autoencoder alone: n renders of training combinations through the encoder and the decoder checkpoint,
+    judged by evaluate.py against the rendered combination; per-attribute and all-five accuracy."""
+    enc, vae, _ = train.load_ae(cfg, Path(run), decoder)
+    g = torch.Generator().manual_seed(seed)
+    combos = data.sample_combos(n, g, data.TRAIN_COMBOS)
+    rs = []
+    for b in range(0, n, 250):
+        x = train.render(combos[b:b + 250], g)  # [B, 3, 64, 64]
+        rs += [evaluate(img) for img in data.to_uint8(train.decode(vae, enc(x)).cpu())]
+    res = {k: float(np.mean([r[k] == c[j] for r, c in zip(rs, combos)])) for j, k in enumerate(ATTRS)}
+    res["all"] = float(np.mean([all(r[k] == c[j] for j, k in enumerate(ATTRS)) for r, c in zip(rs, combos)]))
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="*", help="checkpoints with a 'unet' state dict")
@@ -94,10 +110,16 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="the run used train.py --tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="append one JSON line per checkpoint to this file")
+    ap.add_argument("--recon", type=int, default=0, help="also judge N autoencoder reconstructions (encoder + --decoder)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     train.DEV = torch.device(a.device)
-    sampler = Sampler(a.run, train.TINY if a.tiny else train.FULL, a.decoder)
+    cfg = train.TINY if a.tiny else train.FULL
+    if a.recon:
+        res = reconstruction(a.run, cfg, a.decoder, a.recon)
+        print(f"reconstruction ({a.decoder}, {a.recon} renders): " + " ".join(f"{k} {v:.3f}" for k, v in res.items()),
+              flush=True)
+    sampler = Sampler(a.run, cfg, a.decoder)
     todo = [(p, lambda p=p: torch.load(p, weights_only=True, map_location="cpu")["unet"]) for p in a.checkpoints]
     for spec in a.soup:
         name, members = spec.split("=", 1)

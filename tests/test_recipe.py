@@ -61,7 +61,8 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
                         "--stages", "ae,aeft,unet,adv,decft", "--export", str(out / "model"),
                         # the adversarial stage's options as the shipped model used them (weights/README.md)
                         "--adv-weight", "0.25", "--mse-last-weight", "0.3", "--mse-last-open-weight", "0.5",
-                        "--adv-p-complete", "0.25", "--adv-ema", "0.998", "--adv-tmax", "200", "--d-lr", "2e-4"],
+                        "--adv-p-complete", "0.25", "--adv-ema", "0.998", "--adv-tmax", "200", "--d-lr", "2e-4",
+                        "--bf16", "aeft"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     wall = time.time() - t0
@@ -80,7 +81,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
                         "--adv-p-last", "0.9",
                         "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
                         "--teacher-complete", str(out / "unet.pt"), "--teacher-open", str(out / "adv.pt"),
-                        "--distill-lr", "1e-4", "--distill-init", "adv.pt"],
+                        "--distill-lr", "1e-4", "--distill-init", "adv.pt", "--bf16", "adv,decproj,distill"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     for name in ["unet.pt", "unet_text.pt", "adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "decproj.pt",
@@ -95,12 +96,16 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
                         str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--budget: expected STAGE=VALUE pairs" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--bf16", "aeft,unet", "--out", str(out2)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0 and "--bf16: unknown stage unet" in r.stderr, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
-                        "--decoder", "decproj.pt",
+                        "--decoder", "decproj.pt", "--recon", "6",
                         "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
                         "--soup", f"s={out2 / 'adv.pt'},{out2 / 'distill.pt'}"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "reconstruction (decproj.pt, 6 renders): shape" in r.stdout, r.stdout[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
     assert [row["name"] for row in rows] == [str(out2 / "distill.pt"), "s"]
     assert all(0 <= row["shape"] <= 1 and 0 <= row["open_clean"] <= 1 for row in rows)
