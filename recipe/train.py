@@ -6,14 +6,15 @@ Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint e
   unet    CLIP text encoder + MobileDiffusion UNet twin, x0 prediction, DDPM linear betas, 30% of batch at t=999
   adv     UFOGen-style one-step adversarial fine-tune of the UNet
   decft   (optional) decoder fine-tune on the generator's own latents
-  distill one-step student onto two one-step teachers (complete / open prompts; the shipped model's last stage)
+  distill one-step student onto two one-step teachers (complete / open prompts; the shipped model's UNet)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
-  decproj (optional, tried, not shipped) decoder fine-tune: one-step samples drawn as the clean scene they show
+  decproj decoder fine-tune: the final generator's one-step samples drawn as the clean scene they show (shipped)
   export  weights folder (diffusers-style pipeline layout, float16 safetensors)
 
-    python recipe/train.py --out runs/cpu2 --stages ae,aeft,unet,adv,distill --steps unet=1800,adv=2800 \
+    python recipe/train.py --out runs/cpu3 --stages ae,aeft,unet,adv,distill,decproj \
+        --steps aeft=600,unet=1800,adv=3600,decproj=200 --bf16 aeft,adv,distill,decproj \
         --disc-frozen-text --adv-snapshots 4 --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
-        --distill-init adv.pt --teacher-complete runs/cpu2/adv_snap1.pt --teacher-open runs/cpu2/adv.pt \
+        --distill-init adv.pt --teacher-complete runs/cpu3/adv_snap1.pt --teacher-open runs/cpu3/adv.pt \
         --distill-lr 1e-4 --export weights/default                              # the shipped model, CPU, 2 h
     python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model   # CI smoke run
 """
@@ -634,8 +635,9 @@ def stage_decft(a, cfg, out, log):
 
 
 def stage_decproj(a, cfg, out, log):
-    """Decoder projection (mdref's own experiment, not in the paper, not in the default stages): a decoder-only
-    fine-tune on the one-step generator's own samples (adv.pt at pure noise, prompts drawn as in training), each
+    """Decoder projection (mdref's own addition, not in the paper; the shipped model's last stage): a decoder-only
+    fine-tune on the one-step generator's own samples (distill.pt, else adv.pt, at pure noise; prompts drawn as in
+    training), each
     paired with a render of the clean scene read off a drawing of it (--project-read frozen: the decoder before this
     stage; self: the decoder in training), with no jitter, so a latent that lies between two scenes is drawn as the
     nearer one instead of as blotches. The decoder does not see the prompt, so nothing of the prompt is imposed:

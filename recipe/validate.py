@@ -110,7 +110,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="the run used train.py --tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="append one JSON line per checkpoint to this file")
-    ap.add_argument("--recon", type=int, default=0, help="also judge N autoencoder reconstructions (encoder + --decoder)")
+    ap.add_argument("--recon", type=int, default=0,
+                    help="also judge N autoencoder reconstructions (encoder + --decoder)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     train.DEV = torch.device(a.device)
