@@ -856,7 +856,15 @@ def per_stage(spec, cast, known, flag):
     unknown = sorted(set(pairs) - set(known))
     if unknown:
         sys.exit(f"{flag}: unknown stage {', '.join(unknown)} (expected some of {', '.join(known)})")
-    return {k: cast(v) for k, v in pairs.items()}
+    return {k: number(v, cast, f"{flag} {k}") for k, v in pairs.items()}
+
+
+def number(text, cast, what):
+    """cast(text), or exit with a message naming the option when text is not a number of that kind."""
+    try:
+        return cast(text)
+    except ValueError:
+        sys.exit(f"{what}: expected {'an integer' if cast is int else 'a number'}, got {text!r}")
 
 
 def per_stage_names(spec, known, flag):
@@ -948,7 +956,7 @@ def main(argv=None):
     if a.steps is not None and "=" in a.steps:
         cfg["steps"].update(per_stage(a.steps, int, cfg["steps"], "--steps"))
     elif a.steps is not None:
-        cfg["steps"] = {k: int(a.steps) for k in cfg["steps"]}
+        cfg["steps"] = {k: number(a.steps, int, "--steps") for k in cfg["steps"]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log.txt")

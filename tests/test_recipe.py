@@ -96,6 +96,11 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
                         str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--budget: expected STAGE=VALUE pairs" in r.stderr, r.stderr[-2000:]
+    for steps, message in [("abc", "--steps: expected an integer, got 'abc'"),
+                           ("unet=x", "--steps unet: expected an integer, got 'x'")]:
+        r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", steps, "--out", str(out2)],
+                           capture_output=True, text=True, timeout=300, check=False)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--bf16", "aeft,unet", "--out", str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--bf16: unknown stage unet" in r.stderr, r.stderr[-2000:]
