@@ -231,11 +231,12 @@ class TokenCache:
 
 class Discriminator(nn.Module):
     """UFOGen-style discriminator: text encoder + UNet down path and mid block (copied from the trained model)
-    + a small head giving one logit per image."""
+    + a small head giving one logit per image. With own_text=False there is no text encoder: it reads a given text
+    context (--disc-frozen-text)."""
 
-    def __init__(self, text, unet):
+    def __init__(self, text, unet, own_text=True):
         super().__init__()
-        self.text = copy.deepcopy(text)
+        self.text = copy.deepcopy(text) if own_text else None
         u = copy.deepcopy(unet)
         self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = \
             u.conv_in, u.time_embedding, u.down_blocks, u.mid_block
@@ -530,8 +531,9 @@ def stage_adv(a, cfg, out, log):
     text, unet, _ = load_text_unet(cfg, out, "unet.pt")
     tokens = TokenCache()
     text.requires_grad_(False)
-    disc = Discriminator(text, unet).to(DEV)
-    disc.text.requires_grad_(not a.disc_frozen_text)
+    disc = Discriminator(text, unet, own_text=not a.disc_frozen_text).to(DEV)
+    if disc.text is not None:
+        disc.text.requires_grad_(True)  # its own copy of the (frozen) generator's text encoder trains
     d_params = [p for p in disc.parameters() if p.requires_grad]
     unet.train()
     ema_u = copy.deepcopy(unet).eval()
