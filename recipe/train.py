@@ -639,12 +639,12 @@ def stage_decft(a, cfg, out, log):
 def stage_decproj(a, cfg, out, log):
     """Decoder projection (mdref's own addition, not in the paper; the shipped model's last stage): a decoder-only
     fine-tune on the one-step generator's own samples (distill.pt, else adv.pt, at pure noise; prompts drawn as in
-    training), each
-    paired with a render of the clean scene read off a drawing of it (--project-read frozen: the decoder before this
-    stage; self: the decoder in training), with no jitter, so a latent that lies between two scenes is drawn as the
-    nearer one instead of as blotches. The decoder does not see the prompt, so nothing of the prompt is imposed:
-    every attribute is read off the drawing (project_combo with nothing given). A quarter of each batch is real
-    latents with their own renders (keeps reconstruction); samples that read as a held-out combination get weight 0."""
+    training), each paired with a render of the clean scene read off a drawing of it (--project-read frozen: the
+    decoder before this stage; self: the decoder in training), with no jitter, so a latent that lies between two
+    scenes is drawn as the nearer one instead of as blotches. The decoder does not see the prompt, so nothing of the
+    prompt is imposed: every attribute is read off the drawing (project_combo with nothing given). A quarter of each
+    batch is real latents with their own renders (keeps reconstruction); samples that read as a held-out combination
+    get weight 0."""
     torch.manual_seed(8)
     g = torch.Generator().manual_seed(808)
     enc, vae, ck, text, unet, tokens, params, opt = decoder_stage_setup(cfg, out, a.decproj_lr)
@@ -855,9 +855,7 @@ def per_stage(spec, cast, known, flag):
     if any(len(kv) != 2 for kv in items):
         sys.exit(f"{flag}: expected STAGE=VALUE pairs separated by commas (e.g. unet=1800,adv=2800), got {spec!r}")
     pairs = dict(items)
-    unknown = sorted(set(pairs) - set(known))
-    if unknown:
-        sys.exit(f"{flag}: unknown stage {', '.join(unknown)} (expected some of {', '.join(known)})")
+    per_stage_names(",".join(pairs), known, flag)
     return {k: number(v, cast, f"{flag} {k}") for k, v in pairs.items()}
 
 
