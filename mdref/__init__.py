@@ -9,16 +9,13 @@ __version__ = "0.1.0"
 
 from . import ops, sampler  # noqa: E402
 from .comparison import compare  # noqa: E402
-from .config import ConfigError  # noqa: E402
-from .decoder import Decoder, DecoderConfig  # noqa: E402
+from .io import (ConfigError, Decoder, DecoderConfig, SchedulerConfig, TextEncoder, TextEncoderConfig,  # noqa: E402
+                 UNet, UNetConfig, WeightsError)
 from .pipeline import Pipeline  # noqa: E402
-from .text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from .trace import active as trace_active  # noqa: E402
 from .trace import load_trace, record, save_trace, trace  # noqa: E402
-from .unet import UNet, UNetConfig  # noqa: E402
-from .weights import WeightsError  # noqa: E402
 
 __all__ = ["__version__", "ops", "sampler", "compare", "ConfigError", "WeightsError", "Decoder", "DecoderConfig",
-           "Pipeline", "TextEncoder", "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig", "trace", "trace_active", "record",
-           "save_trace", "load_trace"]
+           "Pipeline", "SchedulerConfig", "TextEncoder", "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig",
+           "trace", "trace_active", "record", "save_trace", "load_trace"]

@@ -45,7 +45,8 @@ def _add_sample_args(p):
 
 
 def load_pipeline(args, dtype=None):
-    from .pipeline import PRESETS, Pipeline
+    from .io.presets import PIPELINE_PRESETS as PRESETS
+    from .pipeline import Pipeline
 
     dtype = dtype or DTYPES[args.dtype]
     if args.preset is not None:
@@ -134,7 +135,7 @@ def cmd_generate(args):
 
 
 def cmd_info(args):
-    from .weights import flatten
+    from .io.safetensors import flatten
 
     pipe = load_pipeline(args)
     d = pipe.describe()
@@ -162,7 +163,7 @@ def cmd_trace(args):
 def cmd_compare(args):
     from .comparison import compare, format_report
     from .trace import load_trace
-    from .weights import WeightsError
+    from .io.safetensors import WeightsError
 
     traces = []
     for path in (args.a, args.b):
@@ -257,8 +258,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from .config import ConfigError
-    from .weights import WeightsError
+    from .io import ConfigError, WeightsError
 
     parser = build_parser()
     args = parser.parse_args(argv)

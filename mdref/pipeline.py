@@ -5,6 +5,10 @@
     x0      = sampler(unet, noise at t = T-1, context)    # [B, C, h, w], one UNet call by default
     image   = decoder(x0 / scaling_factor + shift_factor) # [B, 3, H, W] in [-1, 1]
     pixels  = round(clip((image + 1) / 2, 0, 1) * 255)    # uint8
+
+MobileDiffusion (arXiv 2311.16567) sec. 3.3 samples in one step from pure noise; diffusers'
+``StableDiffusionPipeline`` is the reference for the stage boundaries. Legend: B batch, D text width, C latent
+channels, h w latent size, H W image size.
 """
 
 from __future__ import annotations
@@ -13,48 +17,16 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from . import sampler
-from .config import ConfigError
-from .decoder import Decoder, DecoderConfig
-from .text_encoder import TextEncoder, TextEncoderConfig
-from .tokenizer import Tokenizer
+from .io.pipeline_folder import DEFAULT_MODEL_DIR, load_folder, load_preset
+from .io.safetensors import sha256_file
+from .io.scheduler_config import scheduler_config_to_dict
 from .trace import record
-from .unet import UNet, UNetConfig
-from .weights import sha256_file
 
-__all__ = ["Pipeline", "Result", "DEFAULT_MODEL_DIR", "PRESETS", "to_pixels"]
-
-DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL",
-                                        Path(__file__).resolve().parent.parent / "weights" / "default"))
-
-# Pipeline presets: seeded weights for a named architecture (no file needed).
-PRESETS = {
-    # The full-size MobileDiffusion architecture as DESIGN.md reads it (~520M parameters).
-    "mobilediffusion": dict(
-        text_encoder="clip-vit-l-14", unet="mobilediffusion", decoder="mobilediffusion-lite",
-        scheduler=dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                       beta_end=0.012, timestep_spacing="trailing")),
-    # A few-million-parameter model with every MobileDiffusion feature, for tests and demos. UNTRAINED.
-    "tiny": dict(
-        text_encoder=dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                          layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        unet=dict(sample_size=8, in_channels=8, out_channels=8,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                  block_out_channels=[32, 64, 64], layers_per_block=1, attention_head_dim=[2, 2, 4],
-                  cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
-                  transformer_kind=["none", "cross", "full"], mid_transformer_layers=2, shared_kv=True,
-                  ff_activation="swiglu", ff_mult=3, separable_conv=[False, True, True], prediction_type="sample"),
-        decoder=dict(kind="kl", latent_channels=8, block_out_channels=[16, 32, 32, 32], layers_per_block=1,
-                     norm_num_groups=8, scaling_factor=1.0, shift_factor=0.0),
-        scheduler=dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                       timestep_spacing="trailing")),
-}
+__all__ = ["Pipeline", "Result", "to_pixels"]
 
 
 def to_pixels(image):
@@ -87,13 +59,13 @@ class Pipeline:
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
                  weight_files=()):
         self.tokenizer, self.text_encoder, self.unet, self.decoder = tokenizer, text_encoder, unet, decoder
-        self.scheduler = scheduler            # sampler.SchedulerConfig
+        self.scheduler = scheduler            # mdref.io.SchedulerConfig
         self.source = source                  # model path or "preset:NAME"
         self.untrained = untrained
         self.weight_files = list(weight_files)
         self.last_timings = {}
 
-    # ---- construction ----------------------------------------------------------------------------------------
+    # ---- construction (the files and presets are read by mdref.io) ------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, dtype=np.float32):
         """A diffusers-style pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
@@ -105,40 +77,14 @@ class Pipeline:
                               f"'tiny' preset (it draws noise)")
                 return cls.from_preset("tiny", seed=0, dtype=dtype)
             path = DEFAULT_MODEL_DIR
-        path = Path(path)
-        if not path.is_dir():
-            raise ConfigError(f"{path}: no such model folder (expected a diffusers pipeline folder with "
-                              f"text_encoder/, unet/, vae/, scheduler/)")
-        missing = [d for d in ("text_encoder", "unet", "vae") if not (path / d).is_dir()]
-        if missing:
-            raise ConfigError(f"{path}: not a pipeline folder, missing subfolders {missing}")
-        tok_dir = path / "tokenizer"
-        tokenizer = Tokenizer.from_pretrained(tok_dir if tok_dir.is_dir() else None)
-        unet = UNet.from_pretrained(path / "unet", dtype=dtype)
-        sched_file = path / "scheduler" / "scheduler_config.json"
-        # The scheduler config (diffusers' home of prediction_type) governs; without one, the UNet config's.
-        scheduler = sampler.load_scheduler_config(sched_file) if sched_file.is_file() else \
-            sampler.SchedulerConfig(prediction_type=unet.config.prediction_type)
-        files = sorted(str(p) for p in path.glob("*/*.safetensors"))
-        return cls(tokenizer, TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype), unet,
-                   Decoder.from_pretrained(path / "vae", dtype=dtype), scheduler, source=str(path), weight_files=files)
+        parts = load_folder(path, dtype)
+        return cls(**parts, source=str(path))
 
     @classmethod
     def from_preset(cls, name, seed=0, dtype=np.float32):
-        """Seeded weights for a named architecture: 'mobilediffusion' (full size) or 'tiny'. Components draw from
-        seeds seed, seed + 1, seed + 2 (text encoder, UNet, decoder)."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-        spec = PRESETS[name]
-
-        def build(kind, make_config, entry, s):
-            return kind.from_preset(entry, seed=s, dtype=dtype) if isinstance(entry, str) else \
-                kind.from_config(make_config(entry), seed=s, dtype=dtype)
-
-        unet = build(UNet, UNetConfig.from_dict, spec["unet"], seed + 1)
-        scheduler = sampler.SchedulerConfig(**spec["scheduler"], prediction_type=unet.config.prediction_type)
-        return cls(Tokenizer.from_pretrained(None), build(TextEncoder, TextEncoderConfig.from_dict, spec["text_encoder"], seed), unet,
-                   build(Decoder, lambda d: DecoderConfig(**d), spec["decoder"], seed + 2), scheduler, source=f"preset:{name}", untrained=True)
+        """Seeded weights for a named architecture: 'mobilediffusion' (full size) or 'tiny'. The components draw
+        from seeds seed + mdref.io.presets.COMPONENT_SEED_OFFSET (text encoder +0, UNet +1, decoder +2)."""
+        return cls(**load_preset(name, seed, dtype), source=f"preset:{name}", untrained=True)
 
     # ---- facts -----------------------------------------------------------------------------------------------
     @property
@@ -155,12 +101,10 @@ class Pipeline:
     @property
     def size_factor(self):
         """Image height and width must be multiples of this (decoder upsampling x UNet downsampling)."""
-        return self.decoder.upsampling_factor * 2 ** (self.unet.config.levels - 1)
+        return self.decoder.upsampling_factor * self.unet.spec.size_factor
 
     def default_size(self):
-        s = self.unet.config.sample_size or 64
-        h, w = (s, s) if isinstance(s, int) else tuple(s)
-        f = self.decoder.upsampling_factor
+        (h, w), f = self.unet.spec.sample_size, self.decoder.upsampling_factor
         return h * f, w * f
 
     def latent_shape(self, batch, height=None, width=None):
@@ -170,9 +114,9 @@ class Pipeline:
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"image size {height}x{width} is not supported: height and width must be positive "
                              f"multiples of {f} (decoder x{self.decoder.upsampling_factor}, UNet "
-                             f"{self.unet.config.levels} levels)")
+                             f"{len(self.unet.spec.down)} levels)")
         u = self.decoder.upsampling_factor
-        return (batch, self.unet.config.in_channels, height // u, width // u)
+        return (batch, self.unet.spec.in_channels, height // u, width // u)
 
     def weights_sha256(self):
         return {os.path.relpath(f, self.source) if not self.source.startswith("preset:") else f: sha256_file(f)
@@ -239,7 +183,7 @@ class Pipeline:
             "source": self.source, "untrained": self.untrained, "dtype": str(np.dtype(self.dtype)),
             "parameters": self.num_parameters(),
             "latent_shape": list(self.latent_shape(1)), "image_size": list(self.default_size()),
-            "prediction_type": cfg.prediction_type, "scheduler": sampler.scheduler_config_to_dict(self.scheduler),
+            "prediction_type": cfg.prediction_type, "scheduler": scheduler_config_to_dict(self.scheduler),
             "decoder": {"kind": self.decoder.config.kind, "scaling_factor": self.decoder.scaling_factor,
                         "shift_factor": self.decoder.shift_factor},
         }

@@ -3,7 +3,8 @@
 The sampler knows nothing of the UNet: it takes a callable ``model(x, t) -> output`` (x [B, C, h, w], t an int
 timestep) and returns the clean latent, ready for ``latents / scaling_factor + shift_factor`` and the decoder.
 
-Two samplers (``SchedulerConfig.sampler``):
+Legend: B batch, C latent channels, h w latent size, T num_train_timesteps. `cfg` is a `mdref.io.SchedulerConfig`;
+its `sampler` field picks one of two samplers:
 
 ``"x0"`` -- MobileDiffusion's one-step sampling (DiffusionGAN / UFOGen, paper Sec. 3.3): start from pure Gaussian
   noise ``x_T = n_0`` at ``t = T - 1`` (T = num_train_timesteps, "trailing"), call the model once and read the
@@ -38,96 +39,10 @@ shape ``(steps, *shape)`` replaces all draws.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, from_dict, read_json, to_dict
 from .trace import record
-
-__all__ = ["SchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict", "load_scheduler_config",
-           "betas", "alphas_cumprod", "trailing_timesteps", "initial_noise", "sampling_noise", "predict_x0",
-           "add_noise", "sample_x0", "euler_sigmas", "sample_euler", "sample", "apply_guidance", "guided"]
-
-SAMPLERS = ("x0", "euler")
-BETA_SCHEDULES = ("scaled_linear", "linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-@dataclass
-class SchedulerConfig:
-    """Noise schedule + sampler choice. Defaults: MobileDiffusion / SD (1000 steps, scaled-linear 0.00085-0.012)."""
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"      # "scaled_linear" | "linear"
-    prediction_type: str = "epsilon"          # "epsilon" | "v_prediction" | "sample"
-    timestep_spacing: str = "trailing"        # the only spacing whose first step is t = T - 1 for any step count
-    sampler: str = "x0"                       # "x0" (UFOGen / re-noise) | "euler" (diffusers EulerDiscreteScheduler)
-
-    def __post_init__(self):
-        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
-                              ("timestep_spacing", ("trailing",)), ("sampler", SAMPLERS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"SchedulerConfig: {name} must be one of {list(allowed)}, "
-                                  f"found {getattr(self, name)!r}")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ConfigError(f"SchedulerConfig: num_train_timesteps must be an int >= 2, "
-                              f"found {self.num_train_timesteps!r}")
-
-
-# EulerDiscreteScheduler: diffusers' defaults for keys a config leaves out; values mdref requires (other values
-# change the sigmas or timesteps); keys without effect on trailing Euler sampling (steps_offset only shifts
-# "leading" timesteps, sigma_min/max only feed karras/exponential/beta sigmas) or left in the file by other
-# scheduler classes, which EulerDiscreteScheduler ignores too.
-_EULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                       prediction_type="epsilon", timestep_spacing="linspace")
-_EULER_REQUIRED = dict(trained_betas=None, interpolation_type="linear", use_karras_sigmas=False,
-                       use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete",
-                       rescale_betas_zero_snr=False, final_sigmas_type="zero")
-_EULER_IGNORED = ("steps_offset", "sigma_min", "sigma_max", "clip_sample", "clip_sample_range",
-                  "set_alpha_to_one", "skip_prk_steps", "sample_max_value", "thresholding",
-                  "dynamic_thresholding_ratio", "variance_type")
-MDREF_CLASS = "MDRefScheduler"
-
-
-def scheduler_config_from_diffusers(d, where="scheduler_config.json"):
-    """SchedulerConfig from a diffusers EulerDiscreteScheduler config (-> sampler "euler") or mdref's own
-    (``_class_name`` "MDRefScheduler" or absent). Other scheduler classes raise ConfigError."""
-    d = dict(d)
-    cls = d.get("_class_name", MDREF_CLASS)
-    if cls == MDREF_CLASS:
-        return from_dict(SchedulerConfig, d, where=where)
-    if cls != "EulerDiscreteScheduler":
-        raise ConfigError(f"{where}: scheduler class {cls!r} is not supported (mdref samples like "
-                          f"'EulerDiscreteScheduler' with trailing timesteps, or its own '{MDREF_CLASS}')")
-    for key, want in _EULER_REQUIRED.items():
-        found = d.pop(key, want)
-        if found != want and not (want is False and found is None):
-            raise ConfigError(f"{where}: {key} = {found!r} is not supported (mdref requires {want!r})")
-    if "sampler" in d:
-        raise ConfigError(f"{where}: 'sampler' is an mdref key; an EulerDiscreteScheduler config samples 'euler'")
-    return from_dict(SchedulerConfig, {**_EULER_DEFAULTS, **d, "sampler": "euler"}, ignore=_EULER_IGNORED,
-                     where=where)
-
-
-def scheduler_config_to_dict(cfg):
-    """The scheduler_config.json for cfg: a diffusers EulerDiscreteScheduler config for sampler "euler" (diffusers
-    loads it and samples the same), mdref's own class otherwise."""
-    d = to_dict(cfg)
-    if cfg.sampler == "euler":
-        del d["sampler"]
-        return {"_class_name": "EulerDiscreteScheduler", **d, **_EULER_REQUIRED}
-    return {"_class_name": MDREF_CLASS, **d}
-
-
-def load_scheduler_config(path):
-    """Read scheduler_config.json (a file, or a folder holding it)."""
-    path = Path(path)
-    path = path / "scheduler_config.json" if path.is_dir() else path
-    return scheduler_config_from_diffusers(read_json(path), where=str(path))
-
 
 # ---- schedule -----------------------------------------------------------------------------------------
 def _torch_linspace_f32(start, end, n):
@@ -213,7 +128,7 @@ def predict_x0(model_output, x, abar_t, prediction_type):
         return np.sqrt(a) * x - np.sqrt(1 - a) * model_output
     if prediction_type == "sample":
         return model_output
-    raise ConfigError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, found {prediction_type!r}")
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', found {prediction_type!r}")
 
 
 def add_noise(x0, noise, abar_t):

@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
-from .config import ConfigError
+from .io.config import ConfigError
 
 __all__ = ["Tokenizer", "TokenizerError", "SHIPPED_DIR", "bytes_to_unicode", "clip_vocab", "read_merges"]
 

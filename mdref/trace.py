@@ -85,7 +85,7 @@ def save_trace(path, t, manifest=None):
     in the metadata a JSON manifest whose "points" lists the names in execution order."""
     import json
 
-    from .weights import write_safetensors
+    from .io.safetensors import write_safetensors
 
     arrays = t.arrays if isinstance(t, Trace) else dict(t)
     manifest = dict(getattr(t, "meta", {}) or {}, **(manifest or {}))
@@ -100,7 +100,7 @@ def load_trace(path):
     Returns (ordered {name: array}, manifest). Files without a manifest keep the file's key order."""
     import json
 
-    from .weights import read_safetensors
+    from .io.safetensors import read_safetensors
 
     tensors, meta = read_safetensors(path)
     manifest = json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else {}

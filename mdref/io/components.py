@@ -1,0 +1,275 @@
+"""The component shell, written once: `TextEncoder`, `UNet` and `Decoder` differ only in their config class, spec,
+schema, key map and forward function.
+
+Every component offers ``from_pretrained(path)`` (a component folder, a diffusers pipeline folder holding the
+component's subfolder, or one ``.safetensors`` file with ``config.json`` beside it), ``from_config(config | dict,
+seed)``, ``from_preset(name, seed)``, ``save_pretrained(folder)``, ``num_parameters()`` and ``param_schema(config)``;
+``dtype`` (float32 or float64) is the compute dtype the weights are cast to. An unknown preset, a config that
+cannot be read and a key mdref does not implement are `ConfigError`s; a weights file that does not fit the schema
+is a `WeightsError`; both name the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import decoder as decoder_math
+from .. import text_encoder as text_math
+from .. import unet as unet_math
+from . import keymaps
+from .config import ConfigError, read_json
+from .decoder_config import DecoderConfig, decoder_spec
+from .presets import DECODER_PRESETS, TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .safetensors import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
+                          write_safetensors)
+from .schema import decoder_schema, num_parameters, text_encoder_schema, unet_schema
+from .text_encoder_config import TextEncoderConfig, text_encoder_spec
+from .unet_config import UNetConfig, unet_spec
+
+__all__ = ["Component", "TextEncoder", "UNet", "Decoder", "COMPUTE_DTYPES", "compute_dtype", "locate"]
+
+CONFIG_NAME = "config.json"
+COMPUTE_DTYPES = (np.float32, np.float64)
+
+
+def compute_dtype(dtype, who):
+    """np.dtype(dtype) if mdref computes in it, else a ValueError naming `who`."""
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if d not in COMPUTE_DTYPES:
+        raise ValueError(f"{who}: dtype must be float32 or float64, got {dtype!r}")
+    return d
+
+
+def locate(path, subfolder, weights_names):
+    """(config.json or None, [weights files]) for a component folder, a pipeline folder holding `subfolder`, or a
+    .safetensors file. `weights_names`: file names (or globs) tried in order; '<name>.index.json' finds shards."""
+    path = Path(path)
+    refuse_pickle(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightsError(f"{path}: expected a .safetensors file (mdref reads safetensors only)")
+        config = path.parent / CONFIG_NAME
+        return (config if config.is_file() else None), [path]
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such file or folder")
+    if not (path / CONFIG_NAME).is_file() and (path / subfolder).is_dir():
+        path = path / subfolder                                   # a diffusers pipeline folder
+    config = path / CONFIG_NAME if (path / CONFIG_NAME).is_file() else None
+    for name in weights_names:
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index}: expected an object with a 'weight_map' object")
+            return config, [path / s for s in sorted(set(map(str, weight_map.values())))]
+        found = sorted(path.glob(name))
+        if len(found) == 1:
+            return config, found
+    present = sorted(p.name for p in path.iterdir())
+    raise WeightsError(f"{path}: no {weights_names[0]} (found {present}); mdref reads safetensors only (convert a "
+                       f".bin / .pt checkpoint to safetensors first; it is never unpickled)")
+
+
+class Component:
+    """A config, its frozen spec, the checkpoint's parameter tree (``params``) and the compute ``dtype``."""
+    config_class = None         # the config dataclass (from_dict / to_dict)
+    presets = {}                # name -> config dict
+    subfolder = ""              # the component's folder in a diffusers pipeline folder
+    weights_names = ()          # safetensors file names from_pretrained tries, first = the one save_pretrained writes
+
+    def __init__(self, config, params, dtype=np.float32):
+        self.config, self.params = config, params
+        self.dtype = compute_dtype(dtype, type(self).__name__)
+        self.spec = self.make_spec(config)
+
+    # ---- what each component defines ----
+    @staticmethod
+    def make_spec(config):
+        raise NotImplementedError
+
+    @classmethod
+    def param_schema(cls, config):
+        """Ordered {checkpoint key: shape} for a config."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_checkpoint(cls, config_path, flat, where):
+        """(config, flat tensors renamed to the schema's keys) from what `locate` found."""
+        if config_path is None:
+            raise ConfigError(f"{where}: no {CONFIG_NAME} beside the weights")
+        return cls.config_class.from_dict(read_json(config_path), where=str(config_path)), flat
+
+    def checkpoint_keys(self, flat):
+        """The keys save_pretrained writes (the schema's keys, unless the layout prefixes them)."""
+        return flat
+
+    # ---- the shell ----
+    @classmethod
+    def as_config(cls, config, where):
+        if isinstance(config, cls.config_class):
+            return config
+        if isinstance(config, dict):
+            return cls.config_class.from_dict(dict(config), where=where)
+        raise ConfigError(f"{where}: expected a {cls.config_class.__name__} or a config dict, "
+                          f"found {type(config).__name__}")
+
+    @classmethod
+    def from_config(cls, config, seed=0, dtype=np.float32):
+        """Seeded weights (`safetensors.init_params`) for a config object or a config.json dict."""
+        config = cls.as_config(config, f"{cls.__name__}.from_config")
+        dtype = compute_dtype(dtype, cls.__name__)
+        return cls(config, init_params(cls.param_schema(config), seed, dtype), dtype)
+
+    @classmethod
+    def from_preset(cls, name, seed=0, dtype=np.float32):
+        """A named architecture (`mdref.io.presets`) with seeded weights."""
+        if name not in cls.presets:
+            raise ConfigError(f"{cls.__name__}: unknown preset {name!r} (known: {', '.join(sorted(cls.presets))})")
+        return cls.from_config(cls.as_config(cls.presets[name], f"{cls.__name__} preset {name!r}"), seed, dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32):
+        """A component folder, a pipeline folder holding `subfolder`, or a .safetensors file with config.json
+        beside it. Weights may be stored f16 / bf16 / f32 / f64; they are cast to dtype."""
+        dtype = compute_dtype(dtype, cls.__name__)
+        config_path, files = locate(path, cls.subfolder, cls.weights_names)
+        flat = {}
+        for f in files:
+            flat.update(read_safetensors(f)[0])
+        where = ", ".join(str(f) for f in files)
+        config, flat = cls.read_checkpoint(config_path, flat, where)
+        schema = cls.param_schema(config)
+        check_schema(flat, schema, where)
+        return cls(config, nest({k: flat[k].astype(dtype) for k in schema}), dtype)
+
+    def save_pretrained(self, folder, dtype=np.float32):
+        """Write config.json + the weights file in the layout from_pretrained (and diffusers / transformers) read."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        flat = self.checkpoint_keys({k: np.asarray(v, dtype=dtype) for k, v in flatten(self.params).items()})
+        write_safetensors(folder / self.weights_names[0], flat, {"format": "pt"})
+        return folder
+
+    def num_parameters(self):
+        return num_parameters(self.param_schema(self.config))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.num_parameters():,} parameters, dtype={self.dtype.name})"
+
+
+class TextEncoder(Component):
+    """CLIP text encoder: ``te(ids) -> last_hidden_state [B, T, D]`` (== transformers CLIPTextModel)."""
+    config_class, presets, subfolder = TextEncoderConfig, TEXT_ENCODER_PRESETS, "text_encoder"
+    weights_names = ("model.safetensors", "model.fp16.safetensors")
+    make_spec = staticmethod(text_encoder_spec)
+
+    @classmethod
+    def param_schema(cls, config):
+        return text_encoder_schema(config)
+
+    @classmethod
+    def read_checkpoint(cls, config_path, flat, where):
+        config, flat = super().read_checkpoint(config_path, flat, where)
+        return config, keymaps.text_encoder_keys(flat)
+
+    def checkpoint_keys(self, flat):
+        return {keymaps.TEXT_KEY_PREFIX + k: v for k, v in flat.items()}
+
+    def __call__(self, ids):
+        """ids int [B, T] (T <= max_position_embeddings) -> last hidden state [B, T, hidden_size]."""
+        ids, cfg = np.asarray(ids), self.config
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"TextEncoder: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
+        if ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"TextEncoder: {ids.shape[1]} tokens, but max_position_embeddings is "
+                             f"{cfg.max_position_embeddings}")
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+            raise ValueError(f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
+                             f"[{ids.min()}, {ids.max()}]")
+        return text_math.text_transformer(ids, **self.params, spec=self.spec)
+
+    def pooled(self, ids, hidden=None):
+        """pooler_output [B, D]: the last hidden state at each row's EOS token (text_encoder.pooled_output)."""
+        hidden = self(ids) if hidden is None else hidden
+        return text_math.pooled_output(np.asarray(ids), hidden, self.config.eos_token_id)
+
+
+class UNet(Component):
+    """A UNet2DConditionModel-compatible UNet (SD layouts and MobileDiffusion's)."""
+    config_class, presets, subfolder = UNetConfig, UNET_PRESETS, "unet"
+    weights_names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+    make_spec = staticmethod(unet_spec)
+
+    @classmethod
+    def param_schema(cls, config):
+        return unet_schema(unet_spec(config), config.ff_mult)
+
+    def __call__(self, sample, timestep, context):
+        """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, D] -> [B, C_out, H, W]
+        (== UNet2DConditionModel(sample, timestep, context).sample)."""
+        spec = self.spec
+        sample, context = np.asarray(sample, dtype=self.dtype), np.asarray(context, dtype=self.dtype)
+        if sample.ndim != 4 or sample.shape[1] != spec.in_channels:
+            raise ValueError(f"UNet: sample must be [B, {spec.in_channels}, H, W], got shape {sample.shape}")
+        B, _, H, W = sample.shape
+        f = spec.size_factor
+        if H % f or W % f:
+            raise ValueError(f"UNet: sample height and width must be divisible by {f} (2**(levels-1), "
+                             f"{len(spec.down)} levels), got H={H}, W={W}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != spec.context_dim:
+            raise ValueError(f"UNet: context must be [B={B}, T, {spec.context_dim}], got shape {context.shape}")
+        t = np.asarray(timestep, dtype=np.float64).reshape(-1)
+        if t.size not in (1, B):
+            raise ValueError(f"UNet: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
+        t = np.broadcast_to(t, (B,)).astype(self.dtype)
+        return unet_math.unet(sample, t, context, **self.params, spec=spec)
+
+
+class Decoder(Component):
+    """A latent-to-image decoder: ``Decoder(...)(latents)`` == diffusers ``vae.decode(latents).sample``."""
+    config_class, presets, subfolder = DecoderConfig, DECODER_PRESETS, "vae"
+    weights_names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "tae*_decoder.safetensors")
+    make_spec = staticmethod(decoder_spec)
+
+    @classmethod
+    def param_schema(cls, config):
+        return decoder_schema(decoder_spec(config))
+
+    @classmethod
+    def read_checkpoint(cls, config_path, flat, where):
+        if keymaps.is_raw_taesd(flat):                      # taesd.py's Sequential: the layout is read off the keys
+            flat = keymaps.raw_taesd_to_diffusers(flat)
+            return keymaps.config_from_raw_taesd(flat), flat
+        if config_path is None:
+            raise WeightsError(f"{where}: no config.json beside it (only a raw TAESD decoder, whose keys are "
+                               f"Sequential indices, loads without one)")
+        config = DecoderConfig.from_dict(read_json(config_path), where=str(config_path))
+        return config, keymaps.select_decoder_keys(flat, config)
+
+    @property
+    def scaling_factor(self):
+        return self.config.scaling_factor
+
+    @property
+    def shift_factor(self):
+        return self.config.shift_factor
+
+    @property
+    def upsampling_factor(self):
+        return self.spec.upsampling_factor
+
+    def __call__(self, latents):
+        """latents [B, c, h, w] (already latents / scaling_factor + shift_factor) -> image [B, 3, f h, f w], [-1, 1]."""
+        z = np.asarray(latents, dtype=self.dtype)
+        if z.ndim != 4 or z.shape[1] != self.spec.latent_channels:
+            raise ValueError(f"Decoder: latents must be [B, {self.spec.latent_channels}, h, w], found {z.shape}")
+        decode = decoder_math.kl_decode if self.config.kind == "kl" else decoder_math.taesd_decode
+        return decode(z, **self.params, spec=self.spec)

@@ -1,0 +1,55 @@
+"""Pipeline folders and pipeline presets -> the parts a `mdref.Pipeline` is made of.
+
+A pipeline folder is diffusers' layout: ``model_index.json``, ``tokenizer/``, ``text_encoder/``, ``unet/``,
+``vae/``, ``scheduler/``. The scheduler config (diffusers' home of ``prediction_type``) governs the sampler; a
+folder without one samples with mdref's defaults and the UNet config's prediction type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..tokenizer import Tokenizer
+from .components import Decoder, TextEncoder, UNet
+from .config import ConfigError
+from .presets import COMPONENT_SEED_OFFSET, PIPELINE_PRESETS
+from .scheduler_config import SchedulerConfig, load_scheduler_config
+
+__all__ = ["DEFAULT_MODEL_DIR", "load_folder", "load_preset"]
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL",
+                                        Path(__file__).resolve().parent.parent.parent / "weights" / "default"))
+
+
+def load_folder(path, dtype):
+    """dict(tokenizer, text_encoder, unet, decoder, scheduler, weight_files) read from a pipeline folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such model folder (expected a diffusers pipeline folder with "
+                          f"text_encoder/, unet/, vae/, scheduler/)")
+    missing = [d for d in ("text_encoder", "unet", "vae") if not (path / d).is_dir()]
+    if missing:
+        raise ConfigError(f"{path}: not a pipeline folder, missing subfolders {missing}")
+    tokenizer = Tokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else None)
+    unet = UNet.from_pretrained(path / "unet", dtype=dtype)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = load_scheduler_config(sched_file) if sched_file.is_file() else \
+        SchedulerConfig(prediction_type=unet.config.prediction_type)
+    return dict(tokenizer=tokenizer, text_encoder=TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype),
+                unet=unet, decoder=Decoder.from_pretrained(path / "vae", dtype=dtype), scheduler=scheduler,
+                weight_files=sorted(str(p) for p in path.glob("*/*.safetensors")))
+
+
+def load_preset(name, seed, dtype):
+    """dict(tokenizer, text_encoder, unet, decoder, scheduler) for a pipeline preset with seeded weights: each
+    component draws from seed + COMPONENT_SEED_OFFSET[component]."""
+    if name not in PIPELINE_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PIPELINE_PRESETS)}")
+    preset = PIPELINE_PRESETS[name]
+    parts = {}
+    for key, kind in (("text_encoder", TextEncoder), ("unet", UNet), ("decoder", Decoder)):
+        entry, s = preset[key], seed + COMPONENT_SEED_OFFSET[key]
+        parts[key] = kind.from_preset(entry, s, dtype) if isinstance(entry, str) else kind.from_config(entry, s, dtype)
+    scheduler = SchedulerConfig(**preset["scheduler"], prediction_type=parts["unet"].config.prediction_type)
+    return dict(parts, tokenizer=Tokenizer.from_pretrained(None), scheduler=scheduler)

@@ -1,0 +1,73 @@
+"""Named architectures: config dicts in the checkpoints' own keys, built with seeded weights (no file needed).
+
+Component presets are used by ``TextEncoder.from_preset``, ``UNet.from_preset`` and ``Decoder.from_preset``; a
+pipeline preset names a component preset or spells out a config dict. Parameter counts and the reasoning behind
+the MobileDiffusion choices are in weights/README.md and docs/mobilediffusion_unet.md.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TEXT_ENCODER_PRESETS", "UNET_PRESETS", "DECODER_PRESETS", "PIPELINE_PRESETS", "COMPONENT_SEED_OFFSET"]
+
+TEXT_ENCODER_PRESETS = {
+    # OpenAI CLIP ViT-L/14 text tower: SD-1.x's text encoder and MobileDiffusion's (123,060,480 parameters).
+    "clip-vit-l-14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          hidden_act="quick_gelu"),
+    # OpenCLIP ViT-H/14 text tower as SD-2.x / SD-Turbo ship it (24 layers trained, the last one dropped).
+    "openclip-vit-h-14-sd2": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                  num_attention_heads=16, hidden_act="gelu"),
+}
+
+UNET_PRESETS = {
+    # MobileDiffusion as mdref reads the paper (docs/architecture.md, "MobileDiffusion as mdref reads it"): 386M.
+    "mobilediffusion": dict(
+        sample_size=64, in_channels=8, out_channels=8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[320, 640, 1024], layers_per_block=[2, 1, 1], transformer_layers_per_block=[0, 1, 1],
+        attention_head_dim=[5, 10, 16], cross_attention_dim=768, use_linear_projection=True,
+        norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+        transformer_kind=["none", "cross", "full"], mid_transformer_layers=16, shared_kv=True,
+        attention_weighting="softmax", ff_activation="swiglu", ff_mult=3, separable_conv=[False, True, True],
+        prediction_type="epsilon"),
+}
+
+DECODER_PRESETS = {
+    # MobileDiffusion's pruned VAE decoder (paper: ~9.8M parameters vs SD's 49.5M): see docs/decoders.md.
+    "mobilediffusion-lite": dict(kind="kl", latent_channels=8, block_out_channels=(64, 128, 256, 256),
+                                 layers_per_block=1, norm_num_groups=32, scaling_factor=1.0),
+    # Stable Diffusion 1.x / 2.x VAE decoder (49.5M with post_quant_conv).
+    "sd-vae": dict(kind="kl", latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                   norm_num_groups=32, scaling_factor=0.18215),
+    # TAESD (madebyollin/taesd) for SD 1.x / 2.x latents.
+    "taesd": dict(kind="tiny", latent_channels=4, scaling_factor=1.0, shift_factor=0.0),
+}
+
+PIPELINE_PRESETS = {
+    # The full-size MobileDiffusion architecture (~520M parameters).
+    "mobilediffusion": dict(
+        text_encoder="clip-vit-l-14", unet="mobilediffusion", decoder="mobilediffusion-lite",
+        scheduler=dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, timestep_spacing="trailing")),
+    # A few-million-parameter model with every MobileDiffusion feature, for tests and demos. UNTRAINED.
+    "tiny": dict(
+        text_encoder=dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        unet=dict(sample_size=8, in_channels=8, out_channels=8,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  block_out_channels=[32, 64, 64], layers_per_block=1, attention_head_dim=[2, 2, 4],
+                  cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
+                  transformer_kind=["none", "cross", "full"], mid_transformer_layers=2, shared_kv=True,
+                  ff_activation="swiglu", ff_mult=3, separable_conv=[False, True, True], prediction_type="sample"),
+        decoder=dict(kind="kl", latent_channels=8, block_out_channels=[16, 32, 32, 32], layers_per_block=1,
+                     norm_num_groups=8, scaling_factor=1.0, shift_factor=0.0),
+        scheduler=dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                       timestep_spacing="trailing")),
+}
+
+# A pipeline preset built with seed s draws each component's weights from seed s + this offset, so the three
+# components never share a random stream.
+COMPONENT_SEED_OFFSET = {"text_encoder": 0, "unet": 1, "decoder": 2}

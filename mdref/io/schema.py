@@ -1,0 +1,154 @@
+"""Parameter schemas: the ordered ``{checkpoint key: shape}`` of each component, read off its spec.
+
+Loading checks a file against its schema (every missing, unexpected and mis-shaped key reported together), and the
+seeded initialisation draws one tensor per entry, so the schema, the files and the layer signatures cannot disagree.
+One set of helpers (`conv`, `linear`, `norm`, `resnet`) serves every component; keys are diffusers' /
+transformers' own, plus mdref's documented MobileDiffusion extensions (``to_kv``, ``conv1.depthwise`` ...).
+"""
+
+from __future__ import annotations
+
+from ..decoder import taesd_stages
+from ..specs import KLDecoderSpec
+
+__all__ = ["text_encoder_schema", "unet_schema", "decoder_schema", "num_parameters"]
+
+
+def conv(prefix, c_out, c_in, k, bias=True):
+    """nn.Conv2d(c_in, c_out, k) keys."""
+    return {f"{prefix}.weight": (c_out, c_in, k, k), **({f"{prefix}.bias": (c_out,)} if bias else {})}
+
+
+def linear(prefix, c_out, c_in, bias=True):
+    """nn.Linear(c_in, c_out) keys."""
+    return {f"{prefix}.weight": (c_out, c_in), **({f"{prefix}.bias": (c_out,)} if bias else {})}
+
+
+def norm(prefix, c):
+    """nn.GroupNorm / nn.LayerNorm over c channels: scale and shift."""
+    return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,)}
+
+
+def conv3x3(prefix, c_out, c_in, separable=False):
+    """A ResNet 3x3 conv, or MobileDiffusion's depthwise 3x3 + pointwise 1x1."""
+    if not separable:
+        return conv(prefix, c_out, c_in, 3)
+    return {**conv(f"{prefix}.depthwise", c_in, 1, 3), **conv(f"{prefix}.pointwise", c_out, c_in, 1)}
+
+
+def resnet(prefix, c_in, c_out, temb=None, separable=False):
+    """ResnetBlock2D keys; time_emb_proj only with a time embedding (UNet), conv_shortcut only when widths differ."""
+    s = {**norm(f"{prefix}.norm1", c_in), **conv3x3(f"{prefix}.conv1", c_out, c_in, separable),
+         **(linear(f"{prefix}.time_emb_proj", c_out, temb) if temb else {}), **norm(f"{prefix}.norm2", c_out),
+         **conv3x3(f"{prefix}.conv2", c_out, c_out, separable)}
+    return {**s, **(conv(f"{prefix}.conv_shortcut", c_out, c_in, 1) if c_in != c_out else {})}
+
+
+def attention(prefix, dim, kv_dim, *, shared_kv=False, qkv_bias=False):
+    """diffusers Attention keys: to_q, to_k + to_v (or MobileDiffusion's shared to_kv), to_out.0."""
+    kv = (linear(f"{prefix}.to_kv", dim, kv_dim, qkv_bias) if shared_kv else
+          {**linear(f"{prefix}.to_k", dim, kv_dim, qkv_bias), **linear(f"{prefix}.to_v", dim, kv_dim, qkv_bias)})
+    return {**linear(f"{prefix}.to_q", dim, dim, qkv_bias), **kv, **linear(f"{prefix}.to_out.0", dim, dim)}
+
+
+# ---- text encoder -------------------------------------------------------------------------------------------
+def text_encoder_schema(cfg):
+    """CLIPTextModel keys without the 'text_model.' prefix, in its parameter order."""
+    D, inner = cfg.hidden_size, cfg.intermediate_size
+    s = {"embeddings.token_embedding.weight": (cfg.vocab_size, D),
+         "embeddings.position_embedding.weight": (cfg.max_position_embeddings, D)}
+    for i in range(cfg.num_hidden_layers):
+        layer = f"encoder.layers.{i}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            s.update(linear(f"{layer}.self_attn.{proj}", D, D))
+        s.update({**norm(f"{layer}.layer_norm1", D), **linear(f"{layer}.mlp.fc1", inner, D),
+                  **linear(f"{layer}.mlp.fc2", D, inner), **norm(f"{layer}.layer_norm2", D)})
+    return {**s, **norm("final_layer_norm", D)}
+
+
+# ---- UNet ---------------------------------------------------------------------------------------------------
+def _transformer(prefix, st, spec, ff_mult):
+    C, inner = st.channels, ff_mult * st.channels
+    proj = (lambda n: linear(n, C, C)) if spec.linear_projection else (lambda n: conv(n, C, C, 1))
+    s = {**norm(f"{prefix}.norm", C), **proj(f"{prefix}.proj_in")}
+    for k in range(st.transformer_layers):
+        b = f"{prefix}.transformer_blocks.{k}"
+        if st.transformer == "full":
+            kv_dim = spec.context_dim if st.only_cross else C
+            s.update({**norm(f"{b}.norm1", C), **attention(f"{b}.attn1", C, kv_dim, shared_kv=spec.shared_kv)})
+        s.update({**norm(f"{b}.norm2", C), **attention(f"{b}.attn2", C, spec.context_dim, shared_kv=spec.shared_kv),
+                  **norm(f"{b}.norm3", C), **linear(f"{b}.ff.net.0.proj", 2 * inner, C),
+                  **linear(f"{b}.ff.net.2", C, inner)})
+    return {**s, **proj(f"{prefix}.proj_out")}
+
+
+def _stage(st, spec, ff_mult):
+    s = {}
+    for j, (c_in, c_out) in enumerate(st.resnets):
+        s.update(resnet(f"{st.name}.resnets.{j}", c_in, c_out, spec.time_embed_dim, st.separable))
+        if st.transformer != "none" and (st.name != "mid_block" or j == 0):   # mid block: resnet, attention, resnet
+            s.update(_transformer(f"{st.name}.attentions.{j}", st, spec, ff_mult))
+    if st.resample == "down":
+        s.update(conv(f"{st.name}.downsamplers.0.conv", st.channels, st.channels, 3))
+    if st.resample == "up":
+        s.update(conv(f"{st.name}.upsamplers.0.conv", st.channels, st.channels, 3))
+    return s
+
+
+def unet_schema(spec, ff_mult):
+    """UNet2DConditionModel keys (plus mdref's MobileDiffusion extensions), in module order."""
+    c0, temb = spec.down[0].resnets[0][0], spec.time_embed_dim
+    s = {**conv("conv_in", c0, spec.in_channels, 3), **linear("time_embedding.linear_1", temb, spec.sinusoid_dim),
+         **linear("time_embedding.linear_2", temb, temb)}
+    for st in spec.down + ((spec.mid,) if spec.mid else ()) + spec.up:
+        s.update(_stage(st, spec, ff_mult))
+    return {**s, **norm("conv_norm_out", c0), **conv("conv_out", spec.out_channels, c0, 3)}
+
+
+# ---- decoders -----------------------------------------------------------------------------------------------
+def _kl(spec):
+    c, top = spec.latent_channels, spec.widths[0]
+    s = conv("post_quant_conv", c, c, 1) if spec.post_quant_conv else {}
+    s.update({**conv("decoder.conv_in", top, c, 3), **resnet("decoder.mid_block.resnets.0", top, top)})
+    if spec.mid_attention:
+        a = "decoder.mid_block.attentions.0"
+        s.update({**norm(f"{a}.group_norm", top), **attention(a, top, top, qkv_bias=True)})
+    s.update(resnet("decoder.mid_block.resnets.1", top, top))
+    prev = top
+    for i, w in enumerate(spec.widths):                                   # up_blocks.0 is the lowest resolution
+        for j in range(spec.resnets_per_block):
+            s.update(resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else w, w))
+        if i < len(spec.widths) - 1:
+            s.update(conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", w, w, 3))
+        prev = w
+    return {**s, **norm("decoder.conv_norm_out", spec.widths[-1]),
+            **conv("decoder.conv_out", spec.out_channels, spec.widths[-1], 3)}
+
+
+def _taesd(spec):
+    s, w = {}, spec.width
+    for i, stage in enumerate(taesd_stages(spec)):
+        key = f"decoder.layers.{i}"
+        if stage == "block":
+            for j in (0, 2, 4):
+                s.update(conv(f"{key}.conv.{j}", w, w, 3))
+        elif stage == "conv_nobias":
+            s.update(conv(key, w, w, 3, bias=False))
+        elif stage == "conv":                                             # the first conv, or conv_out
+            s.update(conv(key, w, spec.latent_channels, 3) if i == 0 else conv(key, spec.out_channels, w, 3))
+    return s
+
+
+def decoder_schema(spec):
+    """Decode-side keys (post_quant_conv + decoder.*) in module order, diffusers names."""
+    return _kl(spec) if isinstance(spec, KLDecoderSpec) else _taesd(spec)
+
+
+def num_parameters(schema):
+    n = 0
+    for shape in schema.values():
+        size = 1
+        for d in shape:
+            size *= d
+        n += size
+    return n

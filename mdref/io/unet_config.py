@@ -1,0 +1,225 @@
+"""diffusers ``UNet2DConditionModel`` config.json -> `UNetConfig` (key policy, checks) -> `mdref.specs.UNetSpec`.
+
+Every diffusers key is either implemented, accepted only at diffusers' default (`DEFAULT_ONLY`: any other value is
+a ConfigError naming it), or ignored because it cannot change the forward pass (`IGNORED`). MobileDiffusion
+extensions (keys absent from diffusers; their defaults reproduce diffusers): ``transformer_kind`` per level
+("none" | "cross" | "full"; "cross" = cross-attention + FFN, no norm1 / attn1), ``mid_transformer_layers``,
+``shared_kv`` (one ``to_kv`` projection gives K = V), ``attention_weighting`` ("softmax" | "relu": relu(q k^T /
+sqrt(d)) / n_keys), ``ff_activation`` ("geglu" | "swiglu"), ``ff_mult``, ``separable_conv`` per level (ResNet
+conv1 / conv2 as depthwise 3x3 + pointwise 1x1), ``prediction_type``. The mid block is always made of full blocks
+(as diffusers' UNetMidBlock2DCrossAttn) and uses the innermost level's heads, cross_attention_dim and
+separable_conv. ``upcast_attention`` only changes fp16 / bf16 arithmetic in diffusers and is read and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..specs import Stage, UNetSpec
+from .config import ConfigError, from_dict, to_dict
+
+__all__ = ["UNetConfig", "unet_spec", "DEFAULT_ONLY", "IGNORED", "TRANSFORMER_NORM_EPS", "LAYER_NORM_EPS",
+           "TIME_EMBED_MULT", "DEFAULT_SAMPLE_SIZE"]
+
+# Constants diffusers hard-codes (not config.json keys); each becomes a UNetSpec field.
+TRANSFORMER_NORM_EPS = 1e-6     # Transformer2DModel.norm (GroupNorm at the transformer input)
+LAYER_NORM_EPS = 1e-5           # BasicTransformerBlock norm1 / norm2 / norm3
+TIME_EMBED_MULT = 4             # time_embed_dim = 4 * block_out_channels[0] (UNet2DConditionModel.__init__)
+DEFAULT_SAMPLE_SIZE = 64        # latent side when config.json leaves sample_size null (SD's 512 px / 8)
+
+DOWN_BLOCKS = {"CrossAttnDownBlock2D": "full", "DownBlock2D": "none"}   # block type -> default transformer kind
+UP_BLOCKS = {"CrossAttnUpBlock2D": "full", "UpBlock2D": "none"}
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+KINDS = ("none", "cross", "full")
+
+# diffusers keys whose only supported value is diffusers' default (any other value raises ConfigError).
+DEFAULT_ONLY = {
+    "center_input_sample": (False,), "downsample_padding": (1,), "mid_block_scale_factor": (1,),
+    "act_fn": ("silu", "swish"), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "num_attention_heads": (None,), "dual_cross_attention": (False,),
+    "class_embed_type": (None,), "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
+    "num_class_embeds": (None,), "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,), "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",), "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
+}
+# diffusers keys with no effect on this forward pass, ignored on purpose.
+IGNORED = {
+    "dropout": "inference only",
+    "mid_block_only_cross_attention": "read only by UNetMidBlock2DSimpleCrossAttn, which mdref does not build",
+    "addition_embed_type_num_heads": "read only when addition_embed_type is set (it must be null)",
+}
+
+
+@dataclass
+class UNetConfig:
+    """diffusers UNet2DConditionModel config.json fields (defaults = diffusers') plus mdref's MD extensions."""
+    sample_size: int | list | None = None               # default latent size (read by pipelines only)
+    in_channels: int = 4
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: list = field(default_factory=lambda: ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: list = field(default_factory=lambda: ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+    only_cross_attention: bool | list = False            # diffusers: attn1 attends to the text too
+    block_out_channels: list = field(default_factory=lambda: [320, 640, 1280, 1280])
+    layers_per_block: int | list = 2                     # ResNets per down block; up blocks get one more
+    transformer_layers_per_block: int | list = 1
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5                               # ResNet and output GroupNorm eps
+    cross_attention_dim: int | list = 1280
+    attention_head_dim: int | list = 8                   # SD convention: the number of heads per level
+    use_linear_projection: bool = False
+    upcast_attention: bool = False                       # no effect in float32 / float64
+    # ---- mdref extensions (MobileDiffusion); defaults reproduce diffusers ----
+    transformer_kind: list | None = None                 # per level "none" | "cross" | "full"; None: from block types
+    mid_transformer_layers: int | None = None            # None: transformer_layers_per_block[-1]
+    shared_kv: bool = False
+    attention_weighting: str = "softmax"                 # "softmax" | "relu"
+    ff_activation: str = "geglu"                         # "geglu" | "swiglu"
+    ff_mult: int = 4
+    separable_conv: list | None = None                   # per level bool; None: all false
+    prediction_type: str = "epsilon"                     # read by the sampler, not by the UNet
+
+    EXTENSIONS = ("transformer_kind", "mid_transformer_layers", "shared_kv", "attention_weighting",
+                  "ff_activation", "ff_mult", "separable_conv", "prediction_type")
+
+    @classmethod
+    def from_dict(cls, d, where="UNetConfig"):
+        """Build from a diffusers / mdref config dict; unsupported keys or values raise ConfigError naming them."""
+        for key, allowed in DEFAULT_ONLY.items():
+            if key in d and d[key] not in allowed:
+                raise ConfigError(f"{where}: {key}={d[key]!r} is not supported (mdref implements only "
+                                  f"{' or '.join(repr(a) for a in allowed)})")
+        return from_dict(cls, d, ignore=set(DEFAULT_ONLY) | set(IGNORED), where=where)
+
+    def __post_init__(self):
+        for key in ("down_block_types", "up_block_types", "block_out_channels", "transformer_kind", "separable_conv"):
+            if isinstance(getattr(self, key), tuple):
+                setattr(self, key, list(getattr(self, key)))
+        L = self.levels
+        if L < 1 or len(self.down_block_types) != L or len(self.up_block_types) != L:
+            raise ConfigError(f"UNetConfig: block_out_channels ({L} levels), down_block_types "
+                              f"({len(self.down_block_types)}) and up_block_types ({len(self.up_block_types)}) "
+                              f"must have the same length")
+        for key, table in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+            for t in getattr(self, key):
+                if t not in table:
+                    raise ConfigError(f"UNetConfig: {key} contains {t!r}; supported: {sorted(table)}")
+        if self.mid_block_type not in MID_BLOCKS:
+            raise ConfigError(f"UNetConfig: mid_block_type={self.mid_block_type!r}; supported: {list(MID_BLOCKS)}")
+        if not isinstance(self.norm_num_groups, int):
+            raise ConfigError(f"UNetConfig: norm_num_groups={self.norm_num_groups!r} must be an int")
+        for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim",
+                    "cross_attention_dim", "only_cross_attention", "transformer_kind", "separable_conv"):
+            self.per_level(key)                          # validates lengths and element types
+        if len(set(self.per_level("cross_attention_dim"))) != 1:
+            raise ConfigError(f"UNetConfig: cross_attention_dim {self.cross_attention_dim} differs between levels; "
+                              f"one context tensor feeds every level, so mdref needs a single width")
+        if self.mid_transformer_layers is not None and self.mid_block_type is None:
+            raise ConfigError("UNetConfig: mid_transformer_layers is set but mid_block_type is null (no mid block)")
+        if self.mid_transformer_layers is not None and not (isinstance(self.mid_transformer_layers, int)
+                                                            and self.mid_transformer_layers >= 1):
+            raise ConfigError(f"UNetConfig: mid_transformer_layers={self.mid_transformer_layers!r} must be an int >= 1")
+        for key, allowed in (("attention_weighting", ("softmax", "relu")), ("ff_activation", ("geglu", "swiglu")),
+                             ("prediction_type", ("epsilon", "v_prediction", "sample"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"UNetConfig: {key}={getattr(self, key)!r}; supported: {list(allowed)}")
+        if not (isinstance(self.ff_mult, int) and self.ff_mult >= 1):
+            raise ConfigError(f"UNetConfig: ff_mult={self.ff_mult!r} must be an int >= 1")
+        stage_plan(self)                                 # checks kinds vs block types, heads vs channels
+
+    @property
+    def levels(self):
+        return len(self.block_out_channels)
+
+    def per_level(self, key):
+        """The value of `key` for each level (down-block order), expanding a scalar; checks the list length."""
+        value = getattr(self, key)
+        defaults = {"transformer_kind": [DOWN_BLOCKS[t] for t in self.down_block_types],
+                    "separable_conv": [False] * self.levels}
+        if value is None and key in defaults:
+            return defaults[key]
+        kind = bool if key in ("only_cross_attention", "separable_conv") else str if key == "transformer_kind" else int
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * self.levels
+        if len(values) != self.levels:
+            raise ConfigError(f"UNetConfig: {key} has {len(values)} entries, expected one per level ({self.levels})")
+        least = 0 if key == "transformer_layers_per_block" else 1     # 0 is usual on levels without a transformer
+        for v in values:
+            if not isinstance(v, kind) or (kind is int and (isinstance(v, bool) or v < least)):
+                raise ConfigError(f"UNetConfig: {key} entry {v!r} is not supported "
+                                  f"(expected {f'an int >= {least}' if kind is int else kind.__name__})")
+            if key == "transformer_kind" and v not in KINDS:
+                raise ConfigError(f"UNetConfig: transformer_kind entry {v!r}; supported: {list(KINDS)}")
+        return values
+
+    def to_dict(self):
+        """config.json content: diffusers keys always, mdref extensions only where they differ from the default."""
+        d = {"_class_name": "UNet2DConditionModel"}
+        defaults = UNetConfig()
+        for k, v in to_dict(self).items():
+            if k not in self.EXTENSIONS or v != getattr(defaults, k):
+                d[k] = v
+        return d
+
+
+def stage_plan(cfg):
+    """(down stages, mid stage or None, up stages), reproducing UNet2DConditionModel.__init__'s channel plan."""
+    L, ch = cfg.levels, cfg.block_out_channels
+    layers, tlayers = cfg.per_level("layers_per_block"), cfg.per_level("transformer_layers_per_block")
+    heads = cfg.per_level("attention_head_dim")
+    only_cross, sep = cfg.per_level("only_cross_attention"), cfg.per_level("separable_conv")
+    kinds = cfg.per_level("transformer_kind")
+
+    def stage(name, level, resnets, kind, n_layers, resample, block_type):
+        """block_type None: the mid block (full blocks; diffusers' mid block ignores only_cross_attention)."""
+        if block_type is not None and (kind == "none") != (block_type in ("DownBlock2D", "UpBlock2D")):
+            raise ConfigError(f"UNetConfig: transformer_kind {kind!r} of level {level} does not fit {name} "
+                              f"of type {block_type}")
+        if kind == "cross" and only_cross[level]:
+            raise ConfigError(f"UNetConfig: only_cross_attention is set on level {level}, whose transformer_kind "
+                              f"is 'cross' (no attn1 to change)")
+        if kind != "none" and ch[level] % heads[level]:
+            raise ConfigError(f"UNetConfig: attention_head_dim (heads) {heads[level]} does not divide "
+                              f"block_out_channels[{level}] = {ch[level]}")
+        return Stage(name, tuple(resnets), ch[level], kind, n_layers, heads[level],
+                     only_cross[level] and kind == "full" and block_type is not None, sep[level], resample)
+
+    down, c = [], ch[0]
+    for i in range(L):
+        rs = [(c if j == 0 else ch[i], ch[i]) for j in range(layers[i])]
+        down.append(stage(f"down_blocks.{i}", i, rs, kinds[i], tlayers[i], "down" if i < L - 1 else None,
+                          cfg.down_block_types[i]))
+        c = ch[i]
+    mid = None
+    if cfg.mid_block_type is not None:
+        n = cfg.mid_transformer_layers or tlayers[-1]
+        mid = stage("mid_block", L - 1, [(ch[-1], ch[-1])] * 2, "full", n, None, None)
+    up, prev = [], ch[-1]
+    for i in range(L):
+        level = L - 1 - i                                 # up_blocks.0 is the innermost level
+        skip_in = ch[max(level - 1, 0)]                   # diffusers' `input_channel` of this up block
+        n = layers[level] + 1
+        rs = [((prev if j == 0 else ch[level]) + (skip_in if j == n - 1 else ch[level]), ch[level]) for j in range(n)]
+        kind = kinds[level] if cfg.transformer_kind is not None else UP_BLOCKS[cfg.up_block_types[i]]
+        up.append(stage(f"up_blocks.{i}", level, rs, kind, tlayers[level], "up" if i < L - 1 else None,
+                        cfg.up_block_types[i]))
+        prev = ch[level]
+    return down, mid, up
+
+
+def unet_spec(cfg):
+    """The frozen UNetSpec of a validated UNetConfig."""
+    down, mid, up = stage_plan(cfg)
+    s = cfg.sample_size if cfg.sample_size is not None else DEFAULT_SAMPLE_SIZE
+    c0 = cfg.block_out_channels[0]
+    return UNetSpec(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, sinusoid_dim=c0,
+        time_embed_dim=TIME_EMBED_MULT * c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
+        groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps, transformer_norm_eps=TRANSFORMER_NORM_EPS,
+        layer_norm_eps=LAYER_NORM_EPS, linear_projection=cfg.use_linear_projection, shared_kv=cfg.shared_kv,
+        weighting=cfg.attention_weighting, ff_activation=cfg.ff_activation,
+        context_dim=cfg.per_level("cross_attention_dim")[0],
+        sample_size=(s, s) if isinstance(s, int) else tuple(s), down=tuple(down), mid=mid, up=tuple(up))
