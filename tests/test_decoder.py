@@ -11,11 +11,13 @@ import json
 import numpy as np
 import pytest
 
-from mdref.config import ConfigError
-from mdref.decoder import (PRESETS, Decoder, DecoderConfig, config_from_diffusers, diffusers_to_raw_taesd,
-                           param_schema, raw_taesd_to_diffusers)
+from mdref.io import ConfigError
+from mdref.io import Decoder, DecoderConfig
+from mdref.io.decoder_config import config_from_diffusers
+from mdref.io.keymaps import diffusers_to_raw_taesd, raw_taesd_to_diffusers
+from mdref.io.presets import DECODER_PRESETS as PRESETS
 from mdref.trace import trace as tracing
-from mdref.weights import WeightsError, read_safetensors, write_safetensors
+from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -177,7 +179,7 @@ def test_save_pretrained_round_trip(kl_folder, tiny_folder, tmp_path):
         again = Decoder.from_pretrained(tmp_path / folder.name)
         assert again.config == dec.config
         assert set(read_safetensors(tmp_path / folder.name / "diffusion_pytorch_model.safetensors")[0]) == \
-            set(param_schema(dec.config))                           # decode side only
+            set(Decoder.param_schema(dec.config))                           # decode side only
         np.testing.assert_array_equal(again(latents), dec(latents))
         theirs = type(vae).from_pretrained(tmp_path / folder.name)   # diffusers reads mdref's folder too
         assert report(f"diffusers on mdref's {type(vae).__name__} folder", dec(latents),
@@ -197,7 +199,7 @@ def test_lite_preset_parameter_count_and_schema():
                                   latent_channels=8, down_block_types=["DownEncoderBlock2D"] * 4,
                                   up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=cfg.norm_num_groups)
     theirs = {k: tuple(v.shape) for k, v in vae.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))}
-    assert theirs == {k: tuple(v) for k, v in param_schema(cfg).items()}
+    assert theirs == {k: tuple(v) for k, v in Decoder.param_schema(cfg).items()}
     assert Decoder.from_preset("sd-vae").num_parameters() == 49_490_199    # SD's decoder: the paper's 49.5M
 
 
@@ -213,7 +215,7 @@ def test_config_errors(kl_folder):
         config_from_diffusers({**cfg, "_class_name": "VQModel"})
     with pytest.raises(ConfigError, match="divisible"):
         DecoderConfig(block_out_channels=(24,), norm_num_groups=32)
-    with pytest.raises(ConfigError, match="unknown decoder preset"):
+    with pytest.raises(ConfigError, match="Decoder: unknown preset"):
         Decoder.from_preset("nope")
     with pytest.raises(ValueError, match=r"\[B, 4, h, w\].*\(1, 3, 2, 2\)"):
         Decoder.from_preset("taesd")(np.zeros((1, 3, 2, 2)))

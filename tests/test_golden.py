@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdref.pipeline import DEFAULT_MODEL_DIR, Pipeline
+from mdref.io.pipeline_folder import DEFAULT_MODEL_DIR
+from mdref.pipeline import Pipeline
 from mdref.trace import trace
 
 GOLDEN = Path(__file__).resolve().parent.parent / "weights" / "golden"

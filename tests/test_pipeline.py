@@ -5,31 +5,24 @@ import numpy as np
 import pytest
 
 import mdref
-from mdref import decoder as decoder_mod
 from mdref import sampler
-from mdref import text_encoder as te_mod
-from mdref import unet as unet_mod
-from mdref.pipeline import PRESETS, Pipeline, to_pixels
-
-
-def _config(entry, presets, make):
-    """A component's config from a pipeline preset entry: a component preset name or a config dict."""
-    value = presets[entry] if isinstance(entry, str) else entry
-    return make(value) if isinstance(value, dict) else value
+from mdref.io.presets import PIPELINE_PRESETS as PRESETS
+from mdref.pipeline import Pipeline, to_pixels
 
 
 def _preset_count(name):
     """Parameters of a pipeline preset, from the weight schemas (no weights are materialised)."""
     spec = PRESETS[name]
-    te = _config(spec["text_encoder"], te_mod.PRESETS, te_mod.TextEncoderConfig.from_dict)
-    un = _config(spec["unet"], unet_mod.PRESETS, unet_mod.UNetConfig.from_dict)
-    dec = _config(spec["decoder"], decoder_mod.PRESETS, lambda d: decoder_mod.DecoderConfig(**d))
-    schemas = (te_mod.param_schema(te), unet_mod.param_schema(un), decoder_mod.param_schema(dec))
-    return sum(int(np.prod(shape)) for schema in schemas for shape in schema.values())
+    total = 0
+    for key, kind in (("text_encoder", mdref.TextEncoder), ("unet", mdref.UNet), ("decoder", mdref.Decoder)):
+        entry = spec[key]
+        config = kind.as_config(kind.presets[entry] if isinstance(entry, str) else entry, key)
+        total += sum(int(np.prod(shape)) for shape in kind.param_schema(config).values())
+    return total
 
 
 def test_mobilediffusion_preset_is_520m():
-    """DESIGN.md: 520M parameters in total (CLIP-L text tower + 386M UNet + 9.8M decoder), within 2%."""
+    """docs/architecture.md: 520M parameters in total (CLIP-L text tower + 386M UNet + 9.8M decoder), within 2%."""
     n = _preset_count("mobilediffusion")
     assert abs(n - 520e6) <= 0.02 * 520e6, n
 

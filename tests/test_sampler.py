@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mdref import sampler as S
-from mdref.config import ConfigError
+from mdref.io import ConfigError
+from mdref.io import scheduler_config as SC
 
 SCHEDULES = [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02), ("linear", 0.00085, 0.012),
              ("scaled_linear", 0.0001, 0.02)]
@@ -29,7 +30,7 @@ def test_alphas_cumprod_equal_diffusers(schedule, start, end):
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.DDPMScheduler(beta_start=start, beta_end=end, beta_schedule=schedule)
-    cfg = S.SchedulerConfig(beta_schedule=schedule, beta_start=start, beta_end=end)
+    cfg = SC.SchedulerConfig(beta_schedule=schedule, beta_start=start, beta_end=end)
     b, abar = S.betas(cfg), S.alphas_cumprod(cfg)
     assert b.dtype == abar.dtype == np.float32 and abar.shape == (1000,)
     nb, na = int(np.sum(b != ref.betas.numpy())), int(np.sum(abar != ref.alphas_cumprod.numpy()))
@@ -41,7 +42,7 @@ def test_alphas_cumprod_equal_diffusers(schedule, start, end):
 
 
 def test_float64_schedule_is_the_float32_table_widened():
-    cfg = S.SchedulerConfig()
+    cfg = SC.SchedulerConfig()
     a32, a64 = S.alphas_cumprod(cfg), S.alphas_cumprod(cfg, np.float64)
     assert a64.dtype == np.float64 and np.array_equal(a64, a32.astype(np.float64))
     exact = S.alphas_cumprod(cfg, np.float64, exact=True)
@@ -76,7 +77,7 @@ def test_predict_x0_inverts_the_forward_process(prediction_type, t):
     predict_x0 must give back x0, up to float64 rounding amplified by 1/sqrt(abar) (<= 15 at t = 999)."""
     rng = np.random.default_rng(t)
     x0, eps = rng.standard_normal((2, 4, 3, 5)), rng.standard_normal((2, 4, 3, 5))
-    a = S.alphas_cumprod(S.SchedulerConfig(), np.float64)[t]
+    a = S.alphas_cumprod(SC.SchedulerConfig(), np.float64)[t]
     x_t = S.add_noise(x0, eps, a)
     target = {"epsilon": eps, "v_prediction": np.sqrt(a) * eps - np.sqrt(1 - a) * x0, "sample": x0}[prediction_type]
     err = np.max(np.abs(S.predict_x0(target, x_t, a, prediction_type) - x0))
@@ -87,7 +88,7 @@ def test_predict_x0_inverts_the_forward_process(prediction_type, t):
 def test_x0_sampler_one_and_few_steps():
     """One step: one call at t=999 on the pure noise. Few steps: each next call sees x0 re-noised with the next
     draw to the next trailing timestep."""
-    cfg = S.SchedulerConfig()
+    cfg = SC.SchedulerConfig()
     abar = S.alphas_cumprod(cfg, np.float64)
     calls = []
 
@@ -135,7 +136,7 @@ def test_euler_matches_diffusers(prediction_type, steps):
         out = fake_unet(inp, float(t), lambda x: torch.flip(x, (3,)))
         latents = sched.step(out, t, latents).prev_sample
     ref = latents.numpy()
-    cfg = S.SchedulerConfig(prediction_type=prediction_type, sampler="euler")
+    cfg = SC.SchedulerConfig(prediction_type=prediction_type, sampler="euler")
     got = S.sample_euler(lambda x, t: fake_unet(x, float(t), lambda y: np.flip(y, 3)), noise, cfg, steps)
     err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
     print(f"euler {prediction_type} {steps} step(s) vs diffusers: relative max|err| {err:.2e}")
@@ -144,7 +145,7 @@ def test_euler_matches_diffusers(prediction_type, steps):
 
 def test_euler_one_step_is_x0_of_scaled_noise():
     """The identity in the module doc: one Euler step == predict_x0 on sqrt(1 - abar_T) * noise at t = T-1."""
-    cfg = S.SchedulerConfig(sampler="euler")
+    cfg = SC.SchedulerConfig(sampler="euler")
     noise = S.initial_noise((1, 4, 3, 3), seed=1, dtype=np.float64)
     model = lambda x, t: 0.3 * x + 0.1                              # noqa: E731
     got = S.sample(model, cfg, noise.shape, noise=noise, dtype=np.float64)
@@ -159,7 +160,7 @@ def test_euler_sigmas_equal_diffusers():
                                              timestep_spacing="trailing")
     for steps in (1, 2, 3, 4):
         sched.set_timesteps(steps)
-        got = S.euler_sigmas(S.SchedulerConfig(), S.trailing_timesteps(1000, steps))
+        got = S.euler_sigmas(SC.SchedulerConfig(), S.trailing_timesteps(1000, steps))
         assert int(ulps(got, sched.sigmas.numpy()).max()) <= 1
         assert got.max() == np.float32(sched.init_noise_sigma)
 
@@ -189,7 +190,7 @@ def test_noise_override_and_shape_errors():
     with pytest.raises(ValueError, match=r"noise has shape \(2, 4, 5, 3\), expected \(2, 4, 3, 5\)$"):
         S.sampling_noise(shape, 1, noise=np.zeros((2, 4, 5, 3)))
     with pytest.raises(ValueError, match=r"expected \(2, 4, 3, 5\) or \(2, 2, 4, 3, 5\)"):
-        S.sample(lambda x, t: x, S.SchedulerConfig(), shape, steps=2, noise=np.zeros((3,) + shape))
+        S.sample(lambda x, t: x, SC.SchedulerConfig(), shape, steps=2, noise=np.zeros((3,) + shape))
 
 
 def test_guidance():
@@ -214,24 +215,24 @@ SD_TURBO_LIKE = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": 
 
 def test_read_diffusers_scheduler_config(tmp_path):
     (tmp_path / "scheduler_config.json").write_text(json.dumps(SD_TURBO_LIKE))
-    cfg = S.load_scheduler_config(tmp_path)
-    assert cfg == S.SchedulerConfig(sampler="euler")
+    cfg = SC.load_scheduler_config(tmp_path)
+    assert cfg == SC.SchedulerConfig(sampler="euler")
     for key, value, msg in [("timestep_spacing", "leading", "timestep_spacing"), ("use_karras_sigmas", True, "karras"),
                             ("beta_schedule", "squaredcos_cap_v2", "beta_schedule"), ("sigma_data", 1, "unsupported"),
                             ("prediction_type", "flow", "prediction_type"), ("final_sigmas_type", "sigma_min", "final")]:
         with pytest.raises(ConfigError, match=msg):
-            S.scheduler_config_from_diffusers({**SD_TURBO_LIKE, key: value})
+            SC.scheduler_config_from_diffusers({**SD_TURBO_LIKE, key: value})
     with pytest.raises(ConfigError, match="DDIMScheduler"):
-        S.scheduler_config_from_diffusers({**SD_TURBO_LIKE, "_class_name": "DDIMScheduler"})
+        SC.scheduler_config_from_diffusers({**SD_TURBO_LIKE, "_class_name": "DDIMScheduler"})
     with pytest.raises(ConfigError, match="timestep_spacing"):                       # diffusers default: linspace
-        S.scheduler_config_from_diffusers({"_class_name": "EulerDiscreteScheduler"})
+        SC.scheduler_config_from_diffusers({"_class_name": "EulerDiscreteScheduler"})
 
 
 def test_scheduler_config_round_trip():
     diffusers = pytest.importorskip("diffusers")
-    for cfg in (S.SchedulerConfig(), S.SchedulerConfig(sampler="euler", prediction_type="v_prediction")):
-        d = S.scheduler_config_to_dict(cfg)
-        assert S.scheduler_config_from_diffusers(json.loads(json.dumps(d))) == cfg
-    d = S.scheduler_config_to_dict(S.SchedulerConfig(sampler="euler"))
+    for cfg in (SC.SchedulerConfig(), SC.SchedulerConfig(sampler="euler", prediction_type="v_prediction")):
+        d = SC.scheduler_config_to_dict(cfg)
+        assert SC.scheduler_config_from_diffusers(json.loads(json.dumps(d))) == cfg
+    d = SC.scheduler_config_to_dict(SC.SchedulerConfig(sampler="euler"))
     theirs = diffusers.EulerDiscreteScheduler.from_config(d)                       # diffusers reads it as-is
     assert theirs.config.timestep_spacing == "trailing" and theirs.config.beta_schedule == "scaled_linear"

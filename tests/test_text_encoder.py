@@ -21,10 +21,11 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from mdref.trace import trace as trace_activations  # noqa: E402
-from mdref.config import ConfigError  # noqa: E402
-from mdref.text_encoder import PRESETS, TextEncoder, TextEncoderConfig, param_schema  # noqa: E402
+from mdref.io import ConfigError  # noqa: E402
+from mdref.io import TextEncoder, TextEncoderConfig  # noqa: E402
+from mdref.io.presets import TEXT_ENCODER_PRESETS as PRESETS  # noqa: E402
 from mdref.tokenizer import Tokenizer  # noqa: E402
-from mdref.weights import WeightsError  # noqa: E402
+from mdref.io.safetensors import WeightsError  # noqa: E402
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 ERRORS = {}                     # test id -> measured max relative error (printed with -s)
@@ -208,7 +209,7 @@ def test_clip_vit_l_14_preset_parameter_count():
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
             cfg.max_position_embeddings, cfg.vocab_size) == (768, 12, 12, 3072, "quick_gelu", 77, 49408)
     with torch.device("meta"):                            # shapes only: no 0.5 GB allocation for the oracle
-        oracle = transformers.CLIPTextModel(transformers.CLIPTextConfig(**te.config.to_json()))
+        oracle = transformers.CLIPTextModel(transformers.CLIPTextConfig(**te.config.to_dict()))
     n = oracle.num_parameters()
     print(f"\n[text_encoder] clip-vit-l-14: mdref {te.num_parameters():,} parameters, transformers {n:,}")
     assert te.num_parameters() == n == 123_060_480
@@ -218,10 +219,11 @@ def test_clip_vit_l_14_preset_parameter_count():
 
 
 def test_presets_match_transformers_counts():
-    for name, cfg in PRESETS.items():
+    for name, preset in PRESETS.items():
+        cfg = TextEncoderConfig.from_dict(preset)
         with torch.device("meta"):
-            oracle = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg.to_json()))
-        assert sum(int(np.prod(s)) for s in param_schema(cfg).values()) == oracle.num_parameters(), name
+            oracle = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg.to_dict()))
+        assert sum(int(np.prod(s)) for s in TextEncoder.param_schema(cfg).values()) == oracle.num_parameters(), name
 
 
 def _leaves(tree):

@@ -1,12 +1,12 @@
 """Golden-reference tooling: traces, compare naming the first divergence, golden bundles, float64 ground truth."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 import mdref
-from mdref import unet as unet_mod
 from mdref.cli import main
 from mdref.comparison import compare
 from mdref.pipeline import Pipeline
@@ -74,13 +74,14 @@ def test_compare_detects_a_groupnorm_eps_change_in_float64(tiny64, monkeypatch):
     """1e-6 vs 1e-5 in the transformers' input GroupNorm: invisible to the eye, caught by compare in float64
     at the first transformer."""
     ref = _trace(tiny64)
-    monkeypatch.setattr(unet_mod, "TRANSFORMER_NORM_EPS", 1e-5)
+    spec = tiny64.unet.spec                                            # the eps is a spec field, visible here
+    monkeypatch.setattr(tiny64.unet, "spec", dataclasses.replace(spec, transformer_norm_eps=1e-5))
     report = compare(ref, _trace(tiny64))
     assert report.first_divergence is not None
     assert report.first_divergence.startswith("unet.down_blocks.1.attentions.0")
     worst = max(p.rel_to_max for p in report.points)
     assert worst < 1e-2          # a small change, yet above the float64 default tolerance
-    monkeypatch.setattr(unet_mod, "TRANSFORMER_NORM_EPS", 1e-6)
+    monkeypatch.setattr(tiny64.unet, "spec", spec)
     assert compare(ref, _trace(tiny64)).ok
 
 

@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-import mdref.weights as W  # noqa: E402
-from mdref.config import ConfigError  # noqa: E402
+import mdref.io.safetensors as W  # noqa: E402
+from mdref.io import ConfigError  # noqa: E402
 from mdref.trace import trace  # noqa: E402
-from mdref.unet import UNet, UNetConfig  # noqa: E402
+from mdref.io import UNet, UNetConfig  # noqa: E402
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 

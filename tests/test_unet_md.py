@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+import types
 
 import numpy as np
 import pytest
@@ -16,9 +17,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")                  # recipe/twin.py borrows diffusers' timestep embedding
 
-import mdref.weights as W  # noqa: E402
+import mdref.io.safetensors as W  # noqa: E402
 from mdref import unet as U  # noqa: E402
-from mdref.unet import UNet, UNetConfig  # noqa: E402
+from mdref.io import ConfigError, UNet, UNetConfig  # noqa: E402
+from mdref.io.presets import UNET_PRESETS  # noqa: E402
+from mdref.io.unet_config import LAYER_NORM_EPS  # noqa: E402
+from mdref.specs import Stage  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
 twin = importlib.util.module_from_spec(_spec)
@@ -47,6 +51,13 @@ def randomize(module, seed):
 def params_of(module, dtype):
     """The twin's state_dict as an mdref parameter tree (same key names, so no mapping)."""
     return W.nest({k: v.detach().numpy().astype(np_dtype(dtype)) for k, v in module.state_dict().items()})
+
+
+def block_spec(kind, heads, weighting):
+    """The Stage and spec fields a BasicTransformerBlock reads (shared K/V, SwiGLU, diffusers' LayerNorm eps)."""
+    st = Stage("block", (), 32, kind, 1, heads, False, False, None)
+    spec = types.SimpleNamespace(weighting=weighting, layer_norm_eps=LAYER_NORM_EPS, ff_activation="swiglu")
+    return dict(st=st, spec=spec)
 
 
 def np_dtype(dtype):
@@ -80,7 +91,7 @@ def test_attention_matches_twin(weighting, shared_kv, mode, dtype):
         ctx, tctx = None, None
     with torch.no_grad():
         ref = m(tx, tctx)
-    ours = U.attention(params_of(m, dtype), x, ctx, heads=4, shared_kv=shared_kv, weighting=weighting)
+    ours = U.attention(x, ctx, **params_of(m, dtype), heads=4, weighting=weighting)
     check(f"attention {weighting} shared_kv={shared_kv} {mode}", ours, ref, dtype)
 
 
@@ -91,7 +102,7 @@ def test_feed_forward_matches_twin(activation, dtype):
     (x,), (tx,) = tensors(dtype, (2, 20, 32))
     with torch.no_grad():
         ref = m(tx)
-    check(f"ff {activation}", U.feed_forward(params_of(m, dtype), x, activation=activation), ref, dtype)
+    check(f"ff {activation}", U.feed_forward(x, **params_of(m, dtype), activation=activation), ref, dtype)
 
 
 @DTYPES
@@ -101,7 +112,7 @@ def test_separable_resnet_matches_twin(c_in, c_out, dtype):
     (x, temb), (tx, ttemb) = tensors(dtype, (2, c_in, 6, 10), (2, 40))
     with torch.no_grad():
         ref = m(tx, ttemb)
-    ours = U.resnet_block(params_of(m, dtype), x, temb, groups=8, eps=1e-5, separable=True)
+    ours = U.resnet(x, temb, **params_of(m, dtype), groups=8, eps=1e-5, separable=True)
     check(f"separable resnet {c_in}->{c_out}", ours, ref, dtype)
 
 
@@ -113,8 +124,7 @@ def test_transformer_block_matches_twin(kind, dtype):
     (x, ctx), (tx, tctx) = tensors(dtype, (2, 20, 32), (2, 7, 24))
     with torch.no_grad():
         ref = m(tx, tctx)
-    ours = U.transformer_block(params_of(m, dtype), x, ctx, kind=kind, only_cross=False, heads=4, shared_kv=True,
-                               weighting=cfg["attention_weighting"], ff_activation="swiglu", eps=U.LAYER_NORM_EPS,
+    ours = U.transformer_block(x, ctx, **params_of(m, dtype), **block_spec(kind, 4, cfg["attention_weighting"]),
                                name="block")
     check(f"{kind} transformer block", ours, ref, dtype)
 
@@ -185,8 +195,8 @@ def test_shared_kv_equals_standard_attention_with_equal_k_and_v(weighting):
     shared = random_attention_params(16, 12, seed=8, shared_kv=True)
     standard = {"to_q": shared["to_q"], "to_k": shared["to_kv"], "to_v": shared["to_kv"], "to_out": shared["to_out"]}
     x, ctx = RNG(9).standard_normal((2, 10, 16)), RNG(10).standard_normal((2, 6, 12))
-    a = U.attention(shared, x, ctx, heads=2, shared_kv=True, weighting=weighting)
-    b = U.attention(standard, x, ctx, heads=2, shared_kv=False, weighting=weighting)
+    a = U.attention(x, ctx, **shared, heads=2, weighting=weighting)
+    b = U.attention(x, ctx, **standard, heads=2, weighting=weighting)
     np.testing.assert_array_equal(a, b)
 
 
@@ -197,7 +207,7 @@ def test_relu_attention_of_all_negative_scores_is_zero():
     p = {"to_q": {"weight": np.eye(dim)}, "to_kv": {"weight": -np.eye(dim)},
          "to_out": {"0": {"weight": RNG(12).standard_normal((dim, dim)), "bias": bias}}}
     x, ctx = RNG(13).uniform(0.1, 1, (2, 5, dim)), RNG(14).uniform(0.1, 1, (2, 4, dim))
-    out = U.attention(p, x, ctx, heads=2, shared_kv=True, weighting="relu")
+    out = U.attention(x, ctx, **p, heads=2, weighting="relu")
     np.testing.assert_array_equal(out, np.broadcast_to(bias, out.shape))
 
 
@@ -207,9 +217,9 @@ def test_cross_only_block_ignores_self_attention_weights(tmp_path):
     p = params_of(full, torch.float64)                                  # has norm1 / attn1
     cross_only = {k: v for k, v in p.items() if k not in ("norm1", "attn1")}
     x, ctx = RNG(16).standard_normal((2, 12, 32)), RNG(17).standard_normal((2, 5, 24))
-    kw = dict(kind="cross", only_cross=False, heads=4, shared_kv=True, weighting="softmax", ff_activation="swiglu",
-              eps=U.LAYER_NORM_EPS, name="block")
-    np.testing.assert_array_equal(U.transformer_block(p, x, ctx, **kw), U.transformer_block(cross_only, x, ctx, **kw))
+    kw = dict(block_spec("cross", 4, "softmax"), name="block")
+    np.testing.assert_array_equal(U.transformer_block(x, ctx, **p, **kw),
+                                  U.transformer_block(x, ctx, **cross_only, **kw))
     # ... and a checkpoint that carries attn1 weights for a cross-only level is refused, naming the keys.
     config = twin.tiny_md_config()
     unet = UNet.from_config(UNetConfig.from_dict(config), seed=0)
@@ -223,8 +233,8 @@ def test_cross_only_block_ignores_self_attention_weights(tmp_path):
 
 
 def test_mobilediffusion_preset_layout_and_parameter_count():
-    cfg = UNetConfig.from_dict(U.PRESETS["mobilediffusion"])
-    schema = U.param_schema(cfg)
+    cfg = UNetConfig.from_dict(UNET_PRESETS["mobilediffusion"])
+    schema = UNet.param_schema(cfg)
     n = sum(int(np.prod(s)) for s in schema.values())
     print(f"mobilediffusion preset: {n:,} parameters")
     assert abs(n - 386e6) <= 0.01 * 386e6
@@ -251,5 +261,5 @@ def test_mobilediffusion_preset_layout_and_parameter_count():
     (dict(attention_head_dim=[1, 3, 2]), "attention_head_dim"),                 # 3 heads do not divide 32
 ])
 def test_inconsistent_md_config_names_the_key(change, key):
-    with pytest.raises(U.ConfigError, match=key):
+    with pytest.raises(ConfigError, match=key):
         UNetConfig.from_dict(dict(twin.tiny_md_config(), **change))

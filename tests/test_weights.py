@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
-from mdref import weights
-from mdref.weights import WeightsError
+from mdref.io import safetensors as weights
+from mdref.io.safetensors import WeightsError
 
 FLOATS = [np.float16, np.float32, np.float64]
 

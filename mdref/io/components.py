@@ -48,7 +48,8 @@ def compute_dtype(dtype, who):
 
 def locate(path, subfolder, weights_names):
     """(config.json or None, [weights files]) for a component folder, a pipeline folder holding `subfolder`, or a
-    .safetensors file. `weights_names`: file names (or globs) tried in order; '<name>.index.json' finds shards."""
+    .safetensors file. `weights_names`: file names (or globs) tried in order; '<name>.index.json' finds shards.
+    A folder without weights gives the WeightsError to raise in place of the list, once its config has been read."""
     path = Path(path)
     refuse_pickle(path)
     if path.is_file():
@@ -72,8 +73,8 @@ def locate(path, subfolder, weights_names):
         if len(found) == 1:
             return config, found
     present = sorted(p.name for p in path.iterdir())
-    raise WeightsError(f"{path}: no {weights_names[0]} (found {present}); mdref reads safetensors only (convert a "
-                       f".bin / .pt checkpoint to safetensors first; it is never unpickled)")
+    return config, WeightsError(f"{path}: no {weights_names[0]} (found {present}); mdref reads safetensors only "
+                                f"(convert a .bin / .pt checkpoint to safetensors first; it is never unpickled)")
 
 
 class Component:
@@ -99,11 +100,11 @@ class Component:
         raise NotImplementedError
 
     @classmethod
-    def read_checkpoint(cls, config_path, flat, where):
-        """(config, flat tensors renamed to the schema's keys) from what `locate` found."""
-        if config_path is None:
+    def read_checkpoint(cls, config, flat, where):
+        """(config, flat tensors renamed to the schema's keys); config is None when no config.json was found."""
+        if config is None:
             raise ConfigError(f"{where}: no {CONFIG_NAME} beside the weights")
-        return cls.config_class.from_dict(read_json(config_path), where=str(config_path)), flat
+        return config, flat
 
     def checkpoint_keys(self, flat):
         """The keys save_pretrained writes (the schema's keys, unless the layout prefixes them)."""
@@ -139,11 +140,15 @@ class Component:
         beside it. Weights may be stored f16 / bf16 / f32 / f64; they are cast to dtype."""
         dtype = compute_dtype(dtype, cls.__name__)
         config_path, files = locate(path, cls.subfolder, cls.weights_names)
+        config = None if config_path is None else cls.config_class.from_dict(read_json(config_path),
+                                                                             where=str(config_path))
+        if isinstance(files, WeightsError):
+            raise files
         flat = {}
         for f in files:
             flat.update(read_safetensors(f)[0])
         where = ", ".join(str(f) for f in files)
-        config, flat = cls.read_checkpoint(config_path, flat, where)
+        config, flat = cls.read_checkpoint(config, flat, where)
         schema = cls.param_schema(config)
         check_schema(flat, schema, where)
         return cls(config, nest({k: flat[k].astype(dtype) for k in schema}), dtype)
@@ -175,8 +180,8 @@ class TextEncoder(Component):
         return text_encoder_schema(config)
 
     @classmethod
-    def read_checkpoint(cls, config_path, flat, where):
-        config, flat = super().read_checkpoint(config_path, flat, where)
+    def read_checkpoint(cls, config, flat, where):
+        config, flat = super().read_checkpoint(config, flat, where)
         return config, keymaps.text_encoder_keys(flat)
 
     def checkpoint_keys(self, flat):
@@ -244,14 +249,13 @@ class Decoder(Component):
         return decoder_schema(decoder_spec(config))
 
     @classmethod
-    def read_checkpoint(cls, config_path, flat, where):
+    def read_checkpoint(cls, config, flat, where):
         if keymaps.is_raw_taesd(flat):                      # taesd.py's Sequential: the layout is read off the keys
             flat = keymaps.raw_taesd_to_diffusers(flat)
             return keymaps.config_from_raw_taesd(flat), flat
-        if config_path is None:
+        if config is None:
             raise WeightsError(f"{where}: no config.json beside it (only a raw TAESD decoder, whose keys are "
                                f"Sequential indices, loads without one)")
-        config = DecoderConfig.from_dict(read_json(config_path), where=str(config_path))
         return config, keymaps.select_decoder_keys(flat, config)
 
     @property
