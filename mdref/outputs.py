@@ -50,6 +50,22 @@ def _check_target(path, what, *, folder):
     p = Path(s)
     if not folder and s.endswith(("/", os.sep)):
         raise OutputError(f"{what} {s}: ends in '/', so it names a folder; expected a file name")
+    parent = p.parent
+    try:
+        parent_is_dir = stat.S_ISDIR(os.stat(parent).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise OutputError(f"{what} {s}: no such folder {parent}") from None
+    except OSError as e:          # ENAMETOOLONG, EACCES, ELOOP
+        raise OutputError(f"{what} {s[:80]}: cannot be used as an output path ({_reason(e)})") from None
+    if not parent_is_dir:
+        raise OutputError(f"{what} {s}: {parent} is not a folder")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(p.name)) > name_max:
+        raise OutputError(f"{what} {s[:60]}...: the name is {len(os.fsencode(p.name))} bytes, longer than the "
+                          f"filesystem's limit of {name_max}")
     try:
         st = os.lstat(p)
     except FileNotFoundError:
@@ -75,17 +91,6 @@ def _check_target(path, what, *, folder):
                     or stat.S_ISBLK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
                     else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
             raise OutputError(f"{what} {s}: exists and is {kind} (expected a new path or a regular file)")
-    parent = p.parent
-    if not parent.is_dir():
-        missing = not parent.exists()
-        raise OutputError(f"{what} {s}: " + (f"no such folder {parent}" if missing else f"{parent} is not a folder"))
-    try:
-        name_max = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    if len(os.fsencode(p.name)) > name_max:
-        raise OutputError(f"{what} {s[:60]}...: the name is {len(os.fsencode(p.name))} bytes, longer than the "
-                          f"filesystem's limit of {name_max}")
     probe = _temp_name(parent)   # can a file be created next to it at all? (read-only fs, permissions, /proc)
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
