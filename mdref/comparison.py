@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -187,7 +188,7 @@ def _compare_point(name, xa, xb, rtol, atol, n_excerpt):
 
 
 def _check_tol(value, name):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) or value < 0:
         raise ValueError(f"{name} must be a number >= 0, found {value!r}")
     return float(value)
 

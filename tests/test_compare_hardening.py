@@ -193,6 +193,14 @@ def test_metrics_are_over_the_finite_in_both_positions():
     assert r.first_divergence == "p" and r.excerpt == [((2,), 2.0, 2.5)]
 
 
+def test_compare_checks_its_tolerances():
+    x = {"p": np.ones(2)}
+    assert compare(x, x, rtol=np.float32(1e-3), atol=0).ok
+    for bad in (-1.0, float("nan"), "1e-3", True):
+        with pytest.raises(ValueError, match="rtol must be a number >= 0"):
+            compare(x, x, rtol=bad)
+
+
 def test_all_nan_point_agrees_with_all_nan():
     r, p = _one([np.nan, np.nan], [np.nan, np.nan])
     assert r.ok and p.max_abs == 0.0 and p.nonfinite_a == 2
