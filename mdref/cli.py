@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,19 +105,42 @@ def _manifest(pipe, args, result):
 
 
 def _atomic_png(image, path, text):
+    """Write the PNG through mdref.outputs.atomic_write: nothing is left behind if the write fails."""
     from PIL.PngImagePlugin import PngInfo
+
+    from .outputs import atomic_write
 
     info = PngInfo()
     for k, v in text.items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "-o")
+
+
+@contextmanager
+def _usage_errors(option=None):
+    """Report mdref's named errors about outputs, point patterns and trace files as UsageError (exit 2)."""
+    from .outputs import OutputError
+    from .trace import PatternError, TraceError
+
+    try:
+        yield
+    except PatternError as e:
+        raise UsageError(f"{option}: {e}" if option else str(e)) from None
+    except (OutputError, TraceError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_output(path):
+    """Refuse a bad -o before any model is loaded or run (see mdref.outputs)."""
+    from .outputs import check_output_path
+
+    with _usage_errors():
+        check_output_path(path, "-o")
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
 def cmd_generate(args):
+    _check_output(args.output)
     t0 = time.perf_counter()
     pipe = load_pipeline(args)
     load_s = time.perf_counter() - t0
@@ -129,7 +152,9 @@ def cmd_generate(args):
         print(f"{stage:<13} {s * 1000:9.1f} ms", file=sys.stderr)
     meta = _manifest(pipe, args, result)
     meta.pop("token_ids")
-    _atomic_png(result.pil()[0], args.output, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    with _usage_errors():
+        _atomic_png(result.pil()[0], args.output,
+                    {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -150,35 +175,53 @@ def cmd_info(args):
 
 
 def cmd_trace(args):
-    from .trace import save_trace, trace
+    from .trace import point_matcher, save_trace, trace
 
+    _check_output(args.output)
+    with _usage_errors("--points"):
+        point_matcher(args.points)
     pipe = load_pipeline(args)
     with trace(args.points) as t:
         result = _run(pipe, args)
-    save_trace(args.output, t, _manifest(pipe, args, result))
+    if not t.arrays:
+        raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches (nothing written)")
+    with _usage_errors():
+        save_trace(args.output, t, _manifest(pipe, args, result), what="-o")
     print(f"wrote {len(t.arrays)} points to {args.output}", file=sys.stderr)
     return 0
 
 
+def _tolerance_arg(value, option):
+    if value is not None and not value >= 0:          # also refuses nan
+        raise UsageError(f"{option} must be a number >= 0, got {value}")
+
+
 def cmd_compare(args):
     from .comparison import compare, format_report
-    from .trace import load_trace
+    from .trace import TraceError, load_trace, point_matcher
     from .io.safetensors import WeightsError
 
+    _tolerance_arg(args.rtol, "--rtol")
+    _tolerance_arg(args.atol, "--atol")
+    with _usage_errors("--points"):
+        point_matcher(args.points)
     traces = []
     for path in (args.a, args.b):
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise UsageError(f"{path}: no such trace file")
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: not a regular file (expected a trace .safetensors file)")
         try:
             traces.append(load_trace(path)[0])
-        except (WeightsError, ValueError, KeyError) as e:
-            raise UsageError(f"{path}: not a readable trace file ({e})") from None
+        except (WeightsError, TraceError) as e:
+            why = str(e).removeprefix(f"{path}: ")
+            raise UsageError(f"{path}: not a readable trace file ({why})") from None
     report = compare(traces[0], traces[1], rtol=args.rtol, atol=args.atol, points=args.points)
     if not report.points:
         raise UsageError(f"{args.a} and {args.b} have no points in common"
                          + (f" matching {args.points!r}" if args.points else ""))
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1, default=str))
+        print(report.to_json(indent=1))
     else:
         print(format_report(report, all_points=not args.only_failures))
     return 0 if report.ok else 1
@@ -186,22 +229,30 @@ def cmd_compare(args):
 
 def cmd_golden(args):
     from .golden import write_golden
+    from .outputs import check_output_dir
 
+    with _usage_errors():
+        check_output_dir(args.directory, "DIR")      # before the model is loaded or run
     pipe = load_pipeline(args)
-    manifest = write_golden(pipe, args.directory, dtype_name=args.dtype)
+    with _usage_errors():
+        manifest = write_golden(pipe, args.directory, dtype_name=args.dtype)
     print(f"wrote {len(manifest['cases'])} cases to {args.directory}", file=sys.stderr)
     return 0
 
 
 def cmd_precision(args):
     from .comparison import compare, format_report
-    from .trace import trace
+    from .trace import point_matcher, trace
 
+    with _usage_errors("--points"):
+        point_matcher(args.points)
     results = {}
     for name in ("float64", "float32"):
         pipe = load_pipeline(args, DTYPES[name])
         with trace(args.points) as t:
             _run(pipe, args)
+        if not t.arrays:                               # known after the first run: no need for the second
+            raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches")
         results[name] = t
     report = compare(results["float64"], results["float32"], rtol=np.inf, points=args.points)
     print(f"float32 vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, seed {args.seed}")

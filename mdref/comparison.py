@@ -1,26 +1,42 @@
 """Compare two traces point by point and name the first point that diverges.
 
-Metrics per common point (a is the reference, b the candidate, both widened to float64):
-  max_abs   max |a - b|
-  max_rel   max |a - b| / max(|a|, tiny)           (elementwise; large where a is near zero)
+Metrics per common point (a is the reference, b the candidate, both widened to float64), computed over the
+positions where a and b are both finite:
+  max_abs    max |a - b|
+  max_rel    max |a - b| / max(|a|, tiny)           (elementwise; large where a is near zero)
   rel_to_max max |a - b| / max |a|                  (the tolerance mdref's parity tests use)
-  nmse      sum (a - b)^2 / sum a^2
-  cosine    <a, b> / (|a| |b|)
-  psnr_db   10 log10(max|a|^2 / mean (a - b)^2)
-A point agrees when max_abs <= atol + rtol * max|a| and the shapes are equal.
+  nmse       sum (a - b)^2 / sum a^2
+  cosine     <a, b> / (|a| |b|)
+  psnr_db    10 log10(max|a|^2 / mean (a - b)^2)    (inf when those positions are identical)
+Over no positions at all (an empty point, or one that is non-finite everywhere) max_abs, rel_to_max and nmse
+are 0, cosine 1 and psnr_db inf. Metrics are None when the shapes differ (nothing is computed).
+
+Non-finite values (NaN, +inf, -inf). Per point the report counts them in a and in b separately (nonfinite_a,
+nonfinite_b), gives the first position of each in C order (first_nonfinite_a / _b, None if there is none), and
+counts the positions where a and b do not hold the *same* non-finite value (nonfinite_mismatch). A position
+agrees when a and b are both NaN, or both +inf, or both -inf: a candidate that reproduces the reference's
+overflow exactly agrees (mdref's reference holds a non-finite value only when one studies overflow). A NaN or
+inf in one trace where the other holds anything else is a mismatch. A point agrees when the shapes are equal,
+nonfinite_mismatch is 0 and max_abs <= atol + rtol * max|a| (max over the finite-in-both positions). At the
+first divergence the excerpt lists the mismatched non-finite positions first, then the largest finite
+differences.
+
+JSON (CompareReport.to_json, `mdref compare --json`) is strict JSON (RFC 8259): non-finite floats are written as
+the strings "nan", "inf" and "-inf" (a PSNR of identical points is "inf"), metrics not computed as null.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
+import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .trace import Trace, load_trace
+from .trace import Trace, load_trace, point_matcher
 
-__all__ = ["PointReport", "CompareReport", "compare", "default_tolerance"]
+__all__ = ["PointReport", "CompareReport", "compare", "default_tolerance", "format_report"]
 
 # Default rtol (relative to max |reference| of each point) by the least precise dtype involved.
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
@@ -32,13 +48,30 @@ class PointReport:
     name: str
     shape_a: tuple
     shape_b: tuple
-    max_abs: float = float("nan")
-    max_rel: float = float("nan")
-    rel_to_max: float = float("nan")
-    nmse: float = float("nan")
-    cosine: float = float("nan")
-    psnr_db: float = float("nan")
+    max_abs: float | None = None
+    max_rel: float | None = None
+    rel_to_max: float | None = None
+    nmse: float | None = None
+    cosine: float | None = None
+    psnr_db: float | None = None
+    nonfinite_a: int = 0                  # NaN / inf count in a
+    nonfinite_b: int = 0                  # NaN / inf count in b
+    first_nonfinite_a: tuple | None = None
+    first_nonfinite_b: tuple | None = None
+    nonfinite_mismatch: int = 0           # positions where a and b do not hold the same non-finite value
     ok: bool = False
+
+
+def _strict(x):
+    """x with non-finite floats as "nan" / "inf" / "-inf" and tuples as lists: what json.dumps(allow_nan=False)
+    accepts."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else ("nan" if math.isnan(x) else "inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
 
 
 @dataclass
@@ -56,7 +89,12 @@ class CompareReport:
         return self.first_divergence is None and bool(self.points)
 
     def to_dict(self):
-        return asdict(self)
+        """The report as Python values (floats may be nan / inf; see to_json for strict JSON)."""
+        return dict(asdict(self), ok=self.ok)
+
+    def to_json(self, indent=1):
+        """The report as strict JSON: non-finite floats as the strings "nan", "inf", "-inf"."""
+        return json.dumps(_strict(self.to_dict()), indent=indent, allow_nan=False)
 
 
 def default_tolerance(dtypes):
@@ -77,39 +115,93 @@ def _as_trace(x):
     return arrays, {str(np.asarray(v).dtype) for v in arrays.values() if np.asarray(v).dtype.kind == "f"}
 
 
-def _matcher(points):
-    if points is None:
-        return lambda n: True
-    pats = [points] if isinstance(points, str) else list(points)
-    ms = [re.compile(p[3:]).search if p.startswith("re:") else re.compile(fnmatch.translate(p)).match for p in pats]
-    return lambda n: any(m(n) for m in ms)
-
-
 def _metrics(a, b):
-    d = b - a
-    absd = np.abs(d)
-    peak = float(np.max(np.abs(a))) if a.size else 0.0
-    mse = float(np.mean(d * d)) if a.size else 0.0
+    """Metrics over 1-D float64 arrays of finite values (see the module docstring); and max |a|."""
+    if not a.size:
+        return dict(max_abs=0.0, max_rel=0.0, rel_to_max=0.0, nmse=0.0, cosine=1.0, psnr_db=float("inf")), 0.0
     tiny = np.finfo(np.float64).tiny
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    with np.errstate(over="ignore"):               # b - a of finite float64 extremes may overflow: honest inf
+        absd = np.abs(b - a)
+        max_abs = float(absd.max())
+        max_rel = float(np.max(absd / np.maximum(np.abs(a), tiny)))
+    peak = float(np.max(np.abs(a)))
+    # Sums of squares of a / s, b / s and their difference, s the largest magnitude: they cannot overflow.
+    s = max(peak, float(np.max(np.abs(b))))
+    if s == 0:
+        sum_dd = sum_aa = sum_bb = dot = 0.0
+    else:
+        as_, bs = a / s, b / s
+        ds = bs - as_
+        sum_dd, sum_aa, sum_bb = float(ds @ ds), float(as_ @ as_), float(bs @ bs)
+        dot = float(as_ @ bs)
+    rms_ratio = math.sqrt(sum_dd / a.size)         # rms(a - b) / s
+    if rms_ratio == 0:
+        psnr = float("inf")
+    elif peak == 0:
+        psnr = float("-inf")
+    else:
+        psnr = 20 * math.log10(peak / s / rms_ratio)
     return dict(
-        max_abs=float(absd.max()) if a.size else 0.0,
-        max_rel=float(np.max(absd / np.maximum(np.abs(a), tiny))) if a.size else 0.0,
-        rel_to_max=float(absd.max() / peak) if peak > 0 else (0.0 if not absd.any() else float("inf")),
-        nmse=float(np.sum(d * d) / max(float(np.sum(a * a)), tiny)),
-        cosine=float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else float(na == nb),
-        psnr_db=float(10 * np.log10(peak * peak / mse)) if mse > 0 and peak > 0 else float("inf"),
+        max_abs=max_abs,
+        max_rel=max_rel,
+        rel_to_max=max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else float("inf")),
+        nmse=sum_dd / sum_aa if sum_aa > 0 else (0.0 if sum_dd == 0 else float("inf")),
+        cosine=dot / (math.sqrt(sum_aa) * math.sqrt(sum_bb)) if sum_aa > 0 and sum_bb > 0 else float(sum_aa == sum_bb),
+        psnr_db=psnr,
     ), peak
+
+
+def _index(flat_index, shape):
+    return tuple(int(i) for i in np.unravel_index(int(flat_index), shape)) if shape else ()
+
+
+def _compare_point(name, xa, xb, rtol, atol, n_excerpt):
+    """One PointReport, and the excerpt to show if it is the first divergence."""
+    pr = PointReport(name, tuple(xa.shape), tuple(xb.shape))
+    if xa.shape != xb.shape:
+        return pr, []
+    fa, fb = np.isfinite(xa), np.isfinite(xb)
+    both = fa & fb
+    same_nonfinite = ~fa & ~fb & ((np.isnan(xa) & np.isnan(xb)) | (xa == xb))   # NaN/NaN, +inf/+inf, -inf/-inf
+    mismatch = ~both & ~same_nonfinite
+    pr.nonfinite_a, pr.nonfinite_b = int((~fa).sum()), int((~fb).sum())
+    pr.first_nonfinite_a = _index(np.argmin(fa), xa.shape) if pr.nonfinite_a else None
+    pr.first_nonfinite_b = _index(np.argmin(fb), xb.shape) if pr.nonfinite_b else None
+    pr.nonfinite_mismatch = int(mismatch.sum())
+    ra, rb = xa[both], xb[both]
+    m, peak = _metrics(ra, rb)
+    for k, v in m.items():
+        setattr(pr, k, v)
+    tol = atol + (rtol * peak if peak > 0 else 0.0)
+    pr.ok = bool(pr.nonfinite_mismatch == 0 and pr.max_abs <= tol)
+    if pr.ok or not xa.size:
+        return pr, []
+    flat_a, flat_b = xa.ravel(), xb.ravel()
+    picks = list(np.flatnonzero(mismatch.ravel())[:n_excerpt])          # non-finite mismatches first
+    if len(picks) < n_excerpt and ra.size:
+        where = np.flatnonzero(both.ravel())
+        with np.errstate(over="ignore"):
+            diff = np.abs(rb - ra)
+        order = np.argsort(-diff, kind="stable")[:n_excerpt - len(picks)]
+        picks += [where[j] for j in order if diff[j] > 0]
+    return pr, [(_index(j, xa.shape), float(flat_a[j]), float(flat_b[j])) for j in picks]
+
+
+def _check_tol(value, name):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0, found {value!r}")
+    return float(value)
 
 
 def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6):
     """Compare trace b against reference trace a (Trace, dict or trace-file path). Returns a CompareReport
-    whose first_divergence names the first point, in a's execution order, that exceeds the tolerance."""
+    whose first_divergence names the first point, in a's execution order, that diverges (see the module
+    docstring for the metrics and for NaN / inf). points filters names (mdref.trace.point_matcher)."""
+    keep = point_matcher(points)
     arr_a, dt_a = _as_trace(a)
     arr_b, dt_b = _as_trace(b)
-    keep = _matcher(points)
-    rtol = default_tolerance(dt_a | dt_b) if rtol is None else rtol
-    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = default_tolerance(dt_a | dt_b) if rtol is None else _check_tol(rtol, "rtol")
+    atol = DEFAULT_ATOL if atol is None else _check_tol(atol, "atol")
     report = CompareReport(rtol=rtol, atol=atol,
                            only_in_a=[n for n in arr_a if keep(n) and n not in arr_b],
                            only_in_b=[n for n in arr_b if keep(n) and n not in arr_a])
@@ -118,25 +210,24 @@ def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6):
             continue
         xa = np.asarray(arr_a[name], dtype=np.float64)
         xb = np.asarray(arr_b[name], dtype=np.float64)
-        pr = PointReport(name, tuple(xa.shape), tuple(xb.shape))
-        if xa.shape == xb.shape:
-            m, peak = _metrics(xa, xb)
-            for k, v in m.items():
-                setattr(pr, k, v)
-            pr.ok = bool(np.all(np.isfinite(xb)) and pr.max_abs <= atol + rtol * peak)
+        pr, ex = _compare_point(name, xa, xb, rtol, atol, excerpt)
         report.points.append(pr)
         if not pr.ok and report.first_divergence is None:
             report.first_divergence = name
-            if xa.shape == xb.shape and xa.size:
-                idx = np.argsort(-np.abs(xb - xa), axis=None)[:excerpt]
-                report.excerpt = [(tuple(int(i) for i in np.unravel_index(j, xa.shape)),
-                                   float(xa.ravel()[j]), float(xb.ravel()[j])) for j in idx]
+            report.excerpt = ex
     return report
 
 
+def _num(x, spec):
+    return format(x, spec) if x is not None else format("-", spec.split(".")[0].rstrip("efg") + "s")
+
+
 def format_report(report, *, all_points=True):
-    """Human-readable table of a CompareReport."""
-    lines = [f"{'point':<64} {'shape':>18} {'max_abs':>10} {'rel/max':>10} {'nmse':>10} {'cosine':>12} {'psnr':>8}"]
+    """Human-readable table of a CompareReport (nan / inf printed as such)."""
+    show_nf = any(p.nonfinite_a or p.nonfinite_b for p in report.points)
+    head = (f"{'point':<64} {'shape':>18} {'max_abs':>10} {'rel/max':>10} {'nmse':>10} {'cosine':>12} {'psnr':>8}"
+            + (f" {'nonfinite a/b':>15}" if show_nf else ""))
+    lines = [head]
     for pr in report.points:
         first = pr.name == report.first_divergence
         if not (all_points or first or not pr.ok):
@@ -145,11 +236,19 @@ def format_report(report, *, all_points=True):
         if pr.shape_a != pr.shape_b:
             lines.append(f"{pr.name:<64} shape {pr.shape_a} vs {pr.shape_b}{mark}")
             continue
+        nf = f" {f'{pr.nonfinite_a}/{pr.nonfinite_b}':>15}" if show_nf else ""
         lines.append(f"{pr.name:<64} {str(pr.shape_a):>18} {pr.max_abs:10.3e} {pr.rel_to_max:10.3e} "
-                     f"{pr.nmse:10.3e} {pr.cosine:12.9f} {pr.psnr_db:8.1f}{mark}")
+                     f"{pr.nmse:10.3e} {pr.cosine:12.9f} {pr.psnr_db:8.1f}{nf}{mark}")
     if report.first_divergence:
         lines.append(f"\nfirst divergence: {report.first_divergence} (tolerance: max_abs <= {report.atol:g} + "
-                     f"{report.rtol:g} * max|a|)")
+                     f"{report.rtol:g} * max|a|; NaN / inf must sit at the same positions in a and b)")
+        pr = next(p for p in report.points if p.name == report.first_divergence)
+        if pr.shape_a != pr.shape_b:
+            lines.append(f"  shapes differ: a {pr.shape_a}, b {pr.shape_b}")
+        elif pr.nonfinite_a or pr.nonfinite_b:
+            lines.append(f"  non-finite values: a {pr.nonfinite_a} (first at {pr.first_nonfinite_a}), "
+                         f"b {pr.nonfinite_b} (first at {pr.first_nonfinite_b}); "
+                         f"{pr.nonfinite_mismatch} positions where a and b differ in them")
         for idx, va, vb in report.excerpt:
             lines.append(f"  at {idx}: a = {va:.9g}  b = {vb:.9g}  diff = {vb - va:.3e}")
     else:

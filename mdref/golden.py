@@ -1,6 +1,10 @@
 """Golden bundles: fixed prompts and seeds run through a pipeline, every intermediate saved in formats any
 language reads (.npy, .png, safetensors, JSON), so a runtime can be checked stage by stage.
 
+DIR must not exist, or be an empty folder: mdref never mixes a new bundle with old files (remove an old bundle
+first). The bundle is written into a temporary folder next to DIR and renamed to DIR at the end, so a failure
+(a full disk, an interrupt) leaves nothing behind; see mdref.outputs.
+
 Layout (documented in the README):
     DIR/manifest.json                 model, versions, conventions, the list of cases and files
     DIR/<case>/token_ids.npy          int64 [1, 77]
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .outputs import atomic_dir
 from .trace import save_trace, trace
 
 __all__ = ["GOLDEN_CASES", "write_golden"]
@@ -34,9 +39,14 @@ GOLDEN_CASES = [
 
 
 def write_golden(pipe, directory, *, cases=GOLDEN_CASES, dtype_name="float32", points=None):
-    """Run each (prompt, seed) case and write the bundle; returns the manifest dict."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Run each (prompt, seed) case and write the bundle into the new (or empty) folder `directory`; returns the
+    manifest dict. Raises mdref.outputs.OutputError (before any case is run) if `directory` cannot be used."""
+    manifest = {}
+    atomic_dir(directory, lambda tmp: manifest.update(_fill(pipe, Path(tmp), cases, dtype_name, points)), "DIR")
+    return manifest
+
+
+def _fill(pipe, directory, cases, dtype_name, points):
     manifest = {
         "mdref_version": __version__, "numpy_version": np.__version__, "model": pipe.source,
         "untrained": pipe.untrained, "weights_sha256": pipe.weights_sha256(), "dtype": dtype_name,
@@ -51,7 +61,7 @@ def write_golden(pipe, directory, *, cases=GOLDEN_CASES, dtype_name="float32", p
     }
     for i, (prompt, seed) in enumerate(cases):
         case = directory / f"case{i}"
-        case.mkdir(exist_ok=True)
+        case.mkdir()
         with trace(points) as t:
             r = pipe.run(prompt, seed=seed)
         unet_out = t["unet.out"] if "unet.out" in t else None

@@ -15,24 +15,52 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["Trace", "trace", "record", "active"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "active", "save_trace",
+           "load_trace"]
 
 _ACTIVE = contextvars.ContextVar("mdref_trace", default=None)
 
 
+class PatternError(ValueError):
+    """A point pattern is not a string, or a ``re:`` pattern is not a valid regular expression."""
+
+
+class TraceError(ValueError):
+    """A trace file's manifest does not have the documented form (see load_trace)."""
+
+
+def point_matcher(points):
+    """``points`` -> ``keep(name) -> bool``: the one point filter of trace(), Trace and compare().
+
+    None or an empty list keeps every name; a string is a glob matched against the whole name (``unet.*attn2``)
+    or, prefixed with ``re:``, a regular expression searched in the name; a list keeps a name matching any of its
+    patterns. Raises PatternError naming the pattern for a non-string or an invalid regular expression."""
+    try:
+        patterns = [points] if isinstance(points, str) else list(points or [])
+    except TypeError:
+        raise PatternError(f"points {points!r}: expected a glob or re:REGEX string, or a list of them") from None
+    matchers = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise PatternError(f"point pattern {p!r}: expected a glob or re:REGEX string, found {type(p).__name__}")
+        try:
+            matchers.append(re.compile(p[3:]).search if p.startswith("re:") else re.compile(fnmatch.translate(p)).match)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise PatternError(f"point pattern {p!r} is not a valid regular expression ({e})") from None
+    if not matchers:
+        return lambda name: True
+    return lambda name: any(m(name) for m in matchers)
+
+
 class Trace:
-    """An ordered record of named arrays. `points` filters what is kept: None keeps everything; a string is a
-    glob (``unet.*attn2``) or, prefixed with ``re:``, a regular expression; a list keeps a name matching any."""
+    """An ordered record of named arrays. `points` filters what is kept (see point_matcher): None keeps everything;
+    a string is a glob (``unet.*attn2``) or, prefixed with ``re:``, a regular expression; a list keeps a name
+    matching any."""
 
     def __init__(self, points=None):
-        patterns = [points] if isinstance(points, str) else list(points or [])
-        self._matchers = [re.compile(p[3:]).search if p.startswith("re:")
-                          else re.compile(fnmatch.translate(p)).match for p in patterns]
+        self.wants = point_matcher(points)
         self.arrays = {}          # name -> array, in execution order
         self.meta = {}            # free-form facts about the run (prompt, seed, timestep, ...)
-
-    def wants(self, name):
-        return not self._matchers or any(m(name) for m in self._matchers)
 
     def add(self, name, x):
         if name in self.arrays:   # the same layer run again (a second sampling step): keep both
@@ -80,30 +108,105 @@ def record(name, x):
 MANIFEST_KEY = "mdref_manifest"
 
 
-def save_trace(path, t, manifest=None):
+def save_trace(path, t, manifest=None, *, what="trace file"):
     """Write a trace as one safetensors file: one tensor per point (float arrays kept in their dtype), and
-    in the metadata a JSON manifest whose "points" lists the names in execution order."""
+    in the metadata a JSON manifest whose "points" lists the names in execution order. The file is written
+    through mdref.outputs.atomic_write: the path is checked first (OutputError for a folder, device, link, missing
+    folder, ...), and a failed write leaves nothing behind; `what` names the path in those errors."""
     import json
 
+    from .outputs import atomic_write
     from .io.safetensors import write_safetensors
 
     arrays = t.arrays if isinstance(t, Trace) else dict(t)
     manifest = dict(getattr(t, "meta", {}) or {}, **(manifest or {}))
     manifest["points"] = list(arrays)
     manifest["dtypes"] = {k: str(np.asarray(v).dtype) for k, v in arrays.items()}
-    write_safetensors(path, {k: np.asarray(v) for k, v in arrays.items()},
-                      metadata={MANIFEST_KEY: json.dumps(manifest, default=str)})
+    text = json.dumps(manifest, default=str)
+    tensors = {k: np.asarray(v) for k, v in arrays.items()}
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata={MANIFEST_KEY: text}), what)
+
+
+def _no_duplicate_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise TraceError(f"the manifest has the key {k!r} twice")
+        d[k] = v
+    return d
+
+
+def _check_manifest(meta, tensors):
+    """The manifest of a trace file's metadata, validated against its tensors (see load_trace)."""
+    import json
+
+    if not isinstance(meta, dict):
+        raise TraceError(f"expected the safetensors metadata to be a JSON object, found {type(meta).__name__}")
+    if MANIFEST_KEY not in meta:
+        return {}
+    text = meta[MANIFEST_KEY]
+    if not isinstance(text, str):
+        raise TraceError(f"expected metadata {MANIFEST_KEY!r} to be a JSON string, found {type(text).__name__}")
+    try:
+        manifest = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, TraceError):
+            raise
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise TraceError(f"metadata {MANIFEST_KEY!r} is not valid JSON ({why})") from None
+    if not isinstance(manifest, dict):
+        raise TraceError(f"expected the manifest to be a JSON object, found {_json_type(manifest)}")
+    points = manifest.get("points")
+    if "points" in manifest:
+        if not isinstance(points, list):
+            raise TraceError(f"expected manifest \"points\" to be a list of point names, found {_json_type(points)}")
+        seen = set()
+        for n in points:
+            if not isinstance(n, str):
+                raise TraceError(f"expected manifest \"points\" to hold point names (strings), found {_json_type(n)} "
+                                 f"{_short(n)}")
+            if n in seen:
+                raise TraceError(f"manifest \"points\" lists {n!r} twice")
+            if n not in tensors:
+                raise TraceError(f"manifest \"points\" names {n!r}, which is not a tensor in the file")
+            seen.add(n)
+    if "dtypes" in manifest:
+        dtypes = manifest["dtypes"]
+        if not isinstance(dtypes, dict):
+            raise TraceError(f"expected manifest \"dtypes\" to be an object {{point: dtype name}}, found "
+                             f"{_json_type(dtypes)}")
+        for n, d in dtypes.items():
+            if not isinstance(d, str):
+                raise TraceError(f"expected manifest \"dtypes\" of {n!r} to be a dtype name, found {_json_type(d)}")
+            if n not in tensors:
+                raise TraceError(f"manifest \"dtypes\" names {n!r}, which is not a tensor in the file")
+    return manifest
+
+
+def _json_type(x):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def _short(x, n=40):
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def load_trace(path):
     """Read a trace file written by save_trace (or by any tool writing the same format).
-    Returns (ordered {name: array}, manifest). Files without a manifest keep the file's key order."""
-    import json
+    Returns (ordered {name: array}, manifest).
 
+    The manifest is optional; if present (metadata key ``mdref_manifest``) it must be a JSON object; its
+    ``"points"``, if present, a list of distinct names of tensors in the file, giving their execution order
+    (tensors it does not list follow in file order; a file without "points" keeps the file's key order); its
+    ``"dtypes"``, if present, an object {tensor name: dtype name}. Anything else raises TraceError saying what was
+    expected; an unreadable safetensors file raises mdref.io.WeightsError."""
     from .io.safetensors import read_safetensors
 
     tensors, meta = read_safetensors(path)
-    manifest = json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else {}
-    order = [n for n in manifest.get("points", []) if n in tensors]
-    order += [n for n in tensors if n not in order]
+    manifest = _check_manifest(meta, tensors)
+    order = list(manifest.get("points", []))
+    listed = set(order)
+    order += [n for n in tensors if n not in listed]
     return {n: tensors[n] for n in order}, manifest

@@ -103,12 +103,17 @@ def write_safetensors(path, tensors, metadata=None):
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for c in chunks:
-            f.write(c)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for c in chunks:
+                f.write(c)
+        os.replace(tmp, path)
+    except BaseException:             # a full disk, say: leave no partial temporary file behind
+        if tmp.is_file():
+            tmp.unlink()
+        raise
 
 
 def check_schema(found, schema, where="weights"):
