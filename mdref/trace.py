@@ -102,7 +102,7 @@ def load_trace(path):
 
     from .weights import read_safetensors
 
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, allow_int=True)     # traces keep integer token ids
     manifest = json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else {}
     order = [n for n in manifest.get("points", []) if n in tensors]
     order += [n for n in tensors if n not in order]
