@@ -129,7 +129,8 @@ def _utf8(path, what, s):
 def _count(path, key, what, value, limit=_U64):
     """A non-negative JSON integer below limit (bool and 1.0 are not integers)."""
     if type(value) is not int or not 0 <= value < limit:
-        found = f"an {type(value).__name__}" if isinstance(value, (dict, list)) else repr(value)
+        found = ("a list" if isinstance(value, list) else "an object" if isinstance(value, dict)
+                 else repr(value))
         raise WeightsError(f"{path}: tensor {key!r}: {what} must be a non-negative integer below 2**64, "
                            f"found {found}")
     return value
