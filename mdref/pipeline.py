@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sampler
+from ._resources import DEFAULT_MODEL_LABEL, weights_dir
 from .config import ConfigError
 from .decoder import Decoder, DecoderConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -28,8 +29,7 @@ from .weights import sha256_file
 
 __all__ = ["Pipeline", "Result", "DEFAULT_MODEL_DIR", "PRESETS", "to_pixels"]
 
-DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL",
-                                        Path(__file__).resolve().parent.parent / "weights" / "default"))
+DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL", weights_dir() / "default"))
 
 # Pipeline presets: seeded weights for a named architecture (no file needed).
 PRESETS = {
@@ -85,10 +85,11 @@ class Pipeline:
     """Tokenizer + text encoder + UNet + decoder + one-step sampler."""
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
-                 weight_files=()):
+                 weight_files=(), path=None):
         self.tokenizer, self.text_encoder, self.unet, self.decoder = tokenizer, text_encoder, unet, decoder
         self.scheduler = scheduler            # sampler.SchedulerConfig
-        self.source = source                  # model path or "preset:NAME"
+        self.source = source                  # as recorded in metadata: model path, "mdref:default" or "preset:NAME"
+        self.path = path                      # the model folder (None for a preset)
         self.untrained = untrained
         self.weight_files = list(weight_files)
         self.last_timings = {}
@@ -105,6 +106,9 @@ class Pipeline:
                               f"'tiny' preset (it draws noise)")
                 return cls.from_preset("tiny", seed=0, dtype=dtype)
             path = DEFAULT_MODEL_DIR
+            source = os.environ.get("MDREF_DEFAULT_MODEL", DEFAULT_MODEL_LABEL)   # never a site-packages path
+        else:
+            source = str(path)
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"{path}: no such model folder (expected a diffusers pipeline folder with "
@@ -121,7 +125,8 @@ class Pipeline:
             sampler.SchedulerConfig(prediction_type=unet.config.prediction_type)
         files = sorted(str(p) for p in path.glob("*/*.safetensors"))
         return cls(tokenizer, TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype), unet,
-                   Decoder.from_pretrained(path / "vae", dtype=dtype), scheduler, source=str(path), weight_files=files)
+                   Decoder.from_pretrained(path / "vae", dtype=dtype), scheduler, source=source, weight_files=files,
+                   path=path)
 
     @classmethod
     def from_preset(cls, name, seed=0, dtype=np.float32):
@@ -175,7 +180,7 @@ class Pipeline:
         return (batch, self.unet.config.in_channels, height // u, width // u)
 
     def weights_sha256(self):
-        return {os.path.relpath(f, self.source) if not self.source.startswith("preset:") else f: sha256_file(f)
+        return {os.path.relpath(f, self.path) if self.path is not None else f: sha256_file(f)
                 for f in self.weight_files}
 
     # ---- the stages ------------------------------------------------------------------------------------------
