@@ -208,7 +208,7 @@ class TextEncoder:
         config = TextEncoderConfig.from_dict(read_json(config_path), where=str(config_path))
         flat = {}
         for f in weight_files:
-            flat.update(read_safetensors(f)[0])
+            flat.update(read_safetensors(f, allow_int={p + k for k in SKIPPED_KEYS for p in ("", KEY_PREFIX)})[0])
         flat = {(k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k): v for k, v in flat.items()}
         flat = {k: v for k, v in flat.items() if k not in SKIPPED_KEYS}
         schema = param_schema(config)

@@ -175,8 +175,8 @@ def read_safetensors(path, *, allow_int=False):
     """Read a .safetensors file into {key: numpy array}, plus its metadata dict.
 
     F32, F16 and F64 tensors are read as stored; BF16 (the top 16 bits of a float32) is widened to float32
-    exactly by shifting the bits. Integer and BOOL tensors are refused unless allow_int (trace files keep
-    token ids). Anything the format's specification forbids raises WeightsError naming the file, the tensor
+    exactly by shifting the bits. Integer and BOOL tensors are refused, unless allow_int is True (trace files
+    keep token ids) or a collection of the keys that may hold them (a text encoder's position_ids buffer). Anything the format's specification forbids raises WeightsError naming the file, the tensor
     and what was expected and found. Returns (tensors, metadata)."""
     refuse_pickle(path)
     path = Path(path)
@@ -201,11 +201,12 @@ def read_safetensors(path, *, allow_int=False):
     for k, v in metadata.items():
         _utf8(path, "metadata key", k)
         _utf8(path, f"metadata value of {k!r}", v)
-    allowed = _FLOAT_DTYPES + (_INT_DTYPES if allow_int else ())
+    int_keys = None if allow_int is True else frozenset(allow_int or ())
     body = memoryview(data)[8 + n:]
     entries = []
     for key, info in header.items():
         _utf8(path, "tensor key", key)
+        allowed = _FLOAT_DTYPES + (_INT_DTYPES if int_keys is None or key in int_keys else ())
         entries.append((key, *_tensor_info(path, key, info, allowed)))
     # Sorted by offset, the tensors tile the buffer: each begins where the previous ended, the last ends at its end.
     at, previous = 0, None

@@ -228,3 +228,15 @@ def test_fuzz_oracle_catches_a_lax_reader(tmp_path, monkeypatch):
     good = raw_file(one(), np.array([2.0], "<f4").tobytes())
     with pytest.raises(AssertionError):                            # 0.0 read where the file holds 2.0
         fuzz.check(good, path, allow_int=False)
+
+
+def test_integer_tensors_allowed_by_key(tmp_path):
+    """allow_int may name the keys that may hold integers (a CLIP checkpoint's position_ids buffer); any other
+    integer tensor is still refused, by name."""
+    path = tmp_path / "te.safetensors"
+    safetensors.numpy.save_file({"text_model.embeddings.position_ids": np.arange(77)[None],
+                                 "w": np.ones(2, np.float32)}, str(path))
+    got, _ = weights.read_safetensors(path, allow_int={"text_model.embeddings.position_ids"})
+    assert got["text_model.embeddings.position_ids"].dtype == np.int64
+    with pytest.raises(WeightsError, match=r"'text_model.embeddings.position_ids' has dtype I64"):
+        weights.read_safetensors(path, allow_int={"embeddings.position_ids"})
