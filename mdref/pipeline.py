@@ -17,11 +17,12 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import sampler
-from .io.pipeline_folder import DEFAULT_MODEL_DIR, load_folder, load_preset
+from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
 from .trace import record
@@ -57,10 +58,11 @@ class Pipeline:
     """Tokenizer + text encoder + UNet + decoder + one-step sampler."""
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
-                 weight_files=()):
+                 weight_files=(), path=None):
         self.tokenizer, self.text_encoder, self.unet, self.decoder = tokenizer, text_encoder, unet, decoder
         self.scheduler = scheduler            # mdref.io.SchedulerConfig
-        self.source = source                  # model path or "preset:NAME"
+        self.source = source                  # as recorded in metadata: model path, "mdref:default" or "preset:NAME"
+        self.path = path                      # the model folder (None for a preset)
         self.untrained = untrained
         self.weight_files = list(weight_files)
         self.last_timings = {}
@@ -77,8 +79,10 @@ class Pipeline:
                               f"'tiny' preset (it draws noise)")
                 return cls.from_preset("tiny", seed=0, dtype=dtype)
             path = DEFAULT_MODEL_DIR
-        parts = load_folder(path, dtype)
-        return cls(**parts, source=str(path))
+            source = os.environ.get("MDREF_DEFAULT_MODEL", DEFAULT_MODEL_LABEL)   # never a site-packages path
+        else:
+            source = str(path)
+        return cls(**load_folder(path, dtype), source=source, path=Path(path))
 
     @classmethod
     def from_preset(cls, name, seed=0, dtype=np.float32):
@@ -119,7 +123,7 @@ class Pipeline:
         return (batch, self.unet.spec.in_channels, height // u, width // u)
 
     def weights_sha256(self):
-        return {os.path.relpath(f, self.source) if not self.source.startswith("preset:") else f: sha256_file(f)
+        return {os.path.relpath(f, self.path) if self.path is not None else f: sha256_file(f)
                 for f in self.weight_files}
 
     # ---- the stages ------------------------------------------------------------------------------------------

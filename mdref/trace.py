@@ -204,7 +204,7 @@ def load_trace(path):
     expected; an unreadable safetensors file raises mdref.io.WeightsError."""
     from .io.safetensors import read_safetensors
 
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, allow_int=True)     # traces keep integer token ids
     manifest = _check_manifest(meta, tensors)
     order = list(manifest.get("points", []))
     listed = set(order)

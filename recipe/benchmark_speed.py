@@ -39,7 +39,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     pipe = mdref.Pipeline.from_pretrained(a.model)
-    folder = Path(pipe.source)
+    folder = Path(pipe.path)
 
     # ---- NumPy (mdref)
     stages = {"text_encoder": [], "unet": [], "decoder": [], "total": []}

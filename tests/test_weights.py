@@ -1,4 +1,4 @@
-"""Tests for mdref.weights: safetensors reading (F32, F16, BF16, F64), writing, schema validation, refusal of
+"""Tests for mdref.io.safetensors: safetensors reading (F32, F16, BF16, F64), writing, schema validation, refusal of
 pickle formats, corrupt files, seeded initialisation, loading, and nest/flatten.
 
 Expected values never come from mdref itself: files are written by the `safetensors` library, by torch, or
@@ -72,7 +72,11 @@ def test_read_file_written_by_safetensors_library(tmp_path, dtype):
     else:
         src = {"ids": rng.integers(0, 200, (2, 7)).astype(dtype)}
     safetensors.numpy.save_file(src, tmp_path / "m.safetensors", metadata={"format": "np"})
-    got, meta = weights.read_safetensors(tmp_path / "m.safetensors")
+    integer = np.dtype(dtype).kind != "f"
+    if integer:                                                     # model weights refuse integer tensors
+        with pytest.raises(WeightsError, match=r"'ids' has dtype [IU]\d+, which mdref does not read"):
+            weights.read_safetensors(tmp_path / "m.safetensors")
+    got, meta = weights.read_safetensors(tmp_path / "m.safetensors", allow_int=integer)   # trace files read them
     assert meta == {"format": "np"} and set(got) == set(src)
     for k, v in src.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v), k

@@ -83,6 +83,7 @@ class Component:
     presets = {}                # name -> config dict
     subfolder = ""              # the component's folder in a diffusers pipeline folder
     weights_names = ()          # safetensors file names from_pretrained tries, first = the one save_pretrained writes
+    int_keys = frozenset()      # integer buffers a checkpoint may hold (skipped by the key map); all else is float
 
     def __init__(self, config, params, dtype=np.float32):
         self.config, self.params = config, params
@@ -146,7 +147,7 @@ class Component:
             raise files
         flat = {}
         for f in files:
-            flat.update(read_safetensors(f)[0])
+            flat.update(read_safetensors(f, allow_int=cls.int_keys)[0])
         where = ", ".join(str(f) for f in files)
         config, flat = cls.read_checkpoint(config, flat, where)
         schema = cls.param_schema(config)
@@ -174,6 +175,7 @@ class TextEncoder(Component):
     config_class, presets, subfolder = TextEncoderConfig, TEXT_ENCODER_PRESETS, "text_encoder"
     weights_names = ("model.safetensors", "model.fp16.safetensors")
     make_spec = staticmethod(text_encoder_spec)
+    int_keys = keymaps.TEXT_INT_KEYS
 
     @classmethod
     def param_schema(cls, config):

@@ -26,6 +26,7 @@ __all__ = ["text_encoder_keys", "TEXT_KEY_PREFIX", "select_decoder_keys", "raw_t
 
 TEXT_KEY_PREFIX = "text_model."
 TEXT_SKIPPED_KEYS = ("embeddings.position_ids", "text_projection.weight")
+TEXT_INT_KEYS = frozenset(p + k for k in TEXT_SKIPPED_KEYS for p in ("", TEXT_KEY_PREFIX))   # position_ids is int64
 
 
 def text_encoder_keys(flat):

@@ -14,12 +14,12 @@ from ..tokenizer import Tokenizer
 from .components import Decoder, TextEncoder, UNet
 from .config import ConfigError
 from .presets import COMPONENT_SEED_OFFSET, PIPELINE_PRESETS
+from .resources import DEFAULT_MODEL_LABEL, weights_dir
 from .scheduler_config import SchedulerConfig, load_scheduler_config
 
-__all__ = ["DEFAULT_MODEL_DIR", "load_folder", "load_preset"]
+__all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_MODEL_LABEL", "load_folder", "load_preset"]
 
-DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL",
-                                        Path(__file__).resolve().parent.parent.parent / "weights" / "default"))
+DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL", weights_dir() / "default"))
 
 
 def load_folder(path, dtype):

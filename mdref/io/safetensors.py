@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -36,11 +37,147 @@ def refuse_pickle(path):
                            f"(convert the checkpoint to .safetensors first)")
 
 
-def read_safetensors(path):
+# The reader follows the format's specification (the safetensors README, "Format") and refuses what the official
+# parser refuses, and more: 8-byte little-endian header size N (at most 100 MB, within the file), N bytes of UTF-8
+# JSON that begin with "{" and may be padded at the end with spaces, then the byte buffer. Each tensor entry is
+# exactly {dtype, shape, data_offsets}; shapes and offsets are non-negative JSON integers; sorted by offset, the
+# tensors tile the buffer [0, len(buffer)) with no overlap, no hole and nothing after; "__metadata__", if present,
+# maps strings to strings; no key appears twice.
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+_MAX_HEADER = 100_000_000                # the official parser's limit
+_MAX_DEPTH = 3                           # header -> tensor entry -> shape list; nothing legal is deeper
+_U64 = 2**64
+
+
+class _Literal:
+    """A JSON number that is not a non-negative integer (1.0, 8.5, -0, 1e400, NaN), kept as its source text
+    (never converted: float("1e400") would be inf, int(8.5) would be 8)."""
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def _int_literal(text):
+    # "-0" and every negative number are refused; the official parser reads "-0" as a float, so is it here.
+    # Longer than 20 digits cannot be a 64-bit unsigned integer (and int() of huge strings is slow).
+    return _Literal(text) if text.startswith("-") or len(text) > 20 else int(text)
+
+
+def _unique_object(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _HeaderError(f"the key {k!r} appears twice (duplicate keys are not allowed)")
+        seen[k] = v
+    return seen
+
+
+class _HeaderError(Exception):
+    pass
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_int=_int_literal, parse_float=_Literal,
+                            parse_constant=_Literal)
+
+
+def _json_depth(raw):
+    """Deepest nesting of [ and { outside strings, counted without recursion (json.loads recurses)."""
+    marks = np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', bytes(raw)), np.uint8)
+    step = np.isin(marks, (0x7B, 0x5B)).astype(np.int64) - np.isin(marks, (0x7D, 0x5D)).astype(np.int64)
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _parse_header(path, raw):
+    """The JSON header as a dict, or a WeightsError saying what is wrong with it."""
+    def bad(why):
+        return WeightsError(f"{path}: not a safetensors file ({why})")
+    if not raw.startswith(b"{"):
+        raise bad(f"the header must begin with '{{', found {bytes(raw[:8])!r}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"the header is not UTF-8: {e}") from None
+    depth = _json_depth(raw)
+    if depth > _MAX_DEPTH:
+        raise bad(f"the header is nested {depth} levels deep; a safetensors header needs at most {_MAX_DEPTH}")
+    try:
+        header, end = _DECODER.raw_decode(text)
+    except _HeaderError as e:
+        raise bad(f"unreadable header: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise bad(f"unreadable header: {e}") from None
+    if text[end:].strip(" "):
+        raise bad(f"the header has {text[end:][:20]!r} after its JSON object (only space padding is allowed)")
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    return header
+
+
+def _utf8(path, what, s):
+    """Strings must be valid Unicode (JSON escapes can spell lone surrogates, which UTF-8 cannot hold)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WeightsError(f"{path}: {what} {s!r} is not valid Unicode (a lone surrogate escape)") from None
+
+
+def _count(path, key, what, value, limit=_U64):
+    """A non-negative JSON integer below limit (bool and 1.0 are not integers)."""
+    if type(value) is not int or not 0 <= value < limit:
+        found = ("a list" if isinstance(value, list) else "an object" if isinstance(value, dict)
+                 else repr(value))
+        raise WeightsError(f"{path}: tensor {key!r}: {what} must be a non-negative integer below 2**64, "
+                           f"found {found}")
+    return value
+
+
+def _tensor_info(path, key, info, allowed):
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: tensor {key!r} has a malformed header entry {info!r} "
+                           f"(expected an object with dtype, shape and data_offsets)")
+    if set(info) != {"dtype", "shape", "data_offsets"}:
+        raise WeightsError(f"{path}: tensor {key!r} has header fields {sorted(info)}, "
+                           f"expected exactly ['data_offsets', 'dtype', 'shape']")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if type(dtype) is not str or dtype not in allowed:
+        raise WeightsError(f"{path}: tensor {key!r} has dtype {dtype}, which mdref does not read here "
+                           f"(expected one of {', '.join(allowed)})")
+    if not isinstance(shape, list):
+        raise WeightsError(f"{path}: tensor {key!r}: shape must be a list of integers, found {shape!r}")
+    shape = tuple(_count(path, key, f"shape entry {i}", s) for i, s in enumerate(shape))
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise WeightsError(f"{path}: tensor {key!r}: data_offsets must be a list [begin, end], found {offsets!r}")
+    start, end = (_count(path, key, f"data_offsets[{i}]", o) for i, o in enumerate(offsets))
+    if end < start:
+        raise WeightsError(f"{path}: tensor {key!r}: data_offsets [{start}, {end}] end before they begin")
+    itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
+    # Element count as the official parser folds it (left to right, 64-bit); numpy needs the byte count of
+    # the nonzero dimensions to fit a signed 64-bit integer even when the array is empty.
+    count, nonzero = 1, itemsize
+    for s in shape:
+        count *= s
+        nonzero *= max(s, 1)
+        if count * itemsize * 8 >= _U64 or nonzero >= 2**63:
+            raise WeightsError(f"{path}: tensor {key!r}: shape {list(shape)} is too large "
+                               f"(its size in bytes overflows 64 bits)")
+    if end - start != count * itemsize:
+        raise WeightsError(f"{path}: tensor {key!r} ({dtype} {list(shape)}) needs {count * itemsize} bytes, "
+                           f"but its data_offsets [{start}, {end}] span {end - start}: corrupt file")
+    return dtype, shape, start, end
+
+
+def read_safetensors(path, *, allow_int=False):
     """Read a .safetensors file into {key: numpy array}, plus its metadata dict.
 
-    F32, F16, F64 and integer tensors are read as stored; BF16 (the top 16 bits of a float32) is widened to
-    float32 exactly by shifting the bits. Returns (tensors, metadata)."""
+    F32, F16 and F64 tensors are read as stored; BF16 (the top 16 bits of a float32) is widened to float32
+    exactly by shifting the bits. Integer and BOOL tensors are refused, unless allow_int is True (trace files
+    keep token ids) or a collection of the keys that may hold them (a text encoder's position_ids buffer). Anything the format's specification forbids raises WeightsError naming the file, the tensor
+    and what was expected and found. Returns (tensors, metadata)."""
     refuse_pickle(path)
     path = Path(path)
     if not path.is_file():
@@ -49,31 +186,44 @@ def read_safetensors(path):
     if len(data) < 8:
         raise WeightsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     (n,) = struct.unpack("<Q", data[:8])
-    try:
-        header = json.loads(data[8:8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: not a safetensors file (unreadable header: {e})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    if n > _MAX_HEADER:
+        raise WeightsError(f"{path}: not a safetensors file (header length {n} is over the "
+                           f"{_MAX_HEADER}-byte limit)")
+    if 8 + n > len(data):
+        raise WeightsError(f"{path}: not a safetensors file (header length {n} runs past the end of the "
+                           f"{len(data)}-byte file): truncated or corrupt file")
+    header = _parse_header(path, data[8:8 + n])
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
+        found = (f"{metadata!r}"[:80] if not isinstance(metadata, dict) else
+                 next(f"{k!r}: {v!r}"[:80] for k, v in metadata.items() if type(v) is not str))
+        raise WeightsError(f"{path}: __metadata__ must be an object of string -> string, found {found}")
+    for k, v in metadata.items():
+        _utf8(path, "metadata key", k)
+        _utf8(path, f"metadata value of {k!r}", v)
+    int_keys = None if allow_int is True else frozenset(allow_int or ())
     body = memoryview(data)[8 + n:]
-    tensors = {}
+    entries = []
     for key, info in header.items():
-        try:
-            start, end = (int(o) for o in info["data_offsets"])
-            shape = tuple(int(s) for s in info["shape"])
-            dtype = str(info["dtype"])
-        except (TypeError, KeyError, ValueError):
-            raise WeightsError(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
-        if dtype != "BF16" and dtype not in _DTYPES:
-            raise WeightsError(f"{path}: tensor {key!r} has dtype {dtype}, which mdref does not read "
-                               f"(expected one of F64, F32, F16, BF16)")
-        itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
-        # A truncated or corrupt file must fail here, by name, not in np.frombuffer / reshape.
-        if (not 0 <= start <= end <= len(body) or min(shape, default=0) < 0
-                or end - start != itemsize * int(np.prod(shape))):
-            raise WeightsError(f"{path}: tensor {key!r} ({dtype} {list(shape)}) expects bytes "
-                               f"[{start}, {end}) of a {len(body)}-byte data section: truncated or corrupt file")
+        _utf8(path, "tensor key", key)
+        allowed = _FLOAT_DTYPES + (_INT_DTYPES if int_keys is None or key in int_keys else ())
+        entries.append((key, *_tensor_info(path, key, info, allowed)))
+    # Sorted by offset, the tensors tile the buffer: each begins where the previous ended, the last ends at its end.
+    at, previous = 0, None
+    for key, dtype, shape, start, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if start != at:
+            what = (f"overlaps {previous!r}, which ends at {at}" if start < at else
+                    f"leaves a hole [{at}, {start}) after {previous!r}" if previous is not None else
+                    f"leaves a hole [0, {start}) at the start of the data")
+            raise WeightsError(f"{path}: tensor {key!r}: data_offsets [{start}, {end}] {what} "
+                               f"(tensors must tile the data section without overlaps or holes)")
+        at, previous = end, key
+    if at != len(body):
+        raise WeightsError(f"{path}: the tensors cover {at} bytes but the data section holds {len(body)}: "
+                           + ("truncated or corrupt file" if at > len(body) else
+                              f"{len(body) - at} trailing bytes after the last tensor"))
+    tensors = {}
+    for key, dtype, shape, start, end in entries:
         raw = body[start:end]
         if dtype == "BF16":
             bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
