@@ -13,8 +13,8 @@ import math
 import numpy as np
 
 __all__ = [
-    "linear", "conv2d", "group_norm", "layer_norm", "silu", "relu", "gelu", "quick_gelu", "erf",
-    "softmax", "attention", "causal_mask", "upsample_nearest2d", "timestep_embedding",
+    "linear", "conv2d", "conv2d_reference", "group_norm", "layer_norm", "silu", "relu", "gelu", "quick_gelu", "erf",
+    "softmax", "attention", "attention_reference", "causal_mask", "upsample_nearest2d", "timestep_embedding",
 ]
 
 # Working-set limits for the two kernels that would otherwise allocate huge temporaries.
@@ -30,8 +30,28 @@ def linear(x, p):
     return y
 
 
+def conv2d_reference(x, p, *, stride=1, padding=0, groups=1):
+    """The plain formula `conv2d` computes, one kernel tap at a time (slow; tests check the two agree):
+    y[b, o, i, j] = bias[o] + sum_{c, u, v} w[o, c, u, v] * x_pad[b, g(o) * C/G + c, stride i + u, stride j + v]."""
+    w = p["weight"]
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))         # [B, C, Hp, Wp]
+    Ho, Wo = (xp.shape[2] - kh) // stride + 1, (xp.shape[3] - kw) // stride + 1
+    xg = xp.reshape(B, groups, Cg, xp.shape[2], xp.shape[3])                         # [B, G, C/G, Hp, Wp]
+    wg = w.reshape(groups, O // groups, Cg, kh, kw)                                  # [G, O/G, C/G, kh, kw]
+    y = np.zeros((B, groups, O // groups, Ho, Wo), dtype=x.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            tap = xg[..., u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride]
+            y += np.einsum("goc,bgchw->bgohw", wg[..., u, v], tap)                  # [B, G, O/G, Ho, Wo]
+    y = y.reshape(B, O, Ho, Wo)
+    return y if p.get("bias") is None else y + p["bias"][:, None, None]
+
+
 def conv2d(x, p, *, stride=1, padding=0, groups=1):
     """torch.nn.Conv2d (dilation 1, zero padding) as one im2col matmul per block of output rows.
+    The plain formula is `conv2d_reference`.
 
     x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo].
     Groups are a batch dimension of the matmul, so depthwise (groups == C) needs no special case.
@@ -194,8 +214,20 @@ def causal_mask(t, dtype):
     return m
 
 
+def attention_reference(q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
+    """The plain formula `attention` computes, all queries at once: per head, softmax(q k^T * scale + mask) v
+    (or relu(q k^T * scale + mask) / Tk, then v).  q [B, Tq, H*d], k [B, Tk, H*d], v [B, Tk, H*dv] -> [B, Tq, H*dv]."""
+    B, Tq, D = q.shape
+    heads_of = lambda t: t.reshape(B, t.shape[1], heads, -1).transpose(0, 2, 1, 3)   # [B, H, T, d]
+    scale = (D // heads) ** -0.5 if scale is None else scale
+    s = heads_of(q) @ heads_of(k).transpose(0, 1, 3, 2) * scale                       # [B, H, Tq, Tk]
+    s = s if mask is None else s + mask
+    weights = softmax(s) if weighting == "softmax" else relu(s) / k.shape[1]
+    return (weights @ heads_of(v)).transpose(0, 2, 1, 3).reshape(B, Tq, -1)          # [B, Tq, H*dv]
+
+
 def attention(q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
-    """Multi-head scaled dot-product attention on already projected q, k, v.
+    """Multi-head scaled dot-product attention on already projected q, k, v (plain formula: `attention_reference`).
 
     q [B, Tq, H*d], k [B, Tk, H*d], v [B, Tk, H*dv] -> [B, Tq, H*dv].
     weighting 'softmax': softmax(q k^T * scale + mask) v.

@@ -12,7 +12,7 @@ its `sampler` field picks one of two samplers:
   sampling) the predicted x0 is re-noised to the next lower trailing timestep with fresh noise,
   ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n_k``, and the model is called again; the last x0 is returned.
 ``"euler"`` -- exactly what diffusers' ``EulerDiscreteScheduler(timestep_spacing="trailing")`` does inside
-  ``StableDiffusionPipeline`` (SD-Turbo and similar one-step checkpoints ship it): latents ``x = n_0 * sigma_max``,
+  ``StableDiffusionPipeline`` (SD-Turbo and similar one-step checkpoints ship it): latents ``x = n_0 * max(sigma)``,
   the model sees ``x / sqrt(sigma^2 + 1)``, ``x0 = x - sigma * eps`` and an Euler step ``x + (x - x0) / sigma *
   (sigma_next - sigma)``. Since ``sigma^2 = (1 - abar) / abar``, the model input is ``sqrt(1 - abar_T) n_0``
   and one Euler step lands on x0: the one-step result equals the "x0" sampler fed ``sqrt(1 - abar_T) n_0``
@@ -165,7 +165,7 @@ def sample_euler(model, noise, cfg, steps=1, dtype=np.float32):
     the final latents. The scalar coefficients are float32 as diffusers computes them; arrays run in `dtype`."""
     ts = trailing_timesteps(cfg.num_train_timesteps, steps)
     sigmas = euler_sigmas(cfg, ts)
-    x = np.asarray(noise, dtype) * sigmas.max()                    # init_noise_sigma = sigma_max ("trailing")
+    x = np.asarray(noise, dtype) * sigmas.max()                    # diffusers init_noise_sigma: the largest sigma ("trailing")
     for k, t in enumerate(ts):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         in_scale = np.sqrt(sigma * sigma + np.float32(1))          # float32, scale_model_input

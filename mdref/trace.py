@@ -127,17 +127,10 @@ def save_trace(path, t, manifest=None, *, what="trace file"):
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata={MANIFEST_KEY: text}), what)
 
 
-def _no_duplicate_keys(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise TraceError(f"the manifest has the key {k!r} twice")
-        d[k] = v
-    return d
-
-
 def _check_manifest(meta, tensors):
     """The manifest of a trace file's metadata, validated against its tensors (see load_trace)."""
+    from .io.safetensors import no_duplicate_keys
+
     import json
 
     if not isinstance(meta, dict):
@@ -148,7 +141,8 @@ def _check_manifest(meta, tensors):
     if not isinstance(text, str):
         raise TraceError(f"expected metadata {MANIFEST_KEY!r} to be a JSON string, found {type(text).__name__}")
     try:
-        manifest = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        manifest = json.loads(text, object_pairs_hook=no_duplicate_keys(
+            lambda k: TraceError(f"the manifest has the key {k!r} twice")))
     except (ValueError, RecursionError) as e:
         if isinstance(e, TraceError):
             raise

@@ -175,6 +175,20 @@ def test_conv2d_row_blocks_equal_one_block(dtype, seed, c):
     check("conv2d blocked==whole", blocked, whole, dtype, RTOL[dtype])
 
 
+@by_dtype
+@given(seed=seeds, c=conv_cases(), bias=bias_modes)
+def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
+    """The blocked im2col kernel and ops.conv2d_reference (one tap at a time) compute the same sums."""
+    rng = np.random.default_rng(seed)
+    x, w = conv_inputs(rng, c, dtype)
+    p = {"weight": w, **maybe_bias(rng, c["O"], dtype, bias)}
+    kw = dict(stride=c["stride"], padding=c["padding"], groups=c["groups"])
+    plain = ops.conv2d_reference(x, p, **kw)
+    assert plain.dtype == dtype
+    scale = ops.conv2d_reference(np.abs(x), {"weight": np.abs(w)}, **kw)                 # sum |x w| bound
+    check("conv2d == conv2d_reference", ops.conv2d(x, p, **kw), plain, dtype, RTOL[dtype], scale)
+
+
 def test_conv2d_rejects_mismatched_channels():
     x = np.zeros((1, 4, 5, 5), np.float32)
     with pytest.raises(ValueError, match="channels"):
@@ -451,6 +465,21 @@ def test_attention_matches_per_head_loop(dtype, seed, c):
     scale = np.max(attention_ref(q, k, v, c["heads"], mask, c["weighting"], c["scale"], bound=True))
     # Scores are short dot products (d <= 4) of O(1) values: errors relative to sum |w| |v| stay within RTOL.
     check(f"attention {c['weighting']}", attention_call(q, k, v, c, mask), ref, dtype, RTOL[dtype], scale)
+
+
+@by_dtype
+@given(seed=seeds, c=attention_cases())
+def test_attention_equals_its_plain_formula(dtype, seed, c):
+    """The chunked kernel (one reused score buffer, q pre-scaled) and ops.attention_reference (all scores at once)."""
+    rng = np.random.default_rng(seed)
+    q, k, v, mask = attention_inputs(rng, c, dtype)
+    plain = ops.attention_reference(q, k, v, c["heads"], mask=mask, weighting=c["weighting"], scale=c["scale"])
+    assert plain.dtype == dtype
+    scale = np.max(attention_ref(q, k, v, c["heads"], mask, c["weighting"], c["scale"], bound=True))
+    with pytest.MonkeyPatch.context() as m:                          # several query chunks, as at 512x512
+        m.setattr(ops, "SCORES_BYTES", 1)
+        check("attention chunked == reference", attention_call(q, k, v, c, mask), plain, dtype, RTOL[dtype], scale)
+    check("attention == reference", attention_call(q, k, v, c, mask), plain, dtype, RTOL[dtype], scale)
 
 
 @by_dtype

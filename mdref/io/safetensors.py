@@ -68,21 +68,25 @@ def _int_literal(text):
     return _Literal(text) if text.startswith("-") or len(text) > 20 else int(text)
 
 
-def _unique_object(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise _HeaderError(f"the key {k!r} appears twice (duplicate keys are not allowed)")
-        seen[k] = v
-    return seen
+def no_duplicate_keys(error):
+    """A json object_pairs_hook that raises error(key) for a key given twice (JSON parsers keep the last)."""
+    def hook(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise error(k)
+            seen[k] = v
+        return seen
+    return hook
 
 
 class _HeaderError(Exception):
     pass
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_int=_int_literal, parse_float=_Literal,
-                            parse_constant=_Literal)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=no_duplicate_keys(lambda k: _HeaderError(f"the key {k!r} appears twice (not allowed)")),
+    parse_int=_int_literal, parse_float=_Literal, parse_constant=_Literal)
 
 
 def _json_depth(raw):

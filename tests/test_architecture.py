@@ -1,0 +1,106 @@
+"""The house rules of docs/architecture.md, checked on the source: model files open on their first layer, hold only
+the math (no interop imports, no diffusers / transformers keys that cannot change it), stay within their line budget,
+and every component behaves the same way through the one shell (dicts, pipeline folders, unknown presets, dtypes)."""
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mdref
+from mdref.io import ConfigError, scheduler_config, text_encoder_config, unet_config
+from mdref.io import decoder_config
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mdref"
+MODEL_FILES = ["ops.py", "text_encoder.py", "unet.py", "decoder.py", "sampler.py", "pipeline.py"]
+LAYER_CALLS = {"conv2d", "linear", "group_norm", "layer_norm", "attention"}
+
+
+def _tree(name):
+    return ast.parse((PACKAGE / name).read_text(), filename=name)
+
+
+@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py"])
+def test_model_file_opens_on_its_first_layer(name):
+    """The first function that calls a layer op starts within the first 60 lines (after the docstring)."""
+    firsts = [n.lineno for n in _tree(name).body if isinstance(n, ast.FunctionDef) and any(
+        isinstance(c, ast.Call) and getattr(c.func, "attr", getattr(c.func, "id", None)) in LAYER_CALLS
+        for c in ast.walk(n))]
+    assert firsts and min(firsts) <= 60, (name, firsts[:1])
+
+
+@pytest.mark.parametrize("name", ["sampler.py", "pipeline.py", "ops.py"])
+def test_other_model_files_open_on_a_function(name):
+    defs = [n.lineno for n in _tree(name).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert defs and defs[0] <= 60, (name, defs[0])
+
+
+def test_model_files_fit_the_line_budget():
+    lines = {n: len((PACKAGE / n).read_text().splitlines()) for n in MODEL_FILES}
+    assert sum(lines.values()) <= 1300, lines
+
+
+def _mdref_imports(name):
+    for node in ast.walk(_tree(name)):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            yield node.module or ""
+
+
+@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py", "sampler.py", "specs.py"])
+def test_layer_math_imports_nothing_from_io(name):
+    assert not [m for m in _mdref_imports(name) if m == "io" or m.startswith("io.")], name
+
+
+def test_ops_imports_nothing_of_mdref():
+    assert list(_mdref_imports("ops.py")) == []
+
+
+def _inert_keys():
+    """diffusers / transformers config keys that mdref reads and ignores or accepts only at their default."""
+    return (set(unet_config.DEFAULT_ONLY) | set(unet_config.IGNORED) | set(text_encoder_config.IGNORED_KEYS)
+            | set(decoder_config._KL_IGNORED) | set(decoder_config._TINY_IGNORED)
+            | set(scheduler_config._EULER_IGNORED) | {"_class_name", "upcast_attention"}) \
+        - {"dtype", "prefix", "in_channels", "sample_size"}     # ordinary words there; they do change the math
+
+
+@pytest.mark.parametrize("name", MODEL_FILES + ["specs.py"])
+def test_model_files_name_no_inert_config_key(name):
+    src = (PACKAGE / name).read_text()
+    hits = sorted(k for k in _inert_keys() if re.search(rf"\b{re.escape(k)}\b", src))
+    assert not hits, (name, hits)
+
+
+def test_the_key_rule_can_fail():
+    assert "center_input_sample" in _inert_keys() and "do_sample" in _inert_keys()
+
+
+# ---- one shell, one behaviour ---------------------------------------------------------------------------------
+TINY = mdref.io.presets.PIPELINE_PRESETS["tiny"]
+COMPONENTS = [(mdref.TextEncoder, "text_encoder", "text_encoder"), (mdref.UNet, "unet", "unet"),
+              (mdref.Decoder, "decoder", "vae")]
+
+
+@pytest.mark.parametrize("kind, key, folder", COMPONENTS, ids=lambda c: getattr(c, "__name__", c))
+def test_every_component_takes_a_dict_a_config_and_a_pipeline_folder(kind, key, folder, tmp_path):
+    from_dict = kind.from_config(dict(TINY[key]), seed=4)
+    from_obj = kind.from_config(kind.config_class.from_dict(dict(TINY[key])), seed=4)
+    for a, b in zip(mdref.io.safetensors.flatten(from_dict.params).values(),
+                    mdref.io.safetensors.flatten(from_obj.params).values()):
+        np.testing.assert_array_equal(a, b)
+    from_dict.save_pretrained(tmp_path / "pipe" / folder)
+    loaded = kind.from_pretrained(tmp_path / "pipe")                       # the pipeline folder, not the subfolder
+    assert loaded.num_parameters() == from_dict.num_parameters()
+    for name, a in mdref.io.safetensors.flatten(from_dict.params).items():
+        np.testing.assert_array_equal(a, mdref.io.safetensors.flatten(loaded.params)[name])
+
+
+@pytest.mark.parametrize("kind", [c[0] for c in COMPONENTS], ids=lambda c: c.__name__)
+def test_every_component_refuses_the_same_way(kind):
+    with pytest.raises(ConfigError, match=rf"{kind.__name__}: unknown preset 'nope'"):
+        kind.from_preset("nope")
+    with pytest.raises(ValueError, match=rf"{kind.__name__}: dtype must be float32 or float64"):
+        kind.from_preset(next(iter(kind.presets)), dtype=np.float16)
+    with pytest.raises(ConfigError, match="expected a .*Config or a config dict, found list"):
+        kind.from_config([1, 2])
