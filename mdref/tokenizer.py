@@ -49,6 +49,7 @@ END_OF_WORD = "</w>"
 # OpenAI clip/simple_tokenizer.py SimpleTokenizer.pat (applied after lowercasing, so IGNORECASE is moot).
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 MERGES_HEADER = "#version: 0.2"
+CLIP_MAX_LENGTH = 77            # CLIP's context length (the text tower's position embeddings): BOS + 75 + EOS
 
 
 class TokenizerError(ConfigError):
@@ -103,7 +104,7 @@ class Tokenizer:
     (``ftfy.fix_text``) turns on OpenAI's ``basic_clean`` with it."""
 
     def __init__(self, vocab, merges, *, pad_token=EOS, bos_token=BOS, eos_token=EOS, unk_token=EOS,
-                 max_length=77, fix_text=None):
+                 max_length=CLIP_MAX_LENGTH, fix_text=None):
         for name, token in (("pad_token", pad_token), ("bos_token", bos_token), ("eos_token", eos_token),
                             ("unk_token", unk_token)):
             if token not in vocab:
@@ -130,7 +131,7 @@ class Tokenizer:
         The pad token comes from tokenizer_config.json, else special_tokens_map.json, else '<|endoftext|>'."""
         if path is None:
             merges = read_merges(SHIPPED_DIR / "merges.txt")
-            return cls(clip_vocab(merges), merges, max_length=max_length or 77, fix_text=fix_text)
+            return cls(clip_vocab(merges), merges, max_length=max_length or CLIP_MAX_LENGTH, fix_text=fix_text)
         folder = Path(path)
         if not folder.is_dir():
             raise TokenizerError(f"{folder}: not a tokenizer folder")
@@ -142,8 +143,8 @@ class Tokenizer:
             if (folder / name).is_file():
                 config.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
         if max_length is None:
-            model_max = config.get("model_max_length", 77)
-            max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else 77  # 1e30 = "no limit"
+            model_max = config.get("model_max_length", CLIP_MAX_LENGTH)
+            max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else CLIP_MAX_LENGTH  # 1e30: "no limit"
         return cls(vocab, merges, max_length=max_length, fix_text=fix_text,
                    pad_token=_token_content(config.get("pad_token"), EOS),
                    bos_token=_token_content(config.get("bos_token"), BOS),

@@ -1,5 +1,5 @@
 """The package's dependency rule: mdref/ imports only numpy, safetensors, tokenizers, pillow and the standard
-library (DESIGN.md), and never unpickles (no pickle-family module, every np.load with allow_pickle=False)."""
+library (docs/architecture.md), and never unpickles (no pickle-family module, every np.load with allow_pickle=False)."""
 
 import ast
 import sys

@@ -48,8 +48,9 @@ def load_preset(name, seed, dtype):
         raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PIPELINE_PRESETS)}")
     preset = PIPELINE_PRESETS[name]
     parts = {}
-    for key, kind in (("text_encoder", TextEncoder), ("unet", UNet), ("decoder", Decoder)):
+    for key, component in (("text_encoder", TextEncoder), ("unet", UNet), ("decoder", Decoder)):
         entry, s = preset[key], seed + COMPONENT_SEED_OFFSET[key]
-        parts[key] = kind.from_preset(entry, s, dtype) if isinstance(entry, str) else kind.from_config(entry, s, dtype)
+        parts[key] = (component.from_preset(entry, s, dtype) if isinstance(entry, str)
+                      else component.from_config(entry, s, dtype))
     scheduler = SchedulerConfig(**preset["scheduler"], prediction_type=parts["unet"].config.prediction_type)
     return dict(parts, tokenizer=Tokenizer.from_pretrained(None), scheduler=scheduler)
