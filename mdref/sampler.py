@@ -165,7 +165,7 @@ def sample_euler(model, noise, cfg, steps=1, dtype=np.float32):
     the final latents. The scalar coefficients are float32 as diffusers computes them; arrays run in `dtype`."""
     ts = trailing_timesteps(cfg.num_train_timesteps, steps)
     sigmas = euler_sigmas(cfg, ts)
-    x = np.asarray(noise, dtype) * sigmas.max()                    # diffusers init_noise_sigma: the largest sigma ("trailing")
+    x = np.asarray(noise, dtype) * sigmas.max()                    # init_noise_sigma: the largest sigma (trailing)
     for k, t in enumerate(ts):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         in_scale = np.sqrt(sigma * sigma + np.float32(1))          # float32, scale_model_input

@@ -144,7 +144,8 @@ class Tokenizer:
                 config.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
         if max_length is None:
             model_max = config.get("model_max_length", CLIP_MAX_LENGTH)
-            max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else CLIP_MAX_LENGTH  # 1e30: "no limit"
+            # 1e30 stands for "no limit" in many tokenizer_config.json files: keep CLIP's context length then
+            max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else CLIP_MAX_LENGTH
         return cls(vocab, merges, max_length=max_length, fix_text=fix_text,
                    pad_token=_token_content(config.get("pad_token"), EOS),
                    bos_token=_token_content(config.get("bos_token"), BOS),

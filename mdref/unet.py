@@ -39,19 +39,20 @@ def resnet(x, temb, *, norm1, conv1, norm2, conv2, time_emb_proj=None, conv_shor
     + (1x1-projected) input. The VAE's ResNet is this block without a time embedding (temb None).
     x [B, C, H, W], temb [B, E] -> [B, O, H, W]."""
     h = conv3x3(ops.silu(ops.group_norm(x, norm1, groups, eps)), conv1, separable=separable)   # [B, O, H, W]
-    if time_emb_proj is not None:
+    if temb is not None:
         h = h + ops.linear(ops.silu(temb), time_emb_proj)[:, :, None, None]
     h = conv3x3(ops.silu(ops.group_norm(h, norm2, groups, eps)), conv2, separable=separable)
-    skip = x if conv_shortcut is None else ops.conv2d(x, conv_shortcut)          # [B, O, H, W]
+    skip = x if x.shape[1] == h.shape[1] else ops.conv2d(x, conv_shortcut)       # [B, O, H, W]
     return skip + h
 
 
-def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, heads, weighting="softmax"):
+def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, heads, weighting="softmax",
+              shared_kv=False):
     """diffusers Attention: softmax(q k^T / sqrt(d)) v per head, then to_out.0; self-attention when context is None.
     MobileDiffusion shares one projection to_kv for K = V. x [B, N, C], context [B, T, D] -> [B, N, C]."""
     source = x if context is None else context
     q = ops.linear(x, to_q)                                                       # [B, N, C]
-    if to_kv is not None:
+    if shared_kv:
         k = v = ops.linear(source, to_kv)                                         # [B, T, C]
     else:
         k, v = ops.linear(source, to_k), ops.linear(source, to_v)                 # [B, T, C]
@@ -76,7 +77,7 @@ def feed_forward(x, *, net, activation):
 def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=None, st, spec, name):
     """diffusers BasicTransformerBlock: x += attn1(LN x) [self]; x += attn2(LN x, text); x += ff(LN x).
     A "cross" block (MobileDiffusion) has no norm1 / attn1.  x [B, N, C] -> [B, N, C]."""
-    kw = dict(heads=st.heads, weighting=spec.weighting)
+    kw = dict(heads=st.heads, weighting=spec.weighting, shared_kv=spec.shared_kv)
     if st.transformer == "full":
         h = ops.layer_norm(x, norm1, spec.layer_norm_eps)
         x = x + record(f"{name}.attn1", attention(h, context if st.only_cross else None, **attn1, **kw))

@@ -56,7 +56,8 @@ def params_of(module, dtype):
 def block_spec(kind, heads, weighting):
     """The Stage and spec fields a BasicTransformerBlock reads (shared K/V, SwiGLU, diffusers' LayerNorm eps)."""
     st = Stage("block", (), 32, kind, 1, heads, False, False, None)
-    spec = types.SimpleNamespace(weighting=weighting, layer_norm_eps=LAYER_NORM_EPS, ff_activation="swiglu")
+    spec = types.SimpleNamespace(weighting=weighting, layer_norm_eps=LAYER_NORM_EPS, ff_activation="swiglu",
+                                 shared_kv=True)
     return dict(st=st, spec=spec)
 
 
@@ -91,7 +92,7 @@ def test_attention_matches_twin(weighting, shared_kv, mode, dtype):
         ctx, tctx = None, None
     with torch.no_grad():
         ref = m(tx, tctx)
-    ours = U.attention(x, ctx, **params_of(m, dtype), heads=4, weighting=weighting)
+    ours = U.attention(x, ctx, **params_of(m, dtype), heads=4, weighting=weighting, shared_kv=shared_kv)
     check(f"attention {weighting} shared_kv={shared_kv} {mode}", ours, ref, dtype)
 
 
@@ -195,7 +196,7 @@ def test_shared_kv_equals_standard_attention_with_equal_k_and_v(weighting):
     shared = random_attention_params(16, 12, seed=8, shared_kv=True)
     standard = {"to_q": shared["to_q"], "to_k": shared["to_kv"], "to_v": shared["to_kv"], "to_out": shared["to_out"]}
     x, ctx = RNG(9).standard_normal((2, 10, 16)), RNG(10).standard_normal((2, 6, 12))
-    a = U.attention(x, ctx, **shared, heads=2, weighting=weighting)
+    a = U.attention(x, ctx, **shared, heads=2, weighting=weighting, shared_kv=True)
     b = U.attention(x, ctx, **standard, heads=2, weighting=weighting)
     np.testing.assert_array_equal(a, b)
 
@@ -207,7 +208,7 @@ def test_relu_attention_of_all_negative_scores_is_zero():
     p = {"to_q": {"weight": np.eye(dim)}, "to_kv": {"weight": -np.eye(dim)},
          "to_out": {"0": {"weight": RNG(12).standard_normal((dim, dim)), "bias": bias}}}
     x, ctx = RNG(13).uniform(0.1, 1, (2, 5, dim)), RNG(14).uniform(0.1, 1, (2, 4, dim))
-    out = U.attention(x, ctx, **p, heads=2, weighting="relu")
+    out = U.attention(x, ctx, **p, heads=2, weighting="relu", shared_kv=True)
     np.testing.assert_array_equal(out, np.broadcast_to(bias, out.shape))
 
 

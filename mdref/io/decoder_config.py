@@ -55,7 +55,8 @@ class DecoderConfig:
                                   f"divisible by norm_num_groups={self.norm_num_groups} (found {bad})")
         elif self.kind == "tiny":
             if len(self.decoder_block_out_channels) != len(self.num_decoder_blocks):
-                raise ConfigError(f"DecoderConfig: decoder_block_out_channels has {len(self.decoder_block_out_channels)}"
+                raise ConfigError(f"DecoderConfig: decoder_block_out_channels has "
+                                  f"{len(self.decoder_block_out_channels)}"
                                   f" entries, num_decoder_blocks {len(self.num_decoder_blocks)}; they must match")
             if len(set(self.decoder_block_out_channels)) != 1:
                 raise ConfigError("DecoderConfig: diffusers' DecoderTiny only runs with equal "

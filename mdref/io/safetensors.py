@@ -180,8 +180,9 @@ def read_safetensors(path, *, allow_int=False):
 
     F32, F16 and F64 tensors are read as stored; BF16 (the top 16 bits of a float32) is widened to float32
     exactly by shifting the bits. Integer and BOOL tensors are refused, unless allow_int is True (trace files
-    keep token ids) or a collection of the keys that may hold them (a text encoder's position_ids buffer). Anything the format's specification forbids raises WeightsError naming the file, the tensor
-    and what was expected and found. Returns (tensors, metadata)."""
+    keep token ids) or a collection of the keys that may hold them (a text encoder's position_ids buffer).
+    Anything the format's specification forbids raises WeightsError naming the file, the tensor and what was
+    expected and found. Returns (tensors, metadata)."""
     refuse_pickle(path)
     path = Path(path)
     if not path.is_file():
@@ -280,7 +281,8 @@ def check_schema(found, schema, where="weights"):
         return
     lines = [f"{where} do not match the model config:"]
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
+                     + (" ..." if len(missing) > 20 else ""))
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
                      + (" ..." if len(unexpected) > 20 else ""))
