@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import conv2d, group_norm, relu, silu, upsample_nearest2d
+from .ops import conv2d, group_norm, relu, upsample_nearest2d
 from .trace import record
 from .unet import pixel_attention, resnet
 
@@ -38,7 +38,7 @@ def kl_decode(z, *, decoder, post_quant_conv=None, spec):
         if i < len(spec.widths) - 1:
             x = conv2d(upsample_nearest2d(x, 2), block["upsamplers"]["0"]["conv"], padding=1)   # [B, C_i, 2., 2.]
         record(f"decoder.up_blocks.{i}", x)
-    x = silu(group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps))
+    x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
     return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
 
 

@@ -19,6 +19,8 @@ __all__ = [
 
 # Working-set limits for the two kernels that would otherwise allocate huge temporaries.
 IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
+SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
+SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
 SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
 
 
@@ -50,11 +52,11 @@ def conv2d_reference(x, p, *, stride=1, padding=0, groups=1):
 
 
 def conv2d(x, p, *, stride=1, padding=0, groups=1):
-    """torch.nn.Conv2d (dilation 1, zero padding) as one im2col matmul per block of output rows.
-    The plain formula is `conv2d_reference`.
-
-    x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo].
-    Groups are a batch dimension of the matmul, so depthwise (groups == C) needs no special case.
+    """torch.nn.Conv2d (dilation 1, zero padding); the plain formula is `conv2d_reference`.
+    x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo]. The fast forms, by case:
+    - 1x1, stride 1: one matmul over the pixels;
+    - stride 1, depthwise or on a large image: `_conv_shifted`, no im2col copy;
+    - otherwise (small images, strides, other groups): im2col, one block of output rows at a time.
     """
     w = p["weight"]
     B, C, H, W = x.shape
@@ -62,50 +64,98 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
     if C != Cg * groups or O % groups:
         raise ValueError(f"conv2d: input has {C} channels, weight {tuple(w.shape)} with groups={groups} "
                          f"expects {Cg * groups}")
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))   # [B, C, Hp, Wp]
-    Ho = (x.shape[2] - kh) // stride + 1
-    Wo = (x.shape[3] - kw) // stride + 1
-    if kh == kw == 1 and stride == 1 and groups == 1:               # pointwise: no im2col needed
-        y = np.matmul(w.reshape(O, C), x.reshape(B, C, Ho * Wo))    # [B, O, Ho*Wo]
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    depthwise = groups == C == O
+    if kh == kw == 1 and stride == 1 and groups == 1 and not padding:
+        y = np.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, Ho, Wo)    # [B, O, Ho, Wo]
+    elif stride == 1 and (depthwise or (groups == 1 and Ho * Wo > SHIFTED_MIN_PIXELS)):
+        y = _conv_shifted(x, w, padding, depthwise)                                     # [B, O, Ho, Wo]
     else:
-        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
-        windows = windows[:, :, ::stride, ::stride]                 # [B, C, Ho, Wo, kh, kw] (a view)
-        wg = w.reshape(groups, O // groups, Cg * kh * kw)           # [G, O/G, Cg*kh*kw]
-        y = np.empty((B, groups, O // groups, Ho * Wo), dtype=x.dtype)
-        # The column matrix for a 512x512 image would take gigabytes, so it is built a block of rows at a time.
-        rows = max(1, min(Ho, IM2COL_BYTES // max(1, x.itemsize * C * kh * kw * Wo * B)))
-        for r0 in range(0, Ho, rows):
-            r1 = min(Ho, r0 + rows)
-            cols = windows[:, :, r0:r1].transpose(0, 1, 4, 5, 2, 3)  # [B, C, kh, kw, r, Wo]
-            cols = cols.reshape(B, groups, Cg * kh * kw, (r1 - r0) * Wo)
-            y[..., r0 * Wo:r1 * Wo] = np.matmul(wg, cols)            # [B, G, O/G, r*Wo]
-        y = y.reshape(B, O, Ho * Wo)
-    y = y.reshape(B, O, Ho, Wo)                                     # [B, O, Ho, Wo]
+        y = _conv_im2col(_pad(x, padding), w, stride, groups, Ho, Wo)                   # [B, O, Ho, Wo]
     if p.get("bias") is not None:
-        y = y + p["bias"][:, None, None]
+        y += p["bias"][:, None, None]
     return y
 
 
-def group_norm(x, p, groups, eps):
-    """torch.nn.GroupNorm: per (sample, group) zero mean and unit (biased) variance, then affine.
-    x [B, C, ...]."""
+def _pad(x, padding):
+    """Zero padding of H and W (np.pad without its generality)."""
+    if not padding:
+        return x
+    B, C, H, W = x.shape
+    xp = np.zeros((B, C, H + 2 * padding, W + 2 * padding), x.dtype)
+    xp[:, :, padding:padding + H, padding:padding + W] = x
+    return xp                                                                           # [B, C, Hp, Wp]
+
+
+def _conv_shifted(x, w, padding, depthwise):
+    """Stride-1 conv as a sum over the kh*kw taps of one matmul (or, depthwise, one multiply) each: with the padded
+    image flattened to [C, Hp*Wp], tap (u, v) of every output pixel is the contiguous slice starting at u*Wp + v, so
+    outputs are computed on the padded width Wp and the last kw - 1 columns of each row dropped at the end."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    Ho, Wo = Hp - kh + 1, Wp - kw + 1
+    flat = np.zeros((B, C, Hp * Wp + kw - 1), x.dtype)                                  # + kw - 1: the last tap
+    flat[:, :, :Hp * Wp].reshape(B, C, Hp, Wp)[:, :, padding:padding + H, padding:padding + W] = x
+    taps = [(u * Wp + v, np.ascontiguousarray(w[:, 0, u, v, None] if depthwise else w[:, :, u, v]))
+            for u in range(kh) for v in range(kw)]
+    y = np.empty((B, O, Ho * Wp), x.dtype)
+    step = max(1, SHIFTED_BLOCK_BYTES // (O * Wp * x.itemsize)) * Wp                    # rows that stay in cache
+    tmp = np.empty((O, step), x.dtype)
+    for b in range(B):
+        for s0 in range(0, Ho * Wp, step):
+            s1 = min(Ho * Wp, s0 + step)
+            out, t = y[b, :, s0:s1], tmp[:, :s1 - s0]
+            for k, (off, wt) in enumerate(taps):
+                src = flat[b, :, s0 + off:s1 + off]                                     # [C, n], a view
+                dst = out if k == 0 else t
+                np.multiply(wt, src, out=dst) if depthwise else np.matmul(wt, src, out=dst)
+                if k:
+                    out += t
+    return np.ascontiguousarray(y.reshape(B, O, Ho, Wp)[..., :Wo])                     # [B, O, Ho, Wo]
+
+
+def _conv_im2col(x, w, stride, groups, Ho, Wo):
+    """Padded x: one im2col matmul per block of output rows (the column matrix of a 512x512 image would take
+    gigabytes). Groups are a batch dimension of the matmul."""
+    B, C = x.shape[:2]
+    O, Cg, kh, kw = w.shape
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    wg = w.reshape(groups, O // groups, Cg * kh * kw)                                   # [G, O/G, Cg*kh*kw]
+    y = np.empty((B, groups, O // groups, Ho * Wo), dtype=x.dtype)
+    rows = max(1, min(Ho, IM2COL_BYTES // max(1, x.itemsize * C * kh * kw * Wo * B)))
+    for r0 in range(0, Ho, rows):
+        r1 = min(Ho, r0 + rows)
+        cols = windows[:, :, r0:r1].transpose(0, 1, 4, 5, 2, 3)                         # [B, C, kh, kw, r, Wo]
+        cols = cols.reshape(B, groups, Cg * kh * kw, (r1 - r0) * Wo)
+        np.matmul(wg, cols, out=y[..., r0 * Wo:r1 * Wo])                                # [B, G, O/G, r*Wo]
+    return y.reshape(B, O, Ho, Wo)
+
+
+def group_norm(x, p, groups, eps, *, silu=False):
+    """torch.nn.GroupNorm: per (sample, group) zero mean and unit (biased) variance, then the per-channel affine;
+    silu=True applies SiLU to the result as well (GN-SiLU opens every ResNet conv). x [B, C, ...] -> same shape.
+    Fast form: one new buffer, normalised, scaled and activated in place (plain: (x - mean) / sqrt(var + eps) * w + b)."""
     B, C = x.shape[:2]
     g = x.reshape(B, groups, -1)                                    # [B, G, C/G * spatial]
-    mean = g.mean(axis=-1, keepdims=True)
-    centred = g - mean
-    var = np.mean(centred * centred, axis=-1, keepdims=True)
-    y = (centred / np.sqrt(var + eps)).reshape(x.shape)             # [B, C, ...]
-    affine = (B, C) + (1,) * (x.ndim - 2)
-    return y * p["weight"].reshape(affine[1:]) + p["bias"].reshape(affine[1:])
+    y = g - g.mean(axis=-1, keepdims=True)                          # centred: the one new buffer
+    var = np.square(y).mean(axis=-1)                                # [B, G], pairwise sums as np.mean does
+    scale = p["weight"].reshape(1, groups, -1, 1) / np.sqrt(var + eps)[:, :, None, None]   # [B, G, C/G, 1]
+    y4 = y.reshape(B, groups, C // groups, -1)                      # a view
+    y4 *= scale
+    y4 += p["bias"].reshape(1, groups, -1, 1)
+    if silu:
+        _silu_inplace(y)
+    return y.reshape(x.shape)
 
 
 def layer_norm(x, p, eps):
     """torch.nn.LayerNorm over the last axis (biased variance), then affine.  x [..., D]."""
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    var = np.mean(centred * centred, axis=-1, keepdims=True)
-    return centred / np.sqrt(var + eps) * p["weight"] + p["bias"]
+    y = x - x.mean(axis=-1, keepdims=True)                          # centred: the one new buffer
+    y /= np.sqrt(np.square(y).mean(axis=-1, keepdims=True) + eps)
+    y *= p["weight"]
+    y += p["bias"]
+    return y
 
 
 def relu(x):
@@ -113,12 +163,22 @@ def relu(x):
 
 
 def silu(x):
-    """SiLU / Swish: x * sigmoid(x)."""
-    return x * _sigmoid(x)
+    """SiLU / Swish: x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental and no overflow for
+    any x (exp(-x) would overflow)."""
+    return _silu_inplace(np.array(x, copy=True))
+
+
+def _silu_inplace(x):
+    t = np.multiply(x, 0.5, out=np.empty_like(x))                   # an array even when x is 0-d
+    np.tanh(t, out=t)
+    t += 1
+    x *= t
+    x *= 0.5                                                        # x (1 + tanh(x / 2)) / 2
+    return x
 
 
 def _sigmoid(x):
-    """sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental, no overflow for any x (exp(-x) would overflow)."""
+    """sigmoid(x) = (1 + tanh(x / 2)) / 2."""
     return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 

@@ -38,10 +38,10 @@ def resnet(x, temb, *, norm1, conv1, norm2, conv2, time_emb_proj=None, conv_shor
     """diffusers ResnetBlock2D ('default' time norm, output scale 1): GN-SiLU-conv, + time projection, GN-SiLU-conv,
     + (1x1-projected) input. The VAE's ResNet is this block without a time embedding (temb None).
     x [B, C, H, W], temb [B, E] -> [B, O, H, W]."""
-    h = conv3x3(ops.silu(ops.group_norm(x, norm1, groups, eps)), conv1, separable=separable)   # [B, O, H, W]
+    h = conv3x3(ops.group_norm(x, norm1, groups, eps, silu=True), conv1, separable=separable)   # [B, O, H, W]
     if temb is not None:
         h = h + ops.linear(ops.silu(temb), time_emb_proj)[:, :, None, None]
-    h = conv3x3(ops.silu(ops.group_norm(h, norm2, groups, eps)), conv2, separable=separable)
+    h = conv3x3(ops.group_norm(h, norm2, groups, eps, silu=True), conv2, separable=separable)
     skip = x if x.shape[1] == h.shape[1] else ops.conv2d(x, conv_shortcut)       # [B, O, H, W]
     return skip + h
 
@@ -168,5 +168,5 @@ def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_
         n = len(st.resnets)
         x = up_block(x, temb, context, skips[-n:], up_blocks[str(i)], st, spec)
         del skips[-n:]
-    x = ops.silu(ops.group_norm(x, conv_norm_out, spec.groups, spec.resnet_eps))
+    x = ops.group_norm(x, conv_norm_out, spec.groups, spec.resnet_eps, silu=True)
     return record("unet.out", ops.conv2d(x, conv_out, padding=1))               # [B, C_out, H, W]

@@ -186,7 +186,15 @@ def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
     plain = ops.conv2d_reference(x, p, **kw)
     assert plain.dtype == dtype
     scale = ops.conv2d_reference(np.abs(x), {"weight": np.abs(w)}, **kw)                 # sum |x w| bound
-    check("conv2d == conv2d_reference", ops.conv2d(x, p, **kw), plain, dtype, RTOL[dtype], scale)
+    # Every fast form on the same input: as chosen by size, the shifted form in one-row blocks, im2col only.
+    for name, min_pixels, block in (("default", ops.SHIFTED_MIN_PIXELS, ops.SHIFTED_BLOCK_BYTES),
+                                    ("shifted", -1, 1), ("im2col", 2**62, ops.SHIFTED_BLOCK_BYTES)):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(ops, "SHIFTED_MIN_PIXELS", min_pixels)
+            m.setattr(ops, "SHIFTED_BLOCK_BYTES", block)
+            out = ops.conv2d(x, p, **kw)
+        assert out.dtype == dtype and out.shape == plain.shape
+        check(f"conv2d ({name}) == conv2d_reference", out, plain, dtype, RTOL[dtype], scale)
 
 
 def test_conv2d_rejects_mismatched_channels():
@@ -234,7 +242,12 @@ def test_group_norm_matches_loop(dtype, seed, c):
     x = (c["offset"] + randn(rng, (c["B"], c["C"]) + c["spatial"], np.float64, c["amp"])).astype(dtype)
     w, b = randn(rng, (c["C"],), dtype), randn(rng, (c["C"],), dtype)
     y = ops.group_norm(x, {"weight": w, "bias": b}, c["groups"], c["eps"])
-    check("group_norm", y, group_norm_ref(x, w, b, c["groups"], c["eps"]), dtype, RTOL[dtype])
+    ref = group_norm_ref(x, w, b, c["groups"], c["eps"])
+    check("group_norm", y, ref, dtype, RTOL[dtype])
+    # The fused GN-SiLU is SiLU of the same normalised values (float64 formula of silu on the float64 reference).
+    fused = ops.group_norm(x, {"weight": w, "bias": b}, c["groups"], c["eps"], silu=True)
+    assert fused.dtype == dtype and y.dtype == dtype
+    check("group_norm silu", fused, ref / (1 + np.exp(-ref)), dtype, RTOL[dtype], np.max(np.abs(ref)) + 1)
 
 
 @by_dtype
