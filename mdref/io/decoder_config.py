@@ -136,15 +136,18 @@ def config_from_diffusers(d, where="config.json"):
 
 
 def config_to_diffusers(cfg):
-    """The config.json that `save_pretrained` writes: diffusers keys + mdref's extension keys."""
+    """The config.json that `save_pretrained` writes: diffusers keys, plus mdref's extension key (norm_eps / tiny_clamp)
+    only where it differs from what diffusers hard-codes, so that diffusers loads the rest without a warning."""
+    full, defaults = to_dict(cfg), DecoderConfig()
     if cfg.kind == "kl":
-        keys = list(_KL_DEFAULTS) + ["norm_eps"]
+        keys, extension = list(_KL_DEFAULTS), "norm_eps"
         d = {"_class_name": "AutoencoderKL", "act_fn": "silu",
              "up_block_types": ["UpDecoderBlock2D"] * len(cfg.block_out_channels)}
     else:
-        keys = list(_TINY_DEFAULTS) + ["tiny_clamp"]
+        keys, extension = list(_TINY_DEFAULTS), "tiny_clamp"
         d = {"_class_name": "AutoencoderTiny", "act_fn": "relu", "upsample_fn": "nearest"}
-    full = to_dict(cfg)
+    if full[extension] != getattr(defaults, extension):       # diffusers knows no such key: only where it differs
+        keys.append(extension)
     d.update({k: list(full[k]) if isinstance(full[k], tuple) else full[k] for k in keys})
     return d
 

@@ -161,11 +161,16 @@ class UNetConfig:
         return [check(where, key, value)] * self.levels
 
     def to_dict(self):
-        """config.json content: diffusers keys always, mdref extensions only where they differ from the default."""
+        """config.json content: diffusers keys always, mdref extensions only where they change what diffusers would
+        build (a value equal to the default, or to what the block types and transformer_layers_per_block imply, is
+        left out), so that a diffusers-expressible UNet loads in diffusers without unknown keys."""
         d = {"_class_name": "UNet2DConditionModel"}
         defaults = UNetConfig()
+        implied = {"transformer_kind": [DOWN_BLOCKS[t] for t in self.down_block_types],
+                   "mid_transformer_layers": self.per_level("transformer_layers_per_block")[-1],
+                   "separable_conv": [False] * self.levels}
         for k, v in to_dict(self).items():
-            if k not in self.EXTENSIONS or v != getattr(defaults, k):
+            if k not in self.EXTENSIONS or (v != getattr(defaults, k) and v != implied.get(k, getattr(defaults, k))):
                 d[k] = v
         return d
 
