@@ -49,6 +49,7 @@ END_OF_WORD = "</w>"
 # OpenAI clip/simple_tokenizer.py SimpleTokenizer.pat (applied after lowercasing, so IGNORECASE is moot).
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 MERGES_HEADER = "#version: 0.2"
+SPECIAL_TOKENS = {"pad_token": EOS, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS}   # and their defaults
 
 
 class TokenizerError(ConfigError):
@@ -89,12 +90,9 @@ def read_merges(path, limit=None):
     return merges
 
 
-def _token_content(config, key, default, where):
-    """A special-token entry of tokenizer_config.json / special_tokens_map.json: a string, an AddedToken dict
-    (its "content" a string), or absent."""
-    value = config.get(key)
-    if value is None:
-        return default
+def _token_content(value, key, where):
+    """A special-token entry of tokenizer_config.json / special_tokens_map.json: a string or an AddedToken dict
+    (its "content" a string)."""
     content = value.get("content") if isinstance(value, dict) else value
     if not isinstance(content, str):
         raise TokenizerError(f"{where}: {key} must be a string or an object with a string 'content', "
@@ -150,6 +148,8 @@ class Tokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):   # the latter wins, as in transformers 5
             if (folder / name).is_file():
                 entries = {k: v for k, v in read_json(folder / name, TokenizerError).items() if v is not None}
+                for key in SPECIAL_TOKENS.keys() & entries.keys():
+                    entries[key] = _token_content(entries[key], key, folder / name)
                 config.update(entries)
                 where.update(dict.fromkeys(entries, str(folder / name)))
         if max_length is None:
@@ -158,8 +158,7 @@ class Tokenizer:
                 raise TokenizerError(f"{where['model_max_length']}: model_max_length must be a number >= 2, "
                                      f"found {model_max!r}")
             max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else 77  # 1e30 = "no limit"
-        tokens = {key: _token_content(config, key, default, where.get(key)) for key, default in
-                  (("pad_token", EOS), ("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS))}
+        tokens = {key: config.get(key, default) for key, default in SPECIAL_TOKENS.items()}
         return cls(vocab, merges, max_length=max_length, fix_text=fix_text, **tokens)
 
     def save_pretrained(self, folder):
