@@ -39,7 +39,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
 from .io.resources import weights_dir
-from .io.config import ConfigError
+from .io.config import ConfigError, read_json
 
 __all__ = ["Tokenizer", "TokenizerError", "SHIPPED_DIR", "bytes_to_unicode", "clip_vocab", "read_merges"]
 
@@ -50,6 +50,7 @@ END_OF_WORD = "</w>"
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 MERGES_HEADER = "#version: 0.2"
 CLIP_MAX_LENGTH = 77            # CLIP's context length (the text tower's position embeddings): BOS + 75 + EOS
+SPECIAL_TOKENS = {"pad_token": EOS, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS}   # and their defaults
 
 
 class TokenizerError(ConfigError):
@@ -73,7 +74,10 @@ def clip_vocab(merges):
 
 def read_merges(path, limit=None):
     """A merges.txt (optional '#version' first line, then 'left right' per line) -> list of pairs."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot be read as UTF-8 text ({e})") from None
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = []
@@ -87,11 +91,14 @@ def read_merges(path, limit=None):
     return merges
 
 
-def _token_content(value, default):
-    """A special-token entry of tokenizer_config.json: a string, an AddedToken dict, or absent."""
-    if value is None:
-        return default
-    return value["content"] if isinstance(value, dict) else str(value)
+def _token_content(value, key, where):
+    """A special-token entry of tokenizer_config.json / special_tokens_map.json: a string or an AddedToken dict
+    (its "content" a string)."""
+    content = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(content, str):
+        raise TokenizerError(f"{where}: {key} must be a string or an object with a string 'content', "
+                             f"found {value!r}")
+    return content
 
 
 class Tokenizer:
@@ -138,19 +145,23 @@ class Tokenizer:
         if (folder / "tokenizer").is_dir() and not _has_vocab(folder):
             folder = folder / "tokenizer"
         vocab, merges = _read_vocab_and_merges(folder)
-        config = {}
+        config, where = {}, {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):   # the latter wins, as in transformers 5
             if (folder / name).is_file():
-                config.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
+                entries = {k: v for k, v in read_json(folder / name, TokenizerError).items() if v is not None}
+                for key in SPECIAL_TOKENS.keys() & entries.keys():
+                    entries[key] = _token_content(entries[key], key, folder / name)
+                config.update(entries)
+                where.update(dict.fromkeys(entries, str(folder / name)))
         if max_length is None:
             model_max = config.get("model_max_length", CLIP_MAX_LENGTH)
+            if isinstance(model_max, bool) or not isinstance(model_max, (int, float)) or model_max < 2:
+                raise TokenizerError(f"{where['model_max_length']}: model_max_length must be a number >= 2, "
+                                     f"found {model_max!r}")
             # 1e30 stands for "no limit" in many tokenizer_config.json files: keep CLIP's context length then
             max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else CLIP_MAX_LENGTH
-        return cls(vocab, merges, max_length=max_length, fix_text=fix_text,
-                   pad_token=_token_content(config.get("pad_token"), EOS),
-                   bos_token=_token_content(config.get("bos_token"), BOS),
-                   eos_token=_token_content(config.get("eos_token"), EOS),
-                   unk_token=_token_content(config.get("unk_token"), EOS))
+        tokens = {key: config.get(key, default) for key, default in SPECIAL_TOKENS.items()}
+        return cls(vocab, merges, max_length=max_length, fix_text=fix_text, **tokens)
 
     def save_pretrained(self, folder):
         """Write a transformers-compatible tokenizer folder: vocab.json, merges.txt, tokenizer_config.json,
@@ -234,6 +245,14 @@ def _clip_backend(vocab, merges, unk_token, specials):
     return backend
 
 
+def _checked_vocab(vocab, where):
+    """A vocabulary {token string: id int >= 0}."""
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in vocab.values()):
+        raise TokenizerError(f"{where}: the vocabulary must be an object {{token: id >= 0}}")
+    return vocab
+
+
 def _has_vocab(folder):
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
@@ -243,12 +262,20 @@ def _read_vocab_and_merges(folder):
     if (folder / "vocab.json").is_file():
         if not (folder / "merges.txt").is_file():
             raise TokenizerError(f"{folder}: has vocab.json but no merges.txt")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        return vocab, read_merges(folder / "merges.txt")
+        return _checked_vocab(read_json(folder / "vocab.json", TokenizerError), folder / "vocab.json"), \
+            read_merges(folder / "merges.txt")
     if (folder / "tokenizer.json").is_file():
-        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
-        if model.get("type") != "BPE":
-            raise TokenizerError(f"{folder / 'tokenizer.json'}: model type {model.get('type')!r}, expected 'BPE'")
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return model["vocab"], merges
+        where = folder / "tokenizer.json"
+        model = read_json(where, TokenizerError).get("model")
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            raise TokenizerError(f"{where}: model must be an object of type 'BPE', found "
+                                 f"{model.get('type') if isinstance(model, dict) else model!r}")
+        merges = model.get("merges")
+        if not isinstance(merges, list) or not all(
+                (isinstance(m, str) and len(m.split(" ")) == 2)
+                or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)) for m in merges):
+            raise TokenizerError(f"{where}: model.merges must be a list of 'left right' strings or [left, right] "
+                                 f"pairs")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+        return _checked_vocab(model.get("vocab"), where), merges
     raise TokenizerError(f"{folder}: no vocab.json + merges.txt and no tokenizer.json")

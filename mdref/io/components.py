@@ -65,16 +65,27 @@ def locate(path, subfolder, weights_names):
     for name in weights_names:
         index = path / f"{name}.index.json"
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConfigError(f"{index}: expected an object with a 'weight_map' object")
-            return config, [path / s for s in sorted(set(map(str, weight_map.values())))]
+            return config, [path / s for s in read_shard_index(index)]
         found = sorted(path.glob(name))
         if len(found) == 1:
             return config, found
     present = sorted(p.name for p in path.iterdir())
     return config, WeightsError(f"{path}: no {weights_names[0]} (found {present}); mdref reads safetensors only "
                                 f"(convert a .bin / .pt checkpoint to safetensors first; it is never unpickled)")
+
+
+def read_shard_index(index):
+    """The shard file names of a sharded checkpoint's ``*.index.json`` ({"weight_map": {key: shard}}): each one a
+    .safetensors file name in the index's folder (no path, so nothing outside the folder is read)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConfigError(f"{index}: weight_map must be a non-empty object {{tensor name: shard file}}, "
+                          f"found {weight_map!r:.80}")
+    for key, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard):
+            raise ConfigError(f"{index}: weight_map[{key!r}] must be a .safetensors file name in the same folder "
+                              f"(no path), found {shard!r}")
+    return sorted(set(weight_map.values()))
 
 
 class Component:

@@ -1,38 +1,121 @@
 """Shared config plumbing: every component config is a dataclass that reads the upstream config.json
-(diffusers / transformers) and refuses keys or values it does not implement, naming them."""
+(diffusers / transformers) and refuses keys or values it does not implement, naming them.
+
+The value checkers (`check_int`, `check_float`, `check_bool`, `check_choice`, `check_list`) are the one place a
+config value's type and range are judged: each returns the value or raises one ConfigError
+``"<where>: <key> must be <what>, found <value>"``, where `where` is the config file (or the class, for a config
+built in code). Types are JSON's: an int is not a bool, a float is a finite int or float (JSON's NaN / Infinity
+are refused), a string is a str.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
-__all__ = ["ConfigError", "read_json", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "read_json", "from_dict", "to_dict", "check_int", "check_positive_int", "check_float",
+           "check_bool", "check_choice", "check_list"]
 
 
 class ConfigError(ValueError):
     """A config key or value that mdref does not support, or a config file that cannot be read."""
 
 
-def read_json(path):
+def read_json(path, error=ConfigError):
+    """The JSON object (dict) in `path`; a missing file, bytes that are not UTF-8 JSON, or a JSON value that is not
+    an object raise `error` (a ConfigError class) naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise error(f"{path}: no such config file")
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:                        # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise error(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object, found a JSON {_json_type(d)}")
+    return d
+
+
+def _json_type(v):
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
 
 
 def from_dict(cls, d, *, ignore=(), where=None):
     """Build dataclass `cls` from a dict. Keys starting with '_' (diffusers' bookkeeping) and keys in
-    `ignore` (documented as having no effect on the forward pass) are skipped; any other unknown key raises."""
+    `ignore` (documented as having no effect on the forward pass) are skipped; any other unknown key raises.
+    `where` (the file) is passed on to the class's checks (an InitVar of each config class)."""
+    where = where or cls.__name__
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a config object, found {type(d).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in d if k not in fields and not k.startswith("_") and k not in ignore)
     if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unsupported config keys {unknown}")
-    return cls(**{k: v for k, v in d.items() if k in fields})
+        raise ConfigError(f"{where}: unsupported config keys {unknown}")
+    return cls(**{k: v for k, v in d.items() if k in fields}, where=where)
 
 
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+# ---- value checkers ---------------------------------------------------------------------------------------
+def _fail(where, key, what, v):
+    raise ConfigError(f"{where}: {key} must be {what}, found {v!r}")
+
+
+def _range(lo, hi, lo_open=False, hi_open=False):
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo:g}"
+    return f" {'<' if hi_open else '<='} {hi:g}" if hi is not None else ""
+
+
+def check_int(where, key, v, lo=None, hi=None, *, none=False):
+    """An int (not a bool) with lo <= v <= hi (bounds optional); None passes when `none`."""
+    if v is None and none:
+        return v
+    if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        _fail(where, key, f"an int{_range(lo, hi)}{' or null' if none else ''}", v)
+    return v
+
+
+def check_positive_int(where, key, v):
+    return check_int(where, key, v, 1)
+
+
+def check_float(where, key, v, lo=None, hi=None, *, nonzero=False, none=False):
+    """A finite number (int or float, not a bool) with lo < v < hi (bounds optional, exclusive), != 0 when
+    `nonzero`; returned as a float. None passes when `none`."""
+    if v is None and none:
+        return v
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (lo is not None and v <= lo) or (hi is not None and v >= hi) or (nonzero and v == 0):
+        what = f"a finite number{_range(lo, hi, True, True)}{' and not 0' if nonzero else ''}"
+        _fail(where, key, what + (" or null" if none else ""), v)
+    return float(v)
+
+
+def check_bool(where, key, v):
+    if not isinstance(v, bool):
+        _fail(where, key, "true or false", v)
+    return v
+
+
+def check_choice(where, key, v, allowed):
+    """One of `allowed` (compared by type too: 1 is not True, "1" is not 1)."""
+    if not any(type(v) is type(a) and v == a for a in allowed):
+        _fail(where, key, f"one of {list(allowed)}", v)
+    return v
+
+
+def check_list(where, key, v, item=None, *, length=None, min_length=1):
+    """A list (or tuple) of `length` (or at least `min_length`) entries, each checked by
+    ``item(where, f"{key}[{i}]", entry)``; returned as a list."""
+    if not isinstance(v, (list, tuple)):
+        _fail(where, key, "a list", v)
+    if (length is not None and len(v) != length) or len(v) < min_length:
+        _fail(where, key, f"a list of {length if length is not None else f'at least {min_length}'} entries", v)
+    return [item(where, f"{key}[{i}]", x) if item else x for i, x in enumerate(v)]

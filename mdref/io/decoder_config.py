@@ -15,10 +15,11 @@ raw TAESD file loaded here also returns [-1, 1] (`keymaps` reads its layout off 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 from ..specs import KLDecoderSpec, TAESDDecoderSpec
-from .config import ConfigError, from_dict, to_dict
+from .config import (ConfigError, check_bool, check_choice, check_float, check_int, check_list, check_positive_int,
+                     from_dict, to_dict)
 
 __all__ = ["DecoderConfig", "config_from_diffusers", "config_to_diffusers", "decoder_spec"]
 
@@ -43,26 +44,38 @@ class DecoderConfig:
     upsampling_scaling_factor: int = 2
     tiny_clamp: float = 3.0                   # DecoderTiny's hard-coded tanh(x / 3) * 3 (mdref extension key)
 
-    def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
-        self.decoder_block_out_channels = tuple(self.decoder_block_out_channels)
-        self.num_decoder_blocks = tuple(self.num_decoder_blocks)
-        self.shift_factor = 0.0 if self.shift_factor is None else float(self.shift_factor)
+    where: InitVar[str | None] = None         # the config file, for error messages (not a config key)
+
+    def __post_init__(self, where):
+        """Types and ranges (mdref.io.config's checkers): scaling_factor finite and not 0 (0 decodes every latent
+        to the same image), shift_factor finite (null = 0), channels / groups / blocks ints >= 1 (layers_per_block >= 0), eps and clamp
+        finite > 0; KL widths divisible by norm_num_groups, tiny widths equal."""
+        where = where or type(self).__name__
+        check_choice(where, "kind", self.kind, ("kl", "tiny"))
+        self.scaling_factor = check_float(where, "scaling_factor", self.scaling_factor, nonzero=True)
+        self.shift_factor = check_float(where, "shift_factor", self.shift_factor, none=True) or 0.0
+        for key in ("latent_channels", "out_channels", "norm_num_groups", "upsampling_scaling_factor"):
+            check_positive_int(where, key, getattr(self, key))
+        check_int(where, "layers_per_block", self.layers_per_block, 0)     # 0: one ResNet per up block
+        for key in ("norm_eps", "tiny_clamp"):
+            setattr(self, key, check_float(where, key, getattr(self, key), 0))
+        for key in ("use_post_quant_conv", "mid_block_add_attention"):
+            check_bool(where, key, getattr(self, key))
+        for key in ("block_out_channels", "decoder_block_out_channels", "num_decoder_blocks"):
+            setattr(self, key, tuple(check_list(where, key, getattr(self, key), check_positive_int)))
         if self.kind == "kl":
             bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
             if bad:
-                raise ConfigError(f"DecoderConfig: block_out_channels {list(self.block_out_channels)} are not all "
-                                  f"divisible by norm_num_groups={self.norm_num_groups} (found {bad})")
-        elif self.kind == "tiny":
+                raise ConfigError(f"{where}: block_out_channels {list(self.block_out_channels)} must all be "
+                                  f"divisible by norm_num_groups={self.norm_num_groups} (GroupNorm), found {bad}")
+        else:
             if len(self.decoder_block_out_channels) != len(self.num_decoder_blocks):
-                raise ConfigError(f"DecoderConfig: decoder_block_out_channels has "
+                raise ConfigError(f"{where}: decoder_block_out_channels has "
                                   f"{len(self.decoder_block_out_channels)}"
                                   f" entries, num_decoder_blocks {len(self.num_decoder_blocks)}; they must match")
             if len(set(self.decoder_block_out_channels)) != 1:
-                raise ConfigError("DecoderConfig: diffusers' DecoderTiny only runs with equal "
+                raise ConfigError(f"{where}: diffusers' DecoderTiny only runs with equal "
                                   f"decoder_block_out_channels, found {list(self.decoder_block_out_channels)}")
-        else:
-            raise ConfigError(f"DecoderConfig: kind must be 'kl' or 'tiny', found {self.kind!r}")
 
     @classmethod
     def from_dict(cls, d, where="DecoderConfig"):
@@ -124,15 +137,18 @@ def config_from_diffusers(d, where="config.json"):
 
 
 def config_to_diffusers(cfg):
-    """The config.json that `save_pretrained` writes: diffusers keys + mdref's extension keys."""
+    """The config.json that `save_pretrained` writes: diffusers keys, plus mdref's extension key (norm_eps / tiny_clamp)
+    only where it differs from what diffusers hard-codes, so that diffusers loads the rest without a warning."""
+    full, defaults = to_dict(cfg), DecoderConfig()
     if cfg.kind == "kl":
-        keys = list(_KL_DEFAULTS) + ["norm_eps"]
+        keys, extension = list(_KL_DEFAULTS), "norm_eps"
         d = {"_class_name": "AutoencoderKL", "act_fn": "silu",
              "up_block_types": ["UpDecoderBlock2D"] * len(cfg.block_out_channels)}
     else:
-        keys = list(_TINY_DEFAULTS) + ["tiny_clamp"]
+        keys, extension = list(_TINY_DEFAULTS), "tiny_clamp"
         d = {"_class_name": "AutoencoderTiny", "act_fn": "relu", "upsample_fn": "nearest"}
-    full = to_dict(cfg)
+    if full[extension] != getattr(defaults, extension):       # diffusers knows no such key: only where it differs
+        keys.append(extension)
     d.update({k: list(full[k]) if isinstance(full[k], tuple) else full[k] for k in keys})
     return d
 

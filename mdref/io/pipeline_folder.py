@@ -2,7 +2,9 @@
 
 A pipeline folder is diffusers' layout: ``model_index.json``, ``tokenizer/``, ``text_encoder/``, ``unet/``,
 ``vae/``, ``scheduler/``. The scheduler config (diffusers' home of ``prediction_type``) governs the sampler; a
-folder without one samples with mdref's defaults and the UNet config's prediction type.
+folder without one samples with mdref's defaults and the UNet config's prediction type. When both files state a
+prediction type (``prediction_type`` in unet/config.json is an mdref extension key, present in mdref-written
+folders whose UNet does not predict epsilon; diffusers' UNet configs have none), they must agree.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ..tokenizer import Tokenizer
 from .components import Decoder, TextEncoder, UNet
-from .config import ConfigError
+from .config import ConfigError, read_json
 from .presets import COMPONENT_SEED_OFFSET, PIPELINE_PRESETS
 from .resources import DEFAULT_MODEL_LABEL, weights_dir
 from .scheduler_config import SchedulerConfig, load_scheduler_config
@@ -34,8 +36,15 @@ def load_folder(path, dtype):
     tokenizer = Tokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else None)
     unet = UNet.from_pretrained(path / "unet", dtype=dtype)
     sched_file = path / "scheduler" / "scheduler_config.json"
-    scheduler = load_scheduler_config(sched_file) if sched_file.is_file() else \
-        SchedulerConfig(prediction_type=unet.config.prediction_type)
+    if not sched_file.is_file():
+        scheduler = SchedulerConfig(prediction_type=unet.config.prediction_type)
+    else:
+        scheduler = load_scheduler_config(sched_file)
+        unet_file = path / "unet" / "config.json"
+        stated = read_json(unet_file).get("prediction_type") if unet_file.is_file() else None
+        if stated is not None and stated != scheduler.prediction_type:
+            raise ConfigError(f"{sched_file}: prediction_type {scheduler.prediction_type!r} contradicts "
+                              f"{unet_file}: prediction_type {stated!r} (the UNet was trained for one of them)")
     return dict(tokenizer=tokenizer, text_encoder=TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype),
                 unet=unet, decoder=Decoder.from_pretrained(path / "vae", dtype=dtype), scheduler=scheduler,
                 weight_files=sorted(str(p) for p in path.glob("*/*.safetensors")))

@@ -7,10 +7,10 @@ checkpoints ship it; only trailing timesteps and the keys that change nothing el
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
-from .config import ConfigError, from_dict, read_json, to_dict
+from .config import ConfigError, check_choice, check_float, check_int, from_dict, read_json, to_dict
 
 __all__ = ["SchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict", "load_scheduler_config"]
 
@@ -30,15 +30,20 @@ class SchedulerConfig:
     timestep_spacing: str = "trailing"        # the only spacing whose first step is t = T - 1 for any step count
     sampler: str = "x0"                       # "x0" (UFOGen / re-noise) | "euler" (diffusers EulerDiscreteScheduler)
 
-    def __post_init__(self):
+    where: InitVar[str | None] = None         # the config file, for error messages (not a config key)
+
+    def __post_init__(self, where):
+        """Every string field one of its values; num_train_timesteps an int >= 2; 0 < beta_start <= beta_end < 1
+        (diffusers computes any betas it is given; outside this range sqrt(beta) or 1 - beta is no noise schedule)."""
+        where = where or type(self).__name__
         for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
                               ("timestep_spacing", ("trailing",)), ("sampler", SAMPLERS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"SchedulerConfig: {name} must be one of {list(allowed)}, "
-                                  f"found {getattr(self, name)!r}")
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ConfigError(f"SchedulerConfig: num_train_timesteps must be an int >= 2, "
-                              f"found {self.num_train_timesteps!r}")
+            check_choice(where, name, getattr(self, name), allowed)
+        check_int(where, "num_train_timesteps", self.num_train_timesteps, 2)
+        self.beta_start = check_float(where, "beta_start", self.beta_start, 0, 1)
+        self.beta_end = check_float(where, "beta_end", self.beta_end, 0, 1)
+        if self.beta_start > self.beta_end:
+            raise ConfigError(f"{where}: beta_start {self.beta_start!r} must be <= beta_end {self.beta_end!r}")
 
 
 # EulerDiscreteScheduler: diffusers' defaults for keys a config leaves out; values mdref requires (other values
@@ -54,14 +59,25 @@ _EULER_IGNORED = ("steps_offset", "sigma_min", "sigma_max", "clip_sample", "clip
                   "set_alpha_to_one", "skip_prk_steps", "sample_max_value", "thresholding",
                   "dynamic_thresholding_ratio", "variance_type")
 MDREF_CLASS = "MDRefScheduler"
+# mdref's own class has no upstream defaults to fall back on: a file must state the keys that change the math
+# (an empty or partial file would silently sample with other values, e.g. epsilon instead of the UNet's sample).
+# sampler ("x0", what the class is) and timestep_spacing (only "trailing") may be left out.
+MDREF_REQUIRED = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 
 
 def scheduler_config_from_diffusers(d, where="scheduler_config.json"):
     """SchedulerConfig from a diffusers EulerDiscreteScheduler config (-> sampler "euler") or mdref's own
-    (``_class_name`` "MDRefScheduler" or absent). Other scheduler classes raise ConfigError."""
+    (``_class_name`` "MDRefScheduler" or absent; it must state `MDREF_REQUIRED`). Other scheduler classes raise
+    ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object, found {type(d).__name__}")
     d = dict(d)
     cls = d.get("_class_name", MDREF_CLASS)
     if cls == MDREF_CLASS:
+        missing = [k for k in MDREF_REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: {MDREF_CLASS} config lacks {missing} (required: {list(MDREF_REQUIRED)}; "
+                              f"mdref does not guess the keys that change the noise schedule or the prediction)")
         return from_dict(SchedulerConfig, d, where=where)
     if cls != "EulerDiscreteScheduler":
         raise ConfigError(f"{where}: scheduler class {cls!r} is not supported (mdref samples like "

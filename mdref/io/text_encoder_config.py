@@ -8,10 +8,10 @@ it, transformers 5 does not); see `keymaps.text_encoder_keys` for the two keys t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 from ..specs import TextEncoderSpec
-from .config import ConfigError, from_dict, to_dict
+from .config import ConfigError, check_choice, check_float, check_int, from_dict, to_dict
 
 __all__ = ["TextEncoderConfig", "text_encoder_spec", "HIDDEN_ACT", "IGNORED_KEYS"]
 
@@ -52,18 +52,27 @@ class TextEncoderConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407        # 2 in configs saved before transformers PR #24773: pooling then takes argmax(ids)
 
-    def __post_init__(self):
-        if self.hidden_act not in HIDDEN_ACT:
-            raise ConfigError(f"TextEncoderConfig: hidden_act {self.hidden_act!r} is not supported "
-                              f"(expected one of {sorted(HIDDEN_ACT)})")
+    where: InitVar[str | None] = None  # the config file, for error messages (not a config key)
+
+    def __post_init__(self, where):
+        """Types and ranges (mdref.io.config's checkers); pad / bos ids are not read by the forward pass and may be
+        null, the eos id picks the pooled token."""
+        where = where or type(self).__name__
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings"):
+            check_int(where, key, getattr(self, key), 1)
+        check_choice(where, "hidden_act", self.hidden_act, list(HIDDEN_ACT))
+        self.layer_norm_eps = check_float(where, "layer_norm_eps", self.layer_norm_eps, 0)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            check_int(where, key, getattr(self, key), 0, self.vocab_size - 1, none=key != "eos_token_id")
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"TextEncoderConfig: hidden_size {self.hidden_size} is not divisible by "
+            raise ConfigError(f"{where}: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
 
     @classmethod
     def from_dict(cls, d, where="TextEncoderConfig"):
         """From a transformers CLIPTextConfig config.json dict; unknown keys raise ConfigError naming them."""
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
+        if isinstance(d, dict) and d.get("model_type", "clip_text_model") != "clip_text_model":
             raise ConfigError(f"{where}: model_type {d['model_type']!r}, expected 'clip_text_model' "
                               f"(for a full CLIPModel, point at its text encoder)")
         return from_dict(cls, d, ignore=IGNORED_KEYS, where=where)

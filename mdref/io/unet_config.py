@@ -13,10 +13,11 @@ separable_conv. ``upcast_attention`` only changes fp16 / bf16 arithmetic in diff
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from ..specs import Stage, UNetSpec
-from .config import ConfigError, from_dict, to_dict
+from .config import (ConfigError, check_bool, check_choice, check_float, check_int, check_list, check_positive_int,
+                     from_dict, to_dict)
 
 __all__ = ["UNetConfig", "unet_spec", "DEFAULT_ONLY", "IGNORED", "TRANSFORMER_NORM_EPS", "LAYER_NORM_EPS",
            "TIME_EMBED_MULT", "DEFAULT_SAMPLE_SIZE"]
@@ -82,6 +83,7 @@ class UNetConfig:
     ff_mult: int = 4
     separable_conv: list | None = None                   # per level bool; None: all false
     prediction_type: str = "epsilon"                     # read by the sampler, not by the UNet
+    where: InitVar[str | None] = None                    # the config file, for error messages (not a config key)
 
     EXTENSIONS = ("transformer_kind", "mid_transformer_layers", "shared_kv", "attention_weighting",
                   "ff_activation", "ff_mult", "separable_conv", "prediction_type")
@@ -89,83 +91,105 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d, where="UNetConfig"):
         """Build from a diffusers / mdref config dict; unsupported keys or values raise ConfigError naming them."""
-        for key, allowed in DEFAULT_ONLY.items():
+        for key, allowed in DEFAULT_ONLY.items() if isinstance(d, dict) else ():
             if key in d and d[key] not in allowed:
                 raise ConfigError(f"{where}: {key}={d[key]!r} is not supported (mdref implements only "
                                   f"{' or '.join(repr(a) for a in allowed)})")
         return from_dict(cls, d, ignore=set(DEFAULT_ONLY) | set(IGNORED), where=where)
 
-    def __post_init__(self):
-        for key in ("down_block_types", "up_block_types", "block_out_channels", "transformer_kind", "separable_conv"):
-            if isinstance(getattr(self, key), tuple):
-                setattr(self, key, list(getattr(self, key)))
+    def __post_init__(self, where):
+        """Types, ranges and the stage plan (mdref.io.config's checkers; `CHECKS` below for the scalars)."""
+        where = where or type(self).__name__
+        for key, check in CHECKS.items():
+            check(where, key, getattr(self, key))
+        for key in ("down_block_types", "up_block_types"):
+            setattr(self, key, check_list(where, key, getattr(self, key)))
+        self.block_out_channels = check_list(where, "block_out_channels", self.block_out_channels,
+                                             check_positive_int)
+        for key in ("transformer_kind", "separable_conv"):
+            if getattr(self, key) is not None:
+                setattr(self, key, check_list(where, key, getattr(self, key)))
         L = self.levels
-        if L < 1 or len(self.down_block_types) != L or len(self.up_block_types) != L:
-            raise ConfigError(f"UNetConfig: block_out_channels ({L} levels), down_block_types "
+        if len(self.down_block_types) != L or len(self.up_block_types) != L:
+            raise ConfigError(f"{where}: block_out_channels ({L} levels), down_block_types "
                               f"({len(self.down_block_types)}) and up_block_types ({len(self.up_block_types)}) "
                               f"must have the same length")
         for key, table in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
-            for t in getattr(self, key):
-                if t not in table:
-                    raise ConfigError(f"UNetConfig: {key} contains {t!r}; supported: {sorted(table)}")
-        if self.mid_block_type not in MID_BLOCKS:
-            raise ConfigError(f"UNetConfig: mid_block_type={self.mid_block_type!r}; supported: {list(MID_BLOCKS)}")
-        if not isinstance(self.norm_num_groups, int):
-            raise ConfigError(f"UNetConfig: norm_num_groups={self.norm_num_groups!r} must be an int")
+            for i, t in enumerate(getattr(self, key)):
+                check_choice(where, f"{key}[{i}]", t, list(table))
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ConfigError(f"{where}: block_out_channels {self.block_out_channels} must all be divisible by "
+                              f"norm_num_groups={self.norm_num_groups} (GroupNorm), found {bad}")
+        half = self.block_out_channels[0] // 2                  # the sinusoid divides by half - freq_shift
+        check_int(where, "freq_shift", self.freq_shift, 0, half - 1)
+        self.norm_eps = check_float(where, "norm_eps", self.norm_eps, 0)
+        if isinstance(self.sample_size, (list, tuple)):
+            self.sample_size = check_list(where, "sample_size", self.sample_size, check_positive_int, length=2)
+        else:
+            check_int(where, "sample_size", self.sample_size, 1, none=True)
         for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim",
                     "cross_attention_dim", "only_cross_attention", "transformer_kind", "separable_conv"):
-            self.per_level(key)                          # validates lengths and element types
+            self.per_level(key, where)                    # validates lengths and element types
         if len(set(self.per_level("cross_attention_dim"))) != 1:
-            raise ConfigError(f"UNetConfig: cross_attention_dim {self.cross_attention_dim} differs between levels; "
+            raise ConfigError(f"{where}: cross_attention_dim {self.cross_attention_dim} differs between levels; "
                               f"one context tensor feeds every level, so mdref needs a single width")
         if self.mid_transformer_layers is not None and self.mid_block_type is None:
-            raise ConfigError("UNetConfig: mid_transformer_layers is set but mid_block_type is null (no mid block)")
-        if self.mid_transformer_layers is not None and not (isinstance(self.mid_transformer_layers, int)
-                                                            and self.mid_transformer_layers >= 1):
-            raise ConfigError(f"UNetConfig: mid_transformer_layers={self.mid_transformer_layers!r} must be an int >= 1")
-        for key, allowed in (("attention_weighting", ("softmax", "relu")), ("ff_activation", ("geglu", "swiglu")),
-                             ("prediction_type", ("epsilon", "v_prediction", "sample"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"UNetConfig: {key}={getattr(self, key)!r}; supported: {list(allowed)}")
-        if not (isinstance(self.ff_mult, int) and self.ff_mult >= 1):
-            raise ConfigError(f"UNetConfig: ff_mult={self.ff_mult!r} must be an int >= 1")
-        stage_plan(self)                                 # checks kinds vs block types, heads vs channels
+            raise ConfigError(f"{where}: mid_transformer_layers is set but mid_block_type is null (no mid block)")
+        stage_plan(self, where)                          # checks kinds vs block types, heads vs channels
 
     @property
     def levels(self):
         return len(self.block_out_channels)
 
-    def per_level(self, key):
+    def per_level(self, key, where="UNetConfig"):
         """The value of `key` for each level (down-block order), expanding a scalar; checks the list length."""
         value = getattr(self, key)
         defaults = {"transformer_kind": [DOWN_BLOCKS[t] for t in self.down_block_types],
                     "separable_conv": [False] * self.levels}
         if value is None and key in defaults:
             return defaults[key]
-        kind = bool if key in ("only_cross_attention", "separable_conv") else str if key == "transformer_kind" else int
-        values = list(value) if isinstance(value, (list, tuple)) else [value] * self.levels
-        if len(values) != self.levels:
-            raise ConfigError(f"UNetConfig: {key} has {len(values)} entries, expected one per level ({self.levels})")
-        least = 0 if key == "transformer_layers_per_block" else 1     # 0 is usual on levels without a transformer
-        for v in values:
-            if not isinstance(v, kind) or (kind is int and (isinstance(v, bool) or v < least)):
-                raise ConfigError(f"UNetConfig: {key} entry {v!r} is not supported "
-                                  f"(expected {f'an int >= {least}' if kind is int else kind.__name__})")
-            if key == "transformer_kind" and v not in KINDS:
-                raise ConfigError(f"UNetConfig: transformer_kind entry {v!r}; supported: {list(KINDS)}")
-        return values
+        if key in ("only_cross_attention", "separable_conv"):
+            check = check_bool
+        elif key == "transformer_kind":
+            check = lambda w, k, v: check_choice(w, k, v, KINDS)    # noqa: E731
+        else:                                                        # 0 is usual on levels without a transformer
+            least = 0 if key == "transformer_layers_per_block" else 1
+            check = lambda w, k, v: check_int(w, k, v, least)       # noqa: E731
+        if isinstance(value, (list, tuple)):
+            return check_list(where, key, value, check, length=self.levels)
+        return [check(where, key, value)] * self.levels
 
     def to_dict(self):
-        """config.json content: diffusers keys always, mdref extensions only where they differ from the default."""
+        """config.json content: diffusers keys always, mdref extensions only where they change what diffusers would
+        build (a value equal to the default, or to what the block types and transformer_layers_per_block imply, is
+        left out), so that a diffusers-expressible UNet loads in diffusers without unknown keys."""
         d = {"_class_name": "UNet2DConditionModel"}
         defaults = UNetConfig()
+        implied = {"transformer_kind": [DOWN_BLOCKS[t] for t in self.down_block_types],
+                   "mid_transformer_layers": self.per_level("transformer_layers_per_block")[-1],
+                   "separable_conv": [False] * self.levels}
         for k, v in to_dict(self).items():
-            if k not in self.EXTENSIONS or v != getattr(defaults, k):
+            if k not in self.EXTENSIONS or (v != getattr(defaults, k) and v != implied.get(k, getattr(defaults, k))):
                 d[k] = v
         return d
 
 
-def stage_plan(cfg):
+# Scalar keys and their checks (lists, per-level keys, freq_shift, norm_eps and sample_size are checked in
+# UNetConfig.__post_init__, where they depend on other keys).
+CHECKS = {
+    "in_channels": check_positive_int, "out_channels": check_positive_int, "norm_num_groups": check_positive_int,
+    "flip_sin_to_cos": check_bool, "use_linear_projection": check_bool, "upcast_attention": check_bool,
+    "shared_kv": check_bool, "ff_mult": check_positive_int,
+    "mid_block_type": lambda w, k, v: check_choice(w, k, v, MID_BLOCKS),
+    "mid_transformer_layers": lambda w, k, v: check_int(w, k, v, 1, none=True),
+    "attention_weighting": lambda w, k, v: check_choice(w, k, v, ("softmax", "relu")),
+    "ff_activation": lambda w, k, v: check_choice(w, k, v, ("geglu", "swiglu")),
+    "prediction_type": lambda w, k, v: check_choice(w, k, v, ("epsilon", "v_prediction", "sample")),
+}
+
+
+def stage_plan(cfg, where="UNetConfig"):
     """(down stages, mid stage or None, up stages), reproducing UNet2DConditionModel.__init__'s channel plan."""
     L, ch = cfg.levels, cfg.block_out_channels
     layers, tlayers = cfg.per_level("layers_per_block"), cfg.per_level("transformer_layers_per_block")
@@ -176,13 +200,13 @@ def stage_plan(cfg):
     def stage(name, level, resnets, kind, n_layers, resample, block_type):
         """block_type None: the mid block (full blocks; diffusers' mid block ignores only_cross_attention)."""
         if block_type is not None and (kind == "none") != (block_type in ("DownBlock2D", "UpBlock2D")):
-            raise ConfigError(f"UNetConfig: transformer_kind {kind!r} of level {level} does not fit {name} "
+            raise ConfigError(f"{where}: transformer_kind {kind!r} of level {level} does not fit {name} "
                               f"of type {block_type}")
         if kind == "cross" and only_cross[level]:
-            raise ConfigError(f"UNetConfig: only_cross_attention is set on level {level}, whose transformer_kind "
+            raise ConfigError(f"{where}: only_cross_attention is set on level {level}, whose transformer_kind "
                               f"is 'cross' (no attn1 to change)")
         if kind != "none" and ch[level] % heads[level]:
-            raise ConfigError(f"UNetConfig: attention_head_dim (heads) {heads[level]} does not divide "
+            raise ConfigError(f"{where}: attention_head_dim (heads) {heads[level]} does not divide "
                               f"block_out_channels[{level}] = {ch[level]}")
         return Stage(name, tuple(resnets), ch[level], kind, n_layers, heads[level],
                      only_cross[level] and kind == "full" and block_type is not None, sep[level], resample)
