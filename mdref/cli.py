@@ -309,8 +309,17 @@ def cmd_precision(args):
     report = compare(results["float64"], results["float32"], rtol=np.inf, points=args.points)
     print(f"float32 vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, seed {args.seed}")
     print(format_report(report).split("\n\n")[0])
-    worst = max(report.points, key=lambda p: p.rel_to_max)
-    print(f"\nlargest float32 error relative to max|float64|: {worst.rel_to_max:.3e} at {worst.name}")
+    for name, count in (("float64", "nonfinite_a"), ("float32", "nonfinite_b")):
+        first = next((p for p in report.points if getattr(p, count)), None)
+        if first is not None:
+            print(f"\nfirst point holding NaN / Inf in {name}: {first.name} ({getattr(first, count)} of "
+                  f"{math.prod(first.shape_a if name == 'float64' else first.shape_b)})")
+    rated = [p for p in report.points if p.rel_to_max is not None and math.isfinite(p.rel_to_max)]
+    if rated:
+        worst = max(rated, key=lambda p: p.rel_to_max)
+        print(f"\nlargest float32 error relative to max|float64|: {worst.rel_to_max:.3e} at {worst.name}"
+              + (" (over the positions finite in both)"
+                 if any(p.nonfinite_a or p.nonfinite_b for p in report.points) else ""))
     return 0
 
 

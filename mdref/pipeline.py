@@ -98,7 +98,7 @@ def _is_finite_real(x):
 
 
 # ---- the memory estimate ----------------------------------------------------------------------------------------
-ACTIVATION_COPIES = 4   # arrays as large as a layer's widest one alive at once: input, norm, activation, padded copy,
+ACTIVATION_COPIES = 6   # arrays as large as a layer's widest one alive at once: input, norm, activation, padded copy,
                         # conv output, residual sum
 
 
@@ -140,7 +140,7 @@ def estimate_peak_bytes(pipe, batch, height, width, steps=1):
         skips   = the UNet's skip connections, all alive at the mid block
 
     The text encoder's [B, 77, D] activations are small beside these and not counted. This is an estimate for a
-    refusal, meant to be on the high side (ACTIVATION_COPIES = 4): it says when a size cannot fit, not a budget
+    refusal, meant to be on the high side (ACTIVATION_COPIES = 6): it says when a size cannot fit, not a budget
     to plan against to the byte."""
     s = np.dtype(pipe.dtype).itemsize
     u = pipe.decoder.upsampling_factor
@@ -221,8 +221,9 @@ def memory_limit(max_memory=None):
 
 
 def to_pixels(image):
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: round(clip((x + 1) / 2, 0, 1) * 255)."""
-    x = np.clip((np.asarray(image, dtype=np.float64) + 1) / 2, 0, 1)
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: round(clip((x + 1) / 2, 0, 1) * 255); NaN -> 0 (only an
+    allow_nonfinite run has one: casting NaN to uint8 is not defined)."""
+    x = np.clip((np.nan_to_num(np.asarray(image, dtype=np.float64), nan=-1.0) + 1) / 2, 0, 1)
     return np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
@@ -380,7 +381,7 @@ class Pipeline:
         if n_nan or n_inf:
             raise InputError("noise", f"holds non-finite values ({n_nan} NaN, {n_inf} Inf of {size})")
         big = float(np.abs(noise).max()) if noise.size else 0.0
-        if big > np.finfo(self.dtype).max:
+        if big > float(np.finfo(self.dtype).max):
             raise InputError("noise", f"holds values beyond {np.dtype(self.dtype).name}'s range (max |x| {big:.3g})")
 
     def _check_memory(self, batch, shape, steps, max_memory):
