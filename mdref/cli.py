@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -22,6 +23,19 @@ DTYPES = {"float32": np.float32, "float64": np.float64}
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, `--seed abc`) take the one path too: `mdref: error: ...`, exit 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# Pipeline.run's argument names -> what the command line calls them (mdref.pipeline.InputError.argument)
+OPTIONS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "seed": "--seed", "steps": "--steps",
+           "height": "--height", "width": "--width", "guidance_scale": "--guidance", "max_memory": "--max-memory",
+           "MDREF_MAX_MEMORY": "MDREF_MAX_MEMORY", "image size": "--height/--width: image size"}
 
 
 # ---- shared argument groups -------------------------------------------------------------------------------------
@@ -42,6 +56,10 @@ def _add_sample_args(p):
     p.add_argument("--width", type=int, help="image width in pixels")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default off)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for guidance")
+    p.add_argument("--max-memory", metavar="SIZE", help="refuse a run estimated to need more (8G, 512M; default: "
+                   "$MDREF_MAX_MEMORY, else the machine's physical memory)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="keep going when a stage's output holds NaN or "
+                   "Inf (default: stop and name the first non-finite point)")
 
 
 def load_pipeline(args, dtype=None):
@@ -58,39 +76,73 @@ def load_pipeline(args, dtype=None):
     return Pipeline.from_pretrained(args.model, dtype=dtype)
 
 
-def _read_noise(path):
+def _read_noise(path, shape, steps):
+    """The --noise .npy file, checked before its data is read: the header (numpy.lib.format) must describe a real
+    floating-point array of the latent's shape [B, C, h, w] (or [steps, B, C, h, w]) that the file holds in full;
+    no pickle is ever loaded."""
+    import zipfile
+
+    fmt = np.lib.format
     if path is None:
         return None
     if not Path(path).is_file():
         raise UsageError(f"--noise {path}: no such file")
+    what = f"--noise {path}"
+    if zipfile.is_zipfile(path):
+        raise UsageError(f"{what}: an .npz archive; expected one .npy array (numpy.save)")
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError):
-        raise UsageError(f"--noise {path}: not a readable .npy float array (mdref loads .npy without pickle)") from None
-    if arr.dtype.kind != "f":
-        raise UsageError(f"--noise {path}: expected a float array, found dtype {arr.dtype}")
-    return arr
-
-
-def _check_size(pipe, args):
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                header = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                header = fmt.read_array_header_2_0(f)
+            else:
+                raise UsageError(f"{what}: .npy format version {version[0]}.{version[1]} is not read (1.0 or 2.0)")
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{what}: not a readable .npy array ({e})") from None
+    file_shape, _, dtype = header
+    if dtype.kind != "f":
+        raise UsageError(f"{what}: expected a real floating-point array, found dtype {dtype}")
+    expected = [shape] + ([(steps,) + shape] if steps > 1 else [])
+    if file_shape not in expected:
+        raise UsageError(f"{what}: has shape {file_shape}, expected {' or '.join(map(str, expected))}")
+    data = math.prod(file_shape) * dtype.itemsize
+    size = Path(path).stat().st_size
+    if size < offset + data:
+        raise UsageError(f"{what}: truncated: the header describes {data} bytes of data, the file holds "
+                         f"{max(0, size - offset)}")
     try:
-        return pipe.latent_shape(1, args.height, args.width)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{what}: not a readable .npy array ({e})") from None
 
 
-def _run(pipe, args):
-    _check_size(pipe, args)
-    noise = _read_noise(args.noise)
+@contextmanager
+def _input_errors(args):
+    """mdref.pipeline.InputError -> UsageError, the argument called by its command-line name."""
+    from .pipeline import InputError, MemoryLimitError
+
     try:
+        yield
+    except InputError as e:
+        option = f"--noise {args.noise}:" if e.argument == "noise" else OPTIONS.get(e.argument, e.argument)
+        hint = " (--max-memory SIZE or MDREF_MAX_MEMORY sets the limit)" if isinstance(e, MemoryLimitError) else ""
+        raise UsageError(f"{option} {e.problem.replace('(max_memory)', '(--max-memory)')}{hint}") from None
+
+
+def _run(pipe, args, allow_nonfinite=None):
+    """Check every argument (before anything is computed), read --noise, run."""
+    allow = args.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
+    with _input_errors(args):
+        _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
+                              guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                              max_memory=args.max_memory)
+        noise = _read_noise(args.noise, shape, args.steps)
         return pipe.run(args.prompt, seed=args.seed, noise=noise, steps=args.steps, height=args.height,
-                        width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
-    except ValueError as e:
-        if noise is not None and "noise" in str(e):
-            raise UsageError(f"--noise {args.noise}: {e}") from None
-        raise
+                        width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                        allow_nonfinite=allow, max_memory=args.max_memory)
 
 
 def _manifest(pipe, args, result):
@@ -250,23 +302,32 @@ def cmd_precision(args):
     for name in ("float64", "float32"):
         pipe = load_pipeline(args, DTYPES[name])
         with trace(args.points) as t:
-            _run(pipe, args)
+            _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: it never stops on them
         if not t.arrays:                               # known after the first run: no need for the second
             raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches")
         results[name] = t
     report = compare(results["float64"], results["float32"], rtol=np.inf, points=args.points)
     print(f"float32 vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, seed {args.seed}")
     print(format_report(report).split("\n\n")[0])
-    worst = max(report.points, key=lambda p: p.rel_to_max)
-    print(f"\nlargest float32 error relative to max|float64|: {worst.rel_to_max:.3e} at {worst.name}")
+    for name, count in (("float64", "nonfinite_a"), ("float32", "nonfinite_b")):
+        first = next((p for p in report.points if getattr(p, count)), None)
+        if first is not None:
+            print(f"\nfirst point holding NaN / Inf in {name}: {first.name} ({getattr(first, count)} of "
+                  f"{math.prod(first.shape_a if name == 'float64' else first.shape_b)})")
+    rated = [p for p in report.points if p.rel_to_max is not None and math.isfinite(p.rel_to_max)]
+    if rated:
+        worst = max(rated, key=lambda p: p.rel_to_max)
+        print(f"\nlargest float32 error relative to max|float64|: {worst.rel_to_max:.3e} at {worst.name}"
+              + (" (over the positions finite in both)"
+                 if any(p.nonfinite_a or p.nonfinite_b for p in report.points) else ""))
     return 0
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="mdref", description="mdref: a NumPy golden reference for one-step "
+    parser = _Parser(prog="mdref", description="mdref: a NumPy golden reference for one-step "
                                      "text-to-image diffusion in the MobileDiffusion family.")
     parser.add_argument("--version", action="version", version=f"mdref {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("generate", help="draw an image from a prompt")
     _add_sample_args(p)
@@ -310,14 +371,22 @@ def build_parser():
 
 def main(argv=None):
     from .io import ConfigError, WeightsError
+    from .pipeline import NonFiniteError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"mdref: error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return args.func(args)
+    except NonFiniteError as e:
+        print(f"mdref: error: {str(e).replace('allow_nonfinite=True', '--allow-nonfinite')}", file=sys.stderr)
+        return 2
     except (UsageError, ConfigError, WeightsError) as e:
         print(f"mdref: error: {e}", file=sys.stderr)
         return 2

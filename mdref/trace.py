@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 
 __all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "active", "save_trace",
-           "load_trace"]
+           "load_trace", "first_nonfinite"]
 
 _ACTIVE = contextvars.ContextVar("mdref_trace", default=None)
 
@@ -62,13 +62,17 @@ class Trace:
         self.arrays = {}          # name -> array, in execution order
         self.meta = {}            # free-form facts about the run (prompt, seed, timestep, ...)
 
-    def add(self, name, x):
-        if name in self.arrays:   # the same layer run again (a second sampling step): keep both
+    def unique(self, name):
+        """The name a new array gets: `name`, or `name#n` if the same layer ran before (a second sampling step)."""
+        if name in self.arrays:
             n = 1
             while f"{name}#{n}" in self.arrays:
                 n += 1
             name = f"{name}#{n}"
-        self.arrays[name] = np.array(x, copy=True)
+        return name
+
+    def add(self, name, x):
+        self.arrays[self.unique(name)] = np.array(x, copy=True)
 
     def __getitem__(self, name):
         return self.arrays[name]
@@ -102,6 +106,47 @@ def record(name, x):
     if t is not None and t.wants(name):
         t.add(name, x)
     return x
+
+
+# ---- the first non-finite point ----------------------------------------------------------------------
+def nonfinite_counts(x):
+    """(NaN count, Inf count, size) of an array."""
+    x = np.asarray(x)
+    return int(np.isnan(x).sum()), int(np.isinf(x).sum()), int(x.size)
+
+
+class _Found(Exception):
+    pass
+
+
+class _FirstNonFinite(Trace):
+    """A trace that keeps no arrays: it notes the first point holding a NaN or an Inf and stops the run there."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = None                     # (point name, (NaN, Inf, size))
+
+    def add(self, name, x):
+        name = self.unique(name)
+        self.arrays[name] = None              # the names only, so that repeated layers are numbered as in trace()
+        a = np.asarray(x)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            self.found = (name, nonfinite_counts(a))
+            raise _Found
+
+
+def first_nonfinite(run):
+    """Call ``run()`` with every point recorded, and return (name, (NaN, Inf, size)) of the first recorded point
+    holding a NaN or an Inf (the run stops there), or None if none does. Names are those trace() gives."""
+    t = _FirstNonFinite()
+    token = _ACTIVE.set(t)
+    try:
+        run()
+    except _Found:
+        pass
+    finally:
+        _ACTIVE.reset(token)
+    return t.found
 
 
 # ---- trace files -------------------------------------------------------------------------------------
