@@ -135,7 +135,8 @@ def _conv_im2col(x, w, stride, groups, Ho, Wo):
 def group_norm(x, p, groups, eps, *, silu=False):
     """torch.nn.GroupNorm: per (sample, group) zero mean and unit (biased) variance, then the per-channel affine;
     silu=True applies SiLU to the result as well (GN-SiLU opens every ResNet conv). x [B, C, ...] -> same shape.
-    Fast form: one new buffer, normalised, scaled and activated in place (plain: (x - mean) / sqrt(var + eps) * w + b)."""
+    Fast form: one new buffer, normalised, scaled and activated in place
+    (plain: (x - mean) / sqrt(var + eps) * w + b)."""
     B, C = x.shape[:2]
     g = x.reshape(B, groups, -1)                                    # [B, G, C/G * spatial]
     y = g - g.mean(axis=-1, keepdims=True)                          # centred: the one new buffer

@@ -13,7 +13,6 @@ channels, h w latent size, H W image size.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -22,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops, sampler
+from . import sampler
+from .guards import (InputError, MemoryLimitError, NonFiniteError, StageFailed, check_run,  # noqa: F401
+                     estimate_peak_bytes, is_int, memory_limit, parse_bytes)
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
@@ -30,194 +31,6 @@ from .trace import first_nonfinite, nonfinite_counts, record
 
 __all__ = ["Pipeline", "Result", "to_pixels", "InputError", "MemoryLimitError", "NonFiniteError",
            "estimate_peak_bytes", "memory_limit", "parse_bytes"]
-
-SEED_LIMIT = 2 ** 64                    # seeds are what PCG64 takes as one 64-bit word: 0 <= seed < 2**64
-GIB = 2 ** 30
-
-
-class InputError(ValueError):
-    """A bad argument to Pipeline.run (or __call__ / check): ``argument`` names it (the API's parameter name),
-    ``problem`` says what was expected and what was found; str(e) is "ARGUMENT PROBLEM"."""
-
-    def __init__(self, argument, problem):
-        super().__init__(f"{argument} {problem}")
-        self.argument, self.problem = argument, problem
-
-
-class MemoryLimitError(InputError):
-    """The run would need more memory than the limit (see estimate_peak_bytes and memory_limit); raised before
-    anything is allocated. ``needed`` and ``limit`` are in bytes."""
-
-    def __init__(self, problem, needed, limit):
-        super().__init__("image size", problem)
-        self.needed, self.limit = needed, limit
-
-
-class NonFiniteError(ValueError):
-    """A stage's output held NaN or Inf. ``stage`` is the stage ("text encoder", "UNet", "decoder"), ``counts``
-    its output's (NaN, Inf, size); ``point`` is the first trace point that held a non-finite value when the run was
-    repeated under a trace (None if the repeat found none), ``point_counts`` that point's (NaN, Inf, size)."""
-
-    def __init__(self, stage, counts, point, point_counts):
-        self.stage, self.counts, self.point, self.point_counts = stage, counts, point, point_counts
-        where = (f"first non-finite point: {point} ({_counts(point_counts)})" if point is not None
-                 else "no traced point held one when the run was repeated")
-        super().__init__(f"the {stage}'s output holds non-finite values ({_counts(counts)}); {where} "
-                         f"(allow_nonfinite=True keeps going)")
-
-
-def _short(x, n=60):
-    r = repr(x)
-    return (r if len(r) <= n else r[:n] + "...") + ("" if isinstance(x, (str, int, float)) else f" ({type(x).__name__})")
-
-
-def _size(n):
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
-
-
-def _counts(c):
-    return f"{c[0]} NaN, {c[1]} Inf of {c[2]}"
-
-
-class _StageFailed(Exception):
-    def __init__(self, stage, counts):
-        self.stage, self.counts = stage, counts
-
-
-def _is_int(x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_finite_real(x):
-    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, (bool, np.bool_)):
-        return False
-    try:
-        return math.isfinite(float(x))
-    except OverflowError:                    # an int beyond float's range
-        return False
-
-
-# ---- the memory estimate ----------------------------------------------------------------------------------------
-ACTIVATION_COPIES = 6   # arrays as large as a layer's widest one alive at once: input, norm, activation, padded copy,
-                        # conv output, residual sum
-
-
-def _widest(tree):
-    """The largest input or output width among the weights of a parameter subtree (Linear [out, in], conv
-    [out, in/groups, kh, kw]); 0 for a tree without matrices."""
-    if isinstance(tree, dict):
-        return max((_widest(v) for v in tree.values()), default=0)
-    shape = np.shape(tree)
-    return max(shape[:2]) if len(shape) >= 2 else 0
-
-
-def _scores_bytes(batch, heads, tq, tk, itemsize):
-    """The score buffer ops.attention allocates: a chunk of query rows of at most ops.SCORES_BYTES (one row at least)."""
-    row = batch * heads * tk * itemsize
-    return max(1, min(tq, ops.SCORES_BYTES // row)) * row
-
-
-def _im2col_bytes(batch, channels, height, width, itemsize, k=3):
-    """The column block ops.conv2d builds for a k x k conv: rows of at most ops.IM2COL_BYTES (one row at least)."""
-    row = batch * channels * k * k * width * itemsize
-    return max(1, min(height, ops.IM2COL_BYTES // row)) * row
-
-
-def estimate_peak_bytes(pipe, batch, height, width, steps=1):
-    """About how many bytes a run of `pipe` at this size holds at its peak; computed from the specs and the weight
-    shapes only (nothing is allocated). With s the dtype's size, h w the latent size, and for each block of the UNet
-    and the decoder its widest layer C (largest weight dimension) at the largest resolution the block touches (Hb Wb):
-
-        peak = weights + noise + max(UNet, decoder)
-        weights = parameters * s                                 (already loaded; counted so the total is the process)
-        noise   = steps * B * C_latent * h * w * (8 + s)         (sampling_noise draws [steps, B, C, h, w] in float64,
-                                                                  then casts)
-        UNet    = max over blocks of (ACTIVATION_COPIES * B * C * Hb * Wb * s + scores + im2col) + skips
-        decoder = max over blocks of (ACTIVATION_COPIES * B * C * Hb * Wb * s + scores + im2col)
-        scores  = the attention score chunk (ops.SCORES_BYTES, or one query row B * heads * N * s if larger;
-                  N = Hb * Wb pixels for self-attention, the text length for cross-attention)
-        im2col  = the 3x3 conv column block (ops.IM2COL_BYTES, or one output row B * 9 C * Wb * s if larger)
-        skips   = the UNet's skip connections, all alive at the mid block
-
-    The text encoder's [B, 77, D] activations are small beside these and not counted. This is an estimate for a
-    refusal, meant to be on the high side (ACTIVATION_COPIES = 6): it says when a size cannot fit, not a budget
-    to plan against to the byte."""
-    s = np.dtype(pipe.dtype).itemsize
-    u = pipe.decoder.upsampling_factor
-    h, w = height // u, width // u
-    weights = pipe.num_parameters()["total"] * s
-    noise = steps * batch * pipe.unet.spec.in_channels * h * w * (8 + s)
-
-    def block(channels, hb, wb, heads=0, tokens=0):
-        act = ACTIVATION_COPIES * batch * channels * hb * wb * s
-        scores = _scores_bytes(batch, heads, hb * wb, tokens, s) if heads else 0
-        return act + scores + _im2col_bytes(batch, channels, hb, wb, s)
-
-    spec, params = pipe.unet.spec, pipe.unet.params
-    text = 77
-    unet, skips, scale = 0, batch * spec.down[0].channels * h * w * s if spec.down else 0, 1
-    for i, st in enumerate(spec.down):                                         # at the block's input resolution
-        hb, wb = max(1, h // scale), max(1, w // scale)
-        tokens = hb * wb if st.transformer == "full" else text
-        unet = max(unet, block(_widest(params["down_blocks"][str(i)]), hb, wb, st.heads if st.transformer != "none"
-                               else 0, tokens))
-        skips += len(st.resnets) * batch * st.channels * hb * wb * s
-        if st.resample == "down":
-            scale *= 2
-            skips += batch * st.channels * max(1, h // scale) * max(1, w // scale) * s
-    if spec.mid is not None:
-        hb, wb = max(1, h // scale), max(1, w // scale)
-        unet = max(unet, block(_widest(params["mid_block"]), hb, wb, spec.mid.heads, hb * wb))
-    for i, st in enumerate(spec.up):                                           # at the block's output resolution
-        if st.resample == "up":
-            scale = max(1, scale // 2)
-        hb, wb = max(1, h // scale), max(1, w // scale)
-        tokens = hb * wb if st.transformer == "full" else text
-        unet = max(unet, block(_widest(params["up_blocks"][str(i)]), hb, wb, st.heads if st.transformer != "none"
-                               else 0, tokens))
-    unet += skips
-
-    dspec, dparams = pipe.decoder.spec, pipe.decoder.params["decoder"]
-    if pipe.decoder.config.kind == "kl":
-        decoder = block(_widest(dparams["mid_block"]), h, w, 1 if dspec.mid_attention else 0, h * w)
-        for i in range(len(dspec.widths)):
-            f = 2 ** min(i + 1, len(dspec.widths) - 1)                         # after the block's upsampler
-            decoder = max(decoder, block(_widest(dparams["up_blocks"][str(i)]), h * f, w * f))
-    else:                                                                      # TAESD: one width throughout
-        decoder = block(_widest(dparams["layers"]), height, width)
-    return int(weights + noise + max(unet, decoder))
-
-
-def parse_bytes(text, what="max_memory"):
-    """'8G', '512MiB', '1.5 GB', '1000000' -> bytes (K, M, G, T are powers of 1024). Raises InputError naming `what`."""
-    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    factor = 1
-    if t and t[-1] in "KMGT":
-        factor, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
-    try:
-        value = float(t) * factor
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and math.isfinite(value)):
-        raise InputError(what, f"must be a size such as 8G, 512M or a number of bytes, found {text!r}")
-    return int(value)
-
-
-def memory_limit(max_memory=None):
-    """The memory budget of a run, in bytes, and where it comes from: `max_memory` (bytes or a size string such as
-    '8G'), else the environment variable MDREF_MAX_MEMORY, else the machine's physical memory
-    (os.sysconf SC_PHYS_PAGES * SC_PAGE_SIZE), else no limit (None)."""
-    if max_memory is not None:
-        if _is_int(max_memory) and max_memory > 0:
-            return int(max_memory), "max_memory"
-        return parse_bytes(max_memory), "max_memory"
-    env = os.environ.get("MDREF_MAX_MEMORY")
-    if env:
-        return parse_bytes(env, "MDREF_MAX_MEMORY"), "MDREF_MAX_MEMORY"
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory"
-    except (AttributeError, ValueError, OSError):
-        return None, "no limit"
 
 
 def to_pixels(image):
@@ -309,7 +122,7 @@ class Pipeline:
         height, width = dh if height is None else height, dw if width is None else width
         f = self.size_factor
         for name, v in (("height", height), ("width", width)):
-            if not _is_int(v) or v <= 0 or v % f:
+            if not is_int(v) or v <= 0 or v % f:
                 raise InputError(name, f"{v!r} is not supported: image height and width must be positive multiples "
                                  f"of {f} (decoder x{self.decoder.upsampling_factor}, UNet "
                                  f"{len(self.unet.spec.down)} levels)")
@@ -328,71 +141,10 @@ class Pipeline:
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
               negative_prompt="", max_memory=None):
-        """Refuse bad arguments of run() before anything is computed or allocated; returns (prompts, latent shape).
-
-        prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
-        bytes that were not UTF-8); seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64; steps: an int
-        in [1, num_train_timesteps]; height, width: None (the default size) or positive multiples of size_factor;
-        guidance_scale: None or a finite real number; negative_prompt: a str; noise: None or a real floating-point
-        array of shape [B, C, h, w] or [steps, B, C, h, w] whose values are finite in the compute dtype. The whole
-        run must fit in the memory limit (memory_limit(max_memory); estimate_peak_bytes). Raises InputError (a
-        ValueError) naming the argument, or MemoryLimitError."""
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise InputError("prompt", f"must be a string or a non-empty list of strings, found {_short(prompt)}")
-        for name, texts in (("prompt", prompts), ("negative_prompt", [negative_prompt])):
-            for text in texts:
-                if not isinstance(text, str):
-                    raise InputError(name, f"must be a string, found {_short(text)}")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    bad = text[e.start]
-                    raw = f" (the byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
-                    raise InputError(name, f"is not valid UTF-8 text: {bad!r} at position {e.start}{raw}") from None
-        if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-            raise InputError("seed", f"must be an integer with 0 <= seed < 2**64, found {_short(seed)}")
-        T = self.scheduler.num_train_timesteps
-        if not _is_int(steps) or not 1 <= steps <= T:
-            raise InputError("steps", f"must be an integer from 1 to num_train_timesteps = {T}, found {_short(steps)}")
-        if guidance_scale is not None and not _is_finite_real(guidance_scale):
-            raise InputError("guidance_scale", f"must be a finite number (or None: no guidance), found {_short(guidance_scale)}")
-        shape = self.latent_shape(len(prompts), height, width)
-        if noise is not None:
-            self._check_noise(noise, shape, steps)
-        self._check_memory(len(prompts), shape, steps, max_memory)
-        return prompts, shape
-
-    def _check_noise(self, noise, shape, steps):
-        try:
-            noise = np.asarray(noise)                                        # a memory map stays one: nothing read
-        except (ValueError, TypeError) as e:
-            raise InputError("noise", f"must be a real floating-point array, found {type(noise).__name__} ({e})") \
-                from None
-        if noise.dtype.kind != "f":
-            raise InputError("noise", f"must be a real floating-point array, found dtype {noise.dtype}")
-        if noise.shape not in (shape, (steps,) + shape):
-            expected = f"{shape}" + (f" or {(steps,) + shape} (one draw per step)" if steps > 1 else "")
-            raise InputError("noise", f"has shape {noise.shape}, expected {expected}")
-        n_nan, n_inf, size = nonfinite_counts(noise)
-        if n_nan or n_inf:
-            raise InputError("noise", f"holds non-finite values ({n_nan} NaN, {n_inf} Inf of {size})")
-        big = float(np.abs(noise).max()) if noise.size else 0.0
-        if big > float(np.finfo(self.dtype).max):
-            raise InputError("noise", f"holds values beyond {np.dtype(self.dtype).name}'s range (max |x| {big:.3g})")
-
-    def _check_memory(self, batch, shape, steps, max_memory):
-        limit, source = memory_limit(max_memory)
-        u = self.decoder.upsampling_factor
-        H, W = shape[2] * u, shape[3] * u
-        needed = estimate_peak_bytes(self, batch, H, W, steps)
-        if limit is not None and needed > limit:
-            raise MemoryLimitError(
-                f"{H}x{W} (batch {batch}, {steps} step{'s' if steps > 1 else ''}, {np.dtype(self.dtype).name}) needs "
-                f"about {_size(needed)}, more than the {_size(limit)} limit ({source})", needed, limit)
+        """Refuse bad arguments of run() before anything is computed or allocated (mdref.guards.check_run);
+        returns (prompts, latent shape)."""
+        return check_run(self, prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
+                         guidance_scale=guidance_scale, negative_prompt=negative_prompt, max_memory=max_memory)
 
     def run(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
             negative_prompt="", allow_nonfinite=False, max_memory=None):
@@ -413,7 +165,7 @@ class Pipeline:
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # the stage checks report these
                 return self._run(*args, checked=True)
-        except _StageFailed as failed:
+        except StageFailed as failed:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 found = first_nonfinite(lambda: self._run(*args, checked=False))
             point, counts = found if found is not None else (None, None)
@@ -422,7 +174,7 @@ class Pipeline:
     def _run(self, prompts, seed, noise, steps, shape, guidance_scale, negative_prompt, *, checked):
         def check(stage, x):
             if checked and not np.isfinite(x).all():
-                raise _StageFailed(stage, nonfinite_counts(x))
+                raise StageFailed(stage, nonfinite_counts(x))
             return x
 
         timings = {}

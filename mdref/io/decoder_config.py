@@ -48,8 +48,8 @@ class DecoderConfig:
 
     def __post_init__(self, where):
         """Types and ranges (mdref.io.config's checkers): scaling_factor finite and not 0 (0 decodes every latent
-        to the same image), shift_factor finite (null = 0), channels / groups / blocks ints >= 1 (layers_per_block >= 0), eps and clamp
-        finite > 0; KL widths divisible by norm_num_groups, tiny widths equal."""
+        to the same image), shift_factor finite (null = 0), channels / groups / blocks ints >= 1 (layers_per_block
+        >= 0), eps and clamp finite > 0; KL widths divisible by norm_num_groups, tiny widths equal."""
         where = where or type(self).__name__
         check_choice(where, "kind", self.kind, ("kl", "tiny"))
         self.scaling_factor = check_float(where, "scaling_factor", self.scaling_factor, nonzero=True)
