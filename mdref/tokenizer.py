@@ -207,6 +207,11 @@ class Tokenizer:
         """OpenAI's basic_clean (fix_text, html.unescape twice, strip) when a fix_text function was given."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer: a prompt must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:                              # surrogates: bytes that were not UTF-8
+            raise ValueError(f"Tokenizer: a prompt must be valid UTF-8 text, found {text[e.start]!r} at position "
+                             f"{e.start}") from None
         if self._fix_text is None:
             return text
         return html.unescape(html.unescape(self._fix_text(text))).strip()

@@ -393,3 +393,11 @@ def test_errors_name_the_problem(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="str"):
         Tokenizer.from_pretrained(None)([1, 2])
+
+
+def test_text_that_was_not_utf8_is_refused_by_name():
+    """A prompt decoded from bytes with surrogateescape (how Python hands a non-UTF-8 argv over) is refused with a
+    ValueError naming the position, not a TypeError from the tokenizers library."""
+    tok = Tokenizer.from_pretrained(None)
+    with pytest.raises(ValueError, match=r"valid UTF-8 text, found '\\udcff' at position 2"):
+        tok(["a " + b"\xff".decode("utf-8", "surrogateescape")])
