@@ -266,7 +266,7 @@ def markdown(report):
     head = ["component", "torch side", "GFLOP", "mdref s", "torch s", "mdref/torch", "mdref GFLOP/s",
             "torch GFLOP/s", "matmul np/torch GFLOP/s", "max rel diff", "f64/f32 mdref", "f64/f32 torch"]
     if unset_col:
-        head.insert(6, "mdref s, OPENBLAS_* unset (kernel)")
+        head.insert(6, "mdref s, OPENBLAS_* unset (kernel, np matmul)")
     lines += ["", "## Speed", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["speed"]:
         t = r.get("times", {})
@@ -281,7 +281,8 @@ def markdown(report):
                f"{mn['torch_f64'] / mn['torch']:.2f}" if "torch_f64" in mn else "-"]
         if unset_col:
             u = r.get("mdref_unset")
-            row.insert(6, "-" if not u else f"{_s(u['times']['mdref'])} ({u['kernel']})")
+            row.insert(6, "-" if not u else f"{_s(u['times']['mdref'])} ({u['kernel']}, matmul "
+                                                   f"{u['matmul_gflops']['numpy']:.0f} GFLOP/s)")
         lines.append("| " + " | ".join(row) + " |")
     if report["rss"]:
         lines += ["", "## Peak RSS (GiB; one child process per side; target: mdref peak <= weights + 1 GiB)", "",
