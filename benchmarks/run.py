@@ -144,21 +144,21 @@ def child_time(a):
             tx64 = tuple(v.double() if v.is_floating_point() else v for v in tx)
             sides["torch_f64"] = lambda: comp["call_torch"](t64, tx64)
     times = {k: [] for k in sides}
-    outs = {}
+    last, outs = {}, {}
     ctx = torch.inference_mode() if torch is not None else _nullcontext()
     with ctx:
         for i in range(a.warmup + a.runs):              # round i: every side once, in a fixed interleaved order
             for k, fn in sides.items():
                 t0 = time.perf_counter()
                 y = fn()
-                dt = time.perf_counter() - t0
+                dt = last[k] = time.perf_counter() - t0
                 if i >= a.warmup:
                     times[k].append(dt)
                 if k not in outs:
                     outs[k] = y.numpy() if hasattr(y, "numpy") else np.asarray(y)
             print(f"    [{a.component}] round {i + 1}/{a.warmup + a.runs}"
                   f"{' (warm-up)' if i < a.warmup else ''}: " +
-                  ", ".join(f"{k} {times[k][-1] if i >= a.warmup else dt:.3f}s" for k in sides), file=sys.stderr,
+                  ", ".join(f"{k} {last[k]:.3f}s" for k in sides), file=sys.stderr,
                   flush=True)
     res["times"] = times
     if "torch" in outs:
