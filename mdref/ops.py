@@ -72,8 +72,16 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
         y = _conv_shifted(x, w, padding, depthwise)                                     # [B, O, Ho, Wo]
     else:
         y = _conv_im2col(_pad(x, padding), w, stride, groups, Ho, Wo)                   # [B, O, Ho, Wo]
-    if p.get("bias") is not None:
-        y += p["bias"][:, None, None]
+    bias = p.get("bias")
+    if not y.flags.c_contiguous:                # the shifted form's view on the padded width: crop + bias in one pass
+        out = np.empty(y.shape, y.dtype)
+        if bias is None:
+            out[...] = y
+        else:
+            np.add(y, bias[:, None, None], out=out)
+        return out
+    if bias is not None:
+        y += bias[:, None, None]
     return y
 
 
@@ -112,7 +120,7 @@ def _conv_shifted(x, w, padding, depthwise):
                 np.multiply(wt, src, out=dst) if depthwise else np.matmul(wt, src, out=dst)
                 if k:
                     out += t
-    return np.ascontiguousarray(y.reshape(B, O, Ho, Wp)[..., :Wo])                     # [B, O, Ho, Wo]
+    return y.reshape(B, O, Ho, Wp)[..., :Wo]                                            # [B, O, Ho, Wo], a view
 
 
 def _conv_im2col(x, w, stride, groups, Ho, Wo):
