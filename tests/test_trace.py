@@ -150,3 +150,13 @@ def test_precision_reports_float32_error_growth(capsys):
     report = compare(t64, t32, rtol=1e-5)
     assert report.ok, report.points            # float32 rounding only: well under 1e-5 of max |unet.out|
     assert report.points[0].max_abs > 0         # ... but not zero: the runs really are in two precisions
+
+
+def test_save_trace_stores_big_endian_arrays_as_the_little_endian_format_says(tmp_path):
+    """A runtime on a big-endian host (or a '>f4' array from a file) is stored by value, not refused."""
+    x = np.arange(6, dtype=">f4").reshape(2, 3) / 7
+    ids = np.arange(3, dtype=">i8")
+    save_trace(tmp_path / "t.safetensors", {"x": x, "tokens": ids})
+    arrays, _ = load_trace(tmp_path / "t.safetensors")
+    assert arrays["x"].dtype == np.float32 and np.array_equal(arrays["x"], x)
+    assert arrays["tokens"].dtype == np.int64 and np.array_equal(arrays["tokens"], ids)

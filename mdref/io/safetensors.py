@@ -246,9 +246,11 @@ def write_safetensors(path, tensors, metadata=None):
     header, chunks, offset = {}, [], 0
     for key in sorted(tensors):
         arr = np.asarray(tensors[key])            # not ascontiguousarray: it makes 0-d arrays 1-d
+        if arr.dtype.kind in "fiub":
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)   # the format is little-endian; '>f4' is F32
         if arr.dtype not in names:
             raise WeightsError(f"write_safetensors: {key!r} has dtype {arr.dtype}, which cannot be stored")
-        buf = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        buf = arr.tobytes()
         header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
                        "data_offsets": [offset, offset + len(buf)]}
         chunks.append(buf)
