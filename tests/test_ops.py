@@ -178,7 +178,8 @@ def test_conv2d_row_blocks_equal_one_block(dtype, seed, c):
 @by_dtype
 @given(seed=seeds, c=conv_cases(), bias=bias_modes)
 def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
-    """The blocked im2col kernel and ops.conv2d_reference (one tap at a time) compute the same sums."""
+    """Every fast form of conv2d (pointwise, shifted slices, blocked im2col) and ops.conv2d_reference (one tap at a
+    time) compute the same sums."""
     rng = np.random.default_rng(seed)
     x, w = conv_inputs(rng, c, dtype)
     p = {"weight": w, **maybe_bias(rng, c["O"], dtype, bias)}
