@@ -344,24 +344,39 @@ def test_init_params_is_deterministic_per_seed(dtype):
         assert v.dtype == dtype and v.shape == INIT_SCHEMA[k], k
 
 
-def test_init_params_draws_float64_then_casts_and_in_schema_order():
-    """float32 weights are the float64 weights rounded; keys drawn earlier do not change when keys are added."""
-    f64 = weights.flatten(weights.init_params(INIT_SCHEMA, seed=3, dtype=np.float64))
+def test_init_params_draws_float32_per_key_independent_of_order_dtype_and_threads():
+    """Other dtypes are the float32 draw cast; a tensor depends only on (seed, key, shape), not on the schema's
+    order, the other keys or the thread count."""
     f32 = weights.flatten(weights.init_params(INIT_SCHEMA, seed=3, dtype=np.float32))
-    assert all(np.array_equal(f32[k], f64[k].astype(np.float32)) for k in INIT_SCHEMA)
-    longer = weights.flatten(weights.init_params({**INIT_SCHEMA, "late.weight": (5, 5)}, seed=3, dtype=np.float64))
-    assert all(np.array_equal(longer[k], f64[k]) for k in INIT_SCHEMA)
-    expected = np.random.Generator(np.random.PCG64(3)).standard_normal((1000, 16)) * 0.02   # the first draw
-    assert np.array_equal(f64["token_embedding.weight"], expected)
+    f64 = weights.flatten(weights.init_params(INIT_SCHEMA, seed=3, dtype=np.float64))
+    assert all(np.array_equal(f64[k], f32[k].astype(np.float64)) for k in INIT_SCHEMA)
+    shuffled = dict(reversed(list({**INIT_SCHEMA, "late.weight": (5, 5)}.items())))
+    for threads in (1, 3):
+        other = weights.flatten(weights.init_params(shuffled, seed=3, threads=threads))
+        assert all(np.array_equal(other[k], f32[k]) for k in INIT_SCHEMA)
+
+
+def test_init_params_first_tensor_is_the_documented_draw():
+    """Rebuilt here from the docstring: PCG64(SeedSequence([seed, sha256(key)[:16] little-endian])), float32
+    uniform in [0, 1), mapped to U(-a, a) with a = 0.02 sqrt(3) for an embedding."""
+    got = weights.flatten(weights.init_params(INIT_SCHEMA, seed=3))["token_embedding.weight"]
+    h = int.from_bytes(hashlib.sha256(b"token_embedding.weight").digest()[:16], "little")
+    u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([3, h]))).random((1000, 16), dtype=np.float32)
+    a = np.float32(0.02 * math.sqrt(3))
+    np.testing.assert_array_equal(got, u * (2 * a) - a)
+    assert got.dtype == np.float32
 
 
 def test_init_params_distribution_rules():
-    """Documented: matrices and kernels ~ N(0, 1/fan_in); embeddings ~ N(0, 0.02^2); 1-D weights = 1; biases = 0.
-    Sample mean and std are checked to 6 standard errors (std's standard error is about std / sqrt(2n))."""
+    """Documented: matrices and kernels ~ U(-a, a) with variance 1/fan_in; embeddings std 0.02; 1-D weights = 1;
+    biases = 0. Bounds are exact; sample mean and std are checked to 6 standard errors (for a uniform, the std
+    of the sample std is about std * sqrt(0.8 / (4 n)) = std / sqrt(5 n); sqrt(2 n) is used, looser)."""
     p = weights.flatten(weights.init_params(INIT_SCHEMA, seed=0, dtype=np.float64))
     for key, std in [("token_embedding.weight", 0.02), ("lin.weight", 1 / math.sqrt(256)),
                      ("conv.weight", 1 / math.sqrt(8 * 9))]:
         x = p[key].ravel()
+        assert np.abs(x).max() <= std * math.sqrt(3) * (1 + 1e-6), key
+        assert np.abs(x).max() > 0.99 * std * math.sqrt(3), key          # the whole interval is used
         assert abs(x.mean()) < 6 * std / math.sqrt(x.size), key
         assert abs(x.std() / std - 1) < 6 / math.sqrt(2 * x.size), key
     assert np.all(p["norm.weight"] == 1)

@@ -12,12 +12,13 @@ import json
 import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["WeightsError", "read_safetensors", "write_safetensors", "check_schema", "nest", "flatten",
-           "init_params", "load_params", "sha256_file", "refuse_pickle"]
+           "init_params", "init_tensor", "key_seed", "load_params", "sha256_file", "refuse_pickle"]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -319,28 +320,54 @@ def flatten(tree, prefix=""):
     return flat
 
 
-def init_params(schema, seed, dtype=np.float32):
+def key_seed(seed, key):
+    """The SeedSequence entropy of one tensor: [seed, first 128 bits of sha256(key) as an integer]."""
+    return [int(seed), int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:16], "little")]
+
+
+def init_tensor(key, shape, seed):
+    """One tensor of `init_params`, in float32 (see there for the rule)."""
+    shape = tuple(int(n) for n in shape)
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "bias" or (leaf != "weight" and len(shape) == 1):
+        return np.zeros(shape, np.float32)
+    if len(shape) == 1:
+        return np.ones(shape, np.float32)
+    std = 0.02 if key.endswith("embedding.weight") else 1.0 / np.sqrt(np.prod(shape[1:]))
+    half_width = np.float32(std * np.sqrt(3.0))               # U(-a, a) has variance a^2 / 3
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(key_seed(seed, key))))
+    arr = rng.random(shape, dtype=np.float32)                 # U[0, 1): PCG64's 32-bit draws, 24 bits kept
+    arr *= 2 * half_width                                     # in place: no float64 temporary
+    arr -= half_width
+    return arr
+
+
+def init_params(schema, seed, dtype=np.float32, *, threads=None):
     """Seeded weights for a schema, so any config can run without a file.
 
-    Draws come from numpy.random.Generator(PCG64(seed)) in float64, in schema order, then are cast:
-    matrices and kernels ~ N(0, 1/fan_in); embeddings ~ N(0, 0.02^2); 1-D weights (norm scales) = 1;
-    biases = 0. The same seed and schema always give the same bits."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    flat = {}
-    for key, shape in schema.items():
-        shape = tuple(shape)
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf == "bias" or (leaf != "weight" and len(shape) == 1):
-            arr = np.zeros(shape)
-        elif len(shape) == 1:
-            arr = np.ones(shape)
-        elif key.endswith("embedding.weight"):          # token / position embedding tables
-            arr = rng.standard_normal(shape) * 0.02
-        else:
-            fan_in = int(np.prod(shape[1:]))
-            arr = rng.standard_normal(shape) / np.sqrt(fan_in)
-        flat[key] = arr.astype(dtype)
-    return nest(flat)
+    Each tensor has its own generator, numpy.random.Generator(PCG64(SeedSequence([seed, h]))) with h the first
+    128 bits of sha256(key) read little-endian (`key_seed`), and is drawn in float32 with `Generator.random`:
+    matrices and kernels ~ U(-a, a) with a = sqrt(3 / fan_in) (variance 1 / fan_in, fan_in = prod(shape[1:]));
+    embeddings (keys ending in "embedding.weight") ~ U(-a, a) with a = 0.02 sqrt(3) (std 0.02); 1-D weights
+    (norm scales) = 1; biases = 0. Other dtypes are the float32 draw cast. A tensor's bits depend only on
+    (seed, key, shape): not on the schema's order, the other keys, the dtype's draw or the thread count, so the
+    tensors are drawn in `threads` threads (default: the CPU count, at most 8) - numpy's generators release
+    the GIL while they fill an array. Uniform (like PyTorch's default nn.Linear / nn.Conv2d initialisation)
+    and float32 because it is about 4x faster to draw than a float64 normal; the 520M-weight mobilediffusion
+    preset builds in about a second."""
+    items = [(key, tuple(shape)) for key, shape in schema.items()]
+    workers = threads or min(8, os.cpu_count() or 1)
+
+    def draw(item):
+        arr = init_tensor(item[0], item[1], seed)
+        return arr if arr.dtype == dtype else arr.astype(dtype)
+
+    if workers > 1 and len(items) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            arrays = list(pool.map(draw, items))
+    else:
+        arrays = [draw(item) for item in items]
+    return nest({key: arr for (key, _), arr in zip(items, arrays)})
 
 
 def load_params(paths, schema, dtype=np.float32, *, strip_prefixes=(), where=None):
