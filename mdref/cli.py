@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 
-DTYPES = {"float32": np.float32, "float64": np.float64}
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": "float16", "bfloat16": "bfloat16"}
 
 
 class UsageError(Exception):
@@ -44,7 +44,12 @@ def _add_model_args(p):
     g.add_argument("--model", metavar="PATH", help="diffusers-style pipeline folder (default: the embedded model)")
     g.add_argument("--preset", metavar="NAME", help="seeded weights for a named architecture: mobilediffusion, tiny")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's weights (default 0)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32; "
+                   "float16 / bfloat16 are emulated, see docs/precision.md)")
+    p.add_argument("--upcast", metavar="CLASSES", help="with float16 / bfloat16: compute these in float32, "
+                   "comma-separated: attention, norm, text_encoder, unet, sampler, decoder")
+    p.add_argument("--downcast", metavar="CLASSES", help="with float16 / bfloat16: norm = the norm's sums in "
+                   "the low dtype too")
 
 
 def _add_sample_args(p):
@@ -62,18 +67,31 @@ def _add_sample_args(p):
                    "Inf (default: stop and name the first non-finite point)")
 
 
-def load_pipeline(args, dtype=None):
+def load_pipeline(args, dtype=None, *, overrides=True):
+    """The pipeline the model arguments name, in `dtype` (default --dtype) with --upcast / --downcast (when
+    `overrides`)."""
+    from . import precision
     from .io.presets import PIPELINE_PRESETS as PRESETS
     from .pipeline import Pipeline
 
     dtype = dtype or DTYPES[args.dtype]
+    upcast, downcast = (args.upcast, args.downcast) if overrides else (None, None)
+    for option, value, known in (("--upcast", upcast, precision.UPCASTS), ("--downcast", downcast,
+                                                                           precision.DOWNCASTS)):
+        if value is not None:
+            with _usage_errors(option):
+                precision.parse_classes(value, known, option)
+            if precision.parse_dtype(dtype)[1] is None:
+                raise UsageError(f"{option} {value}: overrides apply to --dtype float16 or bfloat16, "
+                                 f"not {np.dtype(dtype).name}")
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return Pipeline.from_preset(args.preset, seed=args.weights_seed, dtype=dtype)
+        return Pipeline.from_preset(args.preset, seed=args.weights_seed, dtype=dtype, upcast=upcast,
+                                    downcast=downcast)
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such folder")
-    return Pipeline.from_pretrained(args.model, dtype=dtype)
+    return Pipeline.from_pretrained(args.model, dtype=dtype, upcast=upcast, downcast=downcast)
 
 
 def _read_noise(path, shape, steps):
@@ -152,6 +170,7 @@ def _manifest(pipe, args, result):
         "token_ids": result.token_ids.tolist(), "seed": None if args.noise else args.seed,
         "noise_source": args.noise or f"PCG64({args.seed}).standard_normal float64 -> {args.dtype}",
         "timesteps": [float(t) for t in result.timesteps], "steps": args.steps, "dtype": args.dtype,
+        "precision": None if pipe.precision is None else pipe.precision.describe(),
         "guidance_scale": args.guidance,
     }
 
@@ -172,10 +191,13 @@ def _atomic_png(image, path, text):
 def _usage_errors(option=None):
     """Report mdref's named errors about outputs, point patterns and trace files as UsageError (exit 2)."""
     from .outputs import OutputError
+    from .precision import PrecisionError
     from .trace import PatternError, TraceError
 
     try:
         yield
+    except PrecisionError as e:
+        raise UsageError(str(e)) from None
     except PatternError as e:
         raise UsageError(f"{option}: {e}" if option else str(e)) from None
     except (OutputError, TraceError) as e:
@@ -293,33 +315,31 @@ def cmd_golden(args):
 
 
 def cmd_precision(args):
-    from .comparison import compare, format_report
+    from .precision_report import format_precision, precision_report, to_json
     from .trace import point_matcher, trace
 
     with _usage_errors("--points"):
         point_matcher(args.points)
+    if args.dtype == "float64":
+        raise UsageError("--dtype float64 is the reference: choose float32, float16 or bfloat16")
     results = {}
-    for name in ("float64", "float32"):
-        pipe = load_pipeline(args, DTYPES[name])
+    for name in ("float64", args.dtype):
+        pipe = load_pipeline(args, DTYPES[name], overrides=name != "float64")
         with trace(args.points) as t:
             _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: it never stops on them
         if not t.arrays:                               # known after the first run: no need for the second
             raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches")
         results[name] = t
-    report = compare(results["float64"], results["float32"], rtol=np.inf, points=args.points)
-    print(f"float32 vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, seed {args.seed}")
-    print(format_report(report).split("\n\n")[0])
-    for name, count in (("float64", "nonfinite_a"), ("float32", "nonfinite_b")):
-        first = next((p for p in report.points if getattr(p, count)), None)
-        if first is not None:
-            print(f"\nfirst point holding NaN / Inf in {name}: {first.name} ({getattr(first, count)} of "
-                  f"{math.prod(first.shape_a if name == 'float64' else first.shape_b)})")
-    rated = [p for p in report.points if p.rel_to_max is not None and math.isfinite(p.rel_to_max)]
-    if rated:
-        worst = max(rated, key=lambda p: p.rel_to_max)
-        print(f"\nlargest float32 error relative to max|float64|: {worst.rel_to_max:.3e} at {worst.name}"
-              + (" (over the positions finite in both)"
-                 if any(p.nonfinite_a or p.nonfinite_b for p in report.points) else ""))
+    report = precision_report(results["float64"], results[args.dtype], args.dtype, points=args.points)
+    what = pipe.precision.describe() if pipe.precision is not None else args.dtype
+    report = {"model": pipe.source, "prompt": args.prompt, "seed": None if args.noise else args.seed,
+              "noise": args.noise, "precision": what, **report}
+    if args.json:
+        print(to_json(report))
+    else:
+        print(f"{what} vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, "
+              + (f"noise {args.noise}" if args.noise else f"seed {args.seed}"))
+        print(format_precision(report))
     return 0
 
 
@@ -361,9 +381,11 @@ def build_parser():
     _add_model_args(p)
     p.set_defaults(func=cmd_golden)
 
-    p = sub.add_parser("precision", help="float32 vs float64 error, point by point, for one input")
+    p = sub.add_parser("precision", help="a dtype (float32, float16, bfloat16) against float64, point by point: "
+                       "errors, headroom, the first non-finite point")
     _add_sample_args(p)
     p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to report; repeatable")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _add_model_args(p)
     p.set_defaults(func=cmd_precision)
     return parser

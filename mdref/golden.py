@@ -38,6 +38,16 @@ GOLDEN_CASES = [
 ]
 
 
+# How the arrays of a bundle are stored, by compute dtype (the values are those the run held: rounded when emulated).
+ARRAYS = {"float16": "float16 (the emulated run's values, exactly)",
+          "bfloat16": "float32 holding bfloat16 values (.npy has no bfloat16; every value is exactly a bfloat16)"}
+
+
+def _as_float16(a):
+    a = np.asarray(a)
+    return a.astype(np.float16) if a.dtype.kind == "f" else a
+
+
 def write_golden(pipe, directory, *, cases=GOLDEN_CASES, dtype_name="float32", points=None):
     """Run each (prompt, seed) case and write the bundle into the new (or empty) folder `directory`; returns the
     manifest dict. Raises mdref.outputs.OutputError (before any case is run) if `directory` cannot be used."""
@@ -50,6 +60,8 @@ def _fill(pipe, directory, cases, dtype_name, points):
     manifest = {
         "mdref_version": __version__, "numpy_version": np.__version__, "model": pipe.source,
         "untrained": pipe.untrained, "weights_sha256": pipe.weights_sha256(), "dtype": dtype_name,
+        "precision": None if pipe.precision is None else pipe.precision.describe(),
+        "arrays": ARRAYS.get(pipe.compute_dtype, pipe.compute_dtype),
         "conventions": {
             "noise": "numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal(shape) in float64, then cast",
             "timestep": "one step at t = num_train_timesteps - 1",
@@ -59,6 +71,7 @@ def _fill(pipe, directory, cases, dtype_name, points):
         "pipeline": pipe.describe(),
         "cases": [],
     }
+    store = _as_float16 if pipe.compute_dtype == "float16" else (lambda a: a)
     for i, (prompt, seed) in enumerate(cases):
         case = directory / f"case{i}"
         case.mkdir()
@@ -67,6 +80,8 @@ def _fill(pipe, directory, cases, dtype_name, points):
         unet_out = t["unet.out"] if "unet.out" in t else None
         arrays = {"token_ids": r.token_ids, "text_embeddings": r.text_embeddings, "noise": r.noise,
                   "unet_out": unet_out, "x0": r.x0, "image": r.image}
+        arrays = {k: None if v is None else store(v) for k, v in arrays.items()}
+        t.arrays = {k: store(v) for k, v in t.arrays.items()}
         for name, arr in arrays.items():
             if arr is not None:
                 np.save(case / f"{name}.npy", arr)

@@ -1,9 +1,11 @@
-"""NumPy kernels: the only place where arithmetic lives. No model knowledge, no mdref imports.
+"""NumPy kernels: the only place where arithmetic lives. No model knowledge; the one mdref import is the
+rounding model (`precision`).
 
 Conventions: images NCHW, tokens [B, T, D], weights in PyTorch layout (Linear [out, in],
 Conv [out, in/groups, kh, kw]). Every op computes in the dtype of its input (float32 or float64);
-parameters are cast by the loader, never here. A parameter argument ``p`` is a dict holding
-``weight`` and optionally ``bias``, keyed like the checkpoint.
+parameters are cast by the loader, never here. Inside `precision.using(...)` an op marked @emulated computes
+float16 / bfloat16 by the rounding model of mdref/precision.py instead (arguments and result rounded).
+A parameter argument ``p`` is a dict holding ``weight`` and optionally ``bias``, keyed like the checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from . import precision
+from .precision import emulated
 
 __all__ = [
     "linear", "conv2d", "conv2d_reference", "group_norm", "layer_norm", "silu", "relu", "gelu", "quick_gelu", "erf",
@@ -25,6 +30,7 @@ SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
 ERF_BLOCK = 1 << 15             # erf's elements per block (its float64 temporaries stay in cache)
 
 
+@emulated()
 def linear(x, p):
     """torch.nn.Linear: x @ W^T + b.  x [..., in] -> [..., out]."""
     y = x @ p["weight"].T                                           # [..., out]
@@ -52,6 +58,7 @@ def conv2d_reference(x, p, *, stride=1, padding=0, groups=1):
     return y if p.get("bias") is None else y + p["bias"][:, None, None]
 
 
+@emulated()
 def conv2d(x, p, *, stride=1, padding=0, groups=1):
     """torch.nn.Conv2d (dilation 1, zero padding); the plain formula is `conv2d_reference`.
     x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo]. The fast forms, by case:
@@ -141,6 +148,7 @@ def _conv_im2col(x, w, stride, groups, Ho, Wo):
     return y.reshape(B, O, Ho, Wo)
 
 
+@emulated(precision.group_norm)
 def group_norm(x, p, groups, eps, *, silu=False):
     """torch.nn.GroupNorm: per (sample, group) zero mean and unit (biased) variance, then the per-channel affine;
     silu=True applies SiLU to the result as well (GN-SiLU opens every ResNet conv). x [B, C, ...] -> same shape.
@@ -159,6 +167,7 @@ def group_norm(x, p, groups, eps, *, silu=False):
     return y.reshape(x.shape)
 
 
+@emulated(precision.layer_norm)
 def layer_norm(x, p, eps):
     """torch.nn.LayerNorm over the last axis (biased variance), then affine.  x [..., D]."""
     y = x - x.mean(axis=-1, keepdims=True)                          # centred: the one new buffer
@@ -168,10 +177,12 @@ def layer_norm(x, p, eps):
     return y
 
 
+@emulated()
 def relu(x):
     return np.maximum(x, 0)
 
 
+@emulated()
 def silu(x):
     """SiLU / Swish: x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental and no overflow for
     any x (exp(-x) would overflow)."""
@@ -192,11 +203,13 @@ def _sigmoid(x):
     return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 
+@emulated()
 def quick_gelu(x):
     """OpenAI CLIP's GELU approximation: x * sigmoid(1.702 x)."""
     return x * _sigmoid(1.702 * x)
 
 
+@emulated()
 def gelu(x, approximate="none"):
     """torch.nn.functional.gelu: 'none' = x * Phi(x) with the exact erf; 'tanh' = the tanh approximation."""
     if approximate == "none":
@@ -279,6 +292,7 @@ def _erf_block(x):
 
 
 # ---- attention ---------------------------------------------------------------------------------------
+@emulated()
 def softmax(x, axis=-1):
     """Numerically stable softmax: exp(x - max) / sum. Rows of finite values always sum to 1."""
     shifted = x - np.max(x, axis=axis, keepdims=True)
@@ -306,6 +320,7 @@ def attention_reference(q, k, v, heads, *, mask=None, weighting="softmax", scale
     return (weights @ heads_of(v)).transpose(0, 2, 1, 3).reshape(B, Tq, -1)          # [B, Tq, H*dv]
 
 
+@emulated(precision.attention)
 def attention(q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
     """Multi-head scaled dot-product attention on already projected q, k, v (plain formula: `attention_reference`).
 
@@ -349,6 +364,7 @@ def attention(q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
     return out.transpose(0, 2, 1, 3).reshape(B, Tq, heads * dv)    # [B, Tq, H*dv]
 
 
+@emulated()
 def upsample_nearest2d(x, scale=2):
     """torch.nn.functional.interpolate(mode='nearest') by an integer factor.  [B, C, H, W] -> [B, C, sH, sW]."""
     return x.repeat(scale, axis=2).repeat(scale, axis=3)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sampler
+from . import precision, sampler
 from .guards import (InputError, MemoryLimitError, NonFiniteError, StageFailed, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes)
+from .io.components import compute_dtype
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
@@ -73,10 +74,12 @@ class Pipeline:
 
     # ---- construction (the files and presets are read by mdref.io) ------------------------------------------
     @classmethod
-    def from_pretrained(cls, path=None, dtype=np.float32):
+    def from_pretrained(cls, path=None, dtype=np.float32, *, upcast=None, downcast=None):
         """A diffusers-style pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
         scheduler/). None: the embedded default model in weights/default (or, if it is absent, the untrained
-        `tiny` preset, with a warning)."""
+        `tiny` preset, with a warning). dtype: float32, float64, or float16 / bfloat16 emulated with the
+        overrides upcast / downcast (mdref.precision; e.g. upcast="attention,decoder")."""
+        dtype = _precision_or_dtype(dtype, upcast, downcast)
         if path is None:
             if not (DEFAULT_MODEL_DIR / "unet").is_dir():
                 warnings.warn(f"no trained default model at {DEFAULT_MODEL_DIR}; using the UNTRAINED seeded "
@@ -89,15 +92,28 @@ class Pipeline:
         return cls(**load_folder(path, dtype), source=source, path=Path(path))
 
     @classmethod
-    def from_preset(cls, name, seed=0, dtype=np.float32):
+    def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
         """Seeded weights for a named architecture: 'mobilediffusion' (full size) or 'tiny'. The components draw
-        from seeds seed + mdref.io.presets.COMPONENT_SEED_OFFSET (text encoder +0, UNet +1, decoder +2)."""
+        from seeds seed + mdref.io.presets.COMPONENT_SEED_OFFSET (text encoder +0, UNet +1, decoder +2).
+        dtype, upcast, downcast: as from_pretrained."""
+        dtype = _precision_or_dtype(dtype, upcast, downcast)
         return cls(**load_preset(name, seed, dtype), source=f"preset:{name}", untrained=True)
 
     # ---- facts -----------------------------------------------------------------------------------------------
     @property
     def dtype(self):
+        """The arrays' numpy dtype (float32 when float16 / bfloat16 is emulated)."""
         return self.unet.dtype
+
+    @property
+    def precision(self):
+        """The emulated low precision (mdref.precision.Precision), or None for float32 / float64."""
+        return self.unet.precision
+
+    @property
+    def compute_dtype(self):
+        """'float32', 'float64', 'float16' or 'bfloat16'."""
+        return self.unet.compute_dtype
 
     def num_parameters(self):
         """Parameter count per component and in total."""
@@ -171,7 +187,11 @@ class Pipeline:
             point, counts = found if found is not None else (None, None)
             raise NonFiniteError(failed.stage, failed.counts, point, counts) from None
 
-    def _run(self, prompts, seed, noise, steps, shape, guidance_scale, negative_prompt, *, checked):
+    def _run(self, *args, checked):
+        with precision.using(self.precision):          # pipeline-level arithmetic and records: rounded when emulated
+            return self._stages(*args, checked=checked)
+
+    def _stages(self, prompts, seed, noise, steps, shape, guidance_scale, negative_prompt, *, checked):
         def check(stage, x):
             if checked and not np.isfinite(x).all():
                 raise StageFailed(stage, nonfinite_counts(x))
@@ -198,8 +218,9 @@ class Pipeline:
         model = sampler.guided(lambda x, t: self.unet(x, t, context),
                                None if uncond is None else (lambda x, t: self.unet(x, t, uncond)),
                                None if uncond is None else guidance_scale)
-        x0 = sampler.sample(lambda x, t: check("UNet", model(x, t)), self.scheduler, shape, steps=steps, seed=seed,
-                            noise=draws, dtype=self.dtype)
+        with precision.using(self.precision and self.precision.within("sampler")):
+            x0 = precision.rounded(sampler.sample(lambda x, t: check("UNet", model(x, t)), self.scheduler, shape,
+                                                  steps=steps, seed=seed, noise=draws, dtype=self.dtype))
         x0 = check("UNet", record("latents.x0", x0))
         timings["unet"] = time.perf_counter() - t0
 
@@ -224,7 +245,8 @@ class Pipeline:
         """Facts for `mdref info` and trace manifests."""
         cfg = self.unet.config
         return {
-            "source": self.source, "untrained": self.untrained, "dtype": str(np.dtype(self.dtype)),
+            "source": self.source, "untrained": self.untrained, "dtype": self.compute_dtype,
+            "precision": None if self.precision is None else self.precision.describe(),
             "parameters": self.num_parameters(),
             "latent_shape": list(self.latent_shape(1)), "image_size": list(self.default_size()),
             "prediction_type": cfg.prediction_type, "scheduler": scheduler_config_to_dict(self.scheduler),
@@ -236,3 +258,8 @@ class Pipeline:
         n = self.num_parameters()
         return f"Pipeline({self.source}, {n['total'] / 1e6:.1f}M parameters{', UNTRAINED' if self.untrained else ''})"
 
+
+def _precision_or_dtype(dtype, upcast, downcast):
+    """The one dtype value every component gets: a numpy dtype, or a Precision holding the overrides."""
+    carrier, low = compute_dtype(dtype, "Pipeline", upcast, downcast)
+    return carrier if low is None else low

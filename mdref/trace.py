@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .precision import rounded
+
 __all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "active", "save_trace",
            "load_trace", "first_nonfinite"]
 
@@ -101,10 +103,11 @@ def active():
 
 
 def record(name, x):
-    """Keep x under `name` if a trace is active and wants it; return x unchanged either way."""
+    """Keep x under `name` if a trace is active and wants it; return x unchanged either way. Under an emulated
+    low precision (mdref.precision) the kept copy is rounded to that dtype: the value a device would hold."""
     t = _ACTIVE.get()
     if t is not None and t.wants(name):
-        t.add(name, x)
+        t.add(name, rounded(x))
     return x
 
 

@@ -112,7 +112,10 @@ TABLE = [
     (G + ["--noise", "BIG"], ["the UNet's output holds non-finite values", "first non-finite point: unet.",
                               "--allow-nonfinite"]),
     (G + ["--no-such-option"], ["unrecognized arguments: --no-such-option"]),
-    (G + ["--dtype", "float16"], ["argument --dtype", "invalid choice"]),
+    (G + ["--dtype", "float8"], ["argument --dtype", "invalid choice"]),
+    (G + ["--dtype", "float16", "--upcast", "attn"], ["--upcast attn", "unknown", "attention"]),
+    (G + ["--upcast", "norm"], ["--upcast norm", "float16 or bfloat16"]),
+    (G + ["--dtype", "bfloat16", "--downcast", "attention"], ["--downcast attention", "unknown", "norm"]),
     (["generate", "x", "-o", "OUT", "--preset", "nope"], ["unknown preset 'nope'"]),
     (T + ["--steps", "1001"], ["--steps", "found 1001"]),
     (T + ["--seed", "-1"], ["--seed", "found -1"]),
@@ -121,6 +124,7 @@ TABLE = [
     (P + ["--height", "0"], ["--height 0"]),
     (P + ["--guidance", "nan"], ["--guidance", "found nan"]),
     (P + ["--noise", "COMPLEX"], ["--noise", "complex128"]),
+    (P + ["--dtype", "float64"], ["--dtype float64 is the reference"]),
 ]
 
 

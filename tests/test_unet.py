@@ -201,5 +201,5 @@ def test_bad_inputs_name_the_argument():
         unet(sample, np.array([1, 2, 3]), context)
     with pytest.raises(ValueError, match=r"sample must be \[B, 4, H, W\]"):
         unet(np.zeros((2, 3, 8, 8)), 1, context)
-    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
-        UNet.from_config(UNetConfig.from_dict(CONFIGS["sdxs"]), dtype=np.float16)
+    with pytest.raises(ValueError, match="dtype must be float32, float64, float16 or bfloat16"):
+        UNet.from_config(UNetConfig.from_dict(CONFIGS["sdxs"]), dtype=np.int32)

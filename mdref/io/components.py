@@ -4,7 +4,8 @@ schema, key map and forward function.
 Every component offers ``from_pretrained(path)`` (a component folder, a diffusers pipeline folder holding the
 component's subfolder, or one ``.safetensors`` file with ``config.json`` beside it), ``from_config(config | dict,
 seed)``, ``from_preset(name, seed)``, ``save_pretrained(folder)``, ``num_parameters()`` and ``param_schema(config)``;
-``dtype`` (float32 or float64) is the compute dtype the weights are cast to. An unknown preset, a config that
+``dtype`` is the compute dtype: float32 or float64, or float16 / bfloat16 emulated by `mdref.precision` (float32
+arrays holding rounded values; ``upcast`` / ``downcast`` name its overrides). An unknown preset, a config that
 cannot be read and a key mdref does not implement are `ConfigError`s; a weights file that does not fit the schema
 is a `WeightsError`; both name the file and the key.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import decoder as decoder_math
+from .. import precision
 from .. import text_encoder as text_math
 from .. import unet as unet_math
 from . import keymaps
@@ -35,15 +37,22 @@ CONFIG_NAME = "config.json"
 COMPUTE_DTYPES = (np.float32, np.float64)
 
 
-def compute_dtype(dtype, who):
-    """np.dtype(dtype) if mdref computes in it, else a ValueError naming `who`."""
+def compute_dtype(dtype, who, upcast=None, downcast=None):
+    """(carrier numpy dtype, Precision or None) for a compute dtype and its overrides, or a ValueError naming
+    `who`. `dtype` may also be a `mdref.precision.Precision` (then upcast / downcast must be None)."""
+    if isinstance(dtype, precision.Precision):
+        if upcast or downcast:
+            raise ValueError(f"{who}: pass upcast / downcast inside the Precision, not beside it")
+        return np.dtype(np.float32), dtype
     try:
-        d = np.dtype(dtype)
-    except TypeError:
-        d = None
-    if d not in COMPUTE_DTYPES:
-        raise ValueError(f"{who}: dtype must be float32 or float64, got {dtype!r}")
-    return d
+        carrier, low = precision.parse_dtype(dtype)
+        if low is None:
+            if upcast or downcast:
+                raise precision.PrecisionError(f"upcast / downcast apply to float16 and bfloat16, not {dtype!r}")
+            return carrier, None
+        return carrier, precision.Precision(low, upcast, downcast)
+    except precision.PrecisionError as e:
+        raise ValueError(f"{who}: {e}") from None
 
 
 def locate(path, subfolder, weights_names):
@@ -89,17 +98,31 @@ def read_shard_index(index):
 
 
 class Component:
-    """A config, its frozen spec, the checkpoint's parameter tree (``params``) and the compute ``dtype``."""
+    """A config, its frozen spec, the checkpoint's parameter tree (``params``), the array ``dtype`` and the emulated
+    ``precision`` (a `mdref.precision.Precision`, or None for float32 / float64)."""
     config_class = None         # the config dataclass (from_dict / to_dict)
     presets = {}                # name -> config dict
     subfolder = ""              # the component's folder in a diffusers pipeline folder
     weights_names = ()          # safetensors file names from_pretrained tries, first = the one save_pretrained writes
     int_keys = frozenset()      # integer buffers a checkpoint may hold (skipped by the key map); all else is float
+    name = ""                   # the component's name in mdref.precision's overrides and in trace names
 
-    def __init__(self, config, params, dtype=np.float32):
-        self.config, self.params = config, params
-        self.dtype = compute_dtype(dtype, type(self).__name__)
+    def __init__(self, config, params, dtype=np.float32, *, upcast=None, downcast=None):
+        self.config = config
+        self.dtype, self.precision = compute_dtype(dtype, type(self).__name__, upcast, downcast)
+        if self.precision is not None:                      # weights rounded to the dtype once
+            params = nest({k: self.precision.round(v) for k, v in flatten(params).items()})
+        self.params = params
         self.spec = self.make_spec(config)
+
+    @property
+    def compute_dtype(self):
+        """'float32', 'float64', 'float16' or 'bfloat16'."""
+        return self.dtype.name if self.precision is None else self.precision.dtype
+
+    def computing(self):
+        """The context the forward pass runs in: this component's rounding policy (None: plain float)."""
+        return precision.using(None if self.precision is None else self.precision.within(self.name))
 
     # ---- what each component defines ----
     @staticmethod
@@ -133,24 +156,27 @@ class Component:
                           f"found {type(config).__name__}")
 
     @classmethod
-    def from_config(cls, config, seed=0, dtype=np.float32):
+    def from_config(cls, config, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
         """Seeded weights (`safetensors.init_params`) for a config object or a config.json dict."""
         config = cls.as_config(config, f"{cls.__name__}.from_config")
-        dtype = compute_dtype(dtype, cls.__name__)
-        return cls(config, init_params(cls.param_schema(config), seed, dtype), dtype)
+        carrier, _ = compute_dtype(dtype, cls.__name__, upcast, downcast)
+        return cls(config, init_params(cls.param_schema(config), seed, carrier), dtype, upcast=upcast,
+                   downcast=downcast)
 
     @classmethod
-    def from_preset(cls, name, seed=0, dtype=np.float32):
+    def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
         """A named architecture (`mdref.io.presets`) with seeded weights."""
         if name not in cls.presets:
             raise ConfigError(f"{cls.__name__}: unknown preset {name!r} (known: {', '.join(sorted(cls.presets))})")
-        return cls.from_config(cls.as_config(cls.presets[name], f"{cls.__name__} preset {name!r}"), seed, dtype)
+        return cls.from_config(cls.as_config(cls.presets[name], f"{cls.__name__} preset {name!r}"), seed, dtype,
+                               upcast=upcast, downcast=downcast)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32):
+    def from_pretrained(cls, path, dtype=np.float32, *, upcast=None, downcast=None):
         """A component folder, a pipeline folder holding `subfolder`, or a .safetensors file with config.json
-        beside it. Weights may be stored f16 / bf16 / f32 / f64; they are cast to dtype."""
-        dtype = compute_dtype(dtype, cls.__name__)
+        beside it. Weights may be stored f16 / bf16 / f32 / f64; they are cast to dtype (float16 / bfloat16:
+        to float32, then rounded)."""
+        carrier, _ = compute_dtype(dtype, cls.__name__, upcast, downcast)
         config_path, files = locate(path, cls.subfolder, cls.weights_names)
         config = None if config_path is None else cls.config_class.from_dict(read_json(config_path),
                                                                              where=str(config_path))
@@ -163,7 +189,8 @@ class Component:
         config, flat = cls.read_checkpoint(config, flat, where)
         schema = cls.param_schema(config)
         check_schema(flat, schema, where)
-        return cls(config, nest({k: flat[k].astype(dtype) for k in schema}), dtype)
+        return cls(config, nest({k: flat[k].astype(carrier) for k in schema}), dtype, upcast=upcast,
+                   downcast=downcast)
 
     def save_pretrained(self, folder, dtype=np.float32):
         """Write config.json + the weights file in the layout from_pretrained (and diffusers / transformers) read."""
@@ -178,7 +205,8 @@ class Component:
         return num_parameters(self.param_schema(self.config))
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.num_parameters():,} parameters, dtype={self.dtype.name})"
+        what = self.dtype.name if self.precision is None else self.precision.describe()
+        return f"{type(self).__name__}({self.num_parameters():,} parameters, dtype={what})"
 
 
 class TextEncoder(Component):
@@ -187,6 +215,7 @@ class TextEncoder(Component):
     weights_names = ("model.safetensors", "model.fp16.safetensors")
     make_spec = staticmethod(text_encoder_spec)
     int_keys = keymaps.TEXT_INT_KEYS
+    name = "text_encoder"
 
     @classmethod
     def param_schema(cls, config):
@@ -211,7 +240,8 @@ class TextEncoder(Component):
         if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
                              f"[{ids.min()}, {ids.max()}]")
-        return text_math.text_transformer(ids, **self.params, spec=self.spec)
+        with self.computing():
+            return text_math.text_transformer(ids, **self.params, spec=self.spec)
 
     def pooled(self, ids, hidden=None):
         """pooler_output [B, D]: the last hidden state at each row's EOS token (text_encoder.pooled_output)."""
@@ -224,6 +254,7 @@ class UNet(Component):
     config_class, presets, subfolder = UNetConfig, UNET_PRESETS, "unet"
     weights_names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
     make_spec = staticmethod(unet_spec)
+    name = "unet"
 
     @classmethod
     def param_schema(cls, config):
@@ -247,7 +278,8 @@ class UNet(Component):
         if t.size not in (1, B):
             raise ValueError(f"UNet: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
         t = np.broadcast_to(t, (B,)).astype(self.dtype)
-        return unet_math.unet(sample, t, context, **self.params, spec=spec)
+        with self.computing():
+            return unet_math.unet(sample, t, context, **self.params, spec=spec)
 
 
 class Decoder(Component):
@@ -256,6 +288,7 @@ class Decoder(Component):
     weights_names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "tae*_decoder.safetensors")
     make_spec = staticmethod(decoder_spec)
+    name = "decoder"
 
     @classmethod
     def param_schema(cls, config):
@@ -289,4 +322,5 @@ class Decoder(Component):
         if z.ndim != 4 or z.shape[1] != self.spec.latent_channels:
             raise ValueError(f"Decoder: latents must be [B, {self.spec.latent_channels}, h, w], found {z.shape}")
         decode = decoder_math.kl_decode if self.config.kind == "kl" else decoder_math.taesd_decode
-        return decode(z, **self.params, spec=self.spec)
+        with self.computing():
+            return decode(z, **self.params, spec=self.spec)
