@@ -547,3 +547,28 @@ def test_precision_report_rows_are_consistent(capsys):
         assert r["headroom_log2"] == pytest.approx(math.log2(precision.finfo_max("bfloat16") / np.abs(x).max()))
         assert np.array_equal(precision.round_to(b[name], "bfloat16"), b[name]) or b[name].dtype.kind != "f"
     assert report["first_nonfinite"] is None and report["precision"] == "bfloat16"
+
+
+def test_generate_and_golden_in_float16_from_the_cli(tmp_path):
+    """generate --dtype float16 writes the float16 picture (its metadata says so); golden --dtype float16 writes
+    float16 arrays and traces holding exactly the emulated run's values."""
+    from PIL import Image
+    out = tmp_path / "a.png"
+    assert main(["generate", "a purple circle", "-o", str(out), "--dtype", "float16", "--upcast", "attention"]) == 0
+    pipe = mdref.Pipeline.from_pretrained(None, dtype="float16", upcast="attention")
+    r = pipe.run("a purple circle", seed=0)
+    img = Image.open(out)
+    assert np.array_equal(np.asarray(img.convert("RGB")), r.pixels[0])
+    assert "float16" in json.dumps(dict(img.text))
+    assert main(["golden", str(tmp_path / "g"), "--dtype", "float16"]) == 0
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and manifest["pipeline"]["dtype"] == "float16"
+    prompt, seed = GOLDEN_CASES[0]
+    with mdref.trace() as t:
+        r = mdref.Pipeline.from_pretrained(None, dtype="float16").run(prompt, seed=seed)
+    x0 = np.load(tmp_path / "g" / "case0" / "x0.npy")
+    assert x0.dtype == np.float16 and np.array_equal(x0.astype(np.float32), r.x0)
+    stored, _ = mdref.load_trace(tmp_path / "g" / "case0" / "trace.safetensors")
+    assert list(stored) == t.names()
+    for name in ("unet.out", "decoder.out", "text_embeddings"):
+        assert stored[name].dtype == np.float16 and np.array_equal(stored[name].astype(np.float32), t[name])
