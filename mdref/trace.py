@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "active",
-           "save_trace", "load_trace", "first_nonfinite"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
+           "active", "save_trace", "load_trace", "first_nonfinite"]
 
 _ACTIVE = contextvars.ContextVar("mdref_trace", default=None)
 
@@ -90,7 +90,14 @@ class Trace:
 def trace(points=None, *, on_request=None):
     """Record activations inside the block: ``with mdref.trace("unet.*") as t: pipe(...)``; on-request points
     too when `on_request` names them: ``trace("unet.out", on_request="*.attn2.probs")`` (see Trace)."""
-    t = Trace(points, on_request=on_request)
+    with recording(Trace(points, on_request=on_request)) as t:
+        yield t
+
+
+@contextmanager
+def recording(t):
+    """Make `t` (a Trace, or a subclass that keeps something else, such as mdref.explain.Recorder) the active
+    trace inside the block; trace() is recording(Trace(points))."""
     token = _ACTIVE.set(t)
     try:
         yield t
