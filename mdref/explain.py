@@ -343,9 +343,9 @@ h3{margin:18px 0 6px;font-size:16px} code,pre{font:13px/1.35 ui-monospace,monosp
 table{border-collapse:collapse;margin:6px 0;font-size:13px} td,th{border:1px solid #ddd;padding:2px 6px}
 th{background:#f0f0f0;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.pad td{color:#999;background:#fafafa} .pix{image-rendering:pixelated}
-.maps{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0} figure{margin:0;text-align:center;font-size:12px}
-figcaption{max-width:120px;overflow-wrap:anywhere}
-.over{position:relative;width:112px;height:112px;background-size:100% 100%;image-rendering:pixelated}
+.maps{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0} figure{margin:0;text-align:center;font-size:12px}
+figcaption{max-width:88px;overflow-wrap:anywhere}
+.over{position:relative;width:84px;height:84px;background-size:100% 100%;image-rendering:pixelated}
 .over img{position:absolute;left:0;top:0;width:100%;height:100%;image-rendering:pixelated}
 .first{display:flex;gap:18px;align-items:flex-start;background:#fff8e6;border:1px solid #f0d58a;padding:10px}
 .where{font-size:12px;color:#444} .where code{font-size:12px}
@@ -475,7 +475,7 @@ def render_page(e, started=None):
     shown = [r for r in rows if r[3] != "pad"]
     H, W = res.image.shape[2:]
     image_uri = _png(res.pixels[0])
-    style = CSS + f".over{{background-image:url({image_uri})}}\n"
+    style = CSS + f".over{{background-image:url({image_uri});height:{84 * H // W}px}}\n"
     body = []
 
     def section(sid, title, *parts):
@@ -658,13 +658,13 @@ def _attention_parts(page, maps, pts, H, W):
     def row(ms, grid, cls, share):
         step = (H // grid[0], W // grid[1])
         figs = [_attention_figure(ms[i], step, maps.tokens[i],
-                                  f"share {share[i] * 100:.1f}%<br>peak {ms[i].max() * H * W:.2f}&times; uniform",
+                                  f"{share[i] * 100:.1f}% &middot; {ms[i].max() * H * W:.1f}&times;",
                                   cls) for i in range(n)]
         return '<div class="maps">' + "".join(figs) + "</div>"
 
     parts = [f"<p>{n} tokens (start and end included). Each picture is one token's map over the final image: "
-             "colour and opacity by the map's value relative to its own peak; <i>share</i> is the mean weight the "
-             "token receives (over pixels and heads), <i>peak</i> the map's largest value against a uniform map.</p>",
+             "colour and opacity by the map's value relative to its own peak. Under each: the token's share (the "
+             "mean weight it receives over pixels and heads) and the map's peak against a uniform map.</p>",
              f"<h3>All {len(maps.blocks)} cross-attention blocks, averaged</h3>",
              row(maps.overall, finest, "token-map", mean_share)]
     for grid, ms in maps.resolutions.items():
