@@ -568,8 +568,9 @@ def render_page(e, started=None):
 
     build_s = time.perf_counter() - (started if started is not None else t0)
     d = pipe.describe()
+    untrained = " (UNTRAINED seeded weights)" if pipe.untrained else ""
     header = (f"<h1>mdref explain: <code>{html.escape(e.prompt)}</code></h1>"
-              f"<p>Model <code>{html.escape(str(pipe.source))}</code>{' (UNTRAINED seeded weights)' if pipe.untrained else ''}"
+              f"<p>Model <code>{html.escape(str(pipe.source))}</code>{untrained}"
               f", {d['parameters']['total']:,} parameters, {d['dtype']}; seed {e.seed if not e.noise_given else '-'}"
               f", {e.steps} step(s); mdref {__version__}. Pipeline run {e.run_s * 1000:.0f} ms "
               f"(" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in e.timings.items()) + ")"
