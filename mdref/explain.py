@@ -39,6 +39,7 @@ __all__ = ["AttentionMaps", "Explanation", "cross_attention_maps", "attention_ma
 
 PROBS = ".attn2.probs"                          # the suffix of the on-request cross-attention points
 KEEP = ("tokens", "text_embeddings", "noise", "latents.x0", "image")   # points the page needs whole
+CHANNELS = 8                                    # channels of a point the page pictures
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,7 +70,7 @@ class Recorder(Trace):
     """A trace that keeps a `Point` per recorded name (and the whole array only for KEEP and the probabilities),
     and asks for the on-request cross-attention probabilities of every UNet block."""
 
-    def __init__(self, max_channels=8):
+    def __init__(self, max_channels=CHANNELS):
         super().__init__(None, on_request=f"unet.*{PROBS}")
         self.points = {}
         self.max_channels = max_channels
@@ -461,7 +462,7 @@ def _points_table(page, points, grid_of=lambda name: None):
     for p in points:
         rows.append(f"<tr><td><code>{html.escape(p.name)}</code></td><td>{list(p.shape)}</td>{_stats_cells(p)}"
                     f'<td>{_picture(p, grid_of(p.name))}</td><td class="where">{page.where(p.where)}</td></tr>')
-    return _table(["point", "shape", "mean", "std", "min", "max", f"channels (first {8}, each scaled to its "
+    return _table(["point", "shape", "mean", "std", "min", "max", f"channels (first {CHANNELS}, each scaled to its "
                    "own range)", "code"], rows)
 
 
