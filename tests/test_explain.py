@@ -139,6 +139,13 @@ def test_more_steps_average_the_repeated_blocks(pipe):
     assert all(abs(m.sum() - 1) < 1e-9 for _, m in pairs)
 
 
+def test_mdref_explain_is_imported_on_first_use():
+    code = ("import sys, mdref; assert 'mdref.explain' not in sys.modules; "
+            "assert mdref.explain.cross_attention_maps is sys.modules['mdref.explain'].cross_attention_maps")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_prompt_must_be_one_string(pipe):
     with pytest.raises(mdref.pipeline.InputError, match="prompt must be one str"):
         explain.cross_attention_maps(pipe, ["a", "b"])
