@@ -18,4 +18,12 @@ from .trace import load_trace, record, save_trace, trace  # noqa: E402
 
 __all__ = ["__version__", "ops", "sampler", "compare", "ConfigError", "WeightsError", "Decoder", "DecoderConfig",
            "Pipeline", "SchedulerConfig", "TextEncoder", "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig",
-           "trace", "trace_active", "record", "save_trace", "load_trace"]
+           "trace", "trace_active", "record", "save_trace", "load_trace", "explain"]
+
+
+def __getattr__(name):
+    """mdref.explain (cross_attention_maps, the page of `mdref explain`) is imported on first use."""
+    if name == "explain":
+        import importlib
+        return importlib.import_module(".explain", __name__)
+    raise AttributeError(f"module 'mdref' has no attribute {name!r}")

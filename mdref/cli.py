@@ -343,6 +343,26 @@ def cmd_precision(args):
     return 0
 
 
+def cmd_explain(args):
+    from .explain import explain_page
+    from .outputs import atomic_write
+
+    _check_output(args.output)
+    pipe = load_pipeline(args)
+    if pipe.untrained:
+        print(f"note: {pipe.source} has UNTRAINED seeded weights; the page explains noise", file=sys.stderr)
+    t0 = time.perf_counter()
+    with _input_errors(args):
+        _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
+        noise = _read_noise(args.noise, shape, args.steps)
+        page = explain_page(pipe, args.prompt, seed=args.seed, noise=noise, steps=args.steps).encode("utf-8")
+    build_s = time.perf_counter() - t0
+    with _usage_errors():
+        atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(page), "-o")
+    print(f"wrote {args.output} ({len(page):,} bytes, built in {build_s:.2f} s)", file=sys.stderr)
+    return 0
+
+
 def build_parser():
     parser = _Parser(prog="mdref", description="mdref: a NumPy golden reference for one-step "
                                      "text-to-image diffusion in the MobileDiffusion family.")
@@ -388,6 +408,15 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _add_model_args(p)
     p.set_defaults(func=cmd_precision)
+
+    p = sub.add_parser("explain", help="one self-contained HTML page: what every layer did to the prompt")
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("-o", "--output", required=True, help="output HTML path")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (as generate)")
+    p.add_argument("--noise", metavar="FILE.npy", help="initial noise [B, C, h, w] as .npy (overrides --seed)")
+    p.add_argument("--steps", type=int, default=1, help="UNet evaluations (default 1)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

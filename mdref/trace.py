@@ -17,8 +17,8 @@ import numpy as np
 
 from .precision import rounded
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "active", "save_trace",
-           "load_trace", "first_nonfinite"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
+           "active", "save_trace", "load_trace", "first_nonfinite"]
 
 _ACTIVE = contextvars.ContextVar("mdref_trace", default=None)
 
@@ -57,10 +57,12 @@ def point_matcher(points):
 class Trace:
     """An ordered record of named arrays. `points` filters what is kept (see point_matcher): None keeps everything;
     a string is a glob (``unet.*attn2``) or, prefixed with ``re:``, a regular expression; a list keeps a name
-    matching any."""
+    matching any. `on_request` (patterns as `points`) asks for the on-request points that no trace keeps unless it
+    names them, because they cost extra work: the attention probabilities ``<block>.attn2.probs``."""
 
-    def __init__(self, points=None):
+    def __init__(self, points=None, *, on_request=None):
         self.wants = point_matcher(points)
+        self.requests = point_matcher(on_request) if on_request else (lambda name: False)
         self.arrays = {}          # name -> array, in execution order
         self.meta = {}            # free-form facts about the run (prompt, seed, timestep, ...)
 
@@ -87,9 +89,17 @@ class Trace:
 
 
 @contextmanager
-def trace(points=None):
-    """Record activations inside the block: ``with mdref.trace("unet.*") as t: pipe(...)``."""
-    t = Trace(points)
+def trace(points=None, *, on_request=None):
+    """Record activations inside the block: ``with mdref.trace("unet.*") as t: pipe(...)``; on-request points
+    too when `on_request` names them: ``trace("unet.out", on_request="*.attn2.probs")`` (see Trace)."""
+    with recording(Trace(points, on_request=on_request)) as t:
+        yield t
+
+
+@contextmanager
+def recording(t):
+    """Make `t` (a Trace, or a subclass that keeps something else, such as mdref.explain.Recorder) the active
+    trace inside the block; trace() is recording(Trace(points))."""
     token = _ACTIVE.set(t)
     try:
         yield t
@@ -109,6 +119,14 @@ def record(name, x):
     if t is not None and t.wants(name):
         t.add(name, rounded(x))
     return x
+
+
+def record_on_request(name, compute):
+    """Keep compute() under `name` if the active trace asked for this on-request point (trace(on_request=...)).
+    compute is not called otherwise: the extra work costs one context-variable lookup when nobody asks."""
+    t = _ACTIVE.get()
+    if t is not None and t.requests(name):
+        t.add(name, rounded(compute()))
 
 
 # ---- the first non-finite point ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .trace import record
+from .trace import record, record_on_request
 
 
 def time_embed(t, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift):
@@ -47,16 +47,28 @@ def resnet(x, temb, *, norm1, conv1, norm2, conv2, time_emb_proj=None, conv_shor
 
 
 def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, heads, weighting="softmax",
-              shared_kv=False):
+              shared_kv=False, name=None):
     """diffusers Attention: softmax(q k^T / sqrt(d)) v per head, then to_out.0; self-attention when context is None.
-    MobileDiffusion shares one projection to_kv for K = V. x [B, N, C], context [B, T, D] -> [B, N, C]."""
+    MobileDiffusion shares one projection to_kv for K = V. x [B, N, C], context [B, T, D] -> [B, N, C].
+    A trace that asks for the on-request point `name`.probs gets the weights (attention_probs)."""
     source = x if context is None else context
     q = ops.linear(x, to_q)                                                       # [B, N, C]
     if shared_kv:
         k = v = ops.linear(source, to_kv)                                         # [B, T, C]
     else:
         k, v = ops.linear(source, to_k), ops.linear(source, to_v)                 # [B, T, C]
+    if name is not None:
+        record_on_request(f"{name}.probs", lambda: attention_probs(q, k, heads=heads, weighting=weighting))
     return ops.linear(ops.attention(q, k, v, heads, weighting=weighting), to_out["0"])   # [B, N, C]
+
+
+def attention_probs(q, k, *, heads, weighting):
+    """The weight each query gives each key, per head: ops.attention applied to one-hot values (value j of every
+    head is e_j), so the same kernel as the layer's output computes them.  q [B, N, C], k [B, T, C] -> [B, h, N, T]."""
+    B, N, T = q.shape[0], q.shape[1], k.shape[1]
+    one_hot = np.tile(np.eye(T, dtype=q.dtype), (B, 1, heads))                    # [B, T, h*T]
+    w = ops.attention(q, k, one_hot, heads, weighting=weighting)                  # [B, N, h*T]
+    return w.reshape(B, N, heads, T).transpose(0, 2, 1, 3)                        # [B, h, N, T]
 
 
 def pixel_attention(x, *, group_norm, groups, eps, **projections):
@@ -80,8 +92,10 @@ def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=
     kw = dict(heads=st.heads, weighting=spec.weighting, shared_kv=spec.shared_kv)
     if st.transformer == "full":
         h = ops.layer_norm(x, norm1, spec.layer_norm_eps)
-        x = x + record(f"{name}.attn1", attention(h, context if st.only_cross else None, **attn1, **kw))
-    x = x + record(f"{name}.attn2", attention(ops.layer_norm(x, norm2, spec.layer_norm_eps), context, **attn2, **kw))
+        x = x + record(f"{name}.attn1", attention(h, context if st.only_cross else None, **attn1, **kw,
+                                                  name=f"{name}.attn1"))
+    x = x + record(f"{name}.attn2", attention(ops.layer_norm(x, norm2, spec.layer_norm_eps), context, **attn2, **kw,
+                                              name=f"{name}.attn2"))
     h = ops.layer_norm(x, norm3, spec.layer_norm_eps)
     x = x + record(f"{name}.ff", feed_forward(h, **ff, activation=spec.ff_activation))
     return record(name, x)

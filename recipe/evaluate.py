@@ -5,7 +5,7 @@ shape class, position and size (NumPy only).
 - shape colour: nearest palette colour (other than the background) to the median of pixels far from the background
 - mask: pixels closer to the shape colour than to the background (projection on the bg -> fg line > 0.5);
   the largest 4-connected component is the shape; other components over MIN_BLOB px count as extra blobs
-- position: the mask's bounding-box centre relative to the image centre (centre box +-CENTER_BOX px, else the larger axis)
+- box: the mask's bounding box; position: its centre relative to the image centre (centre box +-CENTER_BOX px, else the larger axis)
 - size: mask area / the class's area per r^2 (r = half the shape's width) above / below SIZE_R2
 - class: row widths of the mask over the top and bottom fifths of its bounding box, and the fill ratio of the box
 """
@@ -53,7 +53,8 @@ def components(mask):
 
 
 def evaluate(img):
-    """uint8 [H, W, 3] -> dict(shape, colour, background, position, size, blobs, clean)."""
+    """uint8 [H, W, 3] -> dict(shape, colour, background, position, size, blobs, clean, box, features); box is the
+    shape's bounding box (y0, y1, x0, x1) in pixels, end-exclusive (absent when no shape is found)."""
     img = np.asarray(img, dtype=np.float64)
     H, W, _ = img.shape
     s = H / 64.0
@@ -98,7 +99,7 @@ def evaluate(img):
     r2 = area / SHAPE_AREA[shape]  # the shape's r^2 (r = half its width, data.RADIUS)
     size = "large" if r2 > SIZE_R2 else "small"
     return {"shape": shape, "colour": COLOURS[fg_i], "background": COLOURS[bg_i], "position": pos, "size": size,
-            "blobs": blobs, "clean": blobs == 1,
+            "blobs": blobs, "clean": blobs == 1, "box": (int(y0), int(y1), int(x0), int(x1)),
             "features": {"fill": float(fill), "top_w": float(top_w), "bot_w": float(bot_w), "area": float(area), "r2": float(r2)}}
 
 
