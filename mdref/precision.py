@@ -58,6 +58,7 @@ UPCASTS = {
 DOWNCASTS = {
     "norm": "the norm's sums rounded to the dtype as well (statistics accumulated in the low dtype)",
 }
+QUERY_CHUNK = 4096              # the emulated attention's queries per block (its float32 score buffers stay bounded)
 _MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": float.fromhex("0x1.fep127")}
 
 
@@ -199,7 +200,7 @@ def emulated(low=None):
 # ---- the emulated forms of the ops with rounding points inside ------------------------------------------------
 def attention(policy, q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
     """ops.attention under `policy`: s = R(q k^T * scale) [+ R(mask), R], softmax in float32, P = R(.),
-    out = R(P v); with upcast attention the scores are not rounded. One query chunk of 4096 at a time."""
+    out = R(P v); with upcast attention the scores are not rounded. QUERY_CHUNK queries at a time."""
     R = policy.round
     keep = "attention" in policy.upcast
     B, Tq, D = q.shape
@@ -210,11 +211,12 @@ def attention(policy, q, k, v, heads, *, mask=None, weighting="softmax", scale=N
     qh, kt, vh = heads_of(q, d), heads_of(k, d).transpose(0, 1, 3, 2), heads_of(v, dv)
     mask = None if mask is None else R(mask)
     out = np.empty((B, heads, Tq, dv), np.float32)
-    for q0 in range(0, Tq, 4096):
-        s = (qh[:, :, q0:q0 + 4096] @ kt) * np.float32(scale)                 # [B, H, c, Tk], float32 sums
+    for q0 in range(0, Tq, QUERY_CHUNK):
+        q1 = q0 + QUERY_CHUNK
+        s = (qh[:, :, q0:q1] @ kt) * np.float32(scale)                 # [B, H, c, Tk], float32 sums
         s = s if keep else R(s)
         if mask is not None:
-            s = s + np.broadcast_to(mask, (B, heads, Tq, Tk))[:, :, q0:q0 + 4096]
+            s = s + np.broadcast_to(mask, (B, heads, Tq, Tk))[:, :, q0:q1]
             s = s if keep else R(s)
         with np.errstate(invalid="ignore"):                                # inf - inf: NaN, as on a device
             if weighting == "softmax":
@@ -222,7 +224,7 @@ def attention(policy, q, k, v, heads, *, mask=None, weighting="softmax", scale=N
                 p = R(e / e.sum(axis=-1, keepdims=True))
             else:
                 p = R(np.maximum(s, 0) / np.float32(Tk))
-        out[:, :, q0:q0 + 4096] = R(p @ vh)                                   # [B, H, c, dv]
+        out[:, :, q0:q1] = R(p @ vh)                                   # [B, H, c, dv]
     return out.transpose(0, 2, 1, 3).reshape(B, Tq, heads * dv)
 
 

@@ -353,8 +353,8 @@ def init_params(schema, seed, dtype=np.float32, *, threads=None):
     (seed, key, shape): not on the schema's order, the other keys, the dtype's draw or the thread count, so the
     tensors are drawn in `threads` threads (default: the CPU count, at most 8) - numpy's generators release
     the GIL while they fill an array. Uniform (like PyTorch's default nn.Linear / nn.Conv2d initialisation)
-    and float32 because it is about 4x faster to draw than a float64 normal; the 520M-weight mobilediffusion
-    preset builds in about a second."""
+    and float32 because it is about 4x faster to draw than a float32 normal (measured: 0.10 s against 0.45 s for
+    50M values); the 520M-weight mobilediffusion preset builds in 1.5-2.3 s on 2 cores."""
     items = [(key, tuple(shape)) for key, shape in schema.items()]
     workers = threads or min(8, os.cpu_count() or 1)
 
