@@ -87,6 +87,23 @@ def sample_prompt_attributes(combos, gen, p_complete=0.5, p_drop=0.35):
     return out
 
 
+def sample_prompt_patterns(combos, gen, p_complete=0.4):
+    """(attributes, word order) per combo, every pattern of open prompt equally likely: with prob p_complete all five
+    attributes are given; otherwise the number given k is uniform over 0..4 and which k uniform among the C(5, k)
+    subsets. (sample_prompt_attributes' independent drops make prompts giving 0 or 1 attribute rare: 0.5% and 5%.)"""
+    out = []
+    for c in combos:
+        keep = [True] * 5
+        if torch.rand((), generator=gen).item() >= p_complete:
+            k = int(torch.randint(5, (), generator=gen).item())  # attributes given, 0..4
+            given = set(torch.randperm(5, generator=gen)[:k].tolist())
+            keep = [i in given for i in range(5)]
+        attrs = [a if k else None for a, k in zip(c, keep)]
+        order = int(torch.rand((), generator=gen).item() < 0.5)
+        out.append((attrs, order))
+    return out
+
+
 def sample_prompts(combos, gen, p_complete=0.5, p_drop=0.35):
     """Prompts for combos, attributes dropped as sample_prompt_attributes does."""
     return [prompt(*attrs, order=order) for attrs, order in sample_prompt_attributes(combos, gen, p_complete, p_drop)]

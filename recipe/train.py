@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
-from evaluate import evaluate  # noqa: E402
+from evaluate import ATTRS, evaluate  # noqa: E402
 from twin import TwinUNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ BETA_START, BETA_END = 1e-4, 0.02
 LATENT_CHANNELS = 8
 DEV = torch.device("cpu")  # set by --device
 BF16: set[str] = set()  # stages whose forward passes run under bfloat16 autocast (set by --bf16)
-BF16_STAGES = ("ae", "aeft", "adv", "distill", "decproj")  # the stages that honour --bf16
+BF16_STAGES = ("ae", "aeft", "adv", "distill", "decproj", "onestep")  # the stages that honour --bf16
 
 
 def randn(shape, g):
@@ -88,14 +88,15 @@ FULL = {
     "text": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
-    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300, decproj=300, distill=900),
-    "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128, decproj=64),
+    "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300, decproj=300, distill=900,
+                  onestep=4000),
+    "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128, decproj=64, onestep=256),
     "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
 }
 # the same model on one GPU (how the shipped weights were made): bigger batches, more steps, time-capped stages
 GPU = dict(FULL, steps=dict(ae=6000, aeft=3000, unet=12000, adv=3000, decft=1500, project=600, decproj=600,
-                            distill=3000),
-           batch=dict(ae=64, aeft=64, unet=512, adv=256, project=256, decproj=128),
+                            distill=3000, onestep=12000),
+           batch=dict(ae=64, aeft=64, unet=512, adv=256, project=256, decproj=128, onestep=512),
            budget=dict(ae=90, aeft=50, unet=220, adv=120))
 TINY = {
     "vae": dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4),
@@ -103,8 +104,8 @@ TINY = {
     "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
     "unet": dict(block_out_channels=[16, 16, 32], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=4),
-    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3, decproj=3, distill=3),
-    "batch": dict(ae=4, aeft=4, unet=8, adv=4, project=8, decproj=8),
+    "steps": dict(ae=3, aeft=3, unet=3, adv=3, decft=3, project=3, decproj=3, distill=3, onestep=3),
+    "batch": dict(ae=4, aeft=4, unet=8, adv=4, project=8, decproj=8, onestep=8),
     "budget": {},
 }
 
@@ -414,7 +415,12 @@ def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS,
 def noise_quantiles(noise):
     """Five numbers in (0, 1) read off a noise x_T [8, 8, 8]: Phi(u_k), u_k = 8 x the mean of channel k ~ N(0, 1), so
     each is uniform over noises; attribute k (combination order) then takes bucket floor(Phi(u_k) * n) of n values."""
-    u = noise[:5].mean(dim=(1, 2)).double().cpu() * 8.0  # [5], each ~ N(0, 1)
+    return noise_quantiles_batch(noise[None])[0]
+
+
+def noise_quantiles_batch(noise):
+    """noise_quantiles for a batch of noises [B, 8, 8, 8]: a list of B lists of five numbers."""
+    u = noise[:, :5].mean(dim=(2, 3)).double().cpu() * 8.0  # [B, 5], each ~ N(0, 1)
     return (0.5 * (1 + torch.erf(u / math.sqrt(2)))).tolist()
 
 
@@ -426,8 +432,11 @@ def couple_open(attrs, noise):
     """A combination for a prompt that leaves attributes open, with the open ones read off the noise x_T [8, 8, 8]
     (noise_quantiles); the background is chosen before the shape colour and neither may equal the other. None if
     the result is a held-out combination."""
-    q = noise_quantiles(noise)
+    return couple_quantiles(attrs, noise_quantiles(noise))
 
+
+def couple_quantiles(attrs, q):
+    """couple_open on the five quantiles q of a noise (noise_quantiles)."""
     def pick(k, options):
         return attrs[k] if attrs[k] is not None else bucket(q[k], options)
 
@@ -509,6 +518,102 @@ def stage_unet(a, cfg, out, log):
     log(f"unet done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
+def coupled_scenes(drawn, g, tries=64):
+    """Noises x_T [B, 8, 8, 8] and the scene each row must draw (the onestep stage's targets): a complete prompt's own
+    combination, or for a prompt that leaves attributes open the given ones plus the open ones read off the noise
+    (couple_quantiles). A row whose reading is a held-out combination draws a fresh noise until it is not, so no
+    held-out scene is ever a target (the noise is then not exactly N(0, I) on those ~10% of open rows)."""
+    noise = torch.randn((len(drawn), LATENT_CHANNELS, 8, 8), generator=g)
+    combos = [tuple(attrs) if None not in attrs else None for attrs, _ in drawn]
+    todo = [i for i, c in enumerate(combos) if c is None]
+    for _ in range(tries):
+        if not todo:
+            break
+        for i, q in zip(todo, noise_quantiles_batch(noise[todo])):
+            combos[i] = couple_quantiles(drawn[i][0], q)
+        todo = [i for i in todo if combos[i] is None]
+        if todo:
+            noise[todo] = torch.randn((len(todo), LATENT_CHANNELS, 8, 8), generator=g)
+    if todo:
+        raise RuntimeError(f"coupled_scenes: {len(todo)} rows read as held-out scenes after {tries} noises")
+    return noise, combos
+
+
+class SceneLatents:
+    """Normalised latents [8, 8, 8] of the no-jitter render of every training combination, encoded once."""
+
+    def __init__(self, enc, mean, std, g, combos=data.TRAIN_COMBOS):
+        self.index = {c: i for i, c in enumerate(combos)}
+        self.z = torch.cat([normalised_latents(enc, combos[b:b + 256], g, mean, std, jitter=False)
+                            for b in range(0, len(combos), 256)])  # [N, 8, 8, 8]
+
+    def __call__(self, combos):
+        return self.z[[self.index[c] for c in combos]]
+
+
+def onestep_check(text, unet, vae, ck, tokens, n=96, seed=9):
+    """A quick look while training (fixed prompts from training combinations, fixed noises; not the benchmark):
+    the share of one-step samples that show one clean shape keeping every attribute the prompt gives, for complete
+    prompts and for prompts that leave attributes open."""
+    g = torch.Generator().manual_seed(seed)
+    cs = data.sample_combos(2 * n, g, data.TRAIN_COMBOS)
+    drawn = [(list(c), 0) for c in cs[:n]] + data.sample_prompt_patterns(cs[n:], g, p_complete=0.0)
+    ids = tokens([data.prompt(*attrs, order=o) for attrs, o in drawn]).to(DEV)
+    noise = randn((2 * n, LATENT_CHANNELS, 8, 8), g)
+    t = torch.full((2 * n,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
+    with torch.no_grad():
+        seen = read_scenes(vae, unet(noise, t, text(ids).last_hidden_state).float(), ck["mean"], ck["std"])
+    ok = [sc["clean"] and all(sc[k] == v for k, v in zip(ATTRS, attrs) if v is not None)
+          for sc, (attrs, _) in zip(seen, drawn)]
+    return sum(ok[:n]) / n, sum(ok[n:]) / n
+
+
+def stage_onestep(a, cfg, out, log):
+    """One-step generator trained directly on noise-coupled targets (mdref's own recipe, issue 20; replaces the
+    unet + adv + distill stages of the previous model). Text encoder and UNet start from scratch and see only pure
+    noise at t = 999, exactly as mdref samples. Each row's target is the normalised latent of a no-jitter render
+    (SceneLatents): for a complete prompt its own scene, for a prompt that leaves attributes open the given
+    attributes plus the open ones read off its noise (coupled_scenes; attribute k from the mean of noise channel k).
+    So the map (prompt, noise) -> scene is a function, and plain MSE learns it instead of the mean of every scene
+    the prompt allows. Prompts: sample_prompt_patterns (--onestep-p-complete; every open pattern equally likely).
+    AdamW 1e-3, warm-up + cosine, EMA 0.999."""
+    torch.manual_seed(10)
+    g = torch.Generator().manual_seed(1010)
+    enc, vae, ck = load_ae(cfg, out, "aeft.pt")
+    scenes = SceneLatents(enc, ck["mean"], ck["std"], g)
+    tokens = TokenCache()
+    text = make_text(cfg["text"]).to(DEV)
+    unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"])).to(DEV)
+    ema_t, ema_u = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=a.onestep_lr, weight_decay=0.01)
+    sch, bs, i = Schedule(cfg["steps"]["onestep"], cfg["budget"].get("onestep")), cfg["batch"]["onestep"], 0
+    t = torch.full((bs,), NUM_TRAIN_TIMESTEPS - 1, device=DEV)
+    while not sch.done(i):
+        set_lr(opt, lr_at(sch.progress(i), a.onestep_lr))
+        drawn = data.sample_prompt_patterns(data.sample_combos(bs, g, data.TRAIN_COMBOS), g, a.onestep_p_complete)
+        noise, combos = coupled_scenes(drawn, g)
+        ids = tokens([data.prompt(*attrs, order=o) for attrs, o in drawn]).to(DEV)
+        z = scenes(combos).to(DEV)  # [B, 8, 8, 8]
+        with amp("onestep"):
+            pred = unet(noise.to(DEV), t, text(ids).last_hidden_state).float()
+        loss = F.mse_loss(pred, z)
+        _step(opt, loss, params)
+        decay = min(0.999, (1 + i) / (10 + i))
+        ema_update(ema_t, text, decay)
+        ema_update(ema_u, unet, decay)
+        check = a.onestep_check and i and i % a.onestep_check == 0
+        if i % 100 == 0 or check:
+            msg = f"onestep step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s"
+            if check:
+                msg += " check complete {:.3f} open {:.3f}".format(*onestep_check(ema_t, ema_u, vae, ck, tokens))
+            log(msg)
+        i += 1
+    torch.save({"unet": _cpu(ema_u.state_dict()), "text": _cpu(ema_t.state_dict()), "final_loss": loss.item(),
+                "wall_s": sch.elapsed(), "steps": i}, out / "onestep.pt")
+    log(f"onestep done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
+
+
 def load_text(cfg, out):
     """The trained text encoder of a run folder (unet_text.pt), eval mode, on DEV."""
     text = make_text(cfg["text"])
@@ -518,7 +623,12 @@ def load_text(cfg, out):
 
 def load_text_unet(cfg, out, name):
     ck = torch.load(out / name, weights_only=True, map_location="cpu")
-    text = load_text(cfg, out)  # built before the UNet: both draw their (overwritten) init from the global RNG
+    if "text" in ck:  # the onestep stage trains its own text encoder and saves it beside the UNet
+        text = make_text(cfg["text"])
+        text.load_state_dict(ck["text"])
+        text = text.eval().to(DEV)
+    else:
+        text = load_text(cfg, out)  # built before the UNet: both draw their (overwritten) init from the global RNG
     unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"]))
     unet.load_state_dict(ck["unet"])
     return text, unet.eval().to(DEV), ck
@@ -593,12 +703,17 @@ def stage_adv(a, cfg, out, log):
         f"wall {sch.elapsed():.0f}s")
 
 
+def generator_checkpoint(out):
+    """The run's final one-step generator: onestep.pt, else distill.pt, else adv.pt."""
+    return next((n for n in ["onestep.pt", "distill.pt"] if (out / n).exists()), "adv.pt")
+
+
 def decoder_stage_setup(cfg, out, lr):
     """What a decoder-only stage after adv needs: the autoencoder of aeft.pt (decoder in training mode), the frozen
     text encoder and the run's one-step generator (distill.pt when the run has one, else adv.pt), a token cache, and
     AdamW over the decoder's parameters."""
     enc, vae, ck = load_ae(cfg, out, "aeft.pt")
-    text, unet, _ = load_text_unet(cfg, out, "distill.pt" if (out / "distill.pt").exists() else "adv.pt")
+    text, unet, _ = load_text_unet(cfg, out, generator_checkpoint(out))
     enc.requires_grad_(False), text.requires_grad_(False), unet.requires_grad_(False)
     params = list(vae.parameters())
     return enc, vae.train(), ck, text, unet, TokenCache(), params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -816,7 +931,7 @@ def stage_export(a, cfg, out, log, dest):
     dtype = torch.float32 if a.export_float32 else torch.float16
     dec = next(n for n in ["decproj.pt", "decft.pt", "aeft.pt"] if (out / n).exists())
     _, vae, ck_ae = load_ae(cfg, out, dec)
-    final = next(n for n in ["distill.pt", "project.pt", "adv.pt", "unet.pt"] if (out / n).exists())
+    final = next(n for n in ["onestep.pt", "distill.pt", "project.pt", "adv.pt", "unet.pt"] if (out / n).exists())
     text, unet, _ = load_text_unet(cfg, out, final)
     # fold the per-channel latent mean into post_quant_conv's bias: decode(zn / sf) == decoder(pqc(zn*std + mean))
     mean, std = ck_ae["mean"], ck_ae["std"]
@@ -938,6 +1053,11 @@ def main(argv=None):
     ap.add_argument("--bf16", default="", help="stages whose forward passes run under bfloat16 autocast (some of "
                     f"{','.join(BF16_STAGES)}; weights, optimiser state and losses stay float32; ~2.7x faster "
                     "decoder training, ~1.2x faster adv steps on a CPU with AVX512-BF16)")
+    ap.add_argument("--onestep-lr", type=float, default=1e-3, help="onestep stage: peak learning rate (AdamW)")
+    ap.add_argument("--onestep-p-complete", type=float, default=0.4,
+                    help="onestep stage: share of complete prompts (the rest: every open pattern equally likely)")
+    ap.add_argument("--onestep-check", type=int, default=500,
+                    help="onestep stage: log a quick clean-and-obeyed check of the EMA every N steps (0: never)")
     ap.add_argument("--ae-all", action="store_true", help="train the autoencoder on all combinations")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -962,7 +1082,7 @@ def main(argv=None):
     log = Log(out / "log.txt")
     log(f"train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     fns = {"ae": stage_ae, "aeft": stage_aeft, "unet": stage_unet, "adv": stage_adv, "decft": stage_decft,
-           "distill": stage_distill, "project": stage_project, "decproj": stage_decproj}
+           "distill": stage_distill, "project": stage_project, "decproj": stage_decproj, "onestep": stage_onestep}
     for s in a.stages.split(","):
         if (out / f"{s}.pt").exists():
             log(f"{s}: checkpoint exists, skipped")

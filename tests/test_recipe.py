@@ -89,6 +89,20 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
         assert (out2 / name).is_file(), name
     # --steps unet=2,adv=4,distill=5 set those three stages only
     assert [torch.load(out2 / f, weights_only=True)["steps"] for f in ("unet.pt", "adv.pt", "distill.pt")] == [2, 4, 5]
+    # the shipped recipe (issue 20): the onestep stage on noise-coupled targets, then the decoder projection on it
+    out3 = tmp_path / "run3"
+    out3.mkdir()
+    (out3 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "onestep=4,decproj=2",
+                        "--out", str(out3), "--stages", "onestep,decproj", "--onestep-check", "2",
+                        "--onestep-p-complete", "0.3", "--onestep-lr", "5e-4", "--bf16", "onestep,decproj",
+                        "--export", str(out3 / "model")],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert torch.load(out3 / "onestep.pt", weights_only=True)["steps"] == 4
+    assert "exported onestep.pt (UNet) and decproj.pt (decoder)" in r.stdout
+    assert pytest.importorskip("mdref").Pipeline.from_pretrained(out3 / "model").run(["a shape"], seed=0).pixels.shape \
+        == (1, 64, 64, 3)
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unte=2", "--out", str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--steps: unknown stage unte" in r.stderr, r.stderr[-2000:]
@@ -180,6 +194,57 @@ def test_couple_open_reads_open_attributes_off_the_noise():
         noise[2] = m
         picks.append(data.COLOURS.index(train.couple_open(["circle", "red", None, "left", "small"], noise)[2]))
     assert picks == sorted(picks) and picks[0] < picks[-1]
+
+
+def test_sample_prompt_patterns_draws_every_open_pattern_evenly():
+    """data.sample_prompt_patterns: complete with the asked probability; otherwise 0..4 attributes given, each count
+    about equally often, every one of the 31 subsets reached; the given values are the combination's own."""
+    import collections
+
+    g = torch.Generator().manual_seed(11)
+    combos = data.sample_combos(6000, g)
+    drawn = data.sample_prompt_patterns(combos, g, p_complete=0.25)
+    complete = sum(None not in attrs for attrs, _ in drawn)
+    assert abs(complete / len(drawn) - 0.25) < 0.03
+    counts = collections.Counter(sum(a is not None for a in attrs) for attrs, _ in drawn if None in attrs)
+    assert set(counts) == {0, 1, 2, 3, 4}
+    assert max(counts.values()) < 1.25 * min(counts.values()), counts
+    subsets = {tuple(a is not None for a in attrs) for attrs, _ in drawn if None in attrs}
+    assert len(subsets) == 31
+    assert all(a is None or a == v for (attrs, _), c in zip(drawn, combos) for a, v in zip(attrs, c))
+    assert {o for _, o in drawn} == {0, 1}
+
+
+def test_coupled_scenes_give_one_training_scene_per_noise():
+    """recipe/train.py coupled_scenes (the onestep stage's targets): complete prompts keep their combination; open
+    prompts keep what they give and read the rest off the returned noise exactly as couple_open does; no target is a
+    held-out combination; every open value is reached."""
+    import collections
+
+    import train
+    g = torch.Generator().manual_seed(12)
+    drawn = data.sample_prompt_patterns(data.sample_combos(2000, g), g, p_complete=0.3)
+    noise, combos = train.coupled_scenes(drawn, g)
+    assert noise.shape == (2000, 8, 8, 8)
+    seen = collections.defaultdict(set)
+    for (attrs, _), c, nz in zip(drawn, combos, noise):
+        assert c not in data.HELDOUT_SET and c[1] != c[2]
+        assert all(a is None or a == v for a, v in zip(attrs, c))
+        if None in attrs:
+            assert train.couple_open(attrs, nz) == c
+            for k, (a, v) in enumerate(zip(attrs, c)):
+                if a is None:
+                    seen[k].add(v)
+        else:
+            assert c == tuple(attrs)
+    assert [len(seen[k]) for k in range(5)] == [3, 8, 8, 5, 2]
+    # the latent table holds one latent per training combination and looks them up by combination
+    enc = train.Encoder(8)
+    table = train.SceneLatents(enc, torch.zeros(8), torch.tensor(1.0), g, combos=data.TRAIN_COMBOS[:10])
+    got = table([data.TRAIN_COMBOS[3], data.TRAIN_COMBOS[0]])
+    with torch.no_grad():
+        want = enc(data.render([data.TRAIN_COMBOS[3], data.TRAIN_COMBOS[0]], jitter=False))
+    assert got.shape == (2, 8, 8, 8) and torch.allclose(got, want, atol=1e-6)
 
 
 def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
