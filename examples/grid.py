@@ -14,14 +14,15 @@ from PIL import Image, ImageDraw
 import mdref
 
 PROMPTS = [
-    "a large red circle on the left, blue background",
+    "a large red circle on the left, blue background",          # complete: all five attributes given
     "a small yellow triangle at the top, black background",
     "green background, a large white square in the center",
     "a small purple square at the bottom, orange background",
-    "a large blue triangle on the right, white background",
-    "a red circle",
-    "a small triangle at the top",
-    "a square, black background",
+    "a red circle",                                             # open: the model picks the rest per seed
+    "a small blue triangle",
+    "a yellow square at the top",
+    "a shape on the right, white background",
+    "a shape",
 ]
 SEEDS = range(6)
 SCALE = 2                                     # nearest-neighbour upscaling of each 64x64 image

@@ -104,12 +104,13 @@ def run_open(pipe, seeds=16):
         open_ = [k for k, v in zip(ATTRS, spec) if v is None]
         keeps = [all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]
         distinct = {k: len({r[k] for r in rs if r["clean"]}) for k in open_}
+        few = [k for k in open_ if len(VALUES[k]) >= 3 and distinct[k] < OPEN_TARGETS["distinct"]]
         tuples = len({tuple(r[k] for k in open_) for r in rs if r["clean"]})
         rows.append({"prompt": text, "given": given, "clean": float(np.mean([r["clean"] for r in rs])),
                      "given_obeyed": float(np.mean(keeps)),
                      "kept": float(np.mean([r["clean"] and k for r, k in zip(rs, keeps)])),
                      "distinct_open_values": distinct, "distinct_open_tuples": tuples,
-                     "too_few_values": [k for k in open_ if len(VALUES[k]) >= 3 and distinct[k] < OPEN_TARGETS["distinct"]]})
+                     "too_few_values": few})
     return rows
 
 
@@ -150,16 +151,18 @@ def main(argv=None):
     summ = open_summary(opn)
     print(f"prompts with attributes left out ({len(opn)} prompts x 16 seeds, {t2 - t1:.1f}s):")
     for r in opn:
+        few = f"  TOO FEW: {r['too_few_values']}" if r["too_few_values"] else ""
         print(f"  {r['prompt']!r:58s} clean {r['clean']:.3f}  clean and keeps every named attribute {r['kept']:.3f}"
-              f"  distinct {r['distinct_open_values']}" + (f"  TOO FEW: {r['too_few_values']}" if r["too_few_values"] else ""))
+              f"  distinct {r['distinct_open_values']}{few}")
     print("  pooled:                     prompts  clean   keeps all named (and clean)  attributes with < 3 values")
     for name, p in [("all", summ["all"]), ("first prompts", summ["first_prompts"])] + \
             [(f"{k} given", v) for k, v in summ["by_number_given"].items()] + list(summ["by_background"].items()):
         print(f"  {name:28s} {p['prompts']:5d}  {p['clean']:.4f}  {p['kept']:.4f}                       "
               f"{p['too_few_values']}")
     a_ = summ["all"]
-    print(f"  targets: clean >= {OPEN_TARGETS['clean']} {'ok' if a_['clean'] >= OPEN_TARGETS['clean'] else 'MISSED'}; "
-          f"keeps every named attribute >= {OPEN_TARGETS['kept']} {'ok' if a_['kept'] >= OPEN_TARGETS['kept'] else 'MISSED'}; "
+    ok = {k: "ok" if a_[k] >= OPEN_TARGETS[k] else "MISSED" for k in ("clean", "kept")}
+    print(f"  targets: clean >= {OPEN_TARGETS['clean']} {ok['clean']}; "
+          f"keeps every named attribute >= {OPEN_TARGETS['kept']} {ok['kept']}; "
           f">= 3 distinct values for every open attribute with >= 3 values: "
           f"{'ok' if a_['too_few_values'] == 0 else 'MISSED (%d)' % a_['too_few_values']}")
     if a.json:

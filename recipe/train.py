@@ -3,19 +3,19 @@
 Stages (each writes runs/<name>/<stage>.pt and is skipped when that checkpoint exists, so a run resumes):
   ae      autoencoder: pixel-unshuffle encoder (not shipped) + diffusers AutoencoderKL decoder layout
   aeft    decoder-only fine-tune (edge-weighted loss), encoder frozen so the latent space is kept
+  onestep one-step generator (text encoder + UNet from scratch) on noise-coupled targets: the shipped model's UNet
+  decproj decoder fine-tune: the final generator's one-step samples drawn as the clean scene they show (shipped)
+  export  weights folder (diffusers-style pipeline layout, float16 safetensors)
+and the stages of earlier models (weights/README.md):
   unet    CLIP text encoder + MobileDiffusion UNet twin, x0 prediction, DDPM linear betas, 30% of batch at t=999
   adv     UFOGen-style one-step adversarial fine-tune of the UNet
   decft   (optional) decoder fine-tune on the generator's own latents
-  distill one-step student onto two one-step teachers (complete / open prompts; the shipped model's UNet)
+  distill one-step student onto two one-step teachers (complete / open prompts)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
-  decproj decoder fine-tune: the final generator's one-step samples drawn as the clean scene they show (shipped)
-  export  weights folder (diffusers-style pipeline layout, float16 safetensors)
 
-    python recipe/train.py --out runs/cpu3 --stages ae,aeft,unet,adv,distill,decproj \
-        --steps aeft=600,unet=1800,adv=3600,decproj=200 --bf16 aeft,adv,distill,decproj \
-        --disc-frozen-text --adv-snapshots 4 --adv-weight 0.25 --mse-last-weight 0.3 --mse-last-open-weight 0.3 \
-        --distill-init adv.pt --teacher-complete runs/cpu3/adv_snap1.pt --teacher-open runs/cpu3/adv.pt \
-        --distill-lr 1e-4 --export weights/default                              # the shipped model, CPU, 2 h
+    python recipe/train.py --out runs/r20 --stages ae,aeft,onestep,decproj \
+        --steps aeft=600,onestep=7200,decproj=200 --budget onestep=4800 --bf16 aeft,onestep,decproj \
+        --export weights/default                                                 # the shipped model, CPU, < 2 h
     python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model   # CI smoke run
 """
 
@@ -89,7 +89,7 @@ FULL = {
     "unet": dict(block_out_channels=[64, 96, 128], layers_per_block=1, transformer_layers_per_block=[0, 1, 1],
                  mid_transformer_layers=1, attention_head_dim=[1, 2, 2], norm_num_groups=16),
     "steps": dict(ae=2400, aeft=900, unet=3000, adv=900, decft=600, project=300, decproj=300, distill=900,
-                  onestep=4000),
+                  onestep=7200),
     "batch": dict(ae=32, aeft=32, unet=256, adv=128, project=128, decproj=64, onestep=256),
     "budget": {},  # optional wall-clock cap per stage in seconds (--budget)
 }

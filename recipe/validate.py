@@ -3,7 +3,9 @@
 The benchmark (benchmark_adherence.py) uses held-out attribute combinations and fixed seeds; choosing a model by
 its score there would fit the test set. This script draws from the TRAINING combinations at other seeds instead:
   - complete prompts: `--n` training-combination prompts, both word orders, one noise each;
-  - open prompts: benchmark_adherence.OPEN_PROMPTS, 16 noises each, at `--seed-sets` other seed sets.
+  - open prompts: benchmark_adherence.OPEN_PROMPTS and one prompt per pattern of given attributes (other values than
+    the benchmark's), 16 noises each, at `--seed-sets` other seed sets; open_kept is the share of samples showing one
+    clean shape that keeps every attribute the prompt names.
 It samples exactly as mdref does (pure noise at t = 999, one UNet call, decode) and judges with evaluate.py.
 
     python recipe/validate.py --run runs/v9 runs/v9/adv.pt runs/e1/adv.pt --soup avg=runs/e1/adv.pt,runs/e2/adv.pt
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import train  # noqa: E402
 from average import average  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS  # noqa: E402
+from benchmark_adherence import OPEN_PROMPTS, pattern_prompts  # noqa: E402
 from evaluate import ATTRS, evaluate  # noqa: E402
 
 LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
@@ -38,14 +40,26 @@ class Sampler:
         run = Path(run)
         _, self.vae, ck = train.load_ae(cfg, run, decoder)
         self.mean, self.std = ck["mean"].to(train.DEV)[None, :, None, None], ck["std"].to(train.DEV)
-        self.text = train.load_text(cfg, run)
+        self.cfg = cfg
+        self.run_text = train.load_text(cfg, run) if (run / "unet_text.pt").exists() else None
         self.unet = train.TwinUNet(train.unet_config(cfg["unet"], cfg["text"]["hidden_size"])).eval().to(train.DEV)
         self.tokens = train.TokenCache()
 
+    def load(self, ck):
+        """A checkpoint's UNet, and its own text encoder when it carries one (onestep.pt), else the run's."""
+        self.unet.load_state_dict(ck["unet"])
+        if "text" in ck:
+            self.text = train.make_text(self.cfg["text"])
+            self.text.load_state_dict(ck["text"])
+            self.text = self.text.eval().to(train.DEV)
+        elif self.run_text is None:
+            raise FileNotFoundError("the checkpoint has no text encoder and the run folder no unet_text.pt")
+        else:
+            self.text = self.run_text
+
     @torch.no_grad()
-    def __call__(self, state, prompts, seed, batch=256):
+    def __call__(self, prompts, seed, batch=256):
         """uint8 images [N, 64, 64, 3] for `prompts`, noise from torch.Generator().manual_seed(seed)."""
-        self.unet.load_state_dict(state)
         g = torch.Generator().manual_seed(seed)
         out = []
         for b in range(0, len(prompts), batch):
@@ -58,26 +72,31 @@ class Sampler:
         return np.concatenate(out)
 
 
-def validate(sampler, state, n=300, seed_sets=4):
+def validate(sampler, ck, n=300, seed_sets=4):
+    sampler.load(ck)
     rng = random.Random(12345)
     combos = [rng.choice(data.TRAIN_COMBOS) for _ in range(n)]
     prompts = [data.prompt(*c, order=i % 2) for i, c in enumerate(combos)]
-    rs = [evaluate(img) for img in sampler(state, prompts, seed=777)]
+    rs = [evaluate(img) for img in sampler(prompts, seed=777)]
     res = {k: float(np.mean([r[k] == c[j] for r, c in zip(rs, combos)])) for j, k in enumerate(ATTRS)}
     res["all"] = float(np.mean([all(r[k] == c[j] for j, k in enumerate(ATTRS)) for r, c in zip(rs, combos)]))
-    texts = [data.prompt(*spec) for spec in OPEN_PROMPTS]
-    clean, obey, distinct, per_prompt = [], [], [], np.zeros(len(texts))
+    specs = OPEN_PROMPTS + [s for s in pattern_prompts(per_pattern=1, seed=31) if s not in OPEN_PROMPTS]
+    texts = [data.prompt(*spec) for spec in specs]
+    clean, obey, kept, distinct, per_prompt = [], [], [], [], np.zeros(len(texts))
     for s in range(seed_sets):
-        imgs = sampler(state, [t for t in texts for _ in range(16)], seed=9000 + s)
-        for p, spec in enumerate(OPEN_PROMPTS):
+        imgs = sampler([t for t in texts for _ in range(16)], seed=9000 + s)
+        for p, spec in enumerate(specs):
             rs = [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]]
             open_ = [k for k, v in zip(ATTRS, spec) if v is None]
             c = np.mean([r["clean"] for r in rs])
             clean.append(c)
             per_prompt[p] += c / seed_sets
-            obey.append(np.mean([all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]))
+            keeps = [all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]
+            obey.append(np.mean(keeps))
+            kept.append(np.mean([r["clean"] and k for r, k in zip(rs, keeps)]))
             distinct.append(len({tuple(r[k] for k in open_) for r in rs if r["clean"]}))
-    res.update(open_clean=float(np.mean(clean)), open_obeyed=float(np.mean(obey)), open_min_distinct=min(distinct),
+    res.update(open_clean=float(np.mean(clean)), open_obeyed=float(np.mean(obey)), open_kept=float(np.mean(kept)),
+               open_min_distinct=min(distinct),
                open_clean_per_prompt=[round(float(v), 3) for v in per_prompt])
     return res
 
@@ -100,8 +119,9 @@ def reconstruction(run, cfg, decoder, n, seed=4321):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="*", help="checkpoints with a 'unet' state dict")
-    ap.add_argument("--run", required=True, help="run folder with aeft.pt and unet_text.pt")
+    ap.add_argument("checkpoints", nargs="*", help="checkpoints with a unet (and maybe a text) state dict")
+    ap.add_argument("--run", required=True, help="run folder with aeft.pt (and unet_text.pt for checkpoints without "
+                    "their own text encoder)")
     ap.add_argument("--soup", action="append", default=[], help="NAME=a.pt,b.pt,...: also validate their mean")
     ap.add_argument("--decoder", default="aeft.pt", help="decoder checkpoint in the run folder (e.g. decproj.pt)")
     ap.add_argument("--n", type=int, default=300)
@@ -121,14 +141,14 @@ def main(argv=None):
         print(f"reconstruction ({a.decoder}, {a.recon} renders): " + " ".join(f"{k} {v:.3f}" for k, v in res.items()),
               flush=True)
     sampler = Sampler(a.run, cfg, a.decoder)
-    todo = [(p, lambda p=p: torch.load(p, weights_only=True, map_location="cpu")["unet"]) for p in a.checkpoints]
+    todo = [(p, lambda p=p: torch.load(p, weights_only=True, map_location="cpu")) for p in a.checkpoints]
     for spec in a.soup:
         name, members = spec.split("=", 1)
-        todo.append((name, lambda m=members: average(m.split(","))))
+        todo.append((name, lambda m=members: {"unet": average(m.split(","))}))
     for name, load in todo:
         res = dict(name=name, **validate(sampler, load(), a.n, a.seed_sets))
         print(f"{name}: shape {res['shape']:.3f} all {res['all']:.3f} open clean {res['open_clean']:.3f} "
-              f"obeyed {res['open_obeyed']:.3f} min distinct {res['open_min_distinct']} "
+              f"obeyed {res['open_obeyed']:.3f} kept {res['open_kept']:.3f} min distinct {res['open_min_distinct']} "
               f"per prompt {res['open_clean_per_prompt']}", flush=True)
         if a.json:
             with open(a.json, "a") as f:

@@ -372,3 +372,33 @@ def test_shipped_model_adherence():
     print("adherence on 48 held-out prompts:", acc)
     for k, lo in ADHERENCE_MIN.items():
         assert acc[k] >= lo, (k, acc[k], wrong[:5])
+
+
+# Open prompts (issue 20). OPEN_KEPT_MIN sits below what was measured on exactly these samples (the comment before
+# it) by the spread of a binomial share over 78 samples; the benchmark's figures (weights/README.md) are on 1,168.
+OPEN_KEPT_MIN = 0.85
+
+
+@needs_default
+def test_shipped_model_keeps_named_attributes_on_open_prompts():
+    """Prompts that leave attributes open, one per pattern of given attributes (31) at two seeds plus the four a
+    new user types first at four seeds: the share of samples showing one clean shape that keeps every attribute the
+    prompt names; and "a shape" over 16 seeds takes >= 3 values of every attribute that has >= 3."""
+    mdref = pytest.importorskip("mdref")
+    from benchmark_adherence import FIRST_PROMPTS, pattern_prompts
+    from evaluate import ATTRS, evaluate
+
+    pipe = mdref.Pipeline.from_pretrained(DEFAULT)
+    specs = [s for s in pattern_prompts(per_pattern=1, seed=77) for _ in range(2)] + \
+        [s for s in FIRST_PROMPTS for _ in range(4)]
+    px = pipe.run([data.prompt(*s) for s in specs], seed=21).pixels
+    rs = [evaluate(img) for img in px]
+    kept = [r["clean"] and all(r[k] == v for k, v in zip(ATTRS, s) if v is not None) for r, s in zip(rs, specs)]
+    print(f"open prompts: clean {np.mean([r['clean'] for r in rs]):.3f}, clean and keeps every named attribute "
+          f"{np.mean(kept):.3f} over {len(specs)} samples")
+    assert np.mean(kept) >= OPEN_KEPT_MIN, [(data.prompt(*s), {k: r[k] for k in ATTRS})
+                                            for s, r, k in zip(specs, rs, kept) if not k][:6]
+    rs = [evaluate(img) for img in pipe.run(["a shape"] * 16, seed=22).pixels]
+    distinct = {k: len({r[k] for r in rs if r["clean"]}) for k in ATTRS}
+    print("'a shape' over 16 seeds, distinct values:", distinct)
+    assert all(distinct[k] >= 3 for k in ["shape", "colour", "background", "position"]), distinct
