@@ -352,6 +352,7 @@ figcaption{max-width:88px;overflow-wrap:anywhere}
 .where{font-size:12px;color:#444} .where code{font-size:12px}
 nav a{margin-right:12px} details{margin:6px 0} summary{cursor:pointer}
 .src pre{background:#fbfbfb;border:1px solid #e4e4e4;padding:6px;overflow-x:auto}
+.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -454,7 +455,8 @@ def _picture(p, grid=None, tile=20):
 
 def _table(head, rows, cls=""):
     h = "".join(f"<th>{x}</th>" for x in head)
-    return f'<table class="{cls}"><tr>{h}</tr>' + "".join(rows) + "</table>"
+    # a table wider than the page (one column per token) scrolls inside its box instead of widening the page
+    return f'<div class="wide"><table class="{cls}"><tr>{h}</tr>' + "".join(rows) + "</table></div>"
 
 
 def _points_table(page, points, grid_of=lambda name: None):

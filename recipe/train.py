@@ -504,9 +504,13 @@ def stage_unet(a, cfg, out, log):
         z, ids, _, _, t, x_t = diffusion_batch(enc, ck["mean"], ck["std"], tokens, bs, g, ab, p_complete=0.5,
                                                p_last=0.3, couple=a.unet_couple_open)
         pred = unet(x_t, t, text(ids).last_hidden_state)
-        loss = F.mse_loss(pred, z)
+        if a.onestep_shape_weight:
+            w = 1 + a.onestep_shape_weight * scenes.shape_mask(combos).to(DEV)  # [B, 1, 8, 8]
+            loss = (w * (pred - z) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred, z)
         _step(opt, loss, params)
-        decay = min(0.999, (1 + i) / (10 + i))
+        decay = min(a.onestep_ema, (1 + i) / (10 + i))
         ema_update(ema_t, text, decay)
         ema_update(ema_u, unet, decay)
         if i % 100 == 0:
@@ -546,9 +550,18 @@ class SceneLatents:
         self.index = {c: i for i, c in enumerate(combos)}
         self.z = torch.cat([normalised_latents(enc, combos[b:b + 256], g, mean, std, jitter=False)
                             for b in range(0, len(combos), 256)])  # [N, 8, 8, 8]
+        x = data.render(combos, jitter=False)  # [N, 3, 64, 64]
+        bg = torch.tensor([data.PALETTE[c[2]] for c in combos], dtype=torch.float32)[:, :, None, None] / 127.5 - 1
+        shape = ((x - bg).abs().sum(1, keepdim=True) > 0.01).float()  # [N, 1, 64, 64] the shape's pixels
+        # latent pixels the shape touches, and their neighbours: [N, 1, 8, 8] in {0, 1}
+        self.shape = F.max_pool2d((F.avg_pool2d(shape, 8) > 0).float(), 3, 1, 1)
 
     def __call__(self, combos):
         return self.z[[self.index[c] for c in combos]]
+
+    def shape_mask(self, combos):
+        """[B, 1, 8, 8]: 1 on the latent pixels of the shape and their neighbours, 0 elsewhere."""
+        return self.shape[[self.index[c] for c in combos]]
 
 
 def onestep_check(text, unet, vae, ck, tokens, n=96, seed=9):
@@ -584,6 +597,10 @@ def stage_onestep(a, cfg, out, log):
     tokens = TokenCache()
     text = make_text(cfg["text"]).to(DEV)
     unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"])).to(DEV)
+    if a.onestep_init:  # continue from an earlier onestep checkpoint (its EMA weights)
+        init = torch.load(a.onestep_init, weights_only=True, map_location="cpu")
+        text.load_state_dict(init["text"])
+        unet.load_state_dict(init["unet"])
     ema_t, ema_u = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=a.onestep_lr, weight_decay=0.01)
@@ -597,9 +614,13 @@ def stage_onestep(a, cfg, out, log):
         z = scenes(combos).to(DEV)  # [B, 8, 8, 8]
         with amp("onestep"):
             pred = unet(noise.to(DEV), t, text(ids).last_hidden_state).float()
-        loss = F.mse_loss(pred, z)
+        if a.onestep_shape_weight:
+            w = 1 + a.onestep_shape_weight * scenes.shape_mask(combos).to(DEV)  # [B, 1, 8, 8]
+            loss = (w * (pred - z) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred, z)
         _step(opt, loss, params)
-        decay = min(0.999, (1 + i) / (10 + i))
+        decay = min(a.onestep_ema, (1 + i) / (10 + i))
         ema_update(ema_t, text, decay)
         ema_update(ema_u, unet, decay)
         check = a.onestep_check and i and i % a.onestep_check == 0
@@ -1056,6 +1077,12 @@ def main(argv=None):
     ap.add_argument("--onestep-lr", type=float, default=1e-3, help="onestep stage: peak learning rate (AdamW)")
     ap.add_argument("--onestep-p-complete", type=float, default=0.4,
                     help="onestep stage: share of complete prompts (the rest: every open pattern equally likely)")
+    ap.add_argument("--onestep-init", default=None,
+                    help="onestep stage: start from this onestep checkpoint instead of from scratch")
+    ap.add_argument("--onestep-shape-weight", type=float, default=0.0,
+                    help="onestep stage: extra MSE weight on the latent pixels of the shape (and their neighbours): "
+                         "the shape colour is read off a few latent pixels, the background off all of them")
+    ap.add_argument("--onestep-ema", type=float, default=0.999, help="onestep stage: EMA decay")
     ap.add_argument("--onestep-check", type=int, default=500,
                     help="onestep stage: log a quick clean-and-obeyed check of the EMA every N steps (0: never)")
     ap.add_argument("--ae-all", action="store_true", help="train the autoencoder on all combinations")
