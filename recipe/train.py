@@ -504,13 +504,9 @@ def stage_unet(a, cfg, out, log):
         z, ids, _, _, t, x_t = diffusion_batch(enc, ck["mean"], ck["std"], tokens, bs, g, ab, p_complete=0.5,
                                                p_last=0.3, couple=a.unet_couple_open)
         pred = unet(x_t, t, text(ids).last_hidden_state)
-        if a.onestep_shape_weight:
-            w = 1 + a.onestep_shape_weight * scenes.shape_mask(combos).to(DEV)  # [B, 1, 8, 8]
-            loss = (w * (pred - z) ** 2).mean() / w.mean()
-        else:
-            loss = F.mse_loss(pred, z)
+        loss = F.mse_loss(pred, z)
         _step(opt, loss, params)
-        decay = min(a.onestep_ema, (1 + i) / (10 + i))
+        decay = min(0.999, (1 + i) / (10 + i))
         ema_update(ema_t, text, decay)
         ema_update(ema_u, unet, decay)
         if i % 100 == 0:
@@ -589,7 +585,9 @@ def stage_onestep(a, cfg, out, log):
     attributes plus the open ones read off its noise (coupled_scenes; attribute k from the mean of noise channel k).
     So the map (prompt, noise) -> scene is a function, and plain MSE learns it instead of the mean of every scene
     the prompt allows. Prompts: sample_prompt_patterns (--onestep-p-complete; every open pattern equally likely).
-    AdamW 1e-3, warm-up + cosine, EMA 0.999."""
+    AdamW (--onestep-lr, 1e-3), warm-up + cosine, EMA (--onestep-ema, 0.999). Tried after the shipped run, not in
+    it: --onestep-init (continue from a onestep checkpoint) and --onestep-shape-weight (MSE weighted up on the
+    latent pixels of the shape; weights/README.md)."""
     torch.manual_seed(10)
     g = torch.Generator().manual_seed(1010)
     enc, vae, ck = load_ae(cfg, out, "aeft.pt")

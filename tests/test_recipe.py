@@ -103,6 +103,16 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     assert "exported onestep.pt (UNet) and decproj.pt (decoder)" in r.stdout
     assert pytest.importorskip("mdref").Pipeline.from_pretrained(out3 / "model").run(["a shape"], seed=0).pixels.shape \
         == (1, 64, 64, 3)
+    # the continuation tried after the shipped run: from a onestep checkpoint, the MSE weighted on the shape's pixels
+    out4 = tmp_path / "run4"
+    out4.mkdir()
+    (out4 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "onestep=2", "--out", str(out4),
+                        "--stages", "onestep", "--onestep-init", str(out3 / "onestep.pt"),
+                        "--onestep-shape-weight", "8", "--onestep-ema", "0.99", "--onestep-check", "0"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert torch.load(out4 / "onestep.pt", weights_only=True)["steps"] == 2
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unte=2", "--out", str(out2)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "--steps: unknown stage unte" in r.stderr, r.stderr[-2000:]
