@@ -635,17 +635,20 @@ def stage_onestep(a, cfg, out, log):
 
 def load_text(cfg, out):
     """The trained text encoder of a run folder (unet_text.pt), eval mode, on DEV."""
+    return text_from_state(cfg, torch.load(out / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
+
+
+def text_from_state(cfg, state):
+    """A text encoder holding a saved state dict, eval mode, on DEV."""
     text = make_text(cfg["text"])
-    text.load_state_dict(torch.load(out / "unet_text.pt", weights_only=True, map_location="cpu")["text"])
+    text.load_state_dict(state)
     return text.eval().to(DEV)
 
 
 def load_text_unet(cfg, out, name):
     ck = torch.load(out / name, weights_only=True, map_location="cpu")
     if "text" in ck:  # the onestep stage trains its own text encoder and saves it beside the UNet
-        text = make_text(cfg["text"])
-        text.load_state_dict(ck["text"])
-        text = text.eval().to(DEV)
+        text = text_from_state(cfg, ck["text"])
     else:
         text = load_text(cfg, out)  # built before the UNet: both draw their (overwritten) init from the global RNG
     unet = TwinUNet(unet_config(cfg["unet"], cfg["text"]["hidden_size"]))

@@ -49,9 +49,7 @@ class Sampler:
         """A checkpoint's UNet, and its own text encoder when it carries one (onestep.pt), else the run's."""
         self.unet.load_state_dict(ck["unet"])
         if "text" in ck:
-            self.text = train.make_text(self.cfg["text"])
-            self.text.load_state_dict(ck["text"])
-            self.text = self.text.eval().to(train.DEV)
+            self.text = train.text_from_state(self.cfg, ck["text"])
         elif self.run_text is None:
             raise FileNotFoundError("the checkpoint has no text encoder and the run folder no unet_text.pt")
         else:
