@@ -413,14 +413,18 @@ def latents_and_prompts(enc, mean, std, tokens, bs, g, combos=data.TRAIN_COMBOS,
 
 
 def noise_quantiles(noise):
-    """Five numbers in (0, 1) read off a noise x_T [8, 8, 8]: Phi(u_k), u_k = 8 x the mean of channel k ~ N(0, 1), so
-    each is uniform over noises; attribute k (combination order) then takes bucket floor(Phi(u_k) * n) of n values."""
+    """Nine numbers in (0, 1) read off a noise x_T [8, 8, 8], each uniform over noises and independent of the
+    others: q_k = Phi(u_k), u_k = 8 x the mean of channel k ~ N(0, 1) for k = 0..7, and q_8 = Phi(v), v = 4 x (mean of
+    the top half - mean of the bottom half of channel 7) ~ N(0, 1). couple_quantiles turns them into open
+    attributes."""
     return noise_quantiles_batch(noise[None])[0]
 
 
 def noise_quantiles_batch(noise):
-    """noise_quantiles for a batch of noises [B, 8, 8, 8]: a list of B lists of five numbers."""
-    u = noise[:, :5].mean(dim=(2, 3)).double().cpu() * 8.0  # [B, 5], each ~ N(0, 1)
+    """noise_quantiles for a batch of noises [B, 8, 8, 8]: a list of B lists of nine numbers."""
+    u = noise.mean(dim=(2, 3)) * 8.0  # [B, 8], each ~ N(0, 1)
+    v = (noise[:, 7, :4].mean(dim=(1, 2)) - noise[:, 7, 4:].mean(dim=(1, 2))) * 4.0  # [B], ~ N(0, 1)
+    u = torch.cat([u, v[:, None]], 1).double().cpu()  # [B, 9]
     return (0.5 * (1 + torch.erf(u / math.sqrt(2)))).tolist()
 
 
@@ -428,17 +432,36 @@ def bucket(q, options):
     return options[min(int(q * len(options)), len(options) - 1)]
 
 
-def couple_open(attrs, noise):
+def nearest_colour(rgb, options):
+    """The colour of `options` whose palette RGB / 255 is nearest (squared distance) to the point rgb in [0, 1]^3."""
+    return min(options, key=lambda c: sum((x - p / 255) ** 2 for x, p in zip(rgb, data.PALETTE[c])))
+
+
+# which of noise_quantiles an open colour reads: 'bucket' (the previous models), one quantile each, bucketed over
+# the colour list; 'rgb' (the onestep stage's default), three quantiles as an RGB point, nearest palette colour.
+# An RGB reading makes the target colour a near-linear function of three noise statistics (a bucket over an
+# unordered list is not), and a sample between two readings lies between two similar colours.
+COLOUR_READINGS = {"bucket": {1: (1,), 2: (2,)}, "rgb": {1: (1, 5, 6), 2: (2, 7, 8)}}
+
+
+def couple_open(attrs, noise, colour="bucket"):
     """A combination for a prompt that leaves attributes open, with the open ones read off the noise x_T [8, 8, 8]
     (noise_quantiles); the background is chosen before the shape colour and neither may equal the other. None if
     the result is a held-out combination."""
-    return couple_quantiles(attrs, noise_quantiles(noise))
+    return couple_quantiles(attrs, noise_quantiles(noise), colour)
 
 
-def couple_quantiles(attrs, q):
-    """couple_open on the five quantiles q of a noise (noise_quantiles)."""
+def couple_quantiles(attrs, q, colour="bucket"):
+    """couple_open on the quantiles q of a noise (noise_quantiles). Shape, position and size: bucket(q_k) for
+    attribute k (combination order). Shape colour (k = 1) and background (k = 2) as `colour` says
+    (COLOUR_READINGS)."""
     def pick(k, options):
-        return attrs[k] if attrs[k] is not None else bucket(q[k], options)
+        if attrs[k] is not None:
+            return attrs[k]
+        if k in (1, 2):
+            read = [q[j] for j in COLOUR_READINGS[colour][k]]
+            return bucket(read[0], options) if colour == "bucket" else nearest_colour(read, options)
+        return bucket(q[k], options)
 
     bg = pick(2, [c for c in data.COLOURS if c != attrs[1]])
     combo = (pick(0, data.SHAPES), pick(1, [c for c in data.COLOURS if c != bg]), bg, pick(3, data.POSITIONS),
@@ -518,7 +541,7 @@ def stage_unet(a, cfg, out, log):
     log(f"unet done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
-def coupled_scenes(drawn, g, tries=64):
+def coupled_scenes(drawn, g, tries=64, colour="bucket"):
     """Noises x_T [B, 8, 8, 8] and the scene each row must draw (the onestep stage's targets): a complete prompt's own
     combination, or for a prompt that leaves attributes open the given ones plus the open ones read off the noise
     (couple_quantiles). A row whose reading is a held-out combination draws a fresh noise until it is not, so no
@@ -530,7 +553,7 @@ def coupled_scenes(drawn, g, tries=64):
         if not todo:
             break
         for i, q in zip(todo, noise_quantiles_batch(noise[todo])):
-            combos[i] = couple_quantiles(drawn[i][0], q)
+            combos[i] = couple_quantiles(drawn[i][0], q, colour)
         todo = [i for i in todo if combos[i] is None]
         if todo:
             noise[todo] = torch.randn((len(todo), LATENT_CHANNELS, 8, 8), generator=g)
@@ -574,7 +597,14 @@ def onestep_check(text, unet, vae, ck, tokens, n=96, seed=9):
         seen = read_scenes(vae, unet(noise, t, text(ids).last_hidden_state).float(), ck["mean"], ck["std"])
     ok = [sc["clean"] and all(sc[k] == v for k, v in zip(ATTRS, attrs) if v is not None)
           for sc, (attrs, _) in zip(seen, drawn)]
-    return sum(ok[:n]) / n, sum(ok[n:]) / n
+    # variety of an open colour: distinct shape colours and backgrounds read on 32 noises of two fixed prompts
+    ids = tokens(["a circle, white background"] * 32 + ["a square on the left"] * 32).to(DEV)
+    with torch.no_grad():
+        seen_open = read_scenes(vae, unet(randn((64, LATENT_CHANNELS, 8, 8), g), t[:64],
+                                          text(ids).last_hidden_state).float(), ck["mean"], ck["std"])
+    colours = len({sc["colour"] for sc in seen_open[:32]} - {None})
+    backgrounds = len({sc["background"] for sc in seen_open[32:]} - {None})
+    return sum(ok[:n]) / n, sum(ok[n:]) / n, colours, backgrounds
 
 
 def stage_onestep(a, cfg, out, log):
@@ -607,7 +637,7 @@ def stage_onestep(a, cfg, out, log):
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), a.onestep_lr))
         drawn = data.sample_prompt_patterns(data.sample_combos(bs, g, data.TRAIN_COMBOS), g, a.onestep_p_complete)
-        noise, combos = coupled_scenes(drawn, g)
+        noise, combos = coupled_scenes(drawn, g, colour=a.onestep_colour)
         ids = tokens([data.prompt(*attrs, order=o) for attrs, o in drawn]).to(DEV)
         z = scenes(combos).to(DEV)  # [B, 8, 8, 8]
         with amp("onestep"):
@@ -625,7 +655,7 @@ def stage_onestep(a, cfg, out, log):
         if i % 100 == 0 or check:
             msg = f"onestep step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s"
             if check:
-                msg += " check complete {:.3f} open {:.3f}".format(*onestep_check(ema_t, ema_u, vae, ck, tokens))
+                msg += " check complete {:.3f} open {:.3f} open colours {} backgrounds {}".format(*onestep_check(ema_t, ema_u, vae, ck, tokens))
             log(msg)
         i += 1
     torch.save({"unet": _cpu(ema_u.state_dict()), "text": _cpu(ema_t.state_dict()), "final_loss": loss.item(),
@@ -1083,6 +1113,9 @@ def main(argv=None):
     ap.add_argument("--onestep-shape-weight", type=float, default=0.0,
                     help="onestep stage: extra MSE weight on the latent pixels of the shape (and their neighbours): "
                          "the shape colour is read off a few latent pixels, the background off all of them")
+    ap.add_argument("--onestep-colour", choices=sorted(COLOUR_READINGS), default="rgb",
+                    help="onestep stage: how an open shape colour or background is read off the noise "
+                         "(COLOUR_READINGS; 'bucket' is the rule of runs/r20)")
     ap.add_argument("--onestep-ema", type=float, default=0.999, help="onestep stage: EMA decay")
     ap.add_argument("--onestep-check", type=int, default=500,
                     help="onestep stage: log a quick clean-and-obeyed check of the EMA every N steps (0: never)")

@@ -5,7 +5,8 @@ its score there would fit the test set. This script draws from the TRAINING comb
   - complete prompts: `--n` training-combination prompts, both word orders, one noise each;
   - open prompts: benchmark_adherence.OPEN_PROMPTS and one prompt per pattern of given attributes (other values than
     the benchmark's), 16 noises each, at `--seed-sets` other seed sets; open_kept is the share of samples showing one
-    clean shape that keeps every attribute the prompt names.
+    clean shape that keeps every attribute the prompt names, open_too_few_values the number of (prompt, seed set,
+    open attribute with >= 3 possible values) that take fewer than 3 values over the 16 noises.
 It samples exactly as mdref does (pure noise at t = 999, one UNet call, decode) and judges with evaluate.py.
 
     python recipe/validate.py --run runs/v9 runs/v9/adv.pt runs/e1/adv.pt --soup avg=runs/e1/adv.pt,runs/e2/adv.pt
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import train  # noqa: E402
 from average import average  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, pattern_prompts  # noqa: E402
+from benchmark_adherence import OPEN_PROMPTS, OPEN_TARGETS, VALUES, pattern_prompts  # noqa: E402
 from evaluate import ATTRS, evaluate  # noqa: E402
 
 LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
@@ -80,7 +81,7 @@ def validate(sampler, ck, n=300, seed_sets=4):
     res["all"] = float(np.mean([all(r[k] == c[j] for j, k in enumerate(ATTRS)) for r, c in zip(rs, combos)]))
     specs = OPEN_PROMPTS + [s for s in pattern_prompts(per_pattern=1, seed=31) if s not in OPEN_PROMPTS]
     texts = [data.prompt(*spec) for spec in specs]
-    clean, obey, kept, distinct, per_prompt = [], [], [], [], np.zeros(len(texts))
+    clean, obey, kept, distinct, per_prompt, few = [], [], [], [], np.zeros(len(texts)), 0
     for s in range(seed_sets):
         imgs = sampler([t for t in texts for _ in range(16)], seed=9000 + s)
         for p, spec in enumerate(specs):
@@ -93,8 +94,10 @@ def validate(sampler, ck, n=300, seed_sets=4):
             obey.append(np.mean(keeps))
             kept.append(np.mean([r["clean"] and k for r, k in zip(rs, keeps)]))
             distinct.append(len({tuple(r[k] for k in open_) for r in rs if r["clean"]}))
+            few += sum(len(VALUES[k]) >= 3 and len({r[k] for r in rs if r["clean"]}) < OPEN_TARGETS["distinct"]
+                       for k in open_)
     res.update(open_clean=float(np.mean(clean)), open_obeyed=float(np.mean(obey)), open_kept=float(np.mean(kept)),
-               open_min_distinct=min(distinct),
+               open_min_distinct=min(distinct), open_too_few_values=few,
                open_clean_per_prompt=[round(float(v), 3) for v in per_prompt])
     return res
 
@@ -147,6 +150,7 @@ def main(argv=None):
         res = dict(name=name, **validate(sampler, load(), a.n, a.seed_sets))
         print(f"{name}: shape {res['shape']:.3f} all {res['all']:.3f} open clean {res['open_clean']:.3f} "
               f"obeyed {res['open_obeyed']:.3f} kept {res['open_kept']:.3f} min distinct {res['open_min_distinct']} "
+              f"open attributes with too few values {res['open_too_few_values']} "
               f"per prompt {res['open_clean_per_prompt']}", flush=True)
         if a.json:
             with open(a.json, "a") as f:

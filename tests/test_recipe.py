@@ -225,7 +225,51 @@ def test_sample_prompt_patterns_draws_every_open_pattern_evenly():
     assert {o for _, o in drawn} == {0, 1}
 
 
-def test_coupled_scenes_give_one_training_scene_per_noise():
+def test_rgb_colour_reading_is_the_nearest_allowed_palette_colour():
+    """recipe/train.py couple_open(colour='rgb'), the onestep stage's rule: the background is the palette colour
+    nearest to the RGB point (q2, q7, q8) of noise_quantiles, the shape colour the one nearest to (q1, q5, q6) among
+    the colours other than the background (or than a given one); naive distances in the test; every colour reached as
+    either; the nine readings are uniform and uncorrelated."""
+    import collections
+
+    import train
+    palette = np.array([data.PALETTE[c] for c in data.COLOURS], dtype=np.float64) / 255  # [8, 3]
+
+    def nearest(point, allowed):
+        d = ((palette - np.array(point)) ** 2).sum(1)
+        return min((c for c in data.COLOURS if c in allowed), key=lambda c: d[data.COLOURS.index(c)])
+
+    g = torch.Generator().manual_seed(21)
+    colours, backgrounds, qs = collections.Counter(), collections.Counter(), []
+    for i in range(3000):
+        noise = torch.randn(8, 8, 8, generator=g)
+        attrs = [None] * 5 if i % 3 else ["circle", "red", None, None, "small"]
+        c = train.couple_open(attrs, noise, colour="rgb")
+        q = train.noise_quantiles(noise)
+        qs.append(q)
+        if c is None:
+            continue
+        assert c[2] == nearest((q[2], q[7], q[8]), [k for k in data.COLOURS if k != attrs[1]])
+        assert c[1] == (attrs[1] or nearest((q[1], q[5], q[6]), [k for k in data.COLOURS if k != c[2]]))
+        assert all(a is None or a == v for a, v in zip(attrs, c)) and c not in data.HELDOUT_SET
+        if i % 3:
+            colours[c[1]] += 1
+            backgrounds[c[2]] += 1
+    n = sum(colours.values())
+    assert set(colours) == set(backgrounds) == set(data.COLOURS)
+    assert min(colours.values()) > 0.03 * n and min(backgrounds.values()) > 0.03 * n, (colours, backgrounds)
+    q = np.array(qs)  # [3000, 9]
+    assert np.abs(q.mean(0) - 0.5).max() < 0.03
+    assert np.abs(np.corrcoef(q.T) - np.eye(9)).max() < 0.08
+    # the corners of the RGB cube: strong channel means give red, white and black shapes on a fixed background
+    for m, want in [((2, -2, -2), "red"), ((2, 2, 2), "white"), ((-2, -2, -2), "black")]:
+        noise = torch.zeros(8, 8, 8)
+        noise[1], noise[5], noise[6] = m
+        assert train.couple_open(["circle", None, "green", "left", "small"], noise, colour="rgb")[1] == want
+
+
+@pytest.mark.parametrize("colour", ["bucket", "rgb"])
+def test_coupled_scenes_give_one_training_scene_per_noise(colour):
     """recipe/train.py coupled_scenes (the onestep stage's targets): complete prompts keep their combination; open
     prompts keep what they give and read the rest off the returned noise exactly as couple_open does; no target is a
     held-out combination; every open value is reached."""
@@ -234,14 +278,14 @@ def test_coupled_scenes_give_one_training_scene_per_noise():
     import train
     g = torch.Generator().manual_seed(12)
     drawn = data.sample_prompt_patterns(data.sample_combos(2000, g), g, p_complete=0.3)
-    noise, combos = train.coupled_scenes(drawn, g)
+    noise, combos = train.coupled_scenes(drawn, g, colour=colour)
     assert noise.shape == (2000, 8, 8, 8)
     seen = collections.defaultdict(set)
     for (attrs, _), c, nz in zip(drawn, combos, noise):
         assert c not in data.HELDOUT_SET and c[1] != c[2]
         assert all(a is None or a == v for a, v in zip(attrs, c))
         if None in attrs:
-            assert train.couple_open(attrs, nz) == c
+            assert train.couple_open(attrs, nz, colour) == c
             for k, (a, v) in enumerate(zip(attrs, c)):
                 if a is None:
                     seen[k].add(v)
