@@ -655,7 +655,8 @@ def stage_onestep(a, cfg, out, log):
         if i % 100 == 0 or check:
             msg = f"onestep step {i} loss {loss.item():.5f} t {sch.elapsed():.0f}s"
             if check:
-                msg += " check complete {:.3f} open {:.3f} open colours {} backgrounds {}".format(*onestep_check(ema_t, ema_u, vae, ck, tokens))
+                msg += " check complete {:.3f} open {:.3f} open colours {} backgrounds {}".format(
+                    *onestep_check(ema_t, ema_u, vae, ck, tokens))
             log(msg)
         i += 1
     torch.save({"unet": _cpu(ema_u.state_dict()), "text": _cpu(ema_t.state_dict()), "final_loss": loss.item(),
