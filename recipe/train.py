@@ -13,10 +13,16 @@ and the stages of earlier models (weights/README.md):
   distill one-step student onto two one-step teachers (complete / open prompts)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
 
-    python recipe/train.py --out runs/r20 --stages ae,aeft,onestep,decproj \
-        --steps aeft=600,onestep=7200,decproj=200 --budget onestep=4800 --bf16 aeft,onestep,decproj \
-        --export weights/default                                                 # the shipped model, CPU, < 2 h
-    python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model   # CI smoke run
+  the shipped model, CPU, 119.8 minutes of stage time (weights/README.md): the generator, then a short continuation
+    python recipe/train.py --out runs/r21 --stages ae,aeft,onestep \
+        --steps aeft=600,onestep=8400 --budget onestep=5100 --bf16 aeft,onestep --onestep-shape-weight 4
+    mkdir runs/r21c && ln runs/r21/ae.pt runs/r21/aeft.pt runs/r21c/
+    python recipe/train.py --out runs/r21c --stages onestep,decproj \
+        --steps onestep=1000,decproj=200 --budget onestep=450 --bf16 onestep,decproj \
+        --onestep-init runs/r21/onestep.pt --onestep-lr 3e-4 --onestep-p-complete 0.2 --onestep-shape-weight 1 \
+        --onestep-ema 0.995 --onestep-check 0 --export weights/default
+  a CI smoke run
+    python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model
 """
 
 from __future__ import annotations
@@ -612,12 +618,15 @@ def stage_onestep(a, cfg, out, log):
     unet + adv + distill stages of the previous model). Text encoder and UNet start from scratch and see only pure
     noise at t = 999, exactly as mdref samples. Each row's target is the normalised latent of a no-jitter render
     (SceneLatents): for a complete prompt its own scene, for a prompt that leaves attributes open the given
-    attributes plus the open ones read off its noise (coupled_scenes; attribute k from the mean of noise channel k).
+    attributes plus the open ones read off its noise (coupled_scenes: shape, position and size from the mean of one
+    noise channel each; shape colour and background as RGB points of three noise statistics each, --onestep-colour).
     So the map (prompt, noise) -> scene is a function, and plain MSE learns it instead of the mean of every scene
     the prompt allows. Prompts: sample_prompt_patterns (--onestep-p-complete; every open pattern equally likely).
-    AdamW (--onestep-lr, 1e-3), warm-up + cosine, EMA (--onestep-ema, 0.999). Tried after the shipped run, not in
-    it: --onestep-init (continue from a onestep checkpoint) and --onestep-shape-weight (MSE weighted up on the
-    latent pixels of the shape; weights/README.md)."""
+    The MSE is weighted 1 + --onestep-shape-weight on the latent pixels the shape touches and their neighbours
+    (SceneLatents.shape_mask: 33 of the 64 on average), so that the shape, whose colour only a few latent pixels
+    carry, is not outweighed by the background (at weight 4 the mask holds 84% of the loss weight). AdamW
+    (--onestep-lr, 1e-3), warm-up + cosine, EMA (--onestep-ema, 0.999). --onestep-init continues from a onestep
+    checkpoint (the shipped model's second command; weights/README.md)."""
     torch.manual_seed(10)
     g = torch.Generator().manual_seed(1010)
     enc, vae, ck = load_ae(cfg, out, "aeft.pt")
