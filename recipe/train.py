@@ -13,7 +13,7 @@ and the stages of earlier models (weights/README.md):
   distill one-step student onto two one-step teachers (complete / open prompts)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
 
-  the shipped model, CPU, 119.8 minutes of stage time (weights/README.md): the generator, then a short continuation
+  the shipped model, CPU, 113.6 minutes of stage time (weights/README.md): the generator, then a short continuation
     python recipe/train.py --out runs/r21 --stages ae,aeft,onestep \
         --steps aeft=600,onestep=8400 --budget onestep=5100 --bf16 aeft,onestep --onestep-shape-weight 4
     mkdir runs/r21c && ln runs/r21/ae.pt runs/r21/aeft.pt runs/r21c/
