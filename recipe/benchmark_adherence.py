@@ -94,23 +94,28 @@ def run_complete(pipe, n, batch=50, seed=0):
     return {**{k: v / n for k, v in hits.items()}, "all": allfive / n, "clean": clean / n}
 
 
+def judge_open(spec, rs):
+    """One open prompt's samples, read by evaluate.py (rs, one per noise): the share that is clean, that keeps every
+    given attribute, that does both ("kept"); the distinct values of each open attribute and of the open tuple over
+    the clean samples; and the open attributes with >= 3 possible values that take fewer than OPEN_TARGETS['distinct']
+    (used by validate.py too)."""
+    given = [k for k, v in zip(ATTRS, spec) if v is not None]
+    open_ = [k for k, v in zip(ATTRS, spec) if v is None]
+    keeps = [all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]
+    distinct = {k: len({r[k] for r in rs if r["clean"]}) for k in open_}
+    return {"given": given, "clean": float(np.mean([r["clean"] for r in rs])), "given_obeyed": float(np.mean(keeps)),
+            "kept": float(np.mean([r["clean"] and k for r, k in zip(rs, keeps)])),
+            "distinct_open_values": distinct,
+            "distinct_open_tuples": len({tuple(r[k] for k in open_) for r in rs if r["clean"]}),
+            "too_few_values": [k for k in open_ if len(VALUES[k]) >= 3 and distinct[k] < OPEN_TARGETS["distinct"]]}
+
+
 def run_open(pipe, seeds=16):
     rows = []
     for spec in open_prompts():
         text = data.prompt(*spec)
         px = pipe.run([text] * seeds, seed=7).pixels  # 16 different noises
-        rs = [evaluate(img) for img in px]
-        given = [k for k, v in zip(ATTRS, spec) if v is not None]
-        open_ = [k for k, v in zip(ATTRS, spec) if v is None]
-        keeps = [all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]
-        distinct = {k: len({r[k] for r in rs if r["clean"]}) for k in open_}
-        few = [k for k in open_ if len(VALUES[k]) >= 3 and distinct[k] < OPEN_TARGETS["distinct"]]
-        tuples = len({tuple(r[k] for k in open_) for r in rs if r["clean"]})
-        rows.append({"prompt": text, "given": given, "clean": float(np.mean([r["clean"] for r in rs])),
-                     "given_obeyed": float(np.mean(keeps)),
-                     "kept": float(np.mean([r["clean"] and k for r, k in zip(rs, keeps)])),
-                     "distinct_open_values": distinct, "distinct_open_tuples": tuples,
-                     "too_few_values": few})
+        rows.append({"prompt": text, **judge_open(spec, [evaluate(img) for img in px])})
     return rows
 
 

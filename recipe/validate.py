@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import train  # noqa: E402
 from average import average  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, OPEN_TARGETS, VALUES, pattern_prompts  # noqa: E402
+from benchmark_adherence import OPEN_PROMPTS, judge_open, pattern_prompts  # noqa: E402
 from evaluate import ATTRS, evaluate  # noqa: E402
 
 LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
@@ -85,17 +85,13 @@ def validate(sampler, ck, n=300, seed_sets=4):
     for s in range(seed_sets):
         imgs = sampler([t for t in texts for _ in range(16)], seed=9000 + s)
         for p, spec in enumerate(specs):
-            rs = [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]]
-            open_ = [k for k, v in zip(ATTRS, spec) if v is None]
-            c = np.mean([r["clean"] for r in rs])
-            clean.append(c)
-            per_prompt[p] += c / seed_sets
-            keeps = [all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]
-            obey.append(np.mean(keeps))
-            kept.append(np.mean([r["clean"] and k for r, k in zip(rs, keeps)]))
-            distinct.append(len({tuple(r[k] for k in open_) for r in rs if r["clean"]}))
-            few += sum(len(VALUES[k]) >= 3 and len({r[k] for r in rs if r["clean"]}) < OPEN_TARGETS["distinct"]
-                       for k in open_)
+            row = judge_open(spec, [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]])
+            clean.append(row["clean"])
+            per_prompt[p] += row["clean"] / seed_sets
+            obey.append(row["given_obeyed"])
+            kept.append(row["kept"])
+            distinct.append(row["distinct_open_tuples"])
+            few += len(row["too_few_values"])
     res.update(open_clean=float(np.mean(clean)), open_obeyed=float(np.mean(obey)), open_kept=float(np.mean(kept)),
                open_min_distinct=min(distinct), open_too_few_values=few,
                open_clean_per_prompt=[round(float(v), 3) for v in per_prompt])
