@@ -457,6 +457,22 @@ def couple_open(attrs, noise, colour="bucket"):
     return couple_quantiles(attrs, noise_quantiles(noise), colour)
 
 
+def read_colour(q, k, options, colour="bucket"):
+    """The shape colour (k = 1) or background (k = 2) that the quantiles q read, among `options`."""
+    read = [q[j] for j in COLOUR_READINGS[colour][k]]
+    return bucket(read[0], options) if colour == "bucket" else nearest_colour(read, options)
+
+
+def in_exclusion(attrs, q, combo, colour="bucket"):
+    """Whether an open colour's reading fell on the colour it must not take, so that couple_quantiles moved it to
+    another one: an open background read as the given shape colour, or an open shape colour read as the background
+    (given or read). These rows are where the target depends on the prompt's other colour; combo is the coupled
+    combination (couple_quantiles)."""
+    if attrs[1] is not None and attrs[2] is None:
+        return read_colour(q, 2, data.COLOURS, colour) == attrs[1]
+    return attrs[1] is None and read_colour(q, 1, data.COLOURS, colour) == combo[2]
+
+
 def couple_quantiles(attrs, q, colour="bucket"):
     """couple_open on the quantiles q of a noise (noise_quantiles). Shape, position and size: bucket(q_k) for
     attribute k (combination order). Shape colour (k = 1) and background (k = 2) as `colour` says
@@ -464,10 +480,7 @@ def couple_quantiles(attrs, q, colour="bucket"):
     def pick(k, options):
         if attrs[k] is not None:
             return attrs[k]
-        if k in (1, 2):
-            read = [q[j] for j in COLOUR_READINGS[colour][k]]
-            return bucket(read[0], options) if colour == "bucket" else nearest_colour(read, options)
-        return bucket(q[k], options)
+        return read_colour(q, k, options, colour) if k in (1, 2) else bucket(q[k], options)
 
     bg = pick(2, [c for c in data.COLOURS if c != attrs[1]])
     combo = (pick(0, data.SHAPES), pick(1, [c for c in data.COLOURS if c != bg]), bg, pick(3, data.POSITIONS),
@@ -547,20 +560,31 @@ def stage_unet(a, cfg, out, log):
     log(f"unet done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
-def coupled_scenes(drawn, g, tries=64, colour="bucket"):
+def coupled_scenes(drawn, g, tries=64, colour="bucket", p_exclusion=0.0):
     """Noises x_T [B, 8, 8, 8] and the scene each row must draw (the onestep stage's targets): a complete prompt's own
     combination, or for a prompt that leaves attributes open the given ones plus the open ones read off the noise
     (couple_quantiles). A row whose reading is a held-out combination draws a fresh noise until it is not, so no
-    held-out scene is ever a target (the noise is then not exactly N(0, I) on those ~10% of open rows)."""
+    held-out scene is ever a target (the noise is then not exactly N(0, I) on those ~10% of open rows).
+    With p_exclusion > 0, each open row that has an open colour with a colour to avoid is, with that probability,
+    also redrawn until its reading falls where the colour is moved (in_exclusion; about 1 in 8 noises otherwise);
+    a row still outside after half the tries is left as it falls."""
     noise = torch.randn((len(drawn), LATENT_CHANNELS, 8, 8), generator=g)
     combos = [tuple(attrs) if None not in attrs else None for attrs, _ in drawn]
     todo = [i for i, c in enumerate(combos) if c is None]
-    for _ in range(tries):
+    want = set()  # rows to be drawn inside the exclusion region
+    if p_exclusion:
+        eligible = [i for i in todo if drawn[i][0][1] is None or drawn[i][0][2] is None]
+        want = {i for i, r in zip(eligible, torch.rand(len(eligible), generator=g).tolist()) if r < p_exclusion}
+    for n in range(tries):
         if not todo:
             break
+        if n == tries // 2:
+            want.clear()  # the second half of the tries only avoids held-out scenes
         for i, q in zip(todo, noise_quantiles_batch(noise[todo])):
             combos[i] = couple_quantiles(drawn[i][0], q, colour)
-        todo = [i for i in todo if combos[i] is None]
+            if i in want and combos[i] is not None and in_exclusion(drawn[i][0], q, combos[i], colour):
+                want.discard(i)
+        todo = [i for i in todo if combos[i] is None or i in want]
         if todo:
             noise[todo] = torch.randn((len(todo), LATENT_CHANNELS, 8, 8), generator=g)
     if todo:
@@ -646,13 +670,15 @@ def stage_onestep(a, cfg, out, log):
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), a.onestep_lr))
         drawn = data.sample_prompt_patterns(data.sample_combos(bs, g, data.TRAIN_COMBOS), g, a.onestep_p_complete)
-        noise, combos = coupled_scenes(drawn, g, colour=a.onestep_colour)
+        noise, combos = coupled_scenes(drawn, g, colour=a.onestep_colour, p_exclusion=a.onestep_p_exclusion)
         ids = tokens([data.prompt(*attrs, order=o) for attrs, o in drawn]).to(DEV)
         z = scenes(combos).to(DEV)  # [B, 8, 8, 8]
         with amp("onestep"):
             pred = unet(noise.to(DEV), t, text(ids).last_hidden_state).float()
-        if a.onestep_shape_weight:
+        if a.onestep_shape_weight or a.onestep_open_bg_weight:
             w = 1 + a.onestep_shape_weight * scenes.shape_mask(combos).to(DEV)  # [B, 1, 8, 8]
+            bg_open = torch.tensor([attrs[2] is None for attrs, _ in drawn], dtype=torch.float32, device=DEV)
+            w = w * (1 + a.onestep_open_bg_weight * bg_open)[:, None, None, None]  # rows leaving the background open
             loss = (w * (pred - z) ** 2).mean() / w.mean()
         else:
             loss = F.mse_loss(pred, z)
@@ -1123,6 +1149,11 @@ def main(argv=None):
     ap.add_argument("--onestep-shape-weight", type=float, default=0.0,
                     help="onestep stage: extra MSE weight on the latent pixels of the shape (and their neighbours): "
                          "the shape colour is read off a few latent pixels, the background off all of them")
+    ap.add_argument("--onestep-open-bg-weight", type=float, default=0.0,
+                    help="onestep stage: rows whose prompt leaves the background open weigh 1 + this in the MSE")
+    ap.add_argument("--onestep-p-exclusion", type=float, default=0.0,
+                    help="onestep stage: share of the open rows with a colour to avoid that are drawn where the "
+                         "reading must avoid it (coupled_scenes)")
     ap.add_argument("--onestep-colour", choices=sorted(COLOUR_READINGS), default="rgb",
                     help="onestep stage: how an open shape colour or background is read off the noise "
                          "(COLOUR_READINGS; 'bucket' is the rule of runs/r20)")

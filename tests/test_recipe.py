@@ -301,6 +301,43 @@ def test_coupled_scenes_give_one_training_scene_per_noise(colour):
     assert got.shape == (2, 8, 8, 8) and torch.allclose(got, want, atol=1e-6)
 
 
+def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved():
+    """recipe/train.py coupled_scenes(p_exclusion=...) and in_exclusion: the targets still follow couple_open on the
+    returned noise and are never held out; in_exclusion agrees with a nearest-palette reading computed here; the
+    share of eligible open rows whose reading falls on the colour to avoid rises from about 1 in 7 to the share
+    asked for plus what falls there anyway."""
+    import train
+    palette = np.array([data.PALETTE[c] for c in data.COLOURS]) / 255  # [8, 3]
+
+    def nearest(point):
+        return data.COLOURS[int(np.argmin(((palette - np.array(point)) ** 2).sum(1)))]
+
+    shares = {}
+    for p in (0.0, 0.5):
+        g = torch.Generator().manual_seed(21)
+        drawn = data.sample_prompt_patterns(data.sample_combos(3000, g), g, p_complete=0.2)
+        noise, combos = train.coupled_scenes(drawn, g, colour="rgb", p_exclusion=p)
+        moved = eligible = 0
+        for (attrs, _), c, nz in zip(drawn, combos, noise):
+            assert c not in data.HELDOUT_SET and c[1] != c[2]
+            if None not in attrs:
+                assert c == tuple(attrs)
+                continue
+            assert train.couple_open(attrs, nz, "rgb") == c
+            q = train.noise_quantiles(nz)
+            if attrs[1] is not None and attrs[2] is None:  # open background, given shape colour
+                want = nearest([q[2], q[7], q[8]]) == attrs[1]
+            elif attrs[1] is None:  # open shape colour: the background it must avoid is given or read
+                want = nearest([q[1], q[5], q[6]]) == c[2]
+            else:
+                continue
+            assert train.in_exclusion(attrs, q, c, "rgb") == want
+            eligible += 1
+            moved += want
+        shares[p] = moved / eligible
+    assert 0.10 < shares[0.0] < 0.20 and shares[0.5] > 0.5, shares
+
+
 def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
     """recipe/train.py project_combo: given attributes kept; open ones as read off the sample when they are allowed,
     else the noise's bucket (as couple_open reads it); background != shape colour; never a held-out combination."""
