@@ -473,6 +473,22 @@ def in_exclusion(attrs, q, combo, colour="bucket"):
     return attrs[1] is None and read_colour(q, 1, data.COLOURS, colour) == combo[2]
 
 
+def near_background_edge(attrs, q, combo, colour="bucket", width=0.05):
+    """Whether an open background's reading lies within `width` of the edge between two of the colours it may take:
+    for 'rgb' the distances of (q_2, q_7, q_8) to the nearest and the second-nearest allowed palette colour differ by
+    less than width; for 'bucket' q_2 is within width / 2 of a bucket edge. There a sample falls between two
+    backgrounds (a blotch) more often than elsewhere."""
+    if attrs[2] is not None:
+        return False
+    options = [c for c in data.COLOURS if c != attrs[1]]
+    if colour == "bucket":
+        x = q[2] * len(options)
+        return abs(x - round(x)) < width / 2 * len(options) and 0 < round(x) < len(options)
+    rgb = [q[j] for j in COLOUR_READINGS[colour][2]]
+    d = sorted(sum((x - p / 255) ** 2 for x, p in zip(rgb, data.PALETTE[c])) ** 0.5 for c in options)
+    return d[1] - d[0] < width
+
+
 def couple_quantiles(attrs, q, colour="bucket"):
     """couple_open on the quantiles q of a noise (noise_quantiles). Shape, position and size: bucket(q_k) for
     attribute k (combination order). Shape colour (k = 1) and background (k = 2) as `colour` says
@@ -560,21 +576,28 @@ def stage_unet(a, cfg, out, log):
     log(f"unet done: {i} steps, loss {loss.item():.5f}, wall {sch.elapsed():.0f}s")
 
 
-def coupled_scenes(drawn, g, tries=64, colour="bucket", p_exclusion=0.0):
+def coupled_scenes(drawn, g, tries=64, colour="bucket", p_exclusion=0.0, p_bg_edge=0.0):
     """Noises x_T [B, 8, 8, 8] and the scene each row must draw (the onestep stage's targets): a complete prompt's own
     combination, or for a prompt that leaves attributes open the given ones plus the open ones read off the noise
     (couple_quantiles). A row whose reading is a held-out combination draws a fresh noise until it is not, so no
     held-out scene is ever a target (the noise is then not exactly N(0, I) on those ~10% of open rows).
     With p_exclusion > 0, each open row that has an open colour with a colour to avoid is, with that probability,
-    also redrawn until its reading falls where the colour is moved (in_exclusion; about 1 in 8 noises otherwise);
-    a row still outside after half the tries is left as it falls."""
+    also redrawn until its reading falls where the colour is moved (in_exclusion; about 1 in 8 noises otherwise).
+    With p_bg_edge > 0, each open row whose background is open is, with that probability (drawn after and apart
+    from the rows above), redrawn until its background reading is near an edge (near_background_edge; about 1 in 5
+    noises otherwise). A row still outside its region after half the tries is left as it falls."""
     noise = torch.randn((len(drawn), LATENT_CHANNELS, 8, 8), generator=g)
     combos = [tuple(attrs) if None not in attrs else None for attrs, _ in drawn]
     todo = [i for i, c in enumerate(combos) if c is None]
-    want = set()  # rows to be drawn inside the exclusion region
+    want = {}  # row -> the region (a test of attrs, q, combo, colour) it is to be drawn in
     if p_exclusion:
         eligible = [i for i in todo if drawn[i][0][1] is None or drawn[i][0][2] is None]
-        want = {i for i, r in zip(eligible, torch.rand(len(eligible), generator=g).tolist()) if r < p_exclusion}
+        want = {i: in_exclusion for i, r in zip(eligible, torch.rand(len(eligible), generator=g).tolist())
+                if r < p_exclusion}
+    if p_bg_edge:
+        eligible = [i for i in todo if drawn[i][0][2] is None and i not in want]
+        want.update({i: near_background_edge for i, r in zip(eligible, torch.rand(len(eligible), generator=g).tolist())
+                     if r < p_bg_edge})
     for n in range(tries):
         if not todo:
             break
@@ -582,8 +605,8 @@ def coupled_scenes(drawn, g, tries=64, colour="bucket", p_exclusion=0.0):
             want.clear()  # the second half of the tries only avoids held-out scenes
         for i, q in zip(todo, noise_quantiles_batch(noise[todo])):
             combos[i] = couple_quantiles(drawn[i][0], q, colour)
-            if i in want and combos[i] is not None and in_exclusion(drawn[i][0], q, combos[i], colour):
-                want.discard(i)
+            if i in want and combos[i] is not None and want[i](drawn[i][0], q, combos[i], colour):
+                del want[i]
         todo = [i for i in todo if combos[i] is None or i in want]
         if todo:
             noise[todo] = torch.randn((len(todo), LATENT_CHANNELS, 8, 8), generator=g)
@@ -650,7 +673,11 @@ def stage_onestep(a, cfg, out, log):
     (SceneLatents.shape_mask: 33 of the 64 on average), so that the shape, whose colour only a few latent pixels
     carry, is not outweighed by the background (at weight 4 the mask holds 84% of the loss weight). AdamW
     (--onestep-lr, 1e-3), warm-up + cosine, EMA (--onestep-ema, 0.999). --onestep-init continues from a onestep
-    checkpoint (the shipped model's second command; weights/README.md)."""
+    checkpoint (the shipped model's second command; weights/README.md). The data mix can lean on the rows a one-step
+    model gets wrong most (coupled_scenes): --onestep-p-exclusion draws a share of the open rows where an open
+    colour's reading falls on the colour it must avoid (the target there depends on the prompt's other colour),
+    --onestep-p-bg-edge a share of those with an open background where its reading is near the edge between two
+    colours; --onestep-open-bg-weight weighs rows that leave the background open more in the MSE."""
     torch.manual_seed(10)
     g = torch.Generator().manual_seed(1010)
     enc, vae, ck = load_ae(cfg, out, "aeft.pt")
@@ -670,7 +697,8 @@ def stage_onestep(a, cfg, out, log):
     while not sch.done(i):
         set_lr(opt, lr_at(sch.progress(i), a.onestep_lr))
         drawn = data.sample_prompt_patterns(data.sample_combos(bs, g, data.TRAIN_COMBOS), g, a.onestep_p_complete)
-        noise, combos = coupled_scenes(drawn, g, colour=a.onestep_colour, p_exclusion=a.onestep_p_exclusion)
+        noise, combos = coupled_scenes(drawn, g, colour=a.onestep_colour, p_exclusion=a.onestep_p_exclusion,
+                                       p_bg_edge=a.onestep_p_bg_edge)
         ids = tokens([data.prompt(*attrs, order=o) for attrs, o in drawn]).to(DEV)
         z = scenes(combos).to(DEV)  # [B, 8, 8, 8]
         with amp("onestep"):
@@ -1154,6 +1182,9 @@ def main(argv=None):
     ap.add_argument("--onestep-p-exclusion", type=float, default=0.0,
                     help="onestep stage: share of the open rows with a colour to avoid that are drawn where the "
                          "reading must avoid it (coupled_scenes)")
+    ap.add_argument("--onestep-p-bg-edge", type=float, default=0.0,
+                    help="onestep stage: share of the rows with an open background drawn where its reading is near "
+                         "the edge between two colours (coupled_scenes)")
     ap.add_argument("--onestep-colour", choices=sorted(COLOUR_READINGS), default="rgb",
                     help="onestep stage: how an open shape colour or background is read off the noise "
                          "(COLOUR_READINGS; 'bucket' is the rule of runs/r20)")

@@ -301,23 +301,27 @@ def test_coupled_scenes_give_one_training_scene_per_noise(colour):
     assert got.shape == (2, 8, 8, 8) and torch.allclose(got, want, atol=1e-6)
 
 
-def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved():
-    """recipe/train.py coupled_scenes(p_exclusion=...) and in_exclusion: the targets still follow couple_open on the
-    returned noise and are never held out; in_exclusion agrees with a nearest-palette reading computed here; the
-    share of eligible open rows whose reading falls on the colour to avoid rises from about 1 in 7 to the share
-    asked for plus what falls there anyway."""
+def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved_or_near_an_edge():
+    """recipe/train.py coupled_scenes(p_exclusion=..., p_bg_edge=...), in_exclusion and near_background_edge: the
+    targets still follow couple_open on the returned noise and are never held out; both tests agree with
+    nearest-palette distances computed here; the share of eligible open rows whose reading falls on the colour to
+    avoid (about 1 in 7) and of open backgrounds read near an edge (about 1 in 6) rise with the shares asked for."""
     import train
     palette = np.array([data.PALETTE[c] for c in data.COLOURS]) / 255  # [8, 3]
 
     def nearest(point):
         return data.COLOURS[int(np.argmin(((palette - np.array(point)) ** 2).sum(1)))]
 
+    def edge(point, avoid):  # distance to the second-nearest allowed colour minus distance to the nearest
+        d = np.sort(np.sqrt(((palette - np.array(point)) ** 2).sum(1))[[c != avoid for c in data.COLOURS]])
+        return d[1] - d[0]
+
     shares = {}
     for p in (0.0, 0.5):
         g = torch.Generator().manual_seed(21)
         drawn = data.sample_prompt_patterns(data.sample_combos(3000, g), g, p_complete=0.2)
-        noise, combos = train.coupled_scenes(drawn, g, colour="rgb", p_exclusion=p)
-        moved = eligible = 0
+        noise, combos = train.coupled_scenes(drawn, g, colour="rgb", p_exclusion=p, p_bg_edge=p)
+        moved = eligible = near = bg_open = 0
         for (attrs, _), c, nz in zip(drawn, combos, noise):
             assert c not in data.HELDOUT_SET and c[1] != c[2]
             if None not in attrs:
@@ -325,6 +329,11 @@ def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved():
                 continue
             assert train.couple_open(attrs, nz, "rgb") == c
             q = train.noise_quantiles(nz)
+            if attrs[2] is None:
+                is_near = edge([q[2], q[7], q[8]], attrs[1]) < 0.05
+                assert train.near_background_edge(attrs, q, c, "rgb", width=0.05) == is_near
+                bg_open += 1
+                near += is_near
             if attrs[1] is not None and attrs[2] is None:  # open background, given shape colour
                 want = nearest([q[2], q[7], q[8]]) == attrs[1]
             elif attrs[1] is None:  # open shape colour: the background it must avoid is given or read
@@ -334,8 +343,9 @@ def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved():
             assert train.in_exclusion(attrs, q, c, "rgb") == want
             eligible += 1
             moved += want
-        shares[p] = moved / eligible
-    assert 0.10 < shares[0.0] < 0.20 and shares[0.5] > 0.5, shares
+        shares[p] = moved / eligible, near / bg_open
+    assert 0.10 < shares[0.0][0] < 0.20 and shares[0.5][0] > 0.5, shares
+    assert 0.10 < shares[0.0][1] < 0.25 and shares[0.5][1] > 0.4, shares
 
 
 def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
