@@ -13,14 +13,15 @@ and the stages of earlier models (weights/README.md):
   distill one-step student onto two one-step teachers (complete / open prompts)
   project (optional, tried, not shipped) one-step generator pulled onto renders of the clean scene it draws
 
-  the shipped model, CPU, 113.6 minutes of stage time (weights/README.md): the generator, then a short continuation
+  the shipped model, CPU, 119.9 minutes of stage time (weights/README.md): the generator, then a continuation on a
+  data mix that leans on the noises where an open colour must avoid the other colour
     python recipe/train.py --out runs/r21 --stages ae,aeft,onestep \
         --steps aeft=600,onestep=8400 --budget onestep=5100 --bf16 aeft,onestep --onestep-shape-weight 4
-    mkdir runs/r21c && ln runs/r21/ae.pt runs/r21/aeft.pt runs/r21c/
-    python recipe/train.py --out runs/r21c --stages onestep,decproj \
-        --steps onestep=1000,decproj=200 --budget onestep=450 --bf16 onestep,decproj \
-        --onestep-init runs/r21/onestep.pt --onestep-lr 3e-4 --onestep-p-complete 0.2 --onestep-shape-weight 1 \
-        --onestep-ema 0.995 --onestep-check 0 --export weights/default
+    mkdir runs/r22f && ln runs/r21/ae.pt runs/r21/aeft.pt runs/r22f/
+    python recipe/train.py --out runs/r22f --stages onestep,decproj \
+        --steps onestep=2000,decproj=200 --budget onestep=820,decproj=125 --bf16 onestep,decproj \
+        --onestep-init runs/r21/onestep.pt --onestep-lr 3e-4 --onestep-p-complete 0.1 --onestep-shape-weight 1 \
+        --onestep-p-exclusion 0.3 --onestep-ema 0.995 --onestep-check 0 --export weights/default
   a CI smoke run
     python recipe/train.py --tiny --steps 3 --out /tmp/x --export /tmp/x/model
 """
@@ -487,6 +488,22 @@ def near_background_edge(attrs, q, combo, colour="bucket", width=0.05):
     rgb = [q[j] for j in COLOUR_READINGS[colour][2]]
     d = sorted(sum((x - p / 255) ** 2 for x, p in zip(rgb, data.PALETTE[c])) ** 0.5 for c in options)
     return d[1] - d[0] < width
+
+
+NOISE_REGIONS = ["held-out reading", "background moved", "shape colour moved", "background edge", "elsewhere"]
+
+
+def noise_region(attrs, q, colour="bucket"):
+    """Where a noise with quantiles q falls for an open prompt, the first of NOISE_REGIONS that applies: its reading
+    is a held-out combination (no training target), an open colour is moved off the colour it must avoid
+    (in_exclusion: background, then shape colour), an open background is read near an edge (near_background_edge),
+    or none of these (validate.py --regions counts failures per region)."""
+    combo = couple_quantiles(attrs, q, colour)
+    if combo is None:
+        return NOISE_REGIONS[0]
+    if in_exclusion(attrs, q, combo, colour):
+        return NOISE_REGIONS[1] if attrs[1] is not None else NOISE_REGIONS[2]
+    return NOISE_REGIONS[3] if near_background_edge(attrs, q, combo, colour) else NOISE_REGIONS[4]
 
 
 def couple_quantiles(attrs, q, colour="bucket"):

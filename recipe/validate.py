@@ -57,10 +57,11 @@ class Sampler:
             self.text = self.run_text
 
     @torch.no_grad()
-    def __call__(self, prompts, seed, batch=256):
-        """uint8 images [N, 64, 64, 3] for `prompts`, noise from torch.Generator().manual_seed(seed)."""
+    def __call__(self, prompts, seed, batch=256, with_noise=False):
+        """uint8 images [N, 64, 64, 3] for `prompts`, noise from torch.Generator().manual_seed(seed) (and the noises
+        [N, 8, 8, 8] with with_noise)."""
         g = torch.Generator().manual_seed(seed)
-        out = []
+        out, noises = [], []
         for b in range(0, len(prompts), batch):
             ids = self.tokens(prompts[b:b + batch]).to(train.DEV)
             noise = train.randn((len(ids), train.LATENT_CHANNELS, 8, 8), g)  # x_T, [B, 8, 8, 8]
@@ -68,10 +69,14 @@ class Sampler:
             z = self.unet(noise, t, self.text(ids).last_hidden_state)  # predicted clean latent (normalised)
             x = train.decode(self.vae, z * self.std + self.mean)
             out.append(data.to_uint8(x.cpu()))
-        return np.concatenate(out)
+            noises.append(noise.cpu())
+        return (np.concatenate(out), torch.cat(noises)) if with_noise else np.concatenate(out)
 
 
-def validate(sampler, ck, n=300, seed_sets=4):
+def validate(sampler, ck, n=300, seed_sets=4, regions=None):
+    """Complete- and open-prompt figures of one checkpoint (module docstring). With regions = a colour reading
+    (train.COLOUR_READINGS), also the open samples and their failures (not kept) per train.noise_region of their
+    noise: res["regions"][region] = [samples, failures]."""
     sampler.load(ck)
     rng = random.Random(12345)
     combos = [rng.choice(data.TRAIN_COMBOS) for _ in range(n)]
@@ -82,10 +87,17 @@ def validate(sampler, ck, n=300, seed_sets=4):
     specs = OPEN_PROMPTS + [s for s in pattern_prompts(per_pattern=1, seed=31) if s not in OPEN_PROMPTS]
     texts = [data.prompt(*spec) for spec in specs]
     clean, obey, kept, distinct, per_prompt, few = [], [], [], [], np.zeros(len(texts)), 0
+    by_region = {r: [0, 0] for r in train.NOISE_REGIONS}
     for s in range(seed_sets):
-        imgs = sampler([t for t in texts for _ in range(16)], seed=9000 + s)
+        imgs, noise = sampler([t for t in texts for _ in range(16)], seed=9000 + s, with_noise=True)
+        qs = train.noise_quantiles_batch(noise) if regions else None
         for p, spec in enumerate(specs):
-            row = judge_open(spec, [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]])
+            rs = [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]]
+            row = judge_open(spec, rs)
+            for j, r in enumerate(rs) if regions else ():
+                region = by_region[train.noise_region(list(spec), qs[16 * p + j], regions)]
+                region[0] += 1
+                region[1] += not (r["clean"] and all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None))
             clean.append(row["clean"])
             per_prompt[p] += row["clean"] / seed_sets
             obey.append(row["given_obeyed"])
@@ -95,6 +107,8 @@ def validate(sampler, ck, n=300, seed_sets=4):
     res.update(open_clean=float(np.mean(clean)), open_obeyed=float(np.mean(obey)), open_kept=float(np.mean(kept)),
                open_min_distinct=min(distinct), open_too_few_values=few,
                open_clean_per_prompt=[round(float(v), 3) for v in per_prompt])
+    if regions:
+        res["regions"] = by_region
     return res
 
 
@@ -127,6 +141,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="the run used train.py --tiny")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="append one JSON line per checkpoint to this file")
+    ap.add_argument("--regions", choices=sorted(train.COLOUR_READINGS), default=None,
+                    help="also count open samples and failures per region of the noise (train.noise_region) for "
+                         "this colour reading (the onestep stage's --onestep-colour)")
     ap.add_argument("--recon", type=int, default=0,
                     help="also judge N autoencoder reconstructions (encoder + --decoder)")
     a = ap.parse_args(argv)
@@ -143,11 +160,13 @@ def main(argv=None):
         name, members = spec.split("=", 1)
         todo.append((name, lambda m=members: {"unet": average(m.split(","))}))
     for name, load in todo:
-        res = dict(name=name, **validate(sampler, load(), a.n, a.seed_sets))
+        res = dict(name=name, **validate(sampler, load(), a.n, a.seed_sets, a.regions))
         print(f"{name}: shape {res['shape']:.3f} all {res['all']:.3f} open clean {res['open_clean']:.3f} "
               f"obeyed {res['open_obeyed']:.3f} kept {res['open_kept']:.3f} min distinct {res['open_min_distinct']} "
               f"open attributes with too few values {res['open_too_few_values']} "
               f"per prompt {res['open_clean_per_prompt']}", flush=True)
+        for region, (n_region, failed) in res.get("regions", {}).items():
+            print(f"  {region}: {failed} of {n_region} open samples not kept", flush=True)
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(res) + "\n")
