@@ -94,6 +94,11 @@ def run_complete(pipe, n, batch=50, seed=0):
     return {**{k: v / n for k, v in hits.items()}, "all": allfive / n, "clean": clean / n}
 
 
+def keeps_given(spec, r):
+    """Whether one sample's reading r (evaluate.py) keeps every attribute the prompt spec gives."""
+    return all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None)
+
+
 def judge_open(spec, rs):
     """One open prompt's samples, read by evaluate.py (rs, one per noise): the share that is clean, that keeps every
     given attribute, that does both ("kept"); the distinct values of each open attribute and of the open tuple over
@@ -101,7 +106,7 @@ def judge_open(spec, rs):
     (used by validate.py too)."""
     given = [k for k, v in zip(ATTRS, spec) if v is not None]
     open_ = [k for k, v in zip(ATTRS, spec) if v is None]
-    keeps = [all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None) for r in rs]
+    keeps = [keeps_given(spec, r) for r in rs]
     distinct = {k: len({r[k] for r in rs if r["clean"]}) for k in open_}
     return {"given": given, "clean": float(np.mean([r["clean"] for r in rs])), "given_obeyed": float(np.mean(keeps)),
             "kept": float(np.mean([r["clean"] and k for r, k in zip(rs, keeps)])),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import train  # noqa: E402
 from average import average  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, judge_open, pattern_prompts  # noqa: E402
+from benchmark_adherence import OPEN_PROMPTS, judge_open, keeps_given, pattern_prompts  # noqa: E402
 from evaluate import ATTRS, evaluate  # noqa: E402
 
 LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
@@ -94,10 +94,11 @@ def validate(sampler, ck, n=300, seed_sets=4, regions=None):
         for p, spec in enumerate(specs):
             rs = [evaluate(img) for img in imgs[16 * p:16 * (p + 1)]]
             row = judge_open(spec, rs)
-            for j, r in enumerate(rs) if regions else ():
-                region = by_region[train.noise_region(list(spec), qs[16 * p + j], regions)]
-                region[0] += 1
-                region[1] += not (r["clean"] and all(r[k] == v for k, v in zip(ATTRS, spec) if v is not None))
+            if regions:
+                for j, r in enumerate(rs):
+                    region = by_region[train.noise_region(list(spec), qs[16 * p + j], regions)]
+                    region[0] += 1
+                    region[1] += not (r["clean"] and keeps_given(spec, r))
             clean.append(row["clean"])
             per_prompt[p] += row["clean"] / seed_sets
             obey.append(row["given_obeyed"])

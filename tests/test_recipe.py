@@ -109,7 +109,8 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     (out4 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())
     r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "onestep=2", "--out", str(out4),
                         "--stages", "onestep", "--onestep-init", str(out3 / "onestep.pt"),
-                        "--onestep-shape-weight", "8", "--onestep-ema", "0.99", "--onestep-check", "0"],
+                        "--onestep-shape-weight", "8", "--onestep-ema", "0.99", "--onestep-check", "0",
+                        "--onestep-p-exclusion", "0.3", "--onestep-p-bg-edge", "0.3", "--onestep-open-bg-weight", "1"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert torch.load(out4 / "onestep.pt", weights_only=True)["steps"] == 2
@@ -131,6 +132,7 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
                         "--decoder", "decproj.pt", "--recon", "6",
                         "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
+                        "--regions", "rgb",
                         "--soup", f"s={out2 / 'adv.pt'},{out2 / 'distill.pt'}"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -138,6 +140,13 @@ def test_recipe_tiny_runs_every_stage(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
     assert [row["name"] for row in rows] == [str(out2 / "distill.pt"), "s"]
     assert all(0 <= row["shape"] <= 1 and 0 <= row["open_clean"] <= 1 for row in rows)
+    import train
+    for row in rows:  # --regions: every open sample in one region, and the failures add up to 1 - open_kept
+        counts = np.array(list(row["regions"].values()))  # [regions, (samples, failures)]
+        assert list(row["regions"]) == train.NOISE_REGIONS and (counts[:, 1] <= counts[:, 0]).all()
+        n_open = counts[:, 0].sum()
+        assert n_open > 0 and n_open % 16 == 0
+        assert counts[:, 1].sum() == round((1 - row["open_kept"]) * n_open)
     mdref = pytest.importorskip("mdref")
     pipe = mdref.Pipeline.from_pretrained(out / "model")
     px = pipe.run(["a red circle"], seed=0).pixels
