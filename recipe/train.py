@@ -439,9 +439,14 @@ def bucket(q, options):
     return options[min(int(q * len(options)), len(options) - 1)]
 
 
+def colour_sq_distance(rgb, c):
+    """Squared distance of the point rgb in [0, 1]^3 to colour c's palette RGB / 255."""
+    return sum((x - p / 255) ** 2 for x, p in zip(rgb, data.PALETTE[c]))
+
+
 def nearest_colour(rgb, options):
-    """The colour of `options` whose palette RGB / 255 is nearest (squared distance) to the point rgb in [0, 1]^3."""
-    return min(options, key=lambda c: sum((x - p / 255) ** 2 for x, p in zip(rgb, data.PALETTE[c])))
+    """The colour of `options` whose palette RGB / 255 is nearest to the point rgb in [0, 1]^3."""
+    return min(options, key=lambda c: colour_sq_distance(rgb, c))
 
 
 # which of noise_quantiles an open colour reads: 'bucket' (the previous models), one quantile each, bucketed over
@@ -486,7 +491,7 @@ def near_background_edge(attrs, q, combo, colour="bucket", width=0.05):
         x = q[2] * len(options)
         return abs(x - round(x)) < width / 2 * len(options) and 0 < round(x) < len(options)
     rgb = [q[j] for j in COLOUR_READINGS[colour][2]]
-    d = sorted(sum((x - p / 255) ** 2 for x, p in zip(rgb, data.PALETTE[c])) ** 0.5 for c in options)
+    d = sorted(colour_sq_distance(rgb, c) ** 0.5 for c in options)
     return d[1] - d[0] < width
 
 

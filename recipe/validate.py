@@ -96,7 +96,7 @@ def validate(sampler, ck, n=300, seed_sets=4, regions=None):
             row = judge_open(spec, rs)
             if regions:
                 for j, r in enumerate(rs):
-                    region = by_region[train.noise_region(list(spec), qs[16 * p + j], regions)]
+                    region = by_region[train.noise_region(spec, qs[16 * p + j], regions)]
                     region[0] += 1
                     region[1] += not (r["clean"] and keeps_given(spec, r))
             clean.append(row["clean"])
