@@ -24,6 +24,7 @@ from PIL import Image
 from mdref.io.pipeline_folder import DEFAULT_MODEL_DIR
 from mdref.pipeline import Pipeline
 from mdref.trace import load_trace, trace
+from oracles import rel_err, within
 
 GOLDEN = Path(__file__).resolve().parent.parent / "weights" / "golden"
 RTOL = 1e-5
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(not (GOLDEN / "manifest.json").is_file() or not 
 
 
 def _err(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
+    return rel_err(ours, ref)
 
 
 def test_golden_bundle_reproduces():
@@ -52,12 +53,13 @@ def test_golden_bundle_reproduces():
         for name, ours in (("text_embeddings", r.text_embeddings), ("unet_out", t["unet.out"]), ("x0", r.x0),
                            ("image", r.image)):
             ref = np.load(d / f"{name}.npy")
-            assert ours.shape == ref.shape and _err(ours, ref) <= RTOL, f"{case['name']} {name}: {_err(ours, ref):.2e}"
+            assert ours.shape == ref.shape
+            within(f"{case['name']} {name}", _err(ours, ref), RTOL)
         stored, _ = load_trace(d / "trace.safetensors")
         assert list(stored) == t.names(), f"{case['name']}: trace point names or order changed"
         for name, ref in stored.items():
             if ref.dtype.kind == "f":
-                assert _err(t[name], ref) <= RTOL, f"{case['name']} trace point {name}: {_err(t[name], ref):.2e}"
+                within(f"{case['name']} trace point {name}", _err(t[name], ref), RTOL)
             else:
                 np.testing.assert_array_equal(t[name], ref)
         png = np.asarray(Image.open(d / "image.png")).astype(int)
