@@ -84,7 +84,7 @@ TABLE = [
     (G + ["--max-memory", "lots"], ["--max-memory", "'lots'"]),
     (G + ["--max-memory", "0"], ["--max-memory", "'0'"]),
     (G + ["--max-memory=-5G"], ["--max-memory", "'-5G'"]),
-    (G + ["--guidance", "nan"], ["--guidance", "finite number", "found nan"]),
+    (G + ["--guidance", "nan"], ["--guidance", "a number in [0, 50]", "found nan"]),
     (G + ["--guidance", "inf"], ["--guidance", "found inf"]),
     (G + ["--guidance=-inf"], ["--guidance", "found -inf"]),
     (G + ["--guidance", "strong"], ["argument --guidance", "invalid float value"]),
