@@ -279,9 +279,9 @@ def cmd_generate(args):
     if pipe.untrained:
         print(f"note: {pipe.source} has UNTRAINED seeded weights; the picture is noise", file=sys.stderr)
     trained = pipe.trained_size()
-    if trained is not None and args.height is not None or args.width is not None:
-        asked = (args.height or pipe.default_size()[0], args.width or pipe.default_size()[1])
-        if trained is not None and asked != trained:
+    if trained is not None:
+        asked = (args.height or trained[0], args.width or trained[1])
+        if asked != trained:
             print(f"warning: {pipe.source} was trained at {trained[0]}x{trained[1]}; at {asked[0]}x{asked[1]} it "
                   f"may not draw what the prompt says", file=sys.stderr)
     result = _run(pipe, args)

@@ -130,7 +130,8 @@ ACCURATE_FROM = {"silu": -6.0, "relu": -12.0, "gelu": -3.0, "gelu_tanh": -3.0, "
 @given(data=st.data())
 def test_elementwise_ops_are_the_rounded_formula(dtype, name, data):
     """R(f(R(x))) with f in float64: exact for relu; within one ulp for the others (their float32 evaluation can
-    fall on the other side of a rounding boundary), and exact for most elements."""
+    fall on the other side of a rounding boundary). That it is exact for most elements is checked on a fixed
+    sample below (hypothesis' arrays repeat values, so a fraction over them is not a property)."""
     x = data.draw(f32_arrays(st.integers(1, 200), ACCURATE_FROM[name], 12))
     op, f64 = _elementwise(name)
     with using(dtype):
@@ -140,7 +141,18 @@ def test_elementwise_ops_are_the_rounded_formula(dtype, name, data):
     if name == "relu":
         assert np.array_equal(got, want)
     assert np.all(diff <= ulp(np.maximum(np.abs(got), np.abs(want)), dtype)), (name, diff.max())
-    assert np.mean(diff == 0) >= 0.9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "quick_gelu"])
+def test_elementwise_ops_are_exact_for_almost_every_element(dtype, name):
+    """On 200,000 seeded uniform inputs over the accurate range, the float32 formula lands on the other side of a
+    rounding boundary for at most 0.1% of the elements (measured: 0.006-0.032% in float16, none in bfloat16)."""
+    x = np.random.default_rng(0).uniform(ACCURATE_FROM[name], 12, 200_000).astype(np.float32)
+    op, f64 = _elementwise(name)
+    with using(dtype):
+        got = op(x)
+    assert np.mean(got != R64(f64(rounded(x, dtype).astype(np.float64)), dtype)) <= 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
