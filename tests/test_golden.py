@@ -29,8 +29,9 @@ from oracles import rel_err, within
 GOLDEN = Path(__file__).resolve().parent.parent / "weights" / "golden"
 RTOL = 1e-5
 
-pytestmark = pytest.mark.skipif(not (GOLDEN / "manifest.json").is_file() or not (DEFAULT_MODEL_DIR / "unet").is_dir(),
-                                reason="no shipped golden bundle / default model")
+pytestmark = [pytest.mark.numerics,
+              pytest.mark.skipif(not (GOLDEN / "manifest.json").is_file() or not (DEFAULT_MODEL_DIR / "unet").is_dir(),
+                                 reason="no shipped golden bundle / default model")]
 
 
 def _err(ours, ref):

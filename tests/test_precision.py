@@ -32,6 +32,8 @@ from mdref.io.pipeline_folder import DEFAULT_MODEL_DIR
 from mdref.io.safetensors import read_safetensors, write_safetensors
 from oracles import U16, nmse, within
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 DTYPES = ["float16", "bfloat16"]
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 BITS = {"float16": 11, "bfloat16": 8}                 # significand bits, the implicit one included

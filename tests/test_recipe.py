@@ -8,6 +8,7 @@
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -409,6 +410,7 @@ def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
 
 # ---------------------------------------------------------------- (b) parity on the shipped weights
 @needs_default
+@pytest.mark.numerics
 def test_shipped_text_encoder_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -422,6 +424,7 @@ def test_shipped_text_encoder_parity():
 
 
 @needs_default
+@pytest.mark.numerics
 def test_shipped_unet_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -439,6 +442,7 @@ def test_shipped_unet_parity():
 
 
 @needs_default
+@pytest.mark.numerics
 def test_shipped_decoder_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -456,11 +460,19 @@ def test_shipped_decoder_parity():
         want64 = vae.double().decode(torch.from_numpy(z).double()).sample.numpy()
     got32 = dec(z)
     got64 = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float64)(z.astype(np.float64))
+    # mdref's float32 against float64 ground truth, a fact about mdref on any kernel: the decoder's longest path has
+    # L = 30 layers (convs, norms, the attention), each a sum of at most K = 9 * 64 = 576 products; a float32 sum
+    # of K terms errs by about sqrt(K) u relative to its scale (rounding errors as a random walk, u = 2^-24), and
+    # the layers' errors add in quadrature: sqrt(L K) u = 7.9e-6. The bound is twice that (1.6e-5); measured
+    # 3.5-3.8e-6 under every kernel of benchmarks/kernel-spread.md.
+    bound32 = 2 * math.sqrt(30 * 576) * U32
     print(f"torch f32 vs f64 {rel_err(want32, want64):.2e} native, {rel_err(want32_onednn, want64):.2e} oneDNN; "
           f"mdref f32 vs oneDNN {rel_err(got32, want32_onednn):.2e}")
-    within("shipped decoder f32 vs torch native f32", rel_err(got32, want32), 1e-5)
     within("shipped decoder f64 vs torch f64", rel_err(got64, want64), 1e-12)
-    within("shipped decoder f32 vs f64", rel_err(got32, want64), 1e-5)
+    within("shipped decoder f32 vs f64", rel_err(got32, want64), bound32)
+    # PyTorch's float32 is held to the same bound against float64 (its rounding is as good as mdref's), so the two
+    # float32 results are within twice it of each other (measured: up to 1.0e-5, with ATen's AVX2 kernels).
+    within("shipped decoder f32 vs torch native f32", rel_err(got32, want32), 2 * bound32)
 
 
 # ---------------------------------------------------------------- (c) adherence of the shipped model

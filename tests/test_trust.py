@@ -26,6 +26,8 @@ from mdref.io import ConfigError
 from mdref.trace import TraceError, load_trace, save_trace
 from oracles import kernel
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 

@@ -25,6 +25,8 @@ from mdref.io.unet_config import LAYER_NORM_EPS  # noqa: E402
 from mdref.specs import Stage  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 _spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
 twin = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(twin)
