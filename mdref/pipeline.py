@@ -163,10 +163,13 @@ class Pipeline:
                 for f in self.weight_files}
 
     # ---- the stages ------------------------------------------------------------------------------------------
+    def decoder_input(self, x0):
+        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale)."""
+        return x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
+
     def decode(self, x0):
-        """Clean latent -> image in [-1, 1]: the decoder sees x0 / scaling_factor + shift_factor."""
-        z = x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
-        return self.decoder(z)                                               # [B, 3, H, W]
+        """Clean latent -> image in [-1, 1]: the decoder sees decoder_input(x0)."""
+        return self.decoder(self.decoder_input(x0))                          # [B, 3, H, W]
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
               negative_prompt="", max_memory=None):
