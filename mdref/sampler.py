@@ -234,6 +234,9 @@ def flow_sigmas(cfg, steps, mu=None, sigmas=None):
         s = f32(cfg.shift) * s / (f32(1) + f32(cfg.shift - 1) * s)
     if cfg.shift_terminal:
         one_minus = f32(1) - s
+        if not one_minus[-1] > 0:       # diffusers divides by zero here and returns NaN sigmas
+            raise ValueError(f"flow_sigmas: shift_terminal needs a last sigma below 1, found {s[-1]} "
+                             f"({steps} step(s))")
         s = f32(1) - one_minus / (one_minus[-1] / f32(1 - cfg.shift_terminal))
     return np.concatenate([s, np.zeros(1, np.float32)])              # [steps + 1]
 
