@@ -99,6 +99,20 @@ def read_shard_index(index):
     return sorted(set(weight_map.values()))
 
 
+def check_token_ids(ids, cfg, who):
+    """ids as an integer array [B, T] with T <= cfg.max_position_embeddings and every id in [0, cfg.vocab_size),
+    or a ValueError naming `who`."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"{who}: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"{who}: {ids.shape[1]} tokens, but max_position_embeddings is "
+                         f"{cfg.max_position_embeddings}")
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"{who}: token ids must lie in [0, {cfg.vocab_size}), found [{ids.min()}, {ids.max()}]")
+    return ids
+
+
 class Component:
     """A config, its frozen spec, the checkpoint's parameter tree (``params``), the array ``dtype`` and the emulated
     ``precision`` (a `mdref.precision.Precision`, or None for float32 / float64)."""
@@ -233,15 +247,7 @@ class TextEncoder(Component):
 
     def __call__(self, ids):
         """ids int [B, T] (T <= max_position_embeddings) -> last hidden state [B, T, hidden_size]."""
-        ids, cfg = np.asarray(ids), self.config
-        if ids.ndim != 2 or ids.dtype.kind not in "iu":
-            raise ValueError(f"TextEncoder: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"TextEncoder: {ids.shape[1]} tokens, but max_position_embeddings is "
-                             f"{cfg.max_position_embeddings}")
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = check_token_ids(ids, self.config, "TextEncoder")
         with self.computing():
             return text_math.text_transformer(ids, **self.params, spec=self.spec)
 
@@ -272,15 +278,7 @@ class QwenTextEncoder(Component):
     def __call__(self, ids, attention_mask=None):
         """ids int [B, T] (T <= max_position_embeddings), attention_mask [B, T] of 1 / 0 (None: no padding) ->
         hidden_states[-1] [B, T, hidden_size]."""
-        ids, cfg = np.asarray(ids), self.config
-        if ids.ndim != 2 or ids.dtype.kind not in "iu":
-            raise ValueError(f"QwenTextEncoder: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"QwenTextEncoder: {ids.shape[1]} tokens, but max_position_embeddings is "
-                             f"{cfg.max_position_embeddings}")
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"QwenTextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = check_token_ids(ids, self.config, "QwenTextEncoder")
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask)
             if attention_mask.shape != ids.shape or not np.isin(attention_mask, (0, 1)).all():
