@@ -213,3 +213,57 @@ def guided(model_cond, model_uncond=None, scale=None):
     if model_uncond is None:
         raise ValueError("guided: a guidance scale needs an unconditional model (negative prompt)")
     return lambda x, t: apply_guidance(model_uncond(x, t), model_cond(x, t), scale)
+
+
+# ---- flow matching (diffusers FlowMatchEulerDiscreteScheduler, as DreamLite's pipelines drive it) --------------
+# The model predicts a velocity v = noise - x0 at x_sigma = (1 - sigma) x0 + sigma noise, timestep 1000 sigma.
+# Sigmas and timesteps are float32 as diffusers computes them (numpy float32 arrays, then torch); arrays run in
+# `dtype`. `cfg` is a `mdref.io.scheduler_config.FlowMatchSchedulerConfig`.
+def flow_shift_mu(image_seq_len, cfg):
+    """The pipelines' calculate_shift: mu linear in the latent token count, base_shift at base_image_seq_len and
+    max_shift at max_image_seq_len. DreamLite counts h * w // 4 tokens of the latent *before* its in-context
+    width concatenation (a 1024x1024 image: 128 * 128 // 4 = 4096 -> mu = max_shift)."""
+    m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return image_seq_len * m + (cfg.base_shift - m * cfg.base_image_seq_len)
+
+
+def flow_sigmas(cfg, steps, mu=None, sigmas=None):
+    """set_timesteps(sigmas=..., mu=...) as DreamLite calls it -> float32 [steps + 1]: sigmas (default the
+    pipelines' linspace(1, 1/steps, steps), in float64) rounded to float32, shifted (dynamic: exp(mu) / (exp(mu)
+    + 1/s - 1), or mu / (mu + 1/s - 1) for time_shift_type "linear"; static: shift s / (1 + (shift - 1) s)),
+    stretched to end at shift_terminal if set, then a final 0."""
+    s = (np.linspace(1.0, 1 / steps, steps) if sigmas is None else np.asarray(sigmas, np.float64)).astype(np.float32)
+    f32 = np.float32
+    if cfg.use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("flow_sigmas: use_dynamic_shifting needs mu (flow_shift_mu)")
+        e = f32(math.exp(mu)) if cfg.time_shift_type == "exponential" else f32(mu)
+        s = e / (e + (f32(1) / s - f32(1)))
+    else:
+        s = f32(cfg.shift) * s / (f32(1) + f32(cfg.shift - 1) * s)
+    if cfg.shift_terminal:
+        one_minus = f32(1) - s
+        if not one_minus[-1] > 0:       # diffusers divides by zero here and returns NaN sigmas
+            raise ValueError(f"flow_sigmas: shift_terminal needs a last sigma below 1, found {s[-1]} "
+                             f"({steps} step(s))")
+        s = f32(1) - one_minus / (one_minus[-1] / f32(1 - cfg.shift_terminal))
+    return np.concatenate([s, np.zeros(1, np.float32)])              # [steps + 1]
+
+
+def sample_flow(model, draws, cfg, sigmas, dtype=np.float32):
+    """The pipelines' loop: x = draws[0] (pure noise at sigma 1); at step k the model gets x and the float32
+    timestep t_k = 1000 sigma_k and returns v; the Euler step x + (sigma_{k+1} - sigma_k) v (the difference taken
+    in float32), or with stochastic_sampling x0 = x - sigma_k v re-noised to sigma_{k+1} with draws[k + 1]
+    (zeros once sigma_{k+1} = 0). draws [steps, B, C, h, w]. Returns the latent at sigma = 0."""
+    ts = sigmas[:-1] * np.float32(cfg.num_train_timesteps)         # float32 [steps]
+    x = draws[0].astype(dtype)
+    for k, t in enumerate(ts):
+        v = model(x, t)
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        x0 = record("sampler.x0", x - sigma.astype(dtype) * v)
+        if cfg.stochastic_sampling:
+            noise = draws[k + 1].astype(dtype) if k + 1 < len(draws) else np.zeros_like(x)
+            x = (np.float32(1) - sigma_next).astype(dtype) * x0 + sigma_next.astype(dtype) * noise
+        else:
+            x = x + (sigma_next - sigma).astype(dtype) * v              # one Euler step of the flow ODE
+    return x

@@ -22,7 +22,7 @@ def _tree(name):
     return ast.parse((PACKAGE / name).read_text(), filename=name)
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "decoder.py"])
 def test_model_file_opens_on_its_first_layer(name):
     """The first function that calls a layer op starts within the first 60 lines (after the docstring)."""
     firsts = [n.lineno for n in _tree(name).body if isinstance(n, ast.FunctionDef) and any(
@@ -48,7 +48,8 @@ def _mdref_imports(name):
             yield node.module or ""
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py", "sampler.py", "specs.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "decoder.py", "sampler.py",
+                                  "specs.py"])
 def test_layer_math_imports_nothing_from_io(name):
     assert not [m for m in _mdref_imports(name) if m == "io" or m.startswith("io.")], name
 

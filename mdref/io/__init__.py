@@ -2,6 +2,7 @@
 
     config.py              ConfigError, reading config.json, the strict dict -> dataclass rule
     text_encoder_config.py transformers CLIPTextConfig keys -> TextEncoderConfig -> specs.TextEncoderSpec
+    qwen_text_config.py    transformers Qwen3VL(Text)Config keys -> QwenTextConfig -> specs.QwenTextSpec
     unet_config.py         diffusers UNet2DConditionModel keys -> UNetConfig -> specs.UNetSpec (the stage plan)
     decoder_config.py      diffusers AutoencoderKL / AutoencoderTiny keys -> DecoderConfig -> the decoder spec
     scheduler_config.py    diffusers EulerDiscreteScheduler / mdref's scheduler_config.json -> SchedulerConfig
@@ -14,10 +15,11 @@
 The model files (text_encoder.py, unet.py, decoder.py, sampler.py) import nothing from here.
 """
 
-from .components import Decoder, TextEncoder, UNet  # noqa: F401
+from .components import Decoder, QwenTextEncoder, TextEncoder, UNet  # noqa: F401
 from .config import ConfigError  # noqa: F401
 from .decoder_config import DecoderConfig  # noqa: F401
 from .safetensors import WeightsError  # noqa: F401
 from .scheduler_config import SchedulerConfig  # noqa: F401
+from .qwen_text_config import QwenTextConfig  # noqa: F401
 from .text_encoder_config import TextEncoderConfig  # noqa: F401
 from .unet_config import UNetConfig  # noqa: F401

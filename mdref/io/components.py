@@ -20,19 +20,21 @@ import numpy as np
 from .. import decoder as decoder_math
 from ..guards import SEED_LIMIT, is_int, memory_limit
 from .. import precision
+from .. import qwen_text as qwen_math
 from .. import text_encoder as text_math
 from .. import unet as unet_math
 from . import keymaps
 from .config import ConfigError, read_json
 from .decoder_config import DecoderConfig, decoder_spec
-from .presets import DECODER_PRESETS, TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .presets import DECODER_PRESETS, QWEN_TEXT_PRESETS, TEXT_ENCODER_PRESETS, UNET_PRESETS
 from .safetensors import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
                           write_safetensors)
-from .schema import decoder_schema, num_parameters, text_encoder_schema, unet_schema
+from .qwen_text_config import QwenTextConfig, qwen_text_spec
+from .schema import decoder_schema, num_parameters, qwen_text_schema, text_encoder_schema, unet_schema
 from .text_encoder_config import TextEncoderConfig, text_encoder_spec
 from .unet_config import UNetConfig, unet_spec
 
-__all__ = ["Component", "TextEncoder", "UNet", "Decoder", "COMPUTE_DTYPES", "compute_dtype", "locate"]
+__all__ = ["Component", "TextEncoder", "QwenTextEncoder", "UNet", "Decoder", "COMPUTE_DTYPES", "compute_dtype", "locate"]
 
 CONFIG_NAME = "config.json"
 COMPUTE_DTYPES = (np.float32, np.float64)
@@ -110,6 +112,20 @@ def read_shard_index(index):
             raise ConfigError(f"{index}: weight_map[{key!r}] must be a .safetensors file name in the same folder "
                               f"(no path), found {shard!r}")
     return sorted(set(weight_map.values()))
+
+
+def check_token_ids(ids, cfg, who):
+    """ids as an integer array [B, T] with T <= cfg.max_position_embeddings and every id in [0, cfg.vocab_size),
+    or a ValueError naming `who`."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"{who}: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"{who}: {ids.shape[1]} tokens, but max_position_embeddings is "
+                         f"{cfg.max_position_embeddings}")
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"{who}: token ids must lie in [0, {cfg.vocab_size}), found [{ids.min()}, {ids.max()}]")
+    return ids
 
 
 class Component:
@@ -253,15 +269,7 @@ class TextEncoder(Component):
 
     def __call__(self, ids):
         """ids int [B, T] (T <= max_position_embeddings) -> last hidden state [B, T, hidden_size]."""
-        ids, cfg = np.asarray(ids), self.config
-        if ids.ndim != 2 or ids.dtype.kind not in "iu":
-            raise ValueError(f"TextEncoder: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"TextEncoder: {ids.shape[1]} tokens, but max_position_embeddings is "
-                             f"{cfg.max_position_embeddings}")
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = check_token_ids(ids, self.config, "TextEncoder")
         with self.computing():
             return text_math.text_transformer(ids, **self.params, spec=self.spec)
 
@@ -269,6 +277,37 @@ class TextEncoder(Component):
         """pooler_output [B, D]: the last hidden state at each row's EOS token (text_encoder.pooled_output)."""
         hidden = self(ids) if hidden is None else hidden
         return text_math.pooled_output(np.asarray(ids), hidden, self.config.eos_token_id)
+
+
+class QwenTextEncoder(Component):
+    """Qwen3-VL's language model, text path (DreamLite's text encoder): ``te(ids, attention_mask)`` ->
+    ``hidden_states[-1]`` [B, T, D] (== transformers Qwen3VLForConditionalGeneration(..., output_hidden_states=True)
+    .hidden_states[-1], which is last_hidden_state, after the final RMSNorm)."""
+    config_class, presets, subfolder = QwenTextConfig, QWEN_TEXT_PRESETS, "text_encoder"
+    weights_names = ("model.safetensors", "model.fp16.safetensors")
+    make_spec = staticmethod(qwen_text_spec)
+    name = "text_encoder"
+
+    @classmethod
+    def param_schema(cls, config):
+        return qwen_text_schema(config)
+
+    @classmethod
+    def read_checkpoint(cls, config, flat, where):
+        config, flat = super().read_checkpoint(config, flat, where)
+        return config, keymaps.qwen_text_keys(flat)
+
+    def __call__(self, ids, attention_mask=None):
+        """ids int [B, T] (T <= max_position_embeddings), attention_mask [B, T] of 1 / 0 (None: no padding) ->
+        hidden_states[-1] [B, T, hidden_size]."""
+        ids = check_token_ids(ids, self.config, "QwenTextEncoder")
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.shape != ids.shape or not np.isin(attention_mask, (0, 1)).all():
+                raise ValueError(f"QwenTextEncoder: attention_mask must be 1 / 0 of the ids' shape {ids.shape}, "
+                                 f"got {attention_mask.dtype} {attention_mask.shape}")
+        with self.computing():
+            return qwen_math.text_model(ids, attention_mask, **self.params, spec=self.spec)
 
 
 class UNet(Component):

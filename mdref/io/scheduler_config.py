@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .config import MAX_TIMESTEPS, ConfigError, check_choice, check_float, check_int, from_dict, read_json, to_dict
 
-__all__ = ["SchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict", "load_scheduler_config"]
+__all__ = ["SchedulerConfig", "FlowMatchSchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict",
+           "load_scheduler_config"]
 
 SAMPLERS = ("x0", "euler")
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -65,6 +66,61 @@ MDREF_CLASS = "MDRefScheduler"
 MDREF_REQUIRED = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 
 
+# ---- flow matching: diffusers FlowMatchEulerDiscreteScheduler (DreamLite, SD3, Flux) --------------------------
+FLOW_MATCH_CLASS = "FlowMatchEulerDiscreteScheduler"
+# Values mdref requires (the others convert or invert the sigmas); keys without effect on DreamLite's sampling.
+_FLOW_REQUIRED = dict(invert_sigmas=False, use_karras_sigmas=False, use_exponential_sigmas=False,
+                      use_beta_sigmas=False)
+
+
+@dataclass
+class FlowMatchSchedulerConfig:
+    """diffusers FlowMatchEulerDiscreteScheduler, the keys that change its sigmas, timesteps or step (defaults:
+    the class's; mdref/sampler.py's flow_* functions compute from it). base_shift / max_shift /
+    base_image_seq_len / max_image_seq_len are what the DreamLite pipelines read for mu (calculate_shift); the
+    mobile pipeline's fallback max_shift 1.16 never applies to a loaded scheduler, whose config always holds the
+    class default 1.15 for a key its file leaves out."""
+    num_train_timesteps: int = 1000
+    shift: float = 1.0                        # the static shift (used when use_dynamic_shifting is false)
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"      # "exponential" | "linear"
+    shift_terminal: float | None = None
+    stochastic_sampling: bool = False         # x0 re-noised to the next sigma with fresh noise (not an ODE step)
+
+    where: InitVar[str | None] = None
+
+    def __post_init__(self, where):
+        where = where or type(self).__name__
+        check_int(where, "num_train_timesteps", self.num_train_timesteps, 1)
+        check_int(where, "base_image_seq_len", self.base_image_seq_len, 0)
+        check_int(where, "max_image_seq_len", self.max_image_seq_len, self.base_image_seq_len + 1)
+        self.shift = check_float(where, "shift", self.shift, 0)
+        self.base_shift = check_float(where, "base_shift", self.base_shift)
+        self.max_shift = check_float(where, "max_shift", self.max_shift)
+        self.shift_terminal = check_float(where, "shift_terminal", self.shift_terminal, None, 1, none=True)
+        check_choice(where, "time_shift_type", self.time_shift_type, ["exponential", "linear"])
+        for key in ("use_dynamic_shifting", "stochastic_sampling"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{where}: {key} must be true or false, found {getattr(self, key)!r}")
+
+    @classmethod
+    def from_diffusers(cls, d, where="scheduler_config.json"):
+        """From a diffusers scheduler_config.json dict of class FlowMatchEulerDiscreteScheduler."""
+        d = {k: v for k, v in d.items() if k != "_class_name"}
+        for key, want in _FLOW_REQUIRED.items():
+            found = d.pop(key, want)
+            if found != want:
+                raise ConfigError(f"{where}: {key} = {found!r} is not supported (mdref requires {want!r})")
+        return from_dict(cls, d, where=where)
+
+    def to_dict(self):
+        return {"_class_name": FLOW_MATCH_CLASS, **to_dict(self), **_FLOW_REQUIRED}
+
+
 def scheduler_config_from_diffusers(d, where="scheduler_config.json"):
     """SchedulerConfig from a diffusers EulerDiscreteScheduler config (-> sampler "euler") or mdref's own
     (``_class_name`` "MDRefScheduler" or absent; it must state `MDREF_REQUIRED`). Other scheduler classes raise
@@ -79,6 +135,8 @@ def scheduler_config_from_diffusers(d, where="scheduler_config.json"):
             raise ConfigError(f"{where}: {MDREF_CLASS} config lacks {missing} (required: {list(MDREF_REQUIRED)}; "
                               f"mdref does not guess the keys that change the noise schedule or the prediction)")
         return from_dict(SchedulerConfig, d, where=where)
+    if cls == FLOW_MATCH_CLASS:
+        return FlowMatchSchedulerConfig.from_diffusers(d, where)
     if cls != "EulerDiscreteScheduler":
         raise ConfigError(f"{where}: scheduler class {cls!r} is not supported (mdref samples like "
                           f"'EulerDiscreteScheduler' with trailing timesteps, or its own '{MDREF_CLASS}')")
@@ -95,6 +153,8 @@ def scheduler_config_from_diffusers(d, where="scheduler_config.json"):
 def scheduler_config_to_dict(cfg):
     """The scheduler_config.json for cfg: a diffusers EulerDiscreteScheduler config for sampler "euler" (diffusers
     loads it and samples the same), mdref's own class otherwise."""
+    if isinstance(cfg, FlowMatchSchedulerConfig):
+        return cfg.to_dict()
     d = to_dict(cfg)
     if cfg.sampler == "euler":
         del d["sampler"]
