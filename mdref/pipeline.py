@@ -24,13 +24,13 @@ import numpy as np
 from . import precision, sampler
 from .guards import (InputError, MemoryLimitError, NonFiniteError, StageFailed, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes)
-from .io.components import compute_dtype
+from .io.components import TextEncoderWithProjection, compute_dtype
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
 from .trace import first_nonfinite, nonfinite_counts, record
 
-__all__ = ["Pipeline", "Result", "to_pixels", "InputError", "MemoryLimitError", "NonFiniteError",
+__all__ = ["Pipeline", "Result", "to_pixels", "encode_prompts", "InputError", "MemoryLimitError", "NonFiniteError",
            "estimate_peak_bytes", "memory_limit", "parse_bytes"]
 
 
@@ -257,6 +257,27 @@ class Pipeline:
     def __repr__(self):
         n = self.num_parameters()
         return f"Pipeline({self.source}, {n['total'] / 1e6:.1f}M parameters{', UNTRAINED' if self.untrained else ''})"
+
+
+def encode_prompts(prompts, tokenizers, text_encoders, *, clip_skip=None):
+    """SDXL's text conditioning (diffusers StableDiffusionXLPipeline.encode_prompt) for a list of prompts:
+    (embeddings [B, 77, D_1 + D_2], pooled [B, P] or None). Each (tokenizer, encoder) pair gives hidden_states[-2]
+    (the penultimate layer's output, before the final LayerNorm), hidden_states[-(clip_skip + 2)] with clip_skip,
+    concatenated on the last axis in the given order; pooled is the text_embeds of the first encoder with a
+    projection (SDXL: text_encoder_2). diffusers encodes negative prompts without clip_skip: pass None for them."""
+    layers = min(te.spec.layers for te in text_encoders)
+    if clip_skip is not None and (not is_int(clip_skip) or not 0 <= clip_skip < layers):
+        raise InputError("clip_skip", f"must be None or an int in [0, {layers - 1}], found {clip_skip!r}")
+    index = -2 - (clip_skip or 0)
+    states, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        ids = tokenizer(prompts)                                             # int64 [B, 77]
+        if pooled is None and isinstance(encoder, TextEncoderWithProjection):
+            hidden, pooled = encoder.hidden_state_and_text_embeds(ids, index)    # [B, 77, D_k], [B, P]
+        else:
+            hidden = encoder.hidden_state(ids, index)                        # [B, 77, D_k]
+        states.append(hidden)
+    return np.concatenate(states, axis=-1), pooled                          # [B, 77, sum D_k]
 
 
 def _precision_or_dtype(dtype, upcast, downcast):
