@@ -36,6 +36,7 @@ from mdref.io.presets import TEXT_ENCODER_PRESETS, TEXT_ENCODER_WITH_PROJECTION_
 from mdref.pipeline import InputError, encode_prompts  # noqa: E402
 from mdref.tokenizer import BOS, EOS, SHIPPED_DIR, Tokenizer, clip_vocab, read_merges  # noqa: E402
 from mdref.trace import trace  # noqa: E402
+from test_text_encoder import randomize  # noqa: E402  (every parameter random, norm scales near 1)
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -74,21 +75,6 @@ def write_sdxl_tokenizer(folder, pad_token):
     plain = {k: (_plain(v) if isinstance(v, dict) else v) for k, v in specials.items()}
     (folder / "special_tokens_map.json").write_text(json.dumps(plain, indent=2))
     return folder
-
-
-def randomize(model, seed):
-    """Every parameter random: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.ndim == 2:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
