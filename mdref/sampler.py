@@ -115,13 +115,14 @@ def schedule(cfg, steps=1, timesteps=None):
         if cfg.sampler in ("lcm", "tcd"):
             return lcm_timesteps(cfg.num_train_timesteps, cfg.original_inference_steps, steps)
         return trailing_timesteps(cfg.num_train_timesteps, steps)
-    ts, T = list(timesteps), cfg.num_train_timesteps
+    ts, T = list(timesteps) if isinstance(timesteps, (list, tuple, np.ndarray)) else [], cfg.num_train_timesteps
     if cfg.sampler == "euler_ancestral":
         raise ValueError("timesteps are not accepted by EulerAncestralDiscreteScheduler (diffusers refuses them "
                          "too); use steps")
     if not ts or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < T for t in ts) \
             or any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps must be a non-empty, strictly decreasing list of ints in [0, {T}), found {ts!r}")
+        raise ValueError(f"timesteps must be a non-empty, strictly decreasing list of ints in [0, {T}), found "
+                         f"{timesteps!r:.80}")
     if steps not in (1, len(ts)):
         raise ValueError(f"timesteps ({len(ts)} of them) disagree with steps={steps!r}: pass steps=1 or {len(ts)}")
     return np.array(ts, dtype=np.int64)                                                # [steps]

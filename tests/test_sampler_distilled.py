@@ -390,7 +390,7 @@ def test_schedule_checks_custom_timesteps():
     lcm = SC.SchedulerConfig(sampler="lcm", timestep_spacing="lcm")
     assert S.schedule(lcm, 1, [399]).tolist() == [399] and S.schedule(lcm, 4).tolist() == [999, 759, 499, 259]
     assert S.schedule(lcm, 2, [999, 499]).tolist() == [999, 499]
-    for bad in ([], [399, 399], [100, 200], [1000], [-1], [2.0], [True]):
+    for bad in ([], [399, 399], [100, 200], [1000], [-1], [2.0], [True], 399, "399", {399}):
         with pytest.raises(ValueError, match="timesteps must be a non-empty, strictly decreasing list of ints"):
             S.schedule(lcm, 1, bad)
     with pytest.raises(ValueError, match=r"timesteps \(2 of them\) disagree with steps=3"):
