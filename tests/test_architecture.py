@@ -38,10 +38,10 @@ def test_other_model_files_open_on_a_function(name):
 
 
 def test_model_files_fit_the_line_budget():
-    """1,300 lines for MobileDiffusion's model files, +75 for the SDXL family's (issue 31: the projection tower,
+    """1,300 lines for MobileDiffusion's model files, +90 for the SDXL family's (issue 31: the projection tower,
     SDXL's two-tower text conditioning, the EulerAncestral / LCM / TCD samplers and custom timesteps)."""
     lines = {n: len((PACKAGE / n).read_text().splitlines()) for n in MODEL_FILES}
-    assert sum(lines.values()) <= 1375, lines
+    assert sum(lines.values()) <= 1390, lines
 
 
 def _mdref_imports(name):

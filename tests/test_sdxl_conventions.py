@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from oracles import U32, within  # noqa: E402
+
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -60,9 +62,9 @@ def test_time_ids_guidance_embedding_and_cfg_rule():
     emb = pipe.get_guidance_scale_embedding(torch.tensor(w, dtype=torch.float32), embedding_dim=16).numpy()
     freqs = np.exp(-np.arange(8) * math.log(10000) / 7)
     expected = np.concatenate([np.sin(1000 * w[:, None] * freqs), np.cos(1000 * w[:, None] * freqs)], axis=1)
-    # float32 arguments up to 7000 rad: their rounding (ulp 4.9e-4) and the frequency's (6e-8 x 7000 = 4.2e-4)
-    # move sin / cos by < 1e-3; the bound doubles that.
-    np.testing.assert_allclose(emb, expected, rtol=0, atol=2e-3)
+    # float32 arguments up to 7000 rad: the frequency ln(10000) / 7 (u32), times i (u32), through exp (<= 1 ulp,
+    # 2 u32), times 1000 w (u32) errs by <= 5 u32 relative: sin / cos move by <= 5 u32 x 7000 = 2.1e-3.
+    within("guidance embedding vs its formula (float32 arguments)", np.abs(emb - expected).max(), 5 * U32 * 7000)
     pipe._guidance_scale = 5.0
     assert not pipe.do_classifier_free_guidance
     assert pipe.default_sample_size * pipe.vae_scale_factor == 64        # sample_size 8 x 8 (no VAE: factor 8)
