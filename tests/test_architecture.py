@@ -38,8 +38,12 @@ def test_other_model_files_open_on_a_function(name):
 
 
 def test_model_files_fit_the_line_budget():
+    """1,300 lines for MobileDiffusion's model files, +90 for the SDXL family's (issue 31: the projection tower,
+    SDXL's two-tower text conditioning, the EulerAncestral / LCM / TCD samplers and custom timesteps), +70 for
+    DreamLite's in these files (issue 32: RMSNorm, grouped K/V, the flow-matching sampler); the Qwen text model has a
+    file of its own (qwen_text.py)."""
     lines = {n: len((PACKAGE / n).read_text().splitlines()) for n in MODEL_FILES}
-    assert sum(lines.values()) <= 1300, lines
+    assert sum(lines.values()) <= 1460, lines
 
 
 def _mdref_imports(name):

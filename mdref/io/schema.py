@@ -11,7 +11,8 @@ from __future__ import annotations
 from ..decoder import taesd_stages
 from ..specs import KLDecoderSpec
 
-__all__ = ["text_encoder_schema", "qwen_text_schema", "unet_schema", "decoder_schema", "num_parameters"]
+__all__ = ["text_encoder_schema", "text_encoder_with_projection_schema", "qwen_text_schema", "unet_schema",
+           "decoder_schema", "num_parameters"]
 
 
 def conv(prefix, c_out, c_in, k, bias=True):
@@ -64,6 +65,11 @@ def text_encoder_schema(cfg):
         s.update({**norm(f"{layer}.layer_norm1", D), **linear(f"{layer}.mlp.fc1", inner, D),
                   **linear(f"{layer}.mlp.fc2", D, inner), **norm(f"{layer}.layer_norm2", D)})
     return {**s, **norm("final_layer_norm", D)}
+
+
+def text_encoder_with_projection_schema(cfg):
+    """CLIPTextModelWithProjection keys: the CLIPTextModel's (without 'text_model.'), then text_projection (no bias)."""
+    return {**text_encoder_schema(cfg), **linear("text_projection", cfg.projection_dim, cfg.hidden_size, bias=False)}
 
 
 # ---- Qwen3-VL text path -------------------------------------------------------------------------------------
