@@ -1,6 +1,6 @@
 """Does float16 storage change what the shipped model draws? (issue 5 allows float16 weights; mdref computes in float32)
 
-    python recipe/train.py --out runs/cpu3 --stages ae --export /tmp/f32 --export-float32  # the same weights, float32
+    python recipe/train.py --out runs/r22f --stages decproj --export /tmp/f32 --export-float32  # the same, float32
     python recipe/check_float16.py --float16 weights/default --float32 /tmp/f32 [--n 200]
 
 Both folders go through mdref's NumPy pipeline with the same held-out prompts and noise
