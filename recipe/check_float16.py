@@ -12,15 +12,12 @@ different scene.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, complete_prompts  # noqa: E402
-from evaluate import ATTRS, evaluate  # noqa: E402
+import data
+from benchmark_adherence import OPEN_PROMPTS, complete_prompts
+from evaluate import ATTRS, evaluate
 
 
 def main(argv=None):

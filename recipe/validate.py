@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data  # noqa: E402
-import train  # noqa: E402
-from average import soup  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, judge_open, keeps_given, pattern_prompts  # noqa: E402
-from evaluate import ATTRS, evaluate  # noqa: E402
+import data
+import train
+from average import soup
+from benchmark_adherence import OPEN_PROMPTS, judge_open, keeps_given, pattern_prompts
+from evaluate import ATTRS, evaluate
 
 
 class Sampler:

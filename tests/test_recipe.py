@@ -24,9 +24,8 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipe"
 DEFAULT = ROOT / "weights" / "default"
-sys.path.insert(0, str(RECIPE))
 
-import data  # noqa: E402
+import data  # noqa: E402  recipe/ is on pytest's pythonpath (pyproject.toml)
 from evaluate import score  # noqa: E402
 
 needs_default = pytest.mark.skipif(not (DEFAULT / "unet" / "config.json").is_file(),
