@@ -200,7 +200,6 @@ def scheduler_config():
             "timestep_spacing": "trailing", "sampler": "x0"}
 
 
-
 # ---------------------------------------------------------------- models
 class Encoder(nn.Module):
     """Pixel-unshuffle encoder: 64x64x3 -> 8x8x8 (training only; not shipped)."""
@@ -271,7 +270,6 @@ class TokenCache:
         return torch.stack([self.cache[p] for p in prompts])  # [B, 77]
 
 
-
 # ---------------------------------------------------------------- helpers
 def lr_at(p, base, warmup=0.04):
     """Linear warm-up over the first `warmup` of progress p in [0, 1], then cosine decay to 5%."""
@@ -316,7 +314,6 @@ class Log:
         print(s, flush=True)
         self.f.write(s + "\n")
         self.f.flush()
-
 
 
 # ---------------------------------------------------------------- targets: scenes read off the noise
@@ -436,7 +433,6 @@ def couple_quantiles(attrs, q, colour="bucket"):
     return None if combo in data.HELDOUT_SET else combo
 
 
-
 def coupled_scenes(drawn, g, tries=64, colour="bucket", p_exclusion=0.0):
     """Noises x_T [B, 8, 8, 8] and the scene each row must draw (the onestep stage's targets): a complete prompt's own
     combination, or for a prompt that leaves attributes open the given ones plus the open ones read off the noise
@@ -490,7 +486,6 @@ class SceneLatents:
         return self.shape[[self.index[c] for c in combos]]
 
 
-
 def read_scenes(vae, zn, mean, std):
     """What one-step samples show: decode normalised latents [B, 8, 8, 8] and read each picture with evaluate.py."""
     with torch.no_grad():
@@ -514,7 +509,6 @@ def project_combo(attrs, seen, noise):
     combo = (choose(0, seen["shape"], data.SHAPES), choose(1, seen["colour"], [c for c in data.COLOURS if c != bg]),
              bg, choose(3, seen["position"], data.POSITIONS), choose(4, seen["size"], data.SIZES))
     return None if combo in data.HELDOUT_SET else combo
-
 
 
 def onestep_check(text, unet, vae, ck, tokens, device, n=96, seed=9):

@@ -31,30 +31,23 @@ from evaluate import ATTRS, evaluate
 
 
 class Sampler:
-    """Decoder of a run folder (aeft.pt or another decoder checkpoint) and, for checkpoints of earlier recipes that
-    carry no text encoder, the run's unet_text.pt; one-step samples for any generator checkpoint, on `device`."""
+    """The decoder of a run folder (aeft.pt or another decoder checkpoint); one-step samples of any generator
+    checkpoint (onestep.pt: a UNet and its text encoder), on `device`."""
 
     def __init__(self, run, preset=train.FULL, decoder="aeft.pt", device=torch.device("cpu")):
-        run = Path(run)
-        _, self.vae, ck = train.load_ae(preset, run / decoder, device)
+        _, self.vae, ck = train.load_ae(preset, Path(run) / decoder, device)
         self.mean, self.std = ck["mean"].to(device)[None, :, None, None], ck["std"].to(device)
         self.preset, self.device = preset, device
-        self.run_text = None
-        if (run / "unet_text.pt").exists():
-            state = torch.load(run / "unet_text.pt", weights_only=True, map_location="cpu")["text"]
-            self.run_text = train.text_from_state(preset, state, device)
         self.unet = train.TwinUNet(train.unet_config(preset.unet, preset.text["hidden_size"])).eval().to(device)
         self.tokens = train.TokenCache()
 
     def load(self, ck):
-        """A checkpoint's UNet, and its own text encoder when it carries one (onestep.pt), else the run's."""
+        """A generator checkpoint's UNet and text encoder."""
+        if "text" not in ck:
+            raise ValueError("the checkpoint carries no text encoder (validate.py reads onestep checkpoints; the "
+                             "runs of earlier recipes kept theirs in unet_text.pt: git show ffa37bf:recipe/validate.py)")
         self.unet.load_state_dict(ck["unet"])
-        if "text" in ck:
-            self.text = train.text_from_state(self.preset, ck["text"], self.device)
-        elif self.run_text is None:
-            raise FileNotFoundError("the checkpoint has no text encoder and the run folder no unet_text.pt")
-        else:
-            self.text = self.run_text
+        self.text = train.text_from_state(self.preset, ck["text"], self.device)
 
     @torch.no_grad()
     def __call__(self, prompts, seed, batch=256, with_noise=False):
@@ -131,9 +124,8 @@ def reconstruction(run, preset, decoder, n, device, seed=4321):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="*", help="checkpoints with a unet (and maybe a text) state dict")
-    ap.add_argument("--run", required=True, help="run folder with aeft.pt (and unet_text.pt for checkpoints without "
-                    "their own text encoder)")
+    ap.add_argument("checkpoints", nargs="*", help="onestep checkpoints (a unet and a text state dict)")
+    ap.add_argument("--run", required=True, help="run folder with aeft.pt (or the --decoder checkpoint)")
     ap.add_argument("--soup", action="append", default=[], help="NAME=a.pt,b.pt,...: also validate their mean")
     ap.add_argument("--decoder", default="aeft.pt", help="decoder checkpoint in the run folder (e.g. decproj.pt)")
     ap.add_argument("--n", type=int, default=300)
