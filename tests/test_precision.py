@@ -9,11 +9,9 @@ conversion, an implementation independent of mdref's.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,13 +369,6 @@ def test_ops_agree_with_pytorch_float16_on_cpu():
     assert ok, ("attention", worst)
 
 
-def _twin():
-    spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _same_size_and_agree(name, ours, theirs, ref, record_property):
     """float16 errors against float64, pooled over a batch of inputs.
 
@@ -408,7 +399,8 @@ def test_default_model_components_match_pytorch_float16(record_property):
     import transformers
     g = np.random.default_rng(0)
     cfg = json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())
-    net = _twin().TwinUNet(cfg).eval()
+    import twin  # recipe/twin.py (recipe/ is on pytest's pythonpath, pyproject.toml)
+    net = twin.TwinUNet(cfg).eval()
     sd, _ = read_safetensors(DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
     net.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()})
     x, ctx = g.standard_normal((16, 8, 8, 8)), g.standard_normal((16, 77, 64))
@@ -522,19 +514,11 @@ def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys)
 
 
 # ---- the embedded default model in low precision ------------------------------------------------------------------
-def _reader():
-    spec = importlib.util.spec_from_file_location("mdref_recipe_evaluate",
-                                                  Path(__file__).parents[1] / "recipe" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_model_draws_the_same_picture_in_low_precision(dtype):
     """The shape reader of recipe/evaluate.py reads the same attributes off the float16 / bfloat16 picture as off
     the float32 one, for the golden prompts."""
-    evaluate = _reader()
+    import evaluate  # recipe/evaluate.py (recipe/ is on pytest's pythonpath, pyproject.toml)
     prompts = [p for p, _ in GOLDEN_CASES]
     pictures = {}
     for name in ("float32", dtype):
