@@ -186,15 +186,16 @@ def command_line_text(value, what):
 
 
 def _run(pipe, args, allow_nonfinite=None):
-    """Check every argument (before anything is computed), read --noise, run."""
-    allow = args.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-    _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
-                          guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                          max_memory=args.max_memory)
-    noise = _read_noise(args.noise, shape, args.steps)
-    return pipe.run(args.prompt, seed=args.seed, noise=noise, steps=args.steps, height=args.height,
-                    width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                    allow_nonfinite=allow, max_memory=args.max_memory)
+    """Check every argument (before anything is computed or read), then the --noise file against the latent's shape
+    the request settled, then run the checked request."""
+    arguments = dict(seed=args.seed, steps=args.steps, height=args.height, width=args.width,
+                     guidance_scale=args.guidance, negative_prompt=args.negative_prompt, max_memory=args.max_memory,
+                     allow_nonfinite=args.allow_nonfinite if allow_nonfinite is None else allow_nonfinite)
+    request = pipe.check(args.prompt, **arguments)
+    if args.noise is not None:
+        noise = _read_noise(args.noise, request.shape, len(request.timesteps))
+        request = pipe.check(args.prompt, noise=noise, **arguments)
+    return pipe.execute(request)
 
 
 def _manifest(pipe, args, result):
@@ -419,8 +420,8 @@ def cmd_explain(args):
         print(f"note: {pipe.source} has UNTRAINED seeded weights; the page explains noise", file=sys.stderr)
     t0 = time.perf_counter()
     args.prompt = command_line_text(args.prompt, "the prompt")
-    _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
-    noise = _read_noise(args.noise, shape, args.steps)
+    request = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
+    noise = _read_noise(args.noise, request.shape, len(request.timesteps))
     page = explain_page(pipe, args.prompt, seed=args.seed, noise=noise, steps=args.steps).encode("utf-8")
     build_s = time.perf_counter() - t0
     atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(page), "-o")
