@@ -245,31 +245,28 @@ def _check_manifest(meta, tensors, stored=None):
             if n not in tensors:
                 raise TraceError(f"manifest \"points\" names {n!r}, which is not a tensor in the file")
             seen.add(n)
-    if "dtypes" in manifest:
-        dtypes = manifest["dtypes"]
-        if not isinstance(dtypes, dict):
-            raise TraceError(f"expected manifest \"dtypes\" to be an object {{point: dtype name}}, found "
-                             f"{_json_type(dtypes)}")
-        for n, d in dtypes.items():
-            if not isinstance(d, str):
-                raise TraceError(f"expected manifest \"dtypes\" of {n!r} to be a dtype name, found {_json_type(d)}")
-            if n not in tensors:
-                raise TraceError(f"manifest \"dtypes\" names {n!r}, which is not a tensor in the file")
-            if stored is not None and d != stored[n]:
-                raise TraceError(f"manifest \"dtypes\" says point {n!r} is {d}, but the file stores it as {stored[n]}")
+    for n, d in _point_map(manifest, "dtypes", "dtype name", tensors).items():
+        if not isinstance(d, str):
+            raise TraceError(f"expected manifest \"dtypes\" of {n!r} to be a dtype name, found {_json_type(d)}")
+        if stored is not None and d != stored[n]:
+            raise TraceError(f"manifest \"dtypes\" says point {n!r} is {d}, but the file stores it as {stored[n]}")
     if "precision" in manifest:
         precision_name(manifest["precision"], "manifest \"precision\"")
-    if "point_precision" in manifest:
-        per_point = manifest["point_precision"]
-        if not isinstance(per_point, dict):
-            raise TraceError(f"expected manifest \"point_precision\" to be an object {{point: precision}}, found "
-                             f"{_json_type(per_point)}")
-        for n, d in per_point.items():
-            if n not in tensors:
-                raise TraceError(f"manifest \"point_precision\" names {n!r}, which is not a tensor in the file")
-            if precision_name(d, f"manifest \"point_precision\" of {n!r}") is None:
-                raise TraceError(f"manifest \"point_precision\" of {n!r} must name a precision, found null")
+    for n, d in _point_map(manifest, "point_precision", "precision", tensors).items():
+        if precision_name(d, f"manifest \"point_precision\" of {n!r}") is None:
+            raise TraceError(f"manifest \"point_precision\" of {n!r} must name a precision, found null")
     return manifest
+
+
+def _point_map(manifest, key, what, tensors):
+    """manifest[key] as an object {point: value} whose points are tensors of the file ({} when absent)."""
+    per_point = manifest.get(key, {})
+    if not isinstance(per_point, dict):
+        raise TraceError(f"expected manifest \"{key}\" to be an object {{point: {what}}}, found {_json_type(per_point)}")
+    for n in per_point:
+        if n not in tensors:
+            raise TraceError(f"manifest \"{key}\" names {n!r}, which is not a tensor in the file")
+    return per_point
 
 
 def precision_name(value, what="precision"):
