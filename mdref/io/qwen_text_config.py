@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, field
 
 from ..specs import QwenTextSpec
-from .config import (MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ConfigError, check_bool, check_choice, check_float, check_int, check_list, from_dict,
-                     to_dict)
+from .config import (MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ConfigError, check_bool, check_choice, check_float,
+                     check_int, check_list, from_dict, to_dict)
 
 __all__ = ["QwenTextConfig", "qwen_text_spec", "IGNORED_KEYS"]
 
