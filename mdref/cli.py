@@ -363,6 +363,24 @@ def cmd_explain(args):
     return 0
 
 
+def cmd_live(args):
+    from .live import LiveModel, ServeError, make_server, serve
+
+    try:
+        server = make_server(args.host or "127.0.0.1", args.port)      # before the model: a busy port fails fast
+    except ServeError as e:
+        raise UsageError(str(e)) from None
+    try:
+        pipe = load_pipeline(args)
+        if pipe.untrained:
+            print(f"note: {pipe.source} has UNTRAINED seeded weights; the pictures are noise", file=sys.stderr)
+        server.model = LiveModel(pipe)
+    except BaseException:
+        server.server_close()
+        raise
+    return serve(server, open_browser=args.open)
+
+
 def build_parser():
     parser = _Parser(prog="mdref", description="mdref: a NumPy golden reference for one-step "
                                      "text-to-image diffusion in the MobileDiffusion family.")
@@ -417,6 +435,14 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1, help="UNet evaluations (default 1)")
     _add_model_args(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("live", help="a local web page: the picture redraws as you type, two prompts side by side")
+    _add_model_args(p)
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
+    p.add_argument("--host", metavar="ADDRESS", help="listen on this IP address instead of 127.0.0.1 (this "
+                   "machine only); 0.0.0.0 lets anyone who reaches this machine use the page and its CPU")
+    p.add_argument("--open", action="store_true", help="open the page in the default web browser")
+    p.set_defaults(func=cmd_live)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""Headless Chromium driven over the Chrome DevTools Protocol, standard library only (the browser tests of `mdref
+explain` and `mdref live`, and benchmarks/live_latency.py). Without a browser a test skips, except under CI (env
+CI set; .ci/run installs Debian's chromium), where a missing browser is a failure."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+
+def chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def chromium_or_skip():
+    exe = chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but no chromium is installed (.ci/run installs Debian's chromium)")
+        pytest.skip("no chromium on PATH (apt-get install chromium); CI=1 makes this a failure")
+    return exe
+
+
+class DevTools:
+    """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3 in, fd 4 out; JSON messages ended by NUL)."""
+
+    def __init__(self, exe, profile, args=()):
+        to_child, self._w = os.pipe()
+        self._r, from_child = os.pipe()
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+               "--hide-scrollbars", f"--user-data-dir={profile}", "--remote-debugging-pipe", *args, "about:blank"]
+        # the shell puts the two pipe ends on fds 3 and 4, where the pipe transport expects them
+        self.proc = subprocess.Popen(["bash", "-c", f'exec "$@" 3<&{to_child} 4>&{from_child}', "bash", *cmd],
+                                     pass_fds=(to_child, from_child), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        os.close(to_child)
+        os.close(from_child)
+        self._buf, self._id, self.events = b"", 0, []
+
+    def _read(self, deadline):
+        while b"\0" not in self._buf:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer from Chromium")
+            chunk = os.read(self._r, 1 << 16)
+            if not chunk:
+                raise RuntimeError("Chromium closed the DevTools pipe")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(self, method, session=None, timeout=60, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._read(deadline)
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_for(self, method, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not any(e.get("method") == method for e in self.events):
+            self.events.append(self._read(deadline))
+
+    def open(self, url, width, height):
+        """A new tab at width x height CSS pixels with Page, Runtime, Log and Network events on, navigated to url
+        and loaded; returns its session id."""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.call(f"{domain}.enable", session)
+        self.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1,
+                  mobile=False)
+        self.call("Page.navigate", session, url=url)
+        self.wait_for("Page.loadEventFired")
+        return session
+
+    def evaluate(self, session, expression, timeout=60):
+        """The value of a JavaScript expression in the page (a promise is awaited)."""
+        r = self.call("Runtime.evaluate", session, timeout=timeout, expression=expression, returnByValue=True,
+                      awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression[:60]}...: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def screenshot(self, session, width, height):
+        """PNG bytes of the page's top width x height CSS pixels (beyond the window if need be)."""
+        shot = self.call("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
+                         clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})
+        return base64.b64decode(shot["data"])
+
+    def errors(self):
+        """Console errors, assertion failures, uncaught exceptions and error log entries seen so far."""
+        return [e["params"] for e in self.events
+                if (e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") in ("error", "assert"))
+                or e.get("method") == "Runtime.exceptionThrown"
+                or (e.get("method") == "Log.entryAdded" and e["params"]["entry"].get("level") == "error")]
+
+    def requested(self):
+        """The URL of every request the pages made."""
+        return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=10)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
