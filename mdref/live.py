@@ -303,10 +303,6 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- parsing
     def parse_request(self):
-        if len(self.raw_requestline) > MAX_TARGET + 64:
-            self.request_version = "HTTP/1.0"
-            self.send_error(414, f"request line over {MAX_TARGET + 64} bytes")
-            return False
         if not super().parse_request():
             return False
         self.server.unwatch(self.connection)       # the headers are in: the request is read
@@ -420,7 +416,7 @@ class Handler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
         line = " ".join(str(reason).split()) + "\n"           # one line, whatever the reason held
-        head = self.command == "HEAD"
+        head = getattr(self, "command", None) == "HEAD"
         self._send(status, line.encode("utf-8", "replace"), "text/plain; charset=utf-8", CSP_DATA, head,
                    extra={"Allow": "GET, HEAD"} if status == 405 else {})
 
@@ -434,15 +430,15 @@ class LiveServer(ThreadingHTTPServer):
     def __init__(self, address, *, max_connections=MAX_CONNECTIONS,
                  request_seconds=REQUEST_SECONDS, socket_timeout=REQUEST_SECONDS, verbose=False):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
         self.model = None
         self.verbose = verbose
         self.socket_timeout = socket_timeout
         self.request_seconds = request_seconds
         self.pages = {name: _page_file(name) for name, _ in PAGE_FILES.values()}
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections, self._open, self._count_lock = max_connections, 0, threading.Lock()
         self._deadlines, self._deadlines_lock = {}, threading.Lock()
         self._stop = threading.Event()
+        super().__init__(address, Handler)                  # binds and listens (OSError: nothing is left open)
         host = ipaddress.ip_address(address[0])
         self.port = self.server_address[1]
         literal = f"[{host}]" if host.version == 6 else str(host)
@@ -485,8 +481,16 @@ class LiveServer(ThreadingHTTPServer):
         return bool(m) and self.host_allowed(m.group(1))
 
     # -- connections: bounded, and none held open by a slow request
+    def open_connections(self):
+        """Connections being served now."""
+        with self._count_lock:
+            return self._open
+
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        with self._count_lock:
+            full = self._open >= self.max_connections
+            self._open += not full
+        if full:
             try:
                 request.settimeout(1.0)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -498,14 +502,18 @@ class LiveServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except Exception:
-            self._slots.release()
+            self._closed()
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._closed()
+
+    def _closed(self):
+        with self._count_lock:
+            self._open -= 1
 
     def watch(self, conn):
         with self._deadlines_lock:
