@@ -375,6 +375,7 @@ def cmd_live(args):
         if pipe.untrained:
             print(f"note: {pipe.source} has UNTRAINED seeded weights; the pictures are noise", file=sys.stderr)
         server.model = LiveModel(pipe)
+        server.model.warm_up()
     except BaseException:
         server.server_close()
         raise

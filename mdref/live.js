@@ -4,7 +4,8 @@
 // request in flight: a keystroke during a request is answered by one more request when it returns, for the text
 // as it is then. After a longer pause (MAPS_DELAY_MS) the side asks for its cross-attention maps and x0, a second,
 // recorded model run. window.mdrefLive.latencies holds, per picture drawn, the milliseconds from the keystroke it
-// answers to the picture on screen (the benchmark and the browser test read it).
+// answers to the picture on screen; the events "mdref-drawn" and "mdref-maps" on window say a picture, or the maps,
+// are on screen (the benchmark and the browser test wait on them).
 "use strict";
 
 const DEBOUNCE_MS = 60;
@@ -29,6 +30,7 @@ function makeSide(name, suffix) {
 
 const sides = [makeSide("A", ""), makeSide("B", "-b")];
 const seedBox = byId("seed");
+const showMaps = byId("show-maps");
 
 function currentSeed() {
   const text = seedBox.value.trim();
@@ -88,12 +90,13 @@ async function draw(side) {
     const how = serverTiming(response);
     live.latencies.push({side: side.name, prompt, seed, ms, how});
     say(side, `drawn ${Math.round(ms)} ms after the last keystroke${how ? " (" + how + ")" : ""}`, false);
+    window.dispatchEvent(new CustomEvent("mdref-drawn", {detail: {side: side.name, prompt, seed}}));
     side.explain.href = "/explain?" + key;
     side.save.href = "/explain?" + key + "&download=1";
     side.maps.classList.add("stale");
     side.x0.classList.add("stale");
     clearTimeout(side.mapsTimer);
-    side.mapsTimer = setTimeout(() => drawMaps(side, key), MAPS_DELAY_MS);
+    if (showMaps.checked) side.mapsTimer = setTimeout(() => drawMaps(side, key), MAPS_DELAY_MS);
   } catch (e) {
     say(side, `no answer from the server (${e.message}); is mdref live still running?`, true);
   } finally {
@@ -174,6 +177,7 @@ async function drawMaps(side, key) {
     side.maps.classList.remove("stale");
     side.maps.dataset.key = key;
     drawX0(side, answer.x0);
+    window.dispatchEvent(new CustomEvent("mdref-maps", {detail: {side: side.name, key}}));
   } catch (e) {
     say(side, `maps not drawn: no answer from the server (${e.message})`, true);
   }
@@ -182,6 +186,9 @@ async function drawMaps(side, key) {
 // ---- wiring ----------------------------------------------------------------------------------------------------
 for (const side of sides) side.prompt.addEventListener("input", () => schedule(side));
 seedBox.addEventListener("input", () => { for (const side of sides) schedule(side); });
+showMaps.addEventListener("change", () => {
+  for (const side of sides) if (showMaps.checked && side.shown) drawMaps(side, side.shown);
+});
 byId("new-noise").addEventListener("click", () => {
   seedBox.value = String(crypto.getRandomValues(new Uint32Array(1))[0]);
   for (const side of sides) { side.typedAt = performance.now(); draw(side); }

@@ -47,6 +47,7 @@ from urllib.parse import unquote_to_bytes
 import numpy as np
 
 from . import __version__
+from .guards import SEED_LIMIT          # 0 <= seed < 2**64
 
 __all__ = ["LiveModel", "LiveServer", "ServeError", "make_server", "serve", "parse_query", "BadRequest",
            "DEFAULT_PORT", "MAX_PROMPT_CHARS"]
@@ -54,7 +55,6 @@ __all__ = ["LiveModel", "LiveServer", "ServeError", "make_server", "serve", "par
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MAX_PROMPT_CHARS = 500            # characters; CLIP reads 77 tokens at most, and a long prompt is slower to check
-SEED_LIMIT = 2 ** 64              # as mdref.guards.SEED_LIMIT: 0 <= seed < 2**64
 MAX_TARGET = 8192                 # bytes of the request target (a 500-character prompt percent-encoded fits)
 CACHE_ENTRIES = 256               # per kind: images (a few KB each), maps, explain pages (fewer: ~200 KB each)
 EXPLAIN_ENTRIES = 8
@@ -140,20 +140,24 @@ def parse_query(query, allowed):
 
 # ---- the model: one run at a time, results cached -------------------------------------------------------------
 class _LRU:
+    """A small least-recently-used cache, safe to share between the connection threads."""
+
     def __init__(self, size):
-        self.size, self.items = size, OrderedDict()
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
 
     def get(self, key):
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        return None
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            return None
 
     def put(self, key, value):
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
 
 
 def _png(pixels, text):
@@ -257,6 +261,12 @@ class LiveModel:
         spent = [s for s in (image_s, maps_s) if s is not None]
         return body, sum(spent) if spent else None
 
+    def warm_up(self):
+        """One run before the first request (the first run of a process pays for BLAS and PNG set-up)."""
+        from . import explain  # noqa: F401  (imported now rather than on the first /api/maps)
+
+        self.image("", 0)
+
     def explain_page(self, prompt, seed):
         from . import explain
 
@@ -266,11 +276,9 @@ class LiveModel:
 
 
 # ---- HTTP -----------------------------------------------------------------------------------------------------
-_HIT = object()
-
-
-def _timing(seconds):
-    return _HIT if seconds is None else seconds
+def _server_timing(seconds):
+    """The Server-Timing header (the browser's DevTools show it): the model's time, or a cache hit (None)."""
+    return 'cache;desc="hit"' if seconds is None else f"model;dur={seconds * 1000:.1f}"
 
 
 def _page_file(name):
@@ -296,7 +304,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.watch(self.connection)
         try:
             super().handle_one_request()
-        except (ConnectionError, TimeoutError, OSError):
+        except OSError:                             # the client went away, or the reaper cut it
             self.close_connection = True
         finally:
             self.server.unwatch(self.connection)
@@ -381,13 +389,13 @@ class Handler(BaseHTTPRequestHandler):
         model = self.server.model
         if path == "/api/image":
             (png, _), seconds = model.image(q["prompt"], q["seed"])
-            return self._send(200, png, "image/png", CSP_DATA, head, _timing(seconds))
+            return self._send(200, png, "image/png", CSP_DATA, head, _server_timing(seconds))
         if path == "/api/maps":
             body, seconds = model.maps(q["prompt"], q["seed"])
-            return self._send(200, body, "application/json", CSP_DATA, head, _timing(seconds))
+            return self._send(200, body, "application/json", CSP_DATA, head, _server_timing(seconds))
         body, seconds = model.explain_page(q["prompt"], q["seed"])
         extra = {"Content-Disposition": 'attachment; filename="mdref-explain.html"'} if q.get("download") else {}
-        return self._send(200, body, "text/html; charset=utf-8", CSP_EXPLAIN, head, _timing(seconds), extra)
+        return self._send(200, body, "text/html; charset=utf-8", CSP_EXPLAIN, head, _server_timing(seconds), extra)
 
     # -- answering
     def _send(self, status, body, ctype, csp, head=False, timing=None, extra=()):
@@ -402,8 +410,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.send_header("Cross-Origin-Opener-Policy", "same-origin")
         self.send_header("Cache-Control", "no-store")
-        if timing is not None:                        # the model's time, or a cache hit (DevTools shows it)
-            self.send_header("Server-Timing", 'cache;desc="hit"' if timing is _HIT else f"model;dur={timing * 1000:.1f}")
+        if timing is not None:
+            self.send_header("Server-Timing", timing)
         for k, v in dict(extra).items():
             self.send_header(k, v)
         if self.close_connection:

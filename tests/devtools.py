@@ -70,9 +70,10 @@ class DevTools:
                 return m.get("result", {})
             self.events.append(m)
 
-    def wait_for(self, method, timeout=60):
+    def wait_for(self, method, session=None, timeout=60):
+        """Read messages until an event `method` has come (from `session`, when given)."""
         deadline = time.monotonic() + timeout
-        while not any(e.get("method") == method for e in self.events):
+        while not any(e.get("method") == method and session in (None, e.get("sessionId")) for e in self.events):
             self.events.append(self._read(deadline))
 
     def open(self, url, width, height):
@@ -85,7 +86,7 @@ class DevTools:
         self.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1,
                   mobile=False)
         self.call("Page.navigate", session, url=url)
-        self.wait_for("Page.loadEventFired")
+        self.wait_for("Page.loadEventFired", session)
         return session
 
     def evaluate(self, session, expression, timeout=60):
@@ -95,6 +96,51 @@ class DevTools:
         if "exceptionDetails" in r:
             raise RuntimeError(f"{expression[:60]}...: {r['exceptionDetails']}")
         return r["result"].get("value")
+
+    def wait_until(self, session, expression, timeout=30, event=None):
+        """Until the JavaScript `expression` is truthy in the page; returns its value (TimeoutError after timeout
+        s). With `event` (a name the page dispatches on window) the page checks again at each such event, nothing
+        polls; without, the expression is polled every 20 ms."""
+        if event is None:
+            deadline = time.monotonic() + timeout
+            while True:
+                value = self.evaluate(session, expression)
+                if value:
+                    return value
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{expression} stayed {value!r} for {timeout} s")
+                time.sleep(0.02)
+        waiter = f"""new Promise((resolve, reject) => {{
+          const check = () => {expression};
+          if (check()) return resolve(check());
+          const on = () => {{ if (check()) {{ window.removeEventListener({json.dumps(event)}, on); resolve(check()); }} }};
+          window.addEventListener({json.dumps(event)}, on);
+          setTimeout(() => reject(new Error("timed out")), {int(timeout * 1000)});
+        }})"""
+        try:
+            return self.evaluate(session, waiter, timeout=timeout + 10)
+        except RuntimeError as e:
+            raise TimeoutError(f"{expression} stayed false for {timeout} s ({e})") from None
+
+    def press(self, session, key):
+        """One key typed: keyDown with its text (the page sees keydown, keypress, input), then keyUp."""
+        self.call("Input.dispatchKeyEvent", session, type="keyDown", text=key, key=key, unmodifiedText=key)
+        self.call("Input.dispatchKeyEvent", session, type="keyUp", key=key)
+
+    def clear(self, session, element_id):
+        """Focus a text field, select its text and delete it with Backspace (the page sees an input event)."""
+        self.evaluate(session, f"(() => {{ const e = document.getElementById({json.dumps(element_id)}); e.focus(); "
+                               "e.select(); })()")
+        for kind in ("rawKeyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", session, type=kind, key="Backspace", code="Backspace",
+                      windowsVirtualKeyCode=8)
+
+    def type(self, session, element_id, text, pause=0.0):
+        """Clear a text field, then type `text` into it one key at a time, `pause` seconds apart."""
+        self.clear(session, element_id)
+        for ch in text:
+            self.press(session, ch)
+            time.sleep(pause)
 
     def screenshot(self, session, width, height):
         """PNG bytes of the page's top width x height CSS pixels (beyond the window if need be)."""

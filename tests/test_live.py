@@ -518,31 +518,6 @@ PROMPT_B = "a large red circle on the right, blue background"
 SEED = 12
 
 
-def _wait(tools, session, expression, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = tools.evaluate(session, expression)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{expression} stayed {value!r}")
-        time.sleep(0.05)
-
-
-def _type(tools, session, element, text, pause=0.0):
-    """Clear a text field and type `text` into it one key at a time (DevTools Input.dispatchKeyEvent)."""
-    tools.evaluate(session, f"(() => {{ const e = document.getElementById({json.dumps(element)}); e.focus(); "
-                            "e.select(); })()")
-    tools.call("Input.dispatchKeyEvent", session, type="rawKeyDown", key="Backspace", code="Backspace",
-               windowsVirtualKeyCode=8)
-    tools.call("Input.dispatchKeyEvent", session, type="keyUp", key="Backspace", code="Backspace",
-               windowsVirtualKeyCode=8)
-    for ch in text:
-        tools.call("Input.dispatchKeyEvent", session, type="keyDown", text=ch, key=ch, unmodifiedText=ch)
-        tools.call("Input.dispatchKeyEvent", session, type="keyUp", key=ch)
-        time.sleep(pause)
-
-
 SHOWN = """(async () => {
   // the picture on screen: the pixels the browser decoded (drawn on a canvas), and the PNG of its API URL (the
   // server's cache: the bytes the page was sent)
@@ -572,17 +547,18 @@ def test_typing_in_headless_chromium_redraws_the_pictures(server, pipe, tmp_path
     tools = DevTools(exe, tmp_path / "profile", args=["--host-resolver-rules=MAP rebind.test 127.0.0.1"])
     try:
         session = tools.open(server.url, width=1240, height=1000)
-        _wait(tools, session, "document.getElementById('image-b').dataset.prompt !== undefined")
-        _type(tools, session, "seed", str(SEED))
-        _type(tools, session, "prompt", PROMPT, pause=0.02)
-        _wait(tools, session, f"document.getElementById('image').dataset.prompt === {json.dumps(PROMPT)} && "
-                              f"document.getElementById('image').dataset.seed === '{SEED}'")
+        tools.wait_until(session, "document.getElementById('image-b').dataset.prompt !== undefined")
+        tools.type(session, "seed", str(SEED))
+        tools.type(session, "prompt", PROMPT, pause=0.02)
+        tools.wait_until(session, f"document.getElementById('image').dataset.prompt === {json.dumps(PROMPT)} && "
+                                  f"document.getElementById('image').dataset.seed === '{SEED}'", event="mdref-drawn")
         a, a_png, a_rgba = _shown(tools, session, "image")
-        _type(tools, session, "prompt-b", PROMPT_B)
-        _wait(tools, session, f"document.getElementById('image-b').dataset.prompt === {json.dumps(PROMPT_B)}")
+        tools.type(session, "prompt-b", PROMPT_B)
+        tools.wait_until(session, f"document.getElementById('image-b').dataset.prompt === {json.dumps(PROMPT_B)}",
+                         event="mdref-drawn")
         b, b_png, b_rgba = _shown(tools, session, "image-b")
-        _wait(tools, session, "document.getElementById('maps').dataset.key === "
-                              "document.getElementById('image').dataset.api.split('?')[1]")
+        tools.wait_until(session, "document.getElementById('maps').dataset.key === "
+                                  "document.getElementById('image').dataset.api?.split('?')[1]", event="mdref-maps")
         maps = tools.evaluate(session, "[...document.querySelectorAll('#maps figcaption')].map(f => f.textContent)")
         x0_width = tools.evaluate(session, "document.getElementById('x0').width")
         latencies = tools.evaluate(session, "window.mdrefLive.latencies")
@@ -591,7 +567,7 @@ def test_typing_in_headless_chromium_redraws_the_pictures(server, pipe, tmp_path
         png = tools.screenshot(session, 1240, 1000)
         # a page of another name that resolves to 127.0.0.1 (DNS rebinding) is refused
         tools.call("Page.navigate", session, url=f"http://rebind.test:{port}/")
-        _wait(tools, session, "document.readyState === 'complete' && document.body !== null")
+        tools.wait_until(session, "document.readyState === 'complete' && document.body !== null")
         refused = tools.evaluate(session, "document.body.innerText")
     finally:
         tools.close()
