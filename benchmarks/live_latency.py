@@ -3,22 +3,23 @@
     HF_HUB_OFFLINE=1 python benchmarks/live_latency.py [--rounds 3] [--json out.json] [--screenshot docs/images/live.png]
 
 What is measured (results and what they say: benchmarks/live-latency.md):
-- Servers: `python -m mdref live --port 0` as a user starts it, the default model, one server per BLAS setting
-  (OPENBLAS_NUM_THREADS=1, and the machine's default), each in its own process; the browser (Debian's headless
-  Chromium, driven over the DevTools pipe by tests/devtools.py) in another.
-- "Pause after every key": the sentence is typed one key at a time into prompt A (DevTools Input.dispatchKeyEvent);
-  after each key the next waits until the picture of that prefix is on screen, so every prefix is requested as a
-  typist who stops there would request it. The latency of a prefix is the page's own figure
-  (window.mdrefLive.latencies): performance.now() at the picture decoded on screen minus performance.now() at the
-  input event of the key, so it holds the debounce (live.js DEBOUNCE_MS), the request, the model run, the PNG, the
-  response and the image decode. Each round uses a seed no round used before, so every request runs the model
-  (no cache hit). The servers take the keys in turn, prefix by prefix (interleaved), so both see the same load.
+- Servers: `python -m mdref live --port 0` as a user starts it, the default model, one per BLAS setting
+  (OPENBLAS_NUM_THREADS=1, and the machine's default); one server at a time (an idle server's BLAS threads may
+  spin), the settings alternating round by round. The browser (Debian's headless Chromium, driven over the DevTools
+  pipe by tests/devtools.py) runs beside it, as it would on a learner's laptop.
+- "Pause after every key": the sentence is typed one key at a time into prompt A (DevTools Input.dispatchKeyEvent),
+  each key once the picture of the prefix before is on screen, so every prefix is requested as a typist who stops
+  there would request it. A prefix's latency is the page's own figure (window.mdrefLive.latencies):
+  performance.now() once the picture is decoded on screen minus performance.now() at the key's input event, so it
+  holds the debounce (live.js DEBOUNCE_MS), the request, the model run, the PNG, the response and the decode. Every
+  scenario uses a seed no other used, so each request runs the model (no cache hit). Maps off; then again with
+  maps on and each key typed MAPS_DELAY_MS + 30 ms after the picture, while the maps' run holds the model (the
+  picture's worst case).
 - "Steady typing": the sentence typed at a fixed pace (--pace, default 0.15 s per key, about 80 words a minute)
-  without waiting: which prefixes were drawn, their latency, and the latency of the last key's picture.
-- Maps: per prefix, GET /api/maps after its picture is cached, from Python: the model time the server reports
+  without waiting: how many prefixes were drawn, their latency, and the latency of the last key's picture.
+- Maps: per prefix, GET /api/maps once its picture is cached, from Python: the model time the server reports
   (Server-Timing: one run under mdref.explain's recorder, the maps and the JSON) against the picture's own run.
-- Without a browser: per prefix, sleep(DEBOUNCE_MS) then GET /api/image (cold) from Python, the same latency less
-  the browser's part.
+- Without a browser: per prefix, sleep(DEBOUNCE_MS) then GET /api/image (cold) from Python.
 Timings vary with the machine's load: the script prints the load average before and after.
 """
 
@@ -94,12 +95,6 @@ def summary(values):
     return {"n": len(v), "median": statistics.median(v), "p95": p95, "min": v[0], "max": v[-1]}
 
 
-def fmt(s):
-    if not s.get("n"):
-        return "n/a"
-    return f"{s['median']:.0f} / {s['p95']:.0f} (min {s['min']:.0f}, max {s['max']:.0f}, n={s['n']})"
-
-
 def shown(prompt, seed, side=""):
     return (f"document.getElementById('image{side}').dataset.prompt === {json.dumps(prompt)} && "
             f"document.getElementById('image{side}').dataset.seed === '{seed}'")
@@ -126,9 +121,82 @@ def reset(tools, session, seed, maps):
     tools.evaluate(session, "window.mdrefLive.latencies.length = 0")
 
 
+MEASURES = {   # key: what the report's row says
+    "pause": "pause after every key, maps off: keystroke to picture, median / p95 ms",
+    "pause_waited": "  of which: before the request (the debounce), median ms",
+    "pause_request": "  of which: the request (model run, PNG, HTTP), median ms",
+    "pause_decode": "  of which: reading and decoding the picture, median ms",
+    "pause_maps": "pause after every key, maps on, the key typed while the maps run: median / p95 ms",
+    "steady": "steady typing (--pace): pictures drawn while typing, median / p95 ms",
+    "steady_last": "steady typing: the last key's picture, median ms",
+    "steady_drawn": "steady typing: pictures drawn of the 47 prefixes, median",
+    "image_model": "a picture's model run (Server-Timing), median ms",
+    "maps_model": "the maps' model run (Server-Timing), median ms",
+    "maps_wall": "GET /api/maps (picture cached), median ms",
+    "maps_bytes": "/api/maps answer, median bytes",
+    "no_browser": "no browser: debounce + GET /api/image from Python, median / p95 ms",
+}
+
+
+def measure(tools, port, seed, results, pace, dwell_s, debounce):
+    """Every scenario once against the server on `port`, in a new tab; appends to results (lists by MEASURES)."""
+    session = tools.open(f"http://127.0.0.1:{port}/", 1240, 1000)
+
+    def pausing(seed, maps, dwell, key):
+        reset(tools, session, seed, maps)
+        for i, ch in enumerate(SENTENCE):
+            tools.press(session, ch)
+            tools.wait_until(session, shown(SENTENCE[:i + 1], seed), 60, DRAWN)
+            time.sleep(dwell)
+        lat = {d["prompt"]: d for d in tools.evaluate(session, "window.mdrefLive.latencies")
+               if d["side"] == "A" and d["seed"] == str(seed)}
+        rows = [lat[SENTENCE[:i + 1]] for i in range(len(SENTENCE))]
+        results[key] += [d["ms"] for d in rows]
+        if key == "pause":
+            for part in ("waited", "request", "decode"):
+                results[f"pause_{part}"] += [d[part] for d in rows]
+
+    pausing(seed, False, 0.0, "pause")
+    pausing(seed + 1, True, dwell_s, "pause_maps")
+    reset(tools, session, seed + 2, False)
+    for ch in SENTENCE:
+        tools.press(session, ch)
+        time.sleep(pace)
+    tools.wait_until(session, shown(SENTENCE, seed + 2), 60, DRAWN)
+    lat = [d for d in tools.evaluate(session, "window.mdrefLive.latencies")
+           if d["side"] == "A" and d["seed"] == str(seed + 2)]
+    results["steady"] += [d["ms"] for d in lat]
+    results["steady_last"].append(next(d["ms"] for d in lat if d["prompt"] == SENTENCE))
+    results["steady_drawn"].append(len(lat))
+    tools.evaluate(session, "document.getElementById('show-maps').checked = false")
+    for i in range(len(SENTENCE)):                       # from Python, the page idle
+        q = urlencode({"prompt": SENTENCE[:i + 1], "seed": seed + 3})
+        time.sleep(debounce / 1000)
+        t0 = time.perf_counter()
+        status, _, _, image_ms = get(port, "/api/image?" + q)
+        assert status == 200
+        results["no_browser"].append(debounce + (time.perf_counter() - t0) * 1000)
+        results["image_model"].append(image_ms)
+        status, body, wall, maps_ms = get(port, "/api/maps?" + q)
+        assert status == 200
+        results["maps_model"].append(maps_ms)
+        results["maps_wall"].append(wall)
+        results["maps_bytes"].append(len(body))
+    return session
+
+
+def cell(key, values):
+    s = summary(values)
+    if not s.get("n"):
+        return "n/a"
+    if key in ("pause", "pause_maps", "steady", "no_browser"):
+        return f"{s['median']:.0f} / {s['p95']:.0f}"
+    return f"{s['median']:.0f}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="typed sentences per setting and scenario (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every setting once (default 3)")
     ap.add_argument("--pace", type=float, default=0.15, help="seconds between keys when typing steadily")
     ap.add_argument("--json", help="write every measurement here")
     ap.add_argument("--screenshot", help="also write a screenshot of the page (1240 px wide) here")
@@ -136,109 +204,54 @@ def main(argv=None):
     exe = chromium()
     if exe is None:
         raise SystemExit("no chromium on PATH (apt-get install chromium)")
-    debounce = debounce_ms()
+    debounce, dwell_s = debounce_ms(), (maps_delay_ms() + 30) / 1000
     load0 = os.getloadavg()
-    servers = {name: start_server(env) for name, env in SETTINGS.items()}
-    dwell_s = (maps_delay_ms() + 30) / 1000
-    results = {name: {k: [] for k in ("pause", "pause_maps", "steady", "steady_last", "steady_drawn", "image_model",
-                                      "maps_model", "maps_wall", "maps_bytes", "no_browser")} for name in SETTINGS}
+    results = {name: {k: [] for k in MEASURES} for name in SETTINGS}
     with tempfile.TemporaryDirectory() as profile:
         tools = DevTools(exe, profile)
         try:
-            sessions = {name: tools.open(f"http://127.0.0.1:{port}/", 1240, 1000)
-                        for name, (_, port) in servers.items()}
-            for name, session in sessions.items():
-                tools.wait_until(session, "document.getElementById('image-b').dataset.prompt !== undefined", 120)
             seed = 1000
-
-            def pausing(seed, maps, dwell, key):
-                """Type the sentence into prompt A of every page in turn, each key after the picture of the
-                prefix before is on screen (and `dwell` seconds more); the latencies per prefix."""
-                for name, session in sessions.items():
-                    reset(tools, session, seed, maps)
-                for i, ch in enumerate(SENTENCE):
-                    for name, session in sessions.items():
-                        tools.press(session, ch)
-                        tools.wait_until(session, shown(SENTENCE[:i + 1], seed), 60, DRAWN)
-                    time.sleep(dwell)
-                for name, session in sessions.items():
-                    lat = tools.evaluate(session, "window.mdrefLive.latencies.filter(d => d.side === 'A')")
-                    got = {d["prompt"]: d["ms"] for d in lat if d["seed"] == str(seed)}
-                    results[name][key] += [got[SENTENCE[:i + 1]] for i in range(len(SENTENCE))]
-
             for r in range(args.rounds):
-                # pause after every key, the servers in turn: maps off, then maps on with a dwell that lets the
-                # maps' run start before the next key (the worst case for the picture)
-                seed += 1
-                pausing(seed, False, 0.0, "pause")
-                seed += 1
-                pausing(seed, True, dwell_s, "pause_maps")
-                # steady typing, one server at a time (the other is idle)
-                for name, session in sessions.items():
-                    seed += 1
-                    reset(tools, session, seed, False)
-                    for ch in SENTENCE:
-                        tools.press(session, ch)
-                        time.sleep(args.pace)
-                    tools.wait_until(session, shown(SENTENCE, seed), 60, DRAWN)
-                    lat = [d for d in tools.evaluate(session, "window.mdrefLive.latencies")
-                           if d["side"] == "A" and d["seed"] == str(seed)]
-                    results[name]["steady"] += [d["ms"] for d in lat]
-                    results[name]["steady_last"].append(next(d["ms"] for d in lat if d["prompt"] == SENTENCE))
-                    results[name]["steady_drawn"].append(len(lat))
-                # the maps, and the latency without a browser, from Python (the pages idle)
-                seed += 1
-                for i in range(len(SENTENCE)):
-                    for name, (_, port) in servers.items():
-                        q = urlencode({"prompt": SENTENCE[:i + 1], "seed": seed})
-                        time.sleep(debounce / 1000)
-                        t0 = time.perf_counter()
-                        status, _, _, image_ms = get(port, "/api/image?" + q)
-                        assert status == 200
-                        results[name]["no_browser"].append(debounce + (time.perf_counter() - t0) * 1000)
-                        results[name]["image_model"].append(image_ms)
-                        status, body, wall, maps_ms = get(port, "/api/maps?" + q)
-                        assert status == 200
-                        results[name]["maps_model"].append(maps_ms)
-                        results[name]["maps_wall"].append(wall)
-                        results[name]["maps_bytes"].append(len(body))
-            if args.screenshot:
-                session = sessions["1 BLAS thread"]
-                tools.evaluate(session, "document.getElementById('show-maps').checked = true")
-                tools.type(session, "seed", "0")
-                tools.type(session, "prompt", SENTENCE)
-                tools.wait_until(session, shown(SENTENCE, 0), 60, DRAWN)
-                for side in ("", "-b"):
-                    tools.wait_until(session, maps_shown(side), 60, MAPS)
-                tools.evaluate(session, "document.activeElement.blur()")
-                height = tools.evaluate(session, "document.querySelector('footer').getBoundingClientRect().bottom")
-                Path(args.screenshot).write_bytes(tools.screenshot(session, 1240, int(height) + 12))
+                for name, env in SETTINGS.items():     # one server at a time: an idle one's BLAS threads may spin
+                    server, port = start_server(env)
+                    try:
+                        session = measure(tools, port, seed, results[name], args.pace, dwell_s, debounce)
+                        seed += 10
+                        if args.screenshot and r == args.rounds - 1 and name == next(iter(SETTINGS)):
+                            screenshot(tools, session, args.screenshot)
+                    finally:
+                        server.terminate()
+                        server.wait(20)
         finally:
             tools.close()
-            for p, _ in servers.values():
-                p.terminate()
-                p.wait(20)
     load1 = os.getloadavg()
     report = {"sentence": SENTENCE, "debounce_ms": debounce, "rounds": args.rounds, "pace_s": args.pace,
-              "load_before": load0, "load_after": load1, "cpus": os.cpu_count(), "settings": {}}
+              "load_before": load0, "load_after": load1, "cpus": os.cpu_count(), "results": results}
     print(f"sentence {SENTENCE!r} ({len(SENTENCE)} prefixes), {args.rounds} rounds, debounce {debounce} ms, "
-          f"{os.cpu_count()} CPUs, load average {load0[0]:.1f} before, {load1[0]:.1f} after\n")
-    print("| setting | pause after every key: median / p95 ms | the same, maps on, next key during the maps' run "
-          "| steady typing: drawn pictures median / p95 ms "
-          "| steady: last key's picture, median ms | pictures drawn of 47 | picture's model run median ms "
-          "| maps' model run median ms (x picture) | /api/maps median ms, KB | no browser: debounce + GET, "
-          "median / p95 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        s = {k: summary(v) for k, v in r.items()}
-        report["settings"][name] = {"summary": s, "raw": r}
-        ratio = s["maps_model"]["median"] / s["image_model"]["median"]
-        print(f"| {name} | {fmt(s['pause'])} | {fmt(s['pause_maps'])} | {fmt(s['steady'])} | {s['steady_last']['median']:.0f} "
-              f"| {statistics.median(r['steady_drawn']):.0f} | {s['image_model']['median']:.0f} "
-              f"| {s['maps_model']['median']:.0f} ({ratio:.1f}x) | {s['maps_wall']['median']:.0f}, "
-              f"{statistics.median(r['maps_bytes']) / 1024:.1f} | {fmt(s['no_browser'])} |")
+          f"steady pace {args.pace} s, {os.cpu_count()} CPUs, load average {load0[0]:.1f} before, "
+          f"{load1[0]:.1f} after\n")
+    print("| measure | " + " | ".join(SETTINGS) + " |")
+    print("|---|" + "---|" * len(SETTINGS))
+    for key, label in MEASURES.items():
+        print(f"| {label} | " + " | ".join(cell(key, results[name][key]) for name in SETTINGS) + " |")
+    for name in SETTINGS:
+        ratio = statistics.median(results[name]["maps_model"]) / statistics.median(results[name]["image_model"])
+        print(f"{name}: the maps' run costs {ratio:.2f}x the picture's")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def screenshot(tools, session, path):
+    """The page as a user first sees it: the default prompts at seed 0, maps on, every map drawn."""
+    tools.evaluate(session, "document.getElementById('show-maps').checked = true")
+    tools.type(session, "seed", "0")
+    tools.type(session, "prompt", SENTENCE)
+    tools.wait_until(session, shown(SENTENCE, 0), 60, DRAWN)
+    for side in ("", "-b"):
+        tools.wait_until(session, maps_shown(side), 60, MAPS)
+    tools.evaluate(session, "document.activeElement.blur()")
+    height = tools.evaluate(session, "document.querySelector('footer').getBoundingClientRect().bottom")
+    Path(path).write_bytes(tools.screenshot(session, 1240, int(height) + 12))
 
 
 if __name__ == "__main__":

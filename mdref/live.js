@@ -8,7 +8,7 @@
 // are on screen (the benchmark and the browser test wait on them).
 "use strict";
 
-const DEBOUNCE_MS = 60;
+const DEBOUNCE_MS = 50;
 const MAPS_DELAY_MS = 250;
 const MAP_PX = 64;                     // a token's map is drawn this many pixels a side (CSS scales it)
 const X0_SCALE = 6;                    // x0 tiles: CSS pixels per latent pixel
@@ -72,9 +72,10 @@ async function draw(side) {
   if (key === side.shown) return;
   if (side.busy) { side.again = true; return; }
   side.busy = true;
-  const typedAt = side.typedAt;
+  const typedAt = side.typedAt, sentAt = performance.now();
   try {
     const response = await fetch("/api/image?" + key);
+    const answeredAt = performance.now();
     if (!response.ok) {
       say(side, `not drawn: ${(await response.text()).trim()}`, true);
       return;
@@ -88,7 +89,10 @@ async function draw(side) {
     Object.assign(side.image.dataset, {prompt, seed, api: "/api/image?" + key});
     const ms = performance.now() - typedAt;
     const how = serverTiming(response);
-    live.latencies.push({side: side.name, prompt, seed, ms, how});
+    // where the time went: the wait before the request (the debounce, or a request still in flight), the request
+    // (model run included), reading and decoding the picture
+    live.latencies.push({side: side.name, prompt, seed, ms, how, waited: sentAt - typedAt,
+                         request: answeredAt - sentAt, decode: performance.now() - answeredAt});
     say(side, `drawn ${Math.round(ms)} ms after the last keystroke${how ? " (" + how + ")" : ""}`, false);
     window.dispatchEvent(new CustomEvent("mdref-drawn", {detail: {side: side.name, prompt, seed}}));
     side.explain.href = "/explain?" + key;

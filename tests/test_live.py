@@ -206,6 +206,7 @@ def test_the_page_and_its_files(server):
     for needed in ('<textarea id="prompt"', '<textarea id="prompt-b"', '<img id="image"', '<img id="image-b"',
                    'src="/live.js"', 'href="/live.css"'):
         assert needed in text
+    assert text.count(f'maxlength="{live.MAX_PROMPT_CHARS}"') == 2              # the page keeps to the limit
     assert "<script>" not in text and " on" + "input=" not in text and "http" not in text.replace("http-equiv", "")
     for route, kind in (("/live.js", "text/javascript"), ("/live.css", "text/css")):
         status, headers, body = get(server, route)
