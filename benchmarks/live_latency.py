@@ -4,8 +4,8 @@
 
 What is measured (results and what they say: benchmarks/live-latency.md):
 - Servers: `python -m mdref live --port 0` as a user starts it, the default model, one per BLAS setting
-  (OPENBLAS_NUM_THREADS=1, and the machine's default); one server at a time (an idle server's BLAS threads may
-  spin), the settings alternating round by round. The browser (Debian's headless Chromium, driven over the DevTools
+  (`--blas-threads 1`, the default, and `--blas-threads 0`: OpenBLAS's own count, the machine's cores); one server
+  at a time (an idle server's BLAS threads may spin), the settings alternating round by round. The browser (Debian's headless Chromium, driven over the DevTools
   pipe by tests/devtools.py) runs beside it, as it would on a learner's laptop.
 - "Pause after every key": the sentence is typed one key at a time into prompt A (DevTools Input.dispatchKeyEvent),
   each key once the picture of the prefix before is on screen, so every prefix is requested as a typist who stops
@@ -44,7 +44,8 @@ from devtools import DevTools, chromium  # noqa: E402
 
 SENTENCE = "a large red circle on the left, blue background"
 DRAWN, MAPS = "mdref-drawn", "mdref-maps"          # the events live.js dispatches when a picture / the maps are shown
-SETTINGS = {"1 BLAS thread": {"OPENBLAS_NUM_THREADS": "1"}, "default threads": {}}
+SETTINGS = {"--blas-threads 1 (the default)": ["--blas-threads", "1"],
+            "--blas-threads 0 (OpenBLAS's own count)": ["--blas-threads", "0"]}
 
 
 def debounce_ms():
@@ -57,13 +58,11 @@ def maps_delay_ms():
     return int(re.search(r"const MAPS_DELAY_MS = (\d+);", text).group(1))
 
 
-def start_server(env_extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **env_extra)
-    for k in ("OPENBLAS_NUM_THREADS",):
-        if k not in env_extra:
-            env.pop(k, None)
-    p = subprocess.Popen([sys.executable, "-m", "mdref", "live", "--port", "0"], stderr=subprocess.PIPE, text=True,
-                         env=env)
+def start_server(options):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    p = subprocess.Popen([sys.executable, "-m", "mdref", "live", "--port", "0", *options], stderr=subprocess.PIPE,
+                         text=True, env=env)
     line = p.stderr.readline()
     m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
     if not m:
@@ -212,8 +211,8 @@ def main(argv=None):
         try:
             seed = 1000
             for r in range(args.rounds):
-                for name, env in SETTINGS.items():     # one server at a time: an idle one's BLAS threads may spin
-                    server, port = start_server(env)
+                for name, options in SETTINGS.items():  # one server at a time: an idle one's BLAS threads may spin
+                    server, port = start_server(options)
                     try:
                         session = measure(tools, port, seed, results[name], args.pace, dwell_s, debounce)
                         seed += 10

@@ -578,6 +578,32 @@ def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, **kw):
         raise ServeError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
+def set_blas_threads(n):
+    """Set this process's OpenBLAS thread count to n, the way threadpoolctl does: OpenBLAS's own
+    openblas_set_num_threads (numpy's wheels carry it as scipy_openblas_set_num_threads64_), looked up in the
+    libraries this process has loaded (/proc/self/maps). Returns the name of the library changed, or None when none
+    was found (another BLAS, another OS): then nothing changes. For the default model's small matrices one thread is
+    faster than several, and far faster on a busy machine (benchmarks/live-latency.md)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, symbol):
+                getattr(lib, symbol)(ctypes.c_int(n))
+                return path.rsplit("/", 1)[-1]
+    return None
+
+
 def serve(server, *, open_browser=False, out=sys.stderr):
     """Serve until Ctrl-C or SIGTERM, then close the socket; returns 0."""
     def stop(signum, frame):

@@ -138,6 +138,17 @@ def test_the_maps_are_sent_at_their_cells_without_loss():
     assert live._cell(maps) == (1, 1)
 
 
+def _concurrently(calls):
+    """Run the calls in threads at once; their results in order."""
+    results = [None] * len(calls)
+    threads = [threading.Thread(target=lambda i=i, f=f: results.__setitem__(i, f())) for i, f in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
 def test_one_model_run_at_a_time_and_one_run_per_key(server, pipe, monkeypatch):
     """Eight concurrent requests for one new key: the model runs once (the cache is asked again under the lock),
     and never two runs overlap."""
@@ -158,21 +169,10 @@ def test_one_model_run_at_a_time_and_one_run_per_key(server, pipe, monkeypatch):
     monkeypatch.setattr(pipe, "run", counting)
     runs = server.model.runs
     target = image_target("a small white triangle", 99)
-    answers = [None] * 8
-    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, get(server, target))) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    answers = _concurrently([lambda: get(server, target)] * 8)
     assert [a[0] for a in answers] == [200] * 8 and len({a[2] for a in answers}) == 1
     assert server.model.runs == runs + 1 and most[0] == 1
-    other = [None] * 3
-    threads = [threading.Thread(target=lambda i=i: other.__setitem__(i, get(server, image_target(f"{i}", 99))))
-               for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    other = _concurrently([lambda i=i: get(server, image_target(f"{i}", 99)) for i in range(3)])
     assert [a[0] for a in other] == [200] * 3 and most[0] == 1
 
 
