@@ -1,12 +1,13 @@
 """Keystroke-to-picture latency of `mdref live`, measured in headless Chromium, and the cost of the maps.
 
-    HF_HUB_OFFLINE=1 python benchmarks/live_latency.py [--rounds 3] [--json out.json] [--screenshot docs/images/live.png]
+    HF_HUB_OFFLINE=1 python benchmarks/live_latency.py [--rounds 3] [--json OUT.json] [--screenshot OUT.png]
 
 What is measured (results and what they say: benchmarks/live-latency.md):
 - Servers: `python -m mdref live --port 0` as a user starts it, the default model, one per BLAS setting
   (`--blas-threads 1`, the default, and `--blas-threads 0`: OpenBLAS's own count, the machine's cores); one server
-  at a time (an idle server's BLAS threads may spin), the settings alternating round by round. The browser (Debian's headless Chromium, driven over the DevTools
-  pipe by tests/devtools.py) runs beside it, as it would on a learner's laptop.
+  at a time (an idle server's BLAS threads may spin), the settings alternating round by round. The browser
+  (Debian's headless Chromium, driven over the DevTools pipe by tests/devtools.py) runs beside it, as it would on a
+  learner's laptop.
 - "Pause after every key": the sentence is typed one key at a time into prompt A (DevTools Input.dispatchKeyEvent),
   each key once the picture of the prefix before is on screen, so every prefix is requested as a typist who stops
   there would request it. A prefix's latency is the page's own figure (window.mdrefLive.latencies):

@@ -199,7 +199,8 @@ byId("new-noise").addEventListener("click", () => {
 });
 
 fetch("/api/info").then(r => r.json()).then(info => {
-  byId("model").textContent = `model ${info.model}${info.untrained ? " (UNTRAINED seeded weights: it draws noise)" : ""}`
+  const untrained = info.untrained ? " (UNTRAINED seeded weights: it draws noise)" : "";
+  byId("model").textContent = `model ${info.model}${untrained}`
     + `, ${info.parameters.toLocaleString("en")} parameters, ${info.dtype}, ${info.height}x${info.width} pixels`
     + ` from a ${info.latent_shape.slice(1).join("x")} latent in one UNet evaluation; mdref ${info.mdref_version}`;
 }).catch(e => { byId("model").textContent = `no answer from the server (${e.message})`; });

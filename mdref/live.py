@@ -61,7 +61,8 @@ EXPLAIN_ENTRIES = 8
 MAX_CONNECTIONS = 32              # open connections at once; more are answered 503 and closed
 REQUEST_SECONDS = 10.0            # a request line and its headers must arrive within this (slowloris)
 MODEL_WAIT_SECONDS = 60.0         # a request waits this long for the model lock, then gets 503
-PAGE_FILES = {"/": ("live.html", "text/html; charset=utf-8"), "/live.js": ("live.js", "text/javascript; charset=utf-8"),
+PAGE_FILES = {"/": ("live.html", "text/html; charset=utf-8"),            # route -> (package file, Content-Type)
+              "/live.js": ("live.js", "text/javascript; charset=utf-8"),
               "/live.css": ("live.css", "text/css; charset=utf-8")}
 
 # Content-Security-Policy per kind of response: the page runs only its same-origin script, loads only its own

@@ -113,7 +113,9 @@ class DevTools:
         waiter = f"""new Promise((resolve, reject) => {{
           const check = () => {expression};
           if (check()) return resolve(check());
-          const on = () => {{ if (check()) {{ window.removeEventListener({json.dumps(event)}, on); resolve(check()); }} }};
+          const on = () => {{
+            if (check()) {{ window.removeEventListener({json.dumps(event)}, on); resolve(check()); }}
+          }};
           window.addEventListener({json.dumps(event)}, on);
           setTimeout(() => reject(new Error("timed out")), {int(timeout * 1000)});
         }})"""

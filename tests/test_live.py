@@ -477,6 +477,8 @@ def test_a_port_in_use_bad_host_and_bad_model_exit_2(tmp_path, capsys):
     assert "cannot listen there" in _one_error_line(capsys)
     assert main(["live", "--port", "70000"]) == 2
     assert "--port 70000" in _one_error_line(capsys)
+    assert main(["live", "--blas-threads", "-1"]) == 2
+    assert "--blas-threads -1" in _one_error_line(capsys)
     with socket.socket() as probe:                          # the model's error path releases the port it bound
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -486,6 +488,33 @@ def test_a_port_in_use_bad_host_and_bad_model_exit_2(tmp_path, capsys):
     assert "unknown preset 'nope'" in _one_error_line(capsys)
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+def _openblas_threads():
+    """OpenBLAS's own count of this process (its get function), or None without OpenBLAS."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                       "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            if hasattr(lib, symbol):
+                return getattr(lib, symbol)()
+    return None
+
+
+def test_set_blas_threads_sets_openblas_own_count():
+    before = _openblas_threads()
+    if before is None:
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    try:
+        assert live.set_blas_threads(1) is not None and _openblas_threads() == 1
+        assert live.set_blas_threads(2) is not None and _openblas_threads() == 2
+    finally:
+        live.set_blas_threads(before)
+    assert _openblas_threads() == before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
