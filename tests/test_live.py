@@ -33,6 +33,33 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PROMPT = "a large red circle on the left, blue background"
 
 
+def _openblas_threads():
+    """OpenBLAS's own count of this process (its get function), or None without OpenBLAS."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                       "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            if hasattr(lib, symbol):
+                return getattr(lib, symbol)()
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread():
+    """These tests run the model as `mdref live` does, on one OpenBLAS thread (much faster on a busy machine); the
+    count is restored afterwards for the other test modules."""
+    before = _openblas_threads()
+    if before is not None:
+        live.set_blas_threads(1)
+    yield
+    if before is not None:
+        live.set_blas_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return mdref.Pipeline.from_pretrained()
@@ -490,28 +517,13 @@ def test_a_port_in_use_bad_host_and_bad_model_exit_2(tmp_path, capsys):
         again.bind(("127.0.0.1", port))
 
 
-def _openblas_threads():
-    """OpenBLAS's own count of this process (its get function), or None without OpenBLAS."""
-    import ctypes
-
-    with open("/proc/self/maps") as f:
-        paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                       "openblas_get_num_threads64_", "openblas_get_num_threads"):
-            if hasattr(lib, symbol):
-                return getattr(lib, symbol)()
-    return None
-
-
 def test_set_blas_threads_sets_openblas_own_count():
     before = _openblas_threads()
     if before is None:
         pytest.skip("numpy is not linked to OpenBLAS here")
     try:
-        assert live.set_blas_threads(1) is not None and _openblas_threads() == 1
         assert live.set_blas_threads(2) is not None and _openblas_threads() == 2
+        assert live.set_blas_threads(1) is not None and _openblas_threads() == 1
     finally:
         live.set_blas_threads(before)
     assert _openblas_threads() == before
