@@ -85,9 +85,15 @@ class DevTools:
             self.call(f"{domain}.enable", session)
         self.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1,
                   mobile=False)
-        self.call("Page.navigate", session, url=url)
-        self.wait_for("Page.loadEventFired", session)
+        self.navigate(session, url)
         return session
+
+    def navigate(self, session, url, timeout=60):
+        """Load url in the tab and wait for its load event."""
+        self.events = [e for e in self.events if not (e.get("method") == "Page.loadEventFired"
+                                                      and e.get("sessionId") == session)]
+        self.call("Page.navigate", session, url=url)
+        self.wait_for("Page.loadEventFired", session, timeout)
 
     def evaluate(self, session, expression, timeout=60):
         """The value of a JavaScript expression in the page (a promise is awaited)."""

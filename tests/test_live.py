@@ -532,8 +532,10 @@ def test_set_blas_threads_sets_openblas_own_count():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_the_command_serves_and_stops_cleanly(sig):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # as a terminal starts a foreground command: SIGINT at its default (a shell without job control starts
+    # background commands with SIGINT ignored, and Python then keeps it ignored)
     p = subprocess.Popen([sys.executable, "-m", "mdref", "live", "--port", "0"], stderr=subprocess.PIPE, text=True,
-                         env=env)
+                         env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stderr.readline()
         assert line.startswith("mdref live: serving mdref:default at http://127.0.0.1:"), line
@@ -607,9 +609,20 @@ def test_typing_in_headless_chromium_redraws_the_pictures(server, pipe, tmp_path
         errors_on_page = tools.evaluate(session, "window.mdrefLive.errors")
         explain_href = tools.evaluate(session, "document.getElementById('explain').getAttribute('href')")
         png = tools.screenshot(session, 1240, 1000)
+        # new noise: both pictures redraw from the seed it chose
+        tools.evaluate(session, "document.getElementById('new-noise').click()")
+        new_seed = tools.wait_until(session, "(() => { const s = document.getElementById('seed').value, "
+                                             "a = document.getElementById('image').dataset.seed, "
+                                             "b = document.getElementById('image-b').dataset.seed; "
+                                             f"return s !== '{SEED}' && a === s && b === s && s; }})()",
+                                    event="mdref-drawn")
+        # the explain page of what is on screen, under its own CSP: every picture shown, no CSP violation
+        tools.navigate(session, server.url.rstrip("/") + explain_href)
+        explained = tools.evaluate(session, "({maps: document.querySelectorAll('#attention img.token-map').length, "
+                                            "broken: [...document.images].filter(i => !(i.complete && "
+                                            "i.naturalWidth > 0)).length, title: document.title})")
         # a page of another name that resolves to 127.0.0.1 (DNS rebinding) is refused
-        tools.call("Page.navigate", session, url=f"http://rebind.test:{port}/")
-        tools.wait_until(session, "document.readyState === 'complete' && document.body !== null")
+        tools.navigate(session, f"http://rebind.test:{port}/")
         refused = tools.evaluate(session, "document.body.innerText")
     finally:
         tools.close()
@@ -629,9 +642,12 @@ def test_typing_in_headless_chromium_redraws_the_pictures(server, pipe, tmp_path
     assert explain_href == "/explain?" + urlencode({"prompt": PROMPT, "seed": SEED})
     assert [d for d in latencies if d["prompt"] == PROMPT and d["seed"] == str(SEED)]
     assert errors_on_page == []
+    assert int(new_seed) < 2 ** 32
+    assert explained == {"maps": len(maps), "broken": 0, "title": f"mdref explain: {PROMPT}"}
     assert f"Host 'rebind.test:{port}' is not this server's address and port" in refused
     errors = [e for e in tools.errors() if "rebind.test" not in json.dumps(e)]
     assert errors == []
-    fetched = [u for u in tools.requested() if not u.startswith(("blob:", server.url, f"http://rebind.test:{port}/"))]
+    fetched = [u for u in tools.requested()
+               if not u.startswith(("blob:", "data:", server.url, f"http://rebind.test:{port}/"))]
     assert fetched == []
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
