@@ -429,6 +429,33 @@ def cmd_explain(args):
     return 0
 
 
+def cmd_live(args):
+    import os
+
+    from .live import LiveModel, ServeError, make_server, serve, set_blas_threads
+
+    if args.blas_threads is not None and args.blas_threads < 0:
+        raise UsageError(f"--blas-threads {args.blas_threads}: expected 0 (the BLAS library's own) or a count")
+    try:
+        server = make_server(args.host or "127.0.0.1", args.port)      # before the model: a busy port fails fast
+    except ServeError as e:
+        raise UsageError(str(e)) from None
+    try:
+        pipe = load_pipeline(args)
+        if pipe.untrained:
+            print(f"note: {pipe.source} has UNTRAINED seeded weights; the pictures are noise", file=sys.stderr)
+        threads = args.blas_threads if args.blas_threads is not None else \
+            (0 if "OPENBLAS_NUM_THREADS" in os.environ else 1)
+        if threads and set_blas_threads(threads) is None and args.blas_threads is not None:
+            print("note: no OpenBLAS found in this process; --blas-threads has no effect", file=sys.stderr)
+        server.model = LiveModel(pipe)
+        server.model.warm_up()
+    except BaseException:
+        server.server_close()
+        raise
+    return serve(server, open_browser=args.open)
+
+
 def build_parser():
     parser = _Parser(prog="mdref", description="mdref: a NumPy golden reference for one-step "
                                      "text-to-image diffusion in the MobileDiffusion family.")
@@ -485,6 +512,16 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1, help="UNet evaluations (default 1)")
     _add_model_args(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("live", help="a local web page: the picture redraws as you type, two prompts side by side")
+    _add_model_args(p)
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
+    p.add_argument("--host", metavar="ADDRESS", help="listen on this IP address instead of 127.0.0.1 (this "
+                   "machine only); 0.0.0.0 lets anyone who reaches this machine use the page and its CPU")
+    p.add_argument("--open", action="store_true", help="open the page in the default web browser")
+    p.add_argument("--blas-threads", type=int, metavar="N", help="OpenBLAS threads (default 1, faster for small "
+                   "models, unless OPENBLAS_NUM_THREADS is set; 0: leave the library's own count)")
+    p.set_defaults(func=cmd_live)
     return parser
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ from .precision import finfo_max
 from .sampler import describe_noise_shapes, noise_shapes
 from .trace import nonfinite_counts
 
-__all__ = ["InputError", "MemoryLimitError", "NonFiniteError", "StageFailed", "Request", "check_run",
+__all__ = ["InputError", "MemoryLimitError", "NonFiniteError", "StageFailed", "Stages", "Request", "check_run",
            "estimate_peak_bytes",
            "memory_limit", "parse_bytes", "SEED_LIMIT", "ACTIVATION_COPIES", "GUIDANCE_RANGE", "uses_guidance"]
 
@@ -73,6 +75,27 @@ def _size(n):
 
 def _counts(c):
     return f"{c[0]} NaN, {c[1]} Inf of {c[2]}"
+
+
+class Stages:
+    """The stages of one run: `with stages("unet", "UNet") as s:` times the block into timings["unet"], and
+    s.finite(x) checks a stage output for NaN / Inf (when `checked`), raising StageFailed naming the stage."""
+
+    def __init__(self, checked):
+        self.checked, self.timings, self.current = checked, {}, None
+
+    @contextmanager
+    def __call__(self, name, label=None):
+        self.current, t0 = label or name, time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.timings[name] = time.perf_counter() - t0
+
+    def finite(self, x):
+        if self.checked and not np.isfinite(x).all():
+            raise StageFailed(self.current, nonfinite_counts(x))
+        return x
 
 
 class StageFailed(Exception):

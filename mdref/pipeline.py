@@ -16,21 +16,20 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import precision, sampler
-from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, StageFailed, check_run,  # noqa: F401
+from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, StageFailed, Stages, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
 from .io.components import TextEncoderWithProjection, check_seed, compute_dtype
 from .io.config import ConfigError
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
-from .trace import first_nonfinite, nonfinite_counts, record
+from .trace import first_nonfinite, record
 
 __all__ = ["Pipeline", "Result", "to_pixels", "encode_prompts", "InputError", "MemoryLimitError", "NonFiniteError",
            "estimate_peak_bytes", "memory_limit", "parse_bytes"]
@@ -59,27 +58,6 @@ class Result:
     def pil(self):
         from PIL import Image
         return [Image.fromarray(p) for p in self.pixels]
-
-
-class Stages:
-    """The stages of one run: `with stages("unet", "UNet") as s:` times the block into timings["unet"], and
-    s.finite(x) checks a stage output for NaN / Inf (when `checked`), raising StageFailed naming the stage."""
-
-    def __init__(self, checked):
-        self.checked, self.timings, self.current = checked, {}, None
-
-    @contextmanager
-    def __call__(self, name, label=None):
-        self.current, t0 = label or name, time.perf_counter()
-        try:
-            yield self
-        finally:
-            self.timings[name] = time.perf_counter() - t0
-
-    def finite(self, x):
-        if self.checked and not np.isfinite(x).all():
-            raise StageFailed(self.current, nonfinite_counts(x))
-        return x
 
 
 class Pipeline:

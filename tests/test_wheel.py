@@ -102,6 +102,7 @@ def test_wheel_carries_vocabulary_and_default_model_not_golden(wheel_env):
     assert {f"mdref/_weights/{n}" for n in tracked} <= names
     assert not any(n.startswith("mdref/_weights/golden") for n in names), "weights/golden (the test bundle) stays out"
     assert "mdref/__main__.py" in names
+    assert {"mdref/live.html", "mdref/live.css", "mdref/live.js"} <= names, "the `mdref live` page is package data"
 
 
 def test_installed_wheel_draws_the_readme_picture_from_another_folder(wheel_env, tmp_path):
@@ -125,6 +126,16 @@ def test_installed_wheel_draws_the_readme_picture_from_another_folder(wheel_env,
     assert png.text["model"] == "mdref:default", png.text["model"]
     assert not any(str(venv) in v or "site-packages" in v for v in png.text.values())
     print(f"wheel: build + venv {wheel_env['setup_s']:.1f} s, mdref generate {draw_s:.1f} s")
+
+
+def test_installed_wheel_serves_the_live_page(wheel_env, tmp_path):
+    """`mdref live`'s page files are read from the installed package (importlib.resources), not from a checkout."""
+    code = ("import json; from mdref import live; s = live.make_server('127.0.0.1', 0); "
+            "print(json.dumps({n: len(b) for n, b in s.pages.items()})); print(live.__file__); s.server_close()")
+    out = _run([wheel_env["python"], "-c", code], cwd=tmp_path).stdout.split("\n")
+    pages = json.loads(out[0])
+    assert set(pages) == {"live.html", "live.css", "live.js"} and min(pages.values()) > 500, pages
+    assert Path(out[1]).is_relative_to(wheel_env["purelib"]), out[1]
 
 
 def test_python_dash_m_mdref_runs_the_cli(wheel_env, tmp_path):
