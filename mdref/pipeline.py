@@ -14,7 +14,6 @@ channels, h w latent size, H W image size.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
