@@ -207,7 +207,7 @@ def _manifest(pipe, args, result):
         "timesteps": [float(t) for t in result.timesteps], "steps": args.steps, "dtype": args.dtype,
         "precision": pipe.compute_dtype,            # what mdref compare judges the points by (docs: the manifest)
         "emulation": None if pipe.precision is None else pipe.precision.describe(),
-        "guidance_scale": args.guidance,
+        "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
     }
 
 
@@ -335,7 +335,7 @@ def _tolerance_arg(value, option):
 
 def cmd_compare(args):
     from .comparison import compare, format_report
-    from .trace import TraceError, load_trace, point_matcher
+    from .trace import Trace, TraceError, load_trace, point_matcher
     from .io.safetensors import WeightsError
 
     _tolerance_arg(args.rtol, "--rtol")
@@ -349,13 +349,18 @@ def cmd_compare(args):
         if not Path(path).is_file():
             raise UsageError(f"{path}: not a regular file (expected a trace .safetensors file)")
         try:
-            traces.append(load_trace(path)[0])
+            traces.append(Trace.of(*load_trace(path)))       # arrays and manifest (--local reads the run)
         except (WeightsError, TraceError) as e:
             why = str(e).removeprefix(f"{path}: ")
             raise UsageError(f"{path}: not a readable trace file ({why})") from None
+    chosen = [o for o, v in (("--model", args.model), ("--preset", args.preset), ("--upcast", args.upcast),
+                             ("--downcast", args.downcast)) if v is not None]
+    if chosen and not args.local:
+        raise UsageError(f"{chosen[0]}: names the model of a teacher-forced re-run; it applies only with --local")
+    pipe = load_pipeline(args) if args.local else None
     try:
         report = compare(traces[0], traces[1], rtol=args.rtol, atol=args.atol, points=args.points,
-                         require_all=args.require_all)
+                         require_all=args.require_all, local=pipe)
     except ValueError as e:                           # a complex point in a dict passed in Python, say
         raise UsageError(str(e)) from None
     if not report.points:
@@ -489,6 +494,9 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--only-failures", action="store_true", help="print only points that exceed the tolerance")
     p.add_argument("--require-all", action="store_true", help="exit 1 when a point is missing on either side")
+    p.add_argument("--local", action="store_true", help="also the local error of each point: mdref re-run with B's "
+                   "values forced at every recorded point (the model: --model / --preset, default the embedded one)")
+    _add_model_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("golden", help="write a self-describing golden bundle for fixed prompts and seeds")

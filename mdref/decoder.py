@@ -37,7 +37,7 @@ def kl_decode(z, *, decoder, post_quant_conv=None, spec):
             x = resnet(x, None, **block["resnets"][str(j)], **kw)                # [B, C_i, ., .]
         if i < len(spec.widths) - 1:
             x = conv2d(upsample_nearest2d(x, 2), block["upsamplers"]["0"]["conv"], padding=1)   # [B, C_i, 2., 2.]
-        record(f"decoder.up_blocks.{i}", x)
+        x = record(f"decoder.up_blocks.{i}", x)
     x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
     return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
 
@@ -75,5 +75,5 @@ def taesd_decode(z, *, decoder, spec):
             x = upsample_nearest2d(x, spec.upsample)                              # [B, C, sH, sW]
         else:                                                                     # conv / conv_nobias
             x = conv2d(x, layers[str(i)], padding=1)
-        record(f"decoder.layers.{i}", x)
+        x = record(f"decoder.layers.{i}", x)
     return record("decoder.out", x * 2 - 1)                                      # [B, 3, fh, fw] in [-1, 1]

@@ -69,6 +69,13 @@ class Trace:
         self.arrays = {}          # name -> array, in execution order
         self.meta = {}            # free-form facts about the run (prompt, seed, timestep, ...)
 
+    @classmethod
+    def of(cls, arrays, meta=None):
+        """A trace holding these arrays (in this order) and manifest facts, e.g. load_trace(path)'s."""
+        t = cls()
+        t.arrays, t.meta = dict(arrays), dict(meta or {})
+        return t
+
     def unique(self, name):
         """The name a new array gets: `name`, or `name#n` if the same layer ran before (a second sampling step)."""
         if name in self.arrays:
@@ -80,6 +87,11 @@ class Trace:
 
     def add(self, name, x):
         self.arrays[self.unique(name)] = np.array(x, copy=True)
+
+    def passed_on(self, x):
+        """What flows on from the point just added: x itself (mdref.comparison.TeacherForcing passes another
+        trace's value on instead)."""
+        return x
 
     def __getitem__(self, name):
         return self.arrays[name]
@@ -116,11 +128,14 @@ def active():
 
 
 def record(name, x):
-    """Keep x under `name` if a trace is active and wants it; return x unchanged either way. Under an emulated
-    low precision (mdref.precision) the kept copy is rounded to that dtype: the value a device would hold."""
+    """Keep x under `name` if a trace is active and wants it, and return what flows on from the point: x itself,
+    or, under teacher forcing (mdref.comparison.TeacherForcing), a candidate trace's value. So every layer uses
+    the value record returns. Under an emulated low precision (mdref.precision) the kept copy is rounded to that
+    dtype: the value a device would hold."""
     t = _ACTIVE.get()
     if t is not None and t.wants(name):
         t.add(name, rounded(x))
+        return t.passed_on(x)
     return x
 
 

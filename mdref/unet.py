@@ -159,7 +159,7 @@ def up_block(x, temb, context, skips, p, st, spec):
         x = resnet_and_attention(x, temb, context, p, j, st, spec)
     if st.resample == "up":
         x = ops.conv2d(ops.upsample_nearest2d(x, 2), p["upsamplers"]["0"]["conv"], padding=1)   # [B, C, 2H, 2W]
-        record(f"unet.{st.name}.upsamplers.0", x)
+        x = record(f"unet.{st.name}.upsamplers.0", x)
     return record(f"unet.{st.name}", x)
 
 
