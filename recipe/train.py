@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 from evaluate import ATTRS, evaluate  # noqa: E402
-from twin import TwinUNet  # noqa: E402
+from mdref_torch.twin import TwinUNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_MAX_LEN = 77

@@ -357,10 +357,8 @@ def test_ops_agree_with_pytorch_float16_on_cpu():
 
 
 def _twin():
-    spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mdref_torch import twin
+    return twin
 
 
 def nmse(a, ref):
@@ -382,7 +380,7 @@ def _same_size_and_agree(name, ours, theirs, ref, record_property):
 
 
 def test_default_model_components_match_pytorch_float16(record_property):
-    """The embedded default model: the UNet against recipe/twin.py (its attention rounds q k^T and the softmax
+    """The embedded default model: the UNet against mdref_torch/twin.py (its attention rounds q k^T and the softmax
     input to float16 like mdref's default; its GroupNorm / LayerNorm are torch's: upcast norm), the decoder
     against diffusers AutoencoderKL and the text encoder against transformers CLIPTextModel (both SDPA: upcast
     attention, norm)."""

@@ -1,21 +1,19 @@
-"""MobileDiffusion-only UNet layers, which diffusers does not have: mdref against recipe/twin.py (a PyTorch twin
+"""MobileDiffusion-only UNet layers, which diffusers does not have: mdref against mdref_torch/twin.py (a PyTorch twin
 written independently from docs/mobilediffusion_unet.md, with the same weight names), plus invariants.
 
 Tolerances as for the diffusers parity tests: whole tensors, float32 max abs error <= 1e-5 * max|reference|,
 float64 <= 1e-10 * max|reference|.
 """
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 import types
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")                  # recipe/twin.py borrows diffusers' timestep embedding
+pytest.importorskip("diffusers")                  # mdref_torch/twin.py borrows diffusers' timestep embedding
 
 import mdref.io.safetensors as W  # noqa: E402
 from mdref import unet as U  # noqa: E402
@@ -24,9 +22,7 @@ from mdref.io.presets import UNET_PRESETS  # noqa: E402
 from mdref.io.unet_config import LAYER_NORM_EPS  # noqa: E402
 from mdref.specs import Stage  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
-twin = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(twin)
+from mdref_torch import twin  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
