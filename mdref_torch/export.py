@@ -26,9 +26,11 @@ ids (int64) and the timestep (float32).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,8 @@ import torch
 from .build import torch_module
 from .points import RULES, PIPELINE_POINTS, PIPELINE_PREFIX, PointOutputs, module_points, recorded_points
 
-__all__ = ["export_onnx", "OPSET", "GRAPHS", "edit_initializer", "read_initializer"]
+__all__ = ["export_onnx", "prepare", "Prepared", "manifest_head", "OPSET", "GRAPHS", "edit_initializer",
+           "read_initializer"]
 
 OPSET = 20
 GRAPHS = ("text_encoder", "unet", "decoder")
@@ -79,87 +82,105 @@ def _float32_kept(model):
     return {"values": values, "initializers": inits}
 
 
-def _export_graph(pipe, graph, inputs, path, *, points, dtype, log):
-    """Export one component to `path`; returns its entry of points.json."""
+class Prepared:
+    """One component ready to export: its PyTorch module wrapped to return every point (`wrapper`, a
+    PointOutputs), the example arguments (`args`, torch tensors in the export dtype), the input names, the output
+    names (`names`: the main output first, then the points in execution order) and the points mdref records
+    (`recorded`). Runtimes that export from PyTorch themselves (ExecuTorch, LiteRT) start from this too."""
+
+    def __init__(self, pipe, graph, inputs, dtype="float32"):
+        self.graph, self.dtype = graph, dtype
+        self.module = torch_module(getattr(pipe, graph))
+        self.recorded = recorded_points(pipe, graph, inputs)
+        self.main = MAIN_OUTPUT[graph]
+        mapped = {p: n for p, n in module_points(self.module, graph, set(self.recorded)).items()
+                  if n != self.main}                                    # the main output stands for them
+        self.wrapper = PointOutputs(self.module, mapped)
+        self.input_names = INPUT_NAMES[graph]
+        args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+        if dtype == "float16":
+            self.wrapper.half()
+            args = [a.half() if a.is_floating_point() and name != "timestep" else a
+                    for a, name in zip(args, self.input_names)]
+        self.args = tuple(args)
+        self.names = [self.main] + self.wrapper.trace_order(*self.args)[1:]
+        prefix = PIPELINE_PREFIX[graph]
+        self.module_of = {n: (f"{prefix}.{p}" if p else prefix) for p, n in mapped.items()}
+        self.module_of[self.main] = prefix
+
+    def entry(self, shapes, *, points=True):
+        """This graph's entry of points.json; `shapes` {output name: shape}."""
+        dtype_name = lambda t: str(t.dtype).removeprefix("torch.")
+        return {
+            "inputs": [{"name": n, "dtype": dtype_name(a), "shape": list(a.shape)}
+                       for n, a in zip(self.input_names, self.args)],
+            "outputs": [{"name": n, "dtype": self.dtype, "shape": shapes[n]}
+                        for n in (self.names if points else self.names[:1])],
+            # every mapped value, in execution order: value name (== point name), its module, shape, output or not
+            "points": {n: {"value": n, "module": self.module_of[n], "shape": shapes[n],
+                           "output": points or n == self.main} for n in self.names[1:] + self.names[:1]},
+            "not_exported": [n for n in self.recorded if n not in self.names],
+            "parameters": len(self.module.state_dict()),
+        }
+
+    def run(self):
+        """The wrapper's outputs on the example arguments: {name: numpy array} (a PyTorch reference run)."""
+        with torch.no_grad():
+            return {n: x.detach().numpy() for n, x in zip(self.names, self.wrapper(*self.args))}
+
+
+def _export_graph(prepared, path, *, points, log):
+    """Export one Prepared component to `path`; returns its entry of points.json."""
     import onnxscript.optimizer
 
     t0 = time.perf_counter()
-    module = torch_module(getattr(pipe, graph))
-    recorded = recorded_points(pipe, graph, inputs)
-    mapped = module_points(module, graph, set(recorded))
-    main = MAIN_OUTPUT[graph]
-    mapped = {p: n for p, n in mapped.items() if n != main}                   # the main output stands for them
-    wrapper = PointOutputs(module, mapped)
-    targs = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
-    if dtype == "float16":
-        wrapper.half()
-        targs = [a.half() if a.is_floating_point() and name != "timestep" else a
-                 for a, name in zip(targs, INPUT_NAMES[graph])]
-    names = [main] + wrapper.trace_order(*targs)[1:]
-    params = set(module.state_dict())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, tuple(targs), dynamo=True, optimize=False, opset_version=OPSET,
-                                    input_names=INPUT_NAMES[graph], output_names=names, verbose=False)
+        program = torch.onnx.export(prepared.wrapper, prepared.args, dynamo=True, optimize=False,
+                                    opset_version=OPSET, input_names=prepared.input_names,
+                                    output_names=prepared.names, verbose=False)
     model = program.model
-    onnxscript.optimizer.optimize_ir(model, should_fold=_no_param_folding(params))
-    kept = _float32_kept(model) if dtype == "float16" else None
+    onnxscript.optimizer.optimize_ir(model, should_fold=_no_param_folding(set(prepared.module.state_dict())))
+    kept = _float32_kept(model) if prepared.dtype == "float16" else None
     outputs = list(model.graph.outputs)
+    if [v.name for v in outputs] != prepared.names:
+        raise RuntimeError(f"{prepared.graph}: the exporter named the outputs {[v.name for v in outputs][:4]}..., "
+                           f"not {prepared.names[:4]}...")
     if not points:                                  # the values keep their point names inside the graph
         model.graph.outputs[:] = outputs[:1]
-    shapes = {v.name: [int(d) for d in v.shape] for v in outputs}
-    dtypes = {v.name: np.dtype(v.dtype.numpy()).name for v in [*outputs, *model.graph.inputs]}
     program.save(str(path))
-    prefix = PIPELINE_PREFIX[graph]
-    module_of = {n: (f"{prefix}.{p}" if p else prefix) for p, n in mapped.items()}
-    module_of[main] = prefix
-    entry = {
-        "file": path.name,
-        "inputs": [{"name": v.name, "dtype": dtypes[v.name], "shape": [int(d) for d in v.shape]}
-                   for v in model.graph.inputs],
-        "outputs": [{"name": v.name, "dtype": dtypes[v.name], "shape": shapes[v.name]}
-                    for v in model.graph.outputs],
-        # every mapped value, in execution order: value name (== point name) -> module, shape, graph output or not
-        "points": {n: {"value": n, "module": module_of[n], "shape": shapes[n], "output": points or n == main}
-                   for n in names[1:] + [main]},
-        "not_exported": [n for n in recorded if n not in names],
-        "parameters": len(params),
-    }
+    entry = dict(file=path.name, **prepared.entry({v.name: [int(d) for d in v.shape] for v in outputs},
+                                                  points=points))
     if kept is not None:
         entry["float32_kept"] = dict(kept, why="computed in float32 whatever the model's dtype (the timestep "
                                      "sinusoid and its frequency table: at t = 999 the argument's float16 spacing is "
                                      "0.5, sin / cos would be off by up to ~0.25)")
-    log(f"{graph:<13} {model.graph.num_nodes():5d} nodes, {len(names)} points, {time.perf_counter() - t0:6.1f} s "
-        f"-> {path.name}")
+    log(f"{prepared.graph:<13} {model.graph.num_nodes():5d} nodes, {len(prepared.names)} points, "
+        f"{time.perf_counter() - t0:6.1f} s -> {path.name}")
     return entry
 
 
-def export_onnx(pipe, directory, *, points=False, dtype="float32", batch=1, height=None, width=None, log=None):
-    """Export `pipe` (an mdref.Pipeline computing float32) into the new (or empty) folder `directory`: the three
-    graphs and points.json; returns the points.json dict. Raises mdref.outputs.OutputError (before anything is
-    exported) if the folder cannot be used, ValueError for a bad dtype."""
+@contextmanager
+def _quiet_exporter():
+    """torch.onnx's registry warns about every torchvision op it skips: not news to an mdref user."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def manifest_head(pipe, dtype, exporter):
+    """The keys of points.json that do not depend on the graphs."""
     from mdref import __version__
-    from mdref.outputs import atomic_dir, check_output_dir
 
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
-    if pipe.compute_dtype != "float32":
-        raise ValueError(f"export a pipeline loaded in float32 (this one computes {pipe.compute_dtype}); "
-                         f"dtype='float16' makes the float16 graphs")
-    check_output_dir(directory, "DIR")
-    log = log or (lambda s: print(s, file=sys.stderr))
-    inputs = example_inputs(pipe, batch, height, width)
-    import onnx
-    import onnxscript
-
-    manifest = {
+    return {
         "mdref_version": __version__, "model": pipe.source, "untrained": pipe.untrained,
-        "weights_sha256": pipe.weights_sha256(), "dtype": dtype,
-        "exporter": f"torch.onnx.export(dynamo=True), opset {OPSET}; torch {torch.__version__}, onnxscript "
-                    f"{onnxscript.__version__}, onnx {onnx.__version__}",
+        "weights_sha256": pipe.weights_sha256(), "dtype": dtype, "exporter": exporter,
         "rules": [{"module": p, "point": t} for p, t in RULES],
         "conventions": conventions(pipe, dtype),
-        "graphs": {},
         "pipeline_points": dict(zip(PIPELINE_POINTS, (
             "the text encoder's input (graph input 'tokens')",
             "the initial noise: the UNet's 'sample' at the first step (x0 sampler)",
@@ -167,12 +188,39 @@ def export_onnx(pipe, directory, *, points=False, dtype="float32", batch=1, heig
             "the sampler's x0 after each UNet call (conventions.sampler)",
             "the clean latent the decoder receives, before decoder_input",
             "clip((decoder.out + 1) / 2, 0, 1), before 8-bit rounding"))),
+        "graphs": {},
     }
 
+
+def prepare(pipe, dtype="float32", batch=1, height=None, width=None):
+    """{graph: Prepared} for the three components of an mdref Pipeline computing float32."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
+    if pipe.compute_dtype != "float32":
+        raise ValueError(f"export a pipeline loaded in float32 (this one computes {pipe.compute_dtype}); "
+                         f"dtype='float16' makes the float16 graphs")
+    inputs = example_inputs(pipe, batch, height, width)
+    return {graph: Prepared(pipe, graph, inputs[graph], dtype) for graph in GRAPHS}
+
+
+def export_onnx(pipe, directory, *, points=False, dtype="float32", batch=1, height=None, width=None, log=None):
+    """Export `pipe` (an mdref.Pipeline computing float32) into the new (or empty) folder `directory`: the three
+    graphs and points.json; returns the points.json dict. Raises mdref.outputs.OutputError (before anything is
+    exported) if the folder cannot be used, ValueError for a bad dtype."""
+    import onnx
+    import onnxscript
+    from mdref.outputs import atomic_dir, check_output_dir
+
+    check_output_dir(directory, "DIR")
+    log = log or (lambda s: print(s, file=sys.stderr))
+    prepared = prepare(pipe, dtype, batch, height, width)
+    manifest = manifest_head(pipe, dtype, f"torch.onnx.export(dynamo=True), opset {OPSET}; torch "
+                                          f"{torch.__version__}, onnxscript {onnxscript.__version__}, onnx "
+                                          f"{onnx.__version__}")
+
     def fill(tmp):
-        for graph in GRAPHS:
-            manifest["graphs"][graph] = _export_graph(pipe, graph, inputs[graph], Path(tmp) / f"{graph}.onnx",
-                                                      points=points, dtype=dtype, log=log)
+        for graph, prep in prepared.items():
+            manifest["graphs"][graph] = _export_graph(prep, Path(tmp) / f"{graph}.onnx", points=points, log=log)
         (Path(tmp) / "points.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
     atomic_dir(directory, fill, "DIR")
