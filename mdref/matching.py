@@ -88,7 +88,7 @@ class PointMatch:
     tensor_shape: tuple | None = None
     layout: str | None = None
     err: float | None = None           # max |d| / max |ref|
-    runner_up: str | None = None       # the closest candidate holding other values
+    runner_up: str | None = None       # the closest (tensor, layout) holding other values
     runner_up_err: float | None = None
     confidence: str = "unmatched"
     candidates: int = 0                # tensors of the same element count
