@@ -39,7 +39,7 @@ import torch
 from .build import torch_module
 from .points import RULES, PIPELINE_POINTS, PIPELINE_PREFIX, PointOutputs, module_points, recorded_points
 
-__all__ = ["export_onnx", "prepare", "Prepared", "manifest_head", "OPSET", "GRAPHS", "edit_initializer",
+__all__ = ["export_onnx", "prepare", "Prepared", "manifest_head", "torch_manifest", "OPSET", "GRAPHS", "edit_initializer",
            "read_initializer"]
 
 OPSET = 20
@@ -201,6 +201,16 @@ def prepare(pipe, dtype="float32", batch=1, height=None, width=None):
                          f"dtype='float16' makes the float16 graphs")
     inputs = example_inputs(pipe, batch, height, width)
     return {graph: Prepared(pipe, graph, inputs[graph], dtype) for graph in GRAPHS}
+
+
+def torch_manifest(pipe, prepared, exporter):
+    """points.json's content for graphs a runtime compiles from the PyTorch wrappers itself (ExecuTorch, LiteRT):
+    their outputs are the wrappers' outputs, the main one first, then every point (shapes from one PyTorch run)."""
+    dtype = next(iter(prepared.values())).dtype
+    manifest = manifest_head(pipe, dtype, exporter)
+    for graph, prep in prepared.items():
+        manifest["graphs"][graph] = prep.entry({n: list(x.shape) for n, x in prep.run().items()})
+    return manifest
 
 
 def export_onnx(pipe, directory, *, points=False, dtype="float32", batch=1, height=None, width=None, log=None):

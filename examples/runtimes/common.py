@@ -28,7 +28,8 @@ from mdref.exported import load_points, run_exported
 from mdref.golden import GOLDEN_CASES
 
 
-def parse_args(description, argv=None, dtypes=("float32", "float16")):
+def parse_args(description, argv=None, dtypes=("float32", "float16"), extra=None):
+    """The recipes' shared options; `extra(parser)` adds a runtime's own."""
     ap = argparse.ArgumentParser(description=description)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--model", help="diffusers-style pipeline folder (default: the embedded model)")
@@ -37,6 +38,8 @@ def parse_args(description, argv=None, dtypes=("float32", "float16")):
     ap.add_argument("--case", type=int, default=0, choices=range(len(GOLDEN_CASES)), help="golden case (default 0)")
     ap.add_argument("--out", help="working folder (default: a new temporary folder)")
     ap.add_argument("--exported", help="reuse this `mdref export onnx --points` folder instead of exporting")
+    if extra:
+        extra(ap)
     return ap.parse_args(argv)
 
 
@@ -101,3 +104,29 @@ def summary(out, runtime, dtype):
 def exported_manifest(args, out):
     folder = export(args, out)
     return folder, load_points(folder)
+
+
+def torch_recipe(args, runtime, compile_graph):
+    """For runtimes that compile from PyTorch themselves (ExecuTorch, LiteRT): `compile_graph(prepared, out)`
+    turns one mdref_torch.export.Prepared (a module returning its main output and every point, with example
+    arguments) into `run(list of numpy inputs) -> list of numpy outputs` in the wrapper's output order. Runs golden
+    case N, compares, returns `mdref compare`'s exit status."""
+    from mdref_torch.export import prepare, torch_manifest
+
+    pipe, out = load(args)
+    ids, noise = reference(pipe, args.case, out)
+    prepared = prepare(pipe, args.dtype)
+    manifest = torch_manifest(pipe, prepared, runtime)
+    compiled = {}
+    for graph, prep in prepared.items():
+        t0 = time.perf_counter()
+        compiled[graph] = compile_graph(prep, out)
+        print(f"{graph:<13} compiled in {time.perf_counter() - t0:.1f} s ({len(prep.names)} outputs)")
+
+    def run_graph(graph, feeds):
+        prep = prepared[graph]
+        return dict(zip(prep.names, compiled[graph]([feeds[n] for n in prep.input_names])))
+
+    status = finish(run_graph, manifest, ids, noise, out, runtime)
+    summary(out, runtime, args.dtype)
+    return status
