@@ -106,6 +106,17 @@ def exported_manifest(args, out):
     return folder, load_points(folder)
 
 
+def onnx_recipe(args, runtime, make_runner):
+    """For runtimes that read the exported ONNX graphs: `make_runner(folder, manifest)` returns run_graph. Runs
+    golden case N, compares, returns `mdref compare`'s exit status."""
+    pipe, out = load(args)
+    ids, noise = reference(pipe, args.case, out)
+    folder, manifest = exported_manifest(args, out)
+    status = finish(make_runner(folder, manifest), manifest, ids, noise, out, runtime)
+    summary(out, runtime, args.dtype)
+    return status
+
+
 def torch_recipe(args, runtime, compile_graph):
     """For runtimes that compile from PyTorch themselves (ExecuTorch, LiteRT): `compile_graph(prepared, out)`
     turns one mdref_torch.export.Prepared (a module returning its main output and every point, with example

@@ -32,13 +32,7 @@ def main(argv=None):
     import onnxruntime as ort
 
     args = common.parse_args(__doc__.split("\n\n")[0], argv)
-    pipe, out = common.load(args)
-    ids, noise = common.reference(pipe, args.case, out)
-    folder, manifest = common.exported_manifest(args, out)
-    runtime = f"onnxruntime {ort.__version__}"
-    status = common.finish(runner(folder, manifest), manifest, ids, noise, out, runtime)
-    common.summary(out, runtime, args.dtype)
-    return status
+    return common.onnx_recipe(args, f"onnxruntime {ort.__version__}", runner)
 
 
 if __name__ == "__main__":

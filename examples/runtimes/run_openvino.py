@@ -41,15 +41,9 @@ def main(argv=None):
 
     args = common.parse_args(__doc__.split("\n\n")[0], argv, extra=lambda ap: ap.add_argument(
         "--hint", choices=["f32", "bf16", "f16", "default"], default="f32", help="INFERENCE_PRECISION_HINT"))
-    pipe, out = common.load(args)
-    ids, noise = common.reference(pipe, args.case, out)
-    folder, manifest = common.exported_manifest(args, out)
-    core = ov.Core()
-    used = core.get_property("CPU", "INFERENCE_PRECISION_HINT") if args.hint == "default" else args.hint
-    runtime = f"openvino {ov.__version__.split('-')[0]} {args.hint} ({used})"
-    status = common.finish(runner(folder, manifest, args.hint), manifest, ids, noise, out, runtime)
-    common.summary(out, runtime, args.dtype)
-    return status
+    used = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") if args.hint == "default" else args.hint
+    return common.onnx_recipe(args, f"openvino {ov.__version__.split('-')[0]} {args.hint} ({used})",
+                              lambda folder, manifest: runner(folder, manifest, args.hint))
 
 
 if __name__ == "__main__":

@@ -39,13 +39,7 @@ def main(argv=None):
     from importlib.metadata import version
 
     args = common.parse_args(__doc__.split("\n\n")[0], argv)
-    pipe, out = common.load(args)
-    ids, noise = common.reference(pipe, args.case, out)
-    folder, manifest = common.exported_manifest(args, out)
-    runtime = f"tinygrad {version('tinygrad')}"
-    status = common.finish(runner(folder, manifest), manifest, ids, noise, out, runtime)
-    common.summary(out, runtime, args.dtype)
-    return status
+    return common.onnx_recipe(args, f"tinygrad {version('tinygrad')}", runner)
 
 
 if __name__ == "__main__":
