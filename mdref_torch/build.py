@@ -5,10 +5,10 @@
 
 | mdref component | PyTorch module | forward |
 |---|---|---|
-| `TextEncoder` | transformers `CLIPTextModel` (eager attention) | `ids [B, T] -> last_hidden_state [B, T, D]` (`TextEncoderOutput`) |
-| `UNet` | `mdref_torch.twin.TwinUNet` (every layout mdref loads, the SD ones included) | `(sample, timestep, context) -> [B, C, H, W]` |
-| `Decoder` kind "kl" | `KLDecode`: diffusers `AutoencoderKL`'s `post_quant_conv` + `Decoder` | `decoder input -> image in [-1, 1]` |
-| `Decoder` kind "tiny" | `TinyDecode`: diffusers `AutoencoderTiny`'s `DecoderTiny` | the same |
+| `TextEncoder` | `TextEncoderOutput`: transformers `CLIPTextModel`, eager attention | `ids [B, T] -> [B, T, D]` |
+| `UNet` | `mdref_torch.twin.TwinUNet` (every layout mdref loads, SD's included) | `(sample, t, context) -> [B, C, H, W]` |
+| `Decoder` kind "kl" | `KLDecode`: diffusers `AutoencoderKL`'s `post_quant_conv` + `Decoder` | `z -> image in [-1, 1]` |
+| `Decoder` kind "tiny" | `TinyDecode`: diffusers `AutoencoderTiny`'s `DecoderTiny` | `z -> image in [-1, 1]` |
 
 Every module's ``state_dict()`` keys are the checkpoint keys mdref reads (``text_model.encoder.layers.0...``,
 ``down_blocks.1.attentions.0...``, ``decoder.up_blocks.0...``, ``post_quant_conv.weight``), loaded strictly: a key

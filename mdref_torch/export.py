@@ -39,8 +39,8 @@ import torch
 from .build import torch_module
 from .points import RULES, PIPELINE_POINTS, PIPELINE_PREFIX, PointOutputs, module_points, recorded_points
 
-__all__ = ["export_onnx", "prepare", "Prepared", "manifest_head", "torch_manifest", "OPSET", "GRAPHS", "edit_initializer",
-           "read_initializer"]
+__all__ = ["export_onnx", "prepare", "Prepared", "manifest_head", "torch_manifest", "OPSET", "GRAPHS",
+           "edit_initializer", "read_initializer"]
 
 OPSET = 20
 GRAPHS = ("text_encoder", "unet", "decoder")

@@ -10,8 +10,8 @@ is about), bf16, f16, or `default` (leave it unset). Measured on an AMD EPYC wit
 left unset, the plugin computes in **bfloat16** (its OPTIMIZATION_CAPABILITIES list BF16): at float32's tolerance
 the first text encoder layer diverges (4e-3, bfloat16 rounding), and at bfloat16's (`mdref compare --rtol 5e-2`)
 exactly one point does, unet.time_embedding (rel err 3.96: the timestep sinusoid's argument 999 * freq rounded to
-bfloat16, whose spacing at 999 is 4); with f32 every point agrees. A CPU without AVX512-BF16 / AMX computes f32 whatever the hint;
-one without AVX512-FP16 ignores f16. Exit status: `mdref compare`'s.
+bfloat16, whose spacing at 999 is 4); with f32 every point agrees. A CPU without AVX512-BF16 / AMX computes f32
+whatever the hint; one without AVX512-FP16 ignores f16. Exit status: `mdref compare`'s.
 """
 
 from __future__ import annotations
