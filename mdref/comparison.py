@@ -21,12 +21,22 @@ nonfinite_mismatch is 0 and max_abs <= atol + rtol * max|a| (max over the finite
 first divergence the excerpt lists the mismatched non-finite positions first, then the largest finite
 differences.
 
+Tolerance, chosen per point. A point agrees when max_abs <= atol + rtol * max|a|, with rtol from the point's
+*precision*: the compute dtype each trace declares for it (manifest "point_precision" {name: dtype}, else the
+trace's "precision", else the dtype the tensor is stored in), the less precise of the two sides, looked up in
+DEFAULT_RTOL (float64 1e-9, float32 1e-4, float16 2e-2, bfloat16 5e-2) and raised where the point's own
+arithmetic is known to be ill-conditioned in that dtype (POINT_RTOL: the sinusoidal timestep embeddings). So a
+candidate that stores its image in float16 loosens that point only, and a float16 run saved as float32 arrays is
+judged as float16 when its manifest says so. Integer points (token ids, masks: stored as integers on either side)
+are compared exactly, whatever the tolerance. An explicit rtol / atol overrides the defaults for every float point.
+
 JSON (CompareReport.to_json, `mdref compare --json`) is strict JSON (RFC 8259): non-finite floats are written as
 the strings "nan", "inf" and "-inf" (a PSNR of identical points is "inf"), metrics not computed as null.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import numbers
@@ -34,13 +44,21 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .trace import Trace, load_trace, point_matcher
+from .trace import PRECISIONS, Trace, load_trace, point_matcher, point_precisions
 
-__all__ = ["PointReport", "CompareReport", "compare", "default_tolerance", "format_report"]
+__all__ = ["PointReport", "CompareReport", "compare", "default_tolerance", "point_tolerance", "format_report",
+           "DEFAULT_RTOL", "POINT_RTOL"]
 
-# Default rtol (relative to max |reference| of each point) by the least precise dtype involved.
+# Default rtol (relative to max |reference| of each point) by the point's precision (the less precise side).
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 DEFAULT_ATOL = 1e-30
+EXACT = "exact"                           # the precision of an integer point: compared value for value
+# Points whose arithmetic in a dtype errs by more than that dtype's default: {dtype: {glob: rtol}}.
+# The timestep embedding is a sinusoid of t * f_i with t up to T - 1 = 999: in float32 the argument itself is
+# rounded to a grid of ulp(999) = 6.1e-5 and f_i = exp(-ln(10^4) i / half) carries a few ulps more, so sin / cos
+# err by up to ~2 * 999 * 2^-24 * 2 = 2.4e-4 of their range before the two linear layers, against float64 (the
+# float32 runs of every shipped model and preset measured 1.0-1.2e-4 there; benchmarks/kernel-spread.md).
+POINT_RTOL = {"float32": {"*time_embedding": 4e-4}}
 
 
 @dataclass
@@ -59,6 +77,9 @@ class PointReport:
     first_nonfinite_a: tuple | None = None
     first_nonfinite_b: tuple | None = None
     nonfinite_mismatch: int = 0           # positions where a and b do not hold the same non-finite value
+    precision: str | None = None          # "exact" (integer point) or the dtype whose tolerance applies
+    rtol: float | None = None             # the tolerance this point was judged by (None: exact)
+    atol: float | None = None
     ok: bool = False
 
 
@@ -80,13 +101,20 @@ class CompareReport:
     first_divergence: str | None = None
     only_in_a: list = field(default_factory=list)
     only_in_b: list = field(default_factory=list)
-    rtol: float = 0.0
-    atol: float = 0.0
+    rtol: float | None = None                         # an explicit override; None: per point (PointReport.rtol)
+    atol: float | None = None
     excerpt: list = field(default_factory=list)       # (index, a value, b value) at the first divergence
+    require_all: bool = False                         # points missing on either side make the report fail
+
+    @property
+    def missing(self):
+        """Points one trace holds and the other lacks (after the points filter)."""
+        return self.only_in_a + self.only_in_b
 
     @property
     def ok(self):
-        return self.first_divergence is None and bool(self.points)
+        return (self.first_divergence is None and bool(self.points)
+                and not (self.require_all and self.missing))
 
     def to_dict(self):
         """The report as Python values (floats may be nan / inf; see to_json for strict JSON)."""
@@ -98,21 +126,39 @@ class CompareReport:
 
 
 def default_tolerance(dtypes):
-    """rtol for the least precise of the given float dtype names (unknown names, or none, count as float32)."""
-    order = ["bfloat16", "float16", "float32", "float64"]
-    worst = min((order.index(d) if d in order else 2) for d in dtypes) if dtypes else 2
-    return DEFAULT_RTOL[order[worst]]
+    """rtol for the least precise of the given precision names (unknown names, or none, count as float32)."""
+    worst = max((PRECISIONS.index(d) if d in PRECISIONS else 1) for d in dtypes) if dtypes else 1
+    return DEFAULT_RTOL[PRECISIONS[worst]]
 
 
-def _as_trace(x):
-    """A Trace, a {name: array} dict or a path -> (ordered dict, dtype names)."""
+def point_tolerance(name, precision_a, precision_b):
+    """(precision, rtol) a point is judged by: EXACT when either side is an integer point, else the less precise
+    of the two precisions and its default rtol, raised by POINT_RTOL where the point's own arithmetic needs it."""
+    if EXACT in (precision_a, precision_b):
+        return EXACT, None
+    precision = PRECISIONS[max(PRECISIONS.index(precision_a), PRECISIONS.index(precision_b))]
+    rtol = DEFAULT_RTOL[precision]
+    for glob, floor in POINT_RTOL.get(precision, {}).items():
+        if fnmatch.fnmatchcase(name.split("#")[0], glob):
+            rtol = max(rtol, floor)
+    return precision, rtol
+
+
+def _as_trace(x, side):
+    """A Trace, a {name: array} dict or a path -> (ordered {name: array}, {name: precision or EXACT}).
+    Complex arrays are refused (traces hold real values: comparing them as floats would drop the imaginary part)."""
     if isinstance(x, Trace):
-        arrays = x.arrays
+        arrays, manifest = x.arrays, x.meta
     elif isinstance(x, dict):
-        arrays = x
+        arrays, manifest = x, {}
     else:
-        arrays, _ = load_trace(x)
-    return arrays, {str(np.asarray(v).dtype) for v in arrays.values() if np.asarray(v).dtype.kind == "f"}
+        arrays, manifest = load_trace(x)
+    for name, v in arrays.items():
+        kind = np.asarray(v).dtype.kind
+        if kind not in "fiub":
+            raise ValueError(f"trace {side}: point {name!r} holds {np.asarray(v).dtype} values; trace points are "
+                             f"real floating-point or integer arrays")
+    return arrays, point_precisions(arrays, manifest, EXACT)
 
 
 def _metrics(a, b):
@@ -155,9 +201,11 @@ def _index(flat_index, shape):
     return tuple(int(i) for i in np.unravel_index(int(flat_index), shape)) if shape else ()
 
 
-def _compare_point(name, xa, xb, rtol, atol, n_excerpt):
-    """One PointReport, and the excerpt to show if it is the first divergence."""
-    pr = PointReport(name, tuple(xa.shape), tuple(xb.shape))
+def _compare_point(name, xa, xb, precision, rtol, atol, n_excerpt):
+    """One PointReport, and the excerpt to show if it is the first divergence. rtol None: exact (every value
+    equal; an integer point)."""
+    pr = PointReport(name, tuple(xa.shape), tuple(xb.shape), precision=precision, rtol=rtol,
+                     atol=None if rtol is None else atol)
     if xa.shape != xb.shape:
         return pr, []
     fa, fb = np.isfinite(xa), np.isfinite(xb)
@@ -172,7 +220,7 @@ def _compare_point(name, xa, xb, rtol, atol, n_excerpt):
     m, peak = _metrics(ra, rb)
     for k, v in m.items():
         setattr(pr, k, v)
-    tol = atol + (rtol * peak if peak > 0 else 0.0)
+    tol = 0.0 if rtol is None else atol + (rtol * peak if peak > 0 else 0.0)
     pr.ok = bool(pr.nonfinite_mismatch == 0 and pr.max_abs <= tol)
     if pr.ok or not xa.size:
         return pr, []
@@ -193,24 +241,29 @@ def _check_tol(value, name):
     return float(value)
 
 
-def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6):
+def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6, require_all=False):
     """Compare trace b against reference trace a (Trace, dict or trace-file path). Returns a CompareReport
     whose first_divergence names the first point, in a's execution order, that diverges (see the module
-    docstring for the metrics and for NaN / inf). points filters names (mdref.trace.point_matcher)."""
+    docstring for the metrics, the per-point tolerance and NaN / inf). points filters names
+    (mdref.trace.point_matcher); require_all makes points missing on either side a failure (report.ok False)."""
     keep = point_matcher(points)
-    arr_a, dt_a = _as_trace(a)
-    arr_b, dt_b = _as_trace(b)
-    rtol = default_tolerance(dt_a | dt_b) if rtol is None else _check_tol(rtol, "rtol")
-    atol = DEFAULT_ATOL if atol is None else _check_tol(atol, "atol")
-    report = CompareReport(rtol=rtol, atol=atol,
+    arr_a, prec_a = _as_trace(a, "a")
+    arr_b, prec_b = _as_trace(b, "b")
+    rtol = None if rtol is None else _check_tol(rtol, "rtol")
+    atol = None if atol is None else _check_tol(atol, "atol")
+    report = CompareReport(rtol=rtol, atol=atol, require_all=bool(require_all),
                            only_in_a=[n for n in arr_a if keep(n) and n not in arr_b],
                            only_in_b=[n for n in arr_b if keep(n) and n not in arr_a])
     for name in arr_a:
         if not keep(name) or name not in arr_b:
             continue
+        precision, point_rtol = point_tolerance(name, prec_a[name], prec_b[name])
+        if point_rtol is not None and rtol is not None:
+            point_rtol = rtol
         xa = np.asarray(arr_a[name], dtype=np.float64)
         xb = np.asarray(arr_b[name], dtype=np.float64)
-        pr, ex = _compare_point(name, xa, xb, rtol, atol, excerpt)
+        pr, ex = _compare_point(name, xa, xb, precision, point_rtol, DEFAULT_ATOL if atol is None else atol,
+                                excerpt)
         report.points.append(pr)
         if not pr.ok and report.first_divergence is None:
             report.first_divergence = name
@@ -225,8 +278,8 @@ def _num(x, spec):
 def format_report(report, *, all_points=True):
     """Human-readable table of a CompareReport (nan / inf printed as such)."""
     show_nf = any(p.nonfinite_a or p.nonfinite_b for p in report.points)
-    head = (f"{'point':<64} {'shape':>18} {'max_abs':>10} {'rel/max':>10} {'nmse':>10} {'cosine':>12} {'psnr':>8}"
-            + (f" {'nonfinite a/b':>15}" if show_nf else ""))
+    head = (f"{'point':<64} {'shape':>18} {'max_abs':>10} {'rel/max':>10} {'tol':>8} {'nmse':>10} {'cosine':>12} "
+            f"{'psnr':>8}" + (f" {'nonfinite a/b':>15}" if show_nf else ""))
     lines = [head]
     for pr in report.points:
         first = pr.name == report.first_divergence
@@ -237,12 +290,15 @@ def format_report(report, *, all_points=True):
             lines.append(f"{pr.name:<64} shape {pr.shape_a} vs {pr.shape_b}{mark}")
             continue
         nf = f" {f'{pr.nonfinite_a}/{pr.nonfinite_b}':>15}" if show_nf else ""
-        lines.append(f"{pr.name:<64} {str(pr.shape_a):>18} {pr.max_abs:10.3e} {pr.rel_to_max:10.3e} "
+        tol = "exact" if pr.rtol is None else f"{pr.rtol:.0e}"
+        lines.append(f"{pr.name:<64} {str(pr.shape_a):>18} {pr.max_abs:10.3e} {pr.rel_to_max:10.3e} {tol:>8} "
                      f"{pr.nmse:10.3e} {pr.cosine:12.9f} {pr.psnr_db:8.1f}{nf}{mark}")
     if report.first_divergence:
-        lines.append(f"\nfirst divergence: {report.first_divergence} (tolerance: max_abs <= {report.atol:g} + "
-                     f"{report.rtol:g} * max|a|; NaN / inf must sit at the same positions in a and b)")
         pr = next(p for p in report.points if p.name == report.first_divergence)
+        rule = ("every value equal (an integer point)" if pr.rtol is None else
+                f"max_abs <= {pr.atol:g} + {pr.rtol:g} * max|a|, {pr.precision}")
+        lines.append(f"\nfirst divergence: {report.first_divergence} (tolerance: {rule}; NaN / inf must sit at the "
+                     f"same positions in a and b)")
         if pr.shape_a != pr.shape_b:
             lines.append(f"  shapes differ: a {pr.shape_a}, b {pr.shape_b}")
         elif pr.nonfinite_a or pr.nonfinite_b:
@@ -252,7 +308,10 @@ def format_report(report, *, all_points=True):
         for idx, va, vb in report.excerpt:
             lines.append(f"  at {idx}: a = {va:.9g}  b = {vb:.9g}  diff = {vb - va:.3e}")
     else:
-        lines.append(f"\nall {len(report.points)} common points agree (rtol {report.rtol:g}, atol {report.atol:g})")
+        how = (f"rtol {report.rtol:g}" if report.rtol is not None else "each by its own precision's tolerance")
+        lines.append(f"\nall {len(report.points)} common points agree ({how})")
+    if report.require_all and report.missing:
+        lines.append(f"--require-all: {len(report.missing)} points are missing on one side: FAIL")
     if report.only_in_a:
         lines.append(f"only in a ({len(report.only_in_a)}): " + ", ".join(report.only_in_a[:10]))
     if report.only_in_b:

@@ -11,12 +11,20 @@ import numpy as np
 
 from . import ops
 from .precision import finfo_max
+from .sampler import describe_noise_shapes, noise_shapes
 from .trace import nonfinite_counts
 
 __all__ = ["InputError", "MemoryLimitError", "NonFiniteError", "StageFailed", "check_run", "estimate_peak_bytes",
-           "memory_limit", "parse_bytes", "SEED_LIMIT", "ACTIVATION_COPIES"]
+           "memory_limit", "parse_bytes", "SEED_LIMIT", "ACTIVATION_COPIES", "GUIDANCE_RANGE", "uses_guidance"]
 
 SEED_LIMIT = 2 ** 64                    # seeds are what PCG64 takes as one 64-bit word: 0 <= seed < 2**64
+GUIDANCE_RANGE = (0.0, 50.0)            # a guidance scale outside it is a typo (published models use 0 to ~15)
+
+
+def uses_guidance(guidance_scale):
+    """Whether a run does classifier-free guidance: a scale > 1, diffusers' rule (do_classifier_free_guidance);
+    None, 0 and 1 mean one conditional UNet call per step."""
+    return guidance_scale is not None and guidance_scale > 1
 GIB = 2 ** 30
 
 
@@ -218,8 +226,9 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
     bytes that were not UTF-8); seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64; steps: an int
     in [1, num_train_timesteps]; height, width: None (the default size) or positive multiples of size_factor;
-    guidance_scale: None or a finite real number; negative_prompt: a str; noise: None or a real floating-point
-    array of shape [B, C, h, w] or [steps, B, C, h, w] whose values are finite in the compute dtype. The whole
+    guidance_scale: None or a real number in GUIDANCE_RANGE (classifier-free guidance runs when it is > 1);
+    negative_prompt: a str, non-empty only with guidance; noise: None or a real floating-point array of shape
+    [B, C, h, w] or [steps, B, C, h, w] (sampler.noise_shapes) whose values are finite in the compute dtype. The whole
     run must fit in the memory limit (memory_limit(max_memory); estimate_peak_bytes). Raises InputError (a
     ValueError) naming the argument, or MemoryLimitError."""
     if isinstance(prompt, str):
@@ -243,9 +252,13 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     T = pipe.scheduler.num_train_timesteps
     if not is_int(steps) or not 1 <= steps <= T:
         raise InputError("steps", f"must be an integer from 1 to num_train_timesteps = {T}, found {_short(steps)}")
-    if guidance_scale is not None and not _is_finite_real(guidance_scale):
-        raise InputError("guidance_scale",
-                         f"must be a finite number (or None: no guidance), found {_short(guidance_scale)}")
+    lo, hi = GUIDANCE_RANGE
+    if guidance_scale is not None and not (_is_finite_real(guidance_scale) and lo <= guidance_scale <= hi):
+        raise InputError("guidance_scale", f"must be a number in [{lo:g}, {hi:g}] (or None: no guidance; "
+                         f"guidance runs when it is > 1), found {_short(guidance_scale)}")
+    if negative_prompt and not uses_guidance(guidance_scale):
+        raise InputError("negative_prompt", f"applies only with classifier-free guidance (a guidance scale > 1), "
+                         f"found guidance {guidance_scale!r}")
     shape = pipe.latent_shape(len(prompts), height, width)
     if noise is not None:
         _check_noise(pipe, noise, shape, steps)
@@ -260,9 +273,8 @@ def _check_noise(pipe, noise, shape, steps):
             from None
     if noise.dtype.kind != "f":
         raise InputError("noise", f"must be a real floating-point array, found dtype {noise.dtype}")
-    if noise.shape not in (shape, (steps,) + shape):
-        expected = f"{shape}" + (f" or {(steps,) + shape} (one draw per step)" if steps > 1 else "")
-        raise InputError("noise", f"has shape {noise.shape}, expected {expected}")
+    if noise.shape not in noise_shapes(shape, steps):
+        raise InputError("noise", f"has shape {noise.shape}, expected {describe_noise_shapes(shape, steps)}")
     n_nan, n_inf, size = nonfinite_counts(noise)
     if n_nan or n_inf:
         raise InputError("noise", f"holds non-finite values ({n_nan} NaN, {n_inf} Inf of {size})")

@@ -23,8 +23,9 @@ import numpy as np
 
 from . import precision, sampler
 from .guards import (InputError, MemoryLimitError, NonFiniteError, StageFailed, check_run,  # noqa: F401
-                     estimate_peak_bytes, is_int, memory_limit, parse_bytes)
-from .io.components import compute_dtype
+                     estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
+from .io.components import check_seed, compute_dtype
+from .io.config import ConfigError
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
@@ -81,6 +82,10 @@ class Pipeline:
         overrides upcast / downcast (mdref.precision; e.g. upcast="attention,decoder")."""
         dtype = _precision_or_dtype(dtype, upcast, downcast)
         if path is None:
+            named = os.environ.get("MDREF_DEFAULT_MODEL")
+            if named and not (Path(named) / "unet").is_dir():
+                raise ConfigError(f"MDREF_DEFAULT_MODEL={named}: no model folder there (expected a diffusers-style "
+                                  f"pipeline folder with unet/; unset it for the embedded model)")
             if not (DEFAULT_MODEL_DIR / "unet").is_dir():
                 warnings.warn(f"no trained default model at {DEFAULT_MODEL_DIR}; using the UNTRAINED seeded "
                               f"'tiny' preset (it draws noise)")
@@ -97,6 +102,7 @@ class Pipeline:
         from seeds seed + mdref.io.presets.COMPONENT_SEED_OFFSET (text encoder +0, UNet +1, decoder +2).
         dtype, upcast, downcast: as from_pretrained."""
         dtype = _precision_or_dtype(dtype, upcast, downcast)
+        check_seed(seed, "Pipeline.from_preset: seed")
         return cls(**load_preset(name, seed, dtype), source=f"preset:{name}", untrained=True)
 
     # ---- facts -----------------------------------------------------------------------------------------------
@@ -131,6 +137,13 @@ class Pipeline:
         (h, w), f = self.unet.spec.sample_size, self.decoder.upsampling_factor
         return h * f, w * f
 
+    def trained_size(self):
+        """The image size the model was trained at, (height, width) in pixels, where its files say so (a UNet
+        config.json that states sample_size, as diffusers' do); None for an untrained preset or when unstated."""
+        if self.untrained or self.unet.config.sample_size is None:
+            return None
+        return self.default_size()
+
     def latent_shape(self, batch, height=None, width=None):
         """[B, C, h, w] of the latent for an image of height x width pixels (None: the default size). Raises
         InputError naming height or width unless each is a positive integer multiple of size_factor."""
@@ -150,10 +163,13 @@ class Pipeline:
                 for f in self.weight_files}
 
     # ---- the stages ------------------------------------------------------------------------------------------
+    def decoder_input(self, x0):
+        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale)."""
+        return x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
+
     def decode(self, x0):
-        """Clean latent -> image in [-1, 1]: the decoder sees x0 / scaling_factor + shift_factor."""
-        z = x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
-        return self.decoder(z)                                               # [B, 3, H, W]
+        """Clean latent -> image in [-1, 1]: the decoder sees decoder_input(x0)."""
+        return self.decoder(self.decoder_input(x0))                          # [B, 3, H, W]
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
               negative_prompt="", max_memory=None):
@@ -205,7 +221,7 @@ class Pipeline:
         t0 = time.perf_counter()
         context = check("text encoder", record("text_embeddings", self.text_encoder(ids)))   # [B, 77, D]
         uncond = None
-        if guidance_scale is not None and guidance_scale != 1.0:
+        if uses_guidance(guidance_scale):
             neg_ids = self.tokenizer([negative_prompt] * len(prompts))
             uncond = check("text encoder", record("negative_text_embeddings", self.text_encoder(neg_ids)))
         timings["text_encoder"] = time.perf_counter() - t0

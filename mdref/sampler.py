@@ -97,6 +97,16 @@ def initial_noise(shape, seed, dtype=np.float32):
     return np.random.Generator(np.random.PCG64(seed)).standard_normal(tuple(shape)).astype(dtype)
 
 
+def noise_shapes(shape, steps):
+    """The shapes of a caller's noise: draw 0 alone [B, C, h, w], or every draw [steps, B, C, h, w]."""
+    return tuple(shape), (steps,) + tuple(shape)
+
+
+def describe_noise_shapes(shape, steps):
+    first, every = noise_shapes(shape, steps)
+    return f"{first} (draw 0) or {every} (one draw per step)"
+
+
 def sampling_noise(shape, steps, seed=0, dtype=np.float32, noise=None):
     """All noise a sampling run uses, [steps, *shape]: draw k = standard_normal((steps, *shape))[k] of the seed's
     stream. `noise` overrides: shape `shape` replaces draw 0, shape (steps, *shape) replaces every draw."""
@@ -112,8 +122,7 @@ def sampling_noise(shape, steps, seed=0, dtype=np.float32, noise=None):
         return draws.astype(dtype)
     if noise.shape == (steps,) + shape:
         return noise.astype(dtype)
-    expected = f"{shape}" + (f" or {(steps,) + shape} (one draw per step)" if steps > 1 else "")
-    raise ValueError(f"noise has shape {noise.shape}, expected {expected}")
+    raise ValueError(f"noise has shape {noise.shape}, expected {describe_noise_shapes(shape, steps)}")
 
 
 # ---- the x0 sampler -----------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ import numpy as np
 from .precision import rounded
 
 __all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
-           "active", "save_trace", "load_trace", "first_nonfinite"]
+           "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
+
+# Compute precisions a trace may declare, most precise first (manifest "precision" / "point_precision").
+PRECISIONS = ("float64", "float32", "float16", "bfloat16")
 
 _ACTIVE = contextvars.ContextVar("mdref_trace", default=None)
 
@@ -185,16 +188,28 @@ def save_trace(path, t, manifest=None, *, what="trace file"):
     from .io.safetensors import write_safetensors
 
     arrays = t.arrays if isinstance(t, Trace) else dict(t)
+    for name, v in arrays.items():                 # what load_trace would refuse is refused before writing
+        if not isinstance(name, str) or not name:
+            raise TraceError(f"save_trace: point names must be non-empty strings, found {_short(name)}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TraceError(f"save_trace: point name {name!r} is not valid Unicode text") from None
+        if np.asarray(v).dtype.kind not in "fiub":
+            raise TraceError(f"save_trace: point {name!r} holds {np.asarray(v).dtype} values; a trace stores real "
+                             f"floating-point or integer arrays")
     manifest = dict(getattr(t, "meta", {}) or {}, **(manifest or {}))
     manifest["points"] = list(arrays)
-    manifest["dtypes"] = {k: str(np.asarray(v).dtype) for k, v in arrays.items()}
+    manifest["dtypes"] = {k: np.asarray(v).dtype.name for k, v in arrays.items()}
     text = json.dumps(manifest, default=str)
     tensors = {k: np.asarray(v) for k, v in arrays.items()}
+    _check_manifest({MANIFEST_KEY: text}, tensors, manifest["dtypes"])
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata={MANIFEST_KEY: text}), what)
 
 
-def _check_manifest(meta, tensors):
-    """The manifest of a trace file's metadata, validated against its tensors (see load_trace)."""
+def _check_manifest(meta, tensors, stored=None):
+    """The manifest of a trace file's metadata, validated against its tensors and (stored) the dtypes the file
+    stores them in (see load_trace)."""
     from .io.safetensors import no_duplicate_keys
 
     import json
@@ -240,7 +255,52 @@ def _check_manifest(meta, tensors):
                 raise TraceError(f"expected manifest \"dtypes\" of {n!r} to be a dtype name, found {_json_type(d)}")
             if n not in tensors:
                 raise TraceError(f"manifest \"dtypes\" names {n!r}, which is not a tensor in the file")
+            if stored is not None and d != stored[n]:
+                raise TraceError(f"manifest \"dtypes\" says point {n!r} is {d}, but the file stores it as {stored[n]}")
+    if "precision" in manifest:
+        precision_name(manifest["precision"], "manifest \"precision\"")
+    if "point_precision" in manifest:
+        per_point = manifest["point_precision"]
+        if not isinstance(per_point, dict):
+            raise TraceError(f"expected manifest \"point_precision\" to be an object {{point: precision}}, found "
+                             f"{_json_type(per_point)}")
+        for n, d in per_point.items():
+            if n not in tensors:
+                raise TraceError(f"manifest \"point_precision\" names {n!r}, which is not a tensor in the file")
+            if precision_name(d, f"manifest \"point_precision\" of {n!r}") is None:
+                raise TraceError(f"manifest \"point_precision\" of {n!r} must name a precision, found null")
     return manifest
+
+
+def precision_name(value, what="precision"):
+    """A declared compute precision: one of PRECISIONS, or None (undeclared). Traces written by mdref before
+    precisions were declared hold a description such as "float16, upcast attention": its first word counts."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.split(",")[0].strip() in PRECISIONS:
+        return value.split(",")[0].strip()
+    raise TraceError(f"{what} must be one of {', '.join(PRECISIONS)} (or null), found {_short(value)}")
+
+
+def point_precisions(arrays, manifest, exact="exact"):
+    """{point: the precision it was computed in}: `exact` for integer arrays (token ids, masks), else the
+    manifest's "point_precision" entry, else the trace's "precision", else the dtype the tensor is stored in
+    ("dtypes" entries name bfloat16, which numpy widens to float32)."""
+    manifest = manifest or {}
+    trace_level = precision_name(manifest.get("precision"), "manifest \"precision\"")
+    per_point, stored = manifest.get("point_precision") or {}, manifest.get("dtypes") or {}
+    out = {}
+    for name, v in arrays.items():
+        if np.asarray(v).dtype.kind in "iub":
+            out[name] = exact
+        elif name in per_point:
+            out[name] = precision_name(per_point[name], f"point_precision of {name!r}")
+        elif trace_level is not None:
+            out[name] = trace_level
+        else:
+            d = stored.get(name, str(np.asarray(v).dtype))
+            out[name] = d if d in PRECISIONS else "float32"
+    return out
 
 
 def _json_type(x):
@@ -264,8 +324,8 @@ def load_trace(path):
     expected; an unreadable safetensors file raises mdref.io.WeightsError."""
     from .io.safetensors import read_safetensors
 
-    tensors, meta = read_safetensors(path, allow_int=True)     # traces keep integer token ids
-    manifest = _check_manifest(meta, tensors)
+    tensors, meta, stored = read_safetensors(path, allow_int=True, stored_dtypes=True)   # traces keep integer ids
+    manifest = _check_manifest(meta, tensors, stored)
     order = list(manifest.get("points", []))
     listed = set(order)
     order += [n for n in tensors if n not in listed]

@@ -18,6 +18,9 @@ from mdref.io.keymaps import diffusers_to_raw_taesd, raw_taesd_to_diffusers
 from mdref.io.presets import DECODER_PRESETS as PRESETS
 from mdref.trace import trace as tracing
 from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
+from oracles import randomize, rel_err, within
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -30,27 +33,6 @@ TINY_CFG = dict(encoder_block_out_channels=(16, 16, 16), decoder_block_out_chann
                 num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(2, 1, 1), latent_channels=4)
 
 
-def randomize(model, seed):
-    """Every parameter random, norms and biases included: weights ~ N(0, 1/fan_in), 1-D ~ N(0, 0.3^2) (+1 for
-    norm scales), so a wrong eps, affine or bias cannot hide behind the defaults (ones / zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if p.ndim > 1:
-                p.copy_(r / np.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * r)
-            else:
-                p.copy_(0.3 * r)
-    return model.eval()
-
-
-def report(name, got, ref):
-    err = float(np.max(np.abs(got - ref)))
-    scale = float(np.max(np.abs(ref)))
-    print(f"{name}: max|err| = {err:.3e}, max|ref| = {scale:.3e}, relative {err / scale:.3e}")
-    return err / scale
 
 
 def oracle(vae, latents, dtype):
@@ -61,7 +43,7 @@ def oracle(vae, latents, dtype):
 
 @pytest.fixture(scope="module")
 def kl_folder(tmp_path_factory):
-    vae = randomize(diffusers.AutoencoderKL(**KL_CFG), seed=1)
+    vae = randomize(diffusers.AutoencoderKL(**KL_CFG), seed=1, spread=0.3)
     folder = tmp_path_factory.mktemp("kl")
     vae.save_pretrained(folder)                                     # full checkpoint: encoder + quant_conv too
     return vae, folder
@@ -69,7 +51,7 @@ def kl_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    vae = randomize(diffusers.AutoencoderTiny(**TINY_CFG), seed=2)
+    vae = randomize(diffusers.AutoencoderTiny(**TINY_CFG), seed=2, spread=0.3)
     folder = tmp_path_factory.mktemp("tiny")
     vae.save_pretrained(folder)
     return vae, folder
@@ -85,7 +67,7 @@ def test_kl_matches_diffusers(kl_folder, dtype):
     assert dec.scaling_factor == 0.3 and dec.shift_factor == 0.1 and dec.upsampling_factor == 4
     got, ref = dec(latents), oracle(vae, latents, dtype)
     assert got.shape == ref.shape == (2, 3, 20, 28) and got.dtype == dtype
-    assert report(f"AutoencoderKL.decode {np.dtype(dtype).name}", got, ref) <= TOL[dtype]
+    within(f"AutoencoderKL.decode {np.dtype(dtype).name}", rel_err(got, ref), TOL[dtype])
 
 
 @pytest.mark.parametrize("variant", [dict(use_post_quant_conv=False), dict(mid_block_add_attention=False),
@@ -95,11 +77,11 @@ def test_kl_variants_match_diffusers(variant, tmp_path):
     cfg = {**KL_CFG, **variant}
     levels = len(cfg["block_out_channels"])
     cfg.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
-    vae = randomize(diffusers.AutoencoderKL(**cfg), seed=5)
+    vae = randomize(diffusers.AutoencoderKL(**cfg), seed=5, spread=0.3)
     vae.save_pretrained(tmp_path)
     dec = Decoder.from_pretrained(tmp_path)
     latents = np.random.default_rng(5).standard_normal((2, vae.config.latent_channels, 4, 6)).astype(np.float32)
-    assert report(f"AutoencoderKL {variant} float32", dec(latents), oracle(vae, latents, np.float32)) <= 1e-5
+    within(f"AutoencoderKL {variant} float32", rel_err(dec(latents), oracle(vae, latents, np.float32)), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -110,7 +92,7 @@ def test_tiny_matches_diffusers(tiny_folder, dtype):
     assert dec.scaling_factor == 1.0 and dec.shift_factor == 0.0 and dec.upsampling_factor == 4
     got, ref = dec(latents), oracle(vae, latents, dtype)
     assert got.shape == ref.shape == (2, 3, 24, 20)
-    assert report(f"AutoencoderTiny.decode {np.dtype(dtype).name}", got, ref) <= TOL[dtype]
+    within(f"AutoencoderTiny.decode {np.dtype(dtype).name}", rel_err(got, ref), TOL[dtype])
 
 
 def test_raw_taesd_layout(tiny_folder, tmp_path):
@@ -125,7 +107,7 @@ def test_raw_taesd_layout(tiny_folder, tmp_path):
     for path in (tmp_path, tmp_path / "taesd_decoder.safetensors"):
         dec = Decoder.from_pretrained(path)
         assert dec.config.num_decoder_blocks == (2, 1, 1) and dec.config.decoder_block_out_channels == (16,) * 3
-        assert report("raw TAESD layout float32", dec(latents), ref) <= TOL[np.float32]
+        within("raw TAESD layout float32", rel_err(dec(latents), ref), TOL[np.float32])
     flat = raw_taesd_to_diffusers(raw)
     assert diffusers_to_raw_taesd(flat).keys() == raw.keys()
     with pytest.raises(WeightsError, match="layers after"):
@@ -182,8 +164,8 @@ def test_save_pretrained_round_trip(kl_folder, tiny_folder, tmp_path):
             set(Decoder.param_schema(dec.config))                           # decode side only
         np.testing.assert_array_equal(again(latents), dec(latents))
         theirs = type(vae).from_pretrained(tmp_path / folder.name)   # diffusers reads mdref's folder too
-        assert report(f"diffusers on mdref's {type(vae).__name__} folder", dec(latents),
-                      oracle(theirs, latents, np.float32)) <= TOL[np.float32]
+        within(f"diffusers on mdref's {type(vae).__name__} folder", rel_err(dec(latents),
+                      oracle(theirs, latents, np.float32)), TOL[np.float32])
 
 
 def test_lite_preset_parameter_count_and_schema():

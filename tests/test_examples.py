@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 import mdref
+from oracles import within
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -72,7 +75,7 @@ def _check_agreement(out, status, tolerance):
           f"{worst.rel_to_max:.3g} at {worst.name}")
     assert status == 0 and report.ok, report.first_divergence
     assert len(report.points) >= 0.8 * len(ours)
-    assert worst.rel_to_max <= tolerance
+    within(f"{out.name}: largest rel-to-max error ({worst.name})", worst.rel_to_max, tolerance)
 
 
 def test_compare_with_diffusers_float32(float32_run):

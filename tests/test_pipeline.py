@@ -8,6 +8,9 @@ import mdref
 from mdref import sampler
 from mdref.io.presets import PIPELINE_PRESETS as PRESETS
 from mdref.pipeline import Pipeline, to_pixels
+from oracles import within
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 
 def _preset_count(name):
@@ -146,7 +149,8 @@ def test_end_to_end_matches_diffusers_one_step(sd_folder):
     err_np = np.abs(ours_np - ref_np).max()
     print(f"e2e float32: latent rel {err_latent:.2e}, image abs {err_image:.2e}, [0,1] image abs {err_np:.2e}")
     assert np.abs(ref_image).max() > 0.1          # the random model does draw something
-    assert err_image <= 1e-4 and err_np <= 1e-4
+    within("e2e float32 image max abs", err_image, 1e-4)
+    within("e2e float32 [0, 1] image max abs", err_np, 1e-4)
 
 
 def test_end_to_end_float64_runs_and_is_closer(sd_folder):
@@ -156,7 +160,7 @@ def test_end_to_end_float64_runs_and_is_closer(sd_folder):
     r32 = Pipeline.from_pretrained(folder).run("a red circle", noise=noise)
     r64 = Pipeline.from_pretrained(folder, dtype=np.float64).run("a red circle", noise=noise)
     assert r64.image.dtype == np.float64
-    assert np.abs(r32.image - r64.image).max() < 1e-4
+    within("float32 vs float64 image max abs", np.abs(r32.image - r64.image).max(), 1e-4)
 
 
 def test_default_model_loads():

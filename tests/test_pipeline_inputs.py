@@ -49,7 +49,11 @@ def _noise(dtype=np.float64, shape=LATENT):
     (dict(steps=True), "steps", "found True"),
     (dict(guidance_scale=float("nan")), "guidance_scale", "found nan"),
     (dict(guidance_scale=float("inf")), "guidance_scale", "found inf"),
-    (dict(guidance_scale=10 ** 400), "guidance_scale", "finite"),
+    (dict(guidance_scale=10 ** 400), "guidance_scale", "in [0, 50]"),
+    (dict(guidance_scale=-1), "guidance_scale", "in [0, 50]"),
+    (dict(guidance_scale=51), "guidance_scale", "found 51"),
+    (dict(negative_prompt="blue"), "negative_prompt", "only with classifier-free guidance"),
+    (dict(negative_prompt="blue", guidance_scale=1.0), "negative_prompt", "found guidance 1.0"),
     (dict(guidance_scale="3"), "guidance_scale", "'3'"),
     (dict(guidance_scale=True), "guidance_scale", "found True"),
     (dict(height=0), "height", "0 is not supported"),
@@ -86,7 +90,7 @@ def test_good_arguments_of_every_accepted_kind(pipe):
     assert np.array_equal(pipe.run(("a red circle",), seed=np.int64(3)).pixels, base.pixels)
     assert np.array_equal(pipe.run(["a red circle"], seed=np.uint64(3), steps=np.int32(1)).pixels, base.pixels)
     pipe.run("x", seed=2 ** 64 - 1, height=np.int64(32), width=96, guidance_scale=np.float32(2), steps=2)
-    pipe.run("x", noise=_noise(np.float16), guidance_scale=-1)          # float16 noise and a negative scale are fine
+    pipe.run("x", noise=_noise(np.float16), guidance_scale=0.5)         # float16 noise and a scale <= 1 (no CFG) are fine
     # The image size is what was asked: an explicit size is never replaced by the default.
     assert pipe.run("x", height=32, width=96).pixels.shape == (1, 32, 96, 3)
 

@@ -30,6 +30,9 @@ from mdref.golden import GOLDEN_CASES
 from mdref.io import Decoder, TextEncoder, UNet
 from mdref.io.pipeline_folder import DEFAULT_MODEL_DIR
 from mdref.io.safetensors import read_safetensors, write_safetensors
+from oracles import U16, nmse, within
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 DTYPES = ["float16", "bfloat16"]
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -129,7 +132,8 @@ ACCURATE_FROM = {"silu": -6.0, "relu": -12.0, "gelu": -3.0, "gelu_tanh": -3.0, "
 @given(data=st.data())
 def test_elementwise_ops_are_the_rounded_formula(dtype, name, data):
     """R(f(R(x))) with f in float64: exact for relu; within one ulp for the others (their float32 evaluation can
-    fall on the other side of a rounding boundary), and exact for most elements."""
+    fall on the other side of a rounding boundary). That it is exact for most elements is checked on a fixed
+    sample below (hypothesis' arrays repeat values, so a fraction over them is not a property)."""
     x = data.draw(f32_arrays(st.integers(1, 200), ACCURATE_FROM[name], 12))
     op, f64 = _elementwise(name)
     with using(dtype):
@@ -139,7 +143,18 @@ def test_elementwise_ops_are_the_rounded_formula(dtype, name, data):
     if name == "relu":
         assert np.array_equal(got, want)
     assert np.all(diff <= ulp(np.maximum(np.abs(got), np.abs(want)), dtype)), (name, diff.max())
-    assert np.mean(diff == 0) >= 0.9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "quick_gelu"])
+def test_elementwise_ops_are_exact_for_almost_every_element(dtype, name):
+    """On 200,000 seeded uniform inputs over the accurate range, the float32 formula lands on the other side of a
+    rounding boundary for at most 0.1% of the elements (measured: 0.006-0.032% in float16, none in bfloat16)."""
+    x = np.random.default_rng(0).uniform(ACCURATE_FROM[name], 12, 200_000).astype(np.float32)
+    op, f64 = _elementwise(name)
+    with using(dtype):
+        got = op(x)
+    assert np.mean(got != R64(f64(rounded(x, dtype).astype(np.float64)), dtype)) <= 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -361,22 +376,24 @@ def _twin():
     return twin
 
 
-def nmse(a, ref):
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(((a - ref) ** 2).sum() / (ref ** 2).sum())
-
-
 def _same_size_and_agree(name, ours, theirs, ref, record_property):
-    """float16 errors against float64, pooled over a batch of inputs: the same size (NMSE within a factor 2, rms
-    within 1.42) and the two agree: independent rounding errors add in quadrature, so NMSE(mdref, torch) is at
-    most NMSE(mdref) + NMSE(torch) in expectation (shared weight and input rounding only lower it). The factor
-    1.25 is the estimator's spread: on the default UNet, batches of 4 inputs gave between / sum from 0.55 to 0.99
-    and mdref / torch from 0.5 to 1.5 (seeds 0-3); the batches here are larger."""
+    """float16 errors against float64, pooled over a batch of inputs.
+
+    mdref's own error (a fact about the emulation): every op on the longest path (L <= 64 rounding points in these
+    components) rounds its output once, a relative error uniform in [-u, u] (u = 2^-11, rms u / sqrt(3)); the errors
+    add in quadrature along the path, so NMSE <= L u^2 / 3 ~ 5e-6 in expectation; the bound allows 4x that
+    ((2 sqrt(L / 3) u)^2 = 2.0e-5) for amplification by the layers between rounding points.
+    PyTorch's error depends on its CPU kernels (ATen's avx512 / avx2 / default paths and oneDNN round float16 sums
+    at different places): measured NMSE ratios mdref / torch from 0.38 to 2.3 across the kernels of
+    benchmarks/kernel-spread.md, so the two are held to the same size within a factor 4 (a margin over every
+    kernel measured), and they agree: independent rounding errors add in quadrature, so NMSE(mdref, torch) is at
+    most NMSE(mdref) + NMSE(torch) in expectation (shared weight and input rounding only lower it); the factor
+    1.25 is the estimator's spread."""
     e_m, e_t, e_mt = nmse(ours, ref), nmse(theirs, ref), nmse(ours, theirs)
     record_property(name, f"nmse mdref {e_m:.3g} torch {e_t:.3g} between {e_mt:.3g}")
-    print(f"{name}: NMSE vs float64 mdref {e_m:.3g}, torch {e_t:.3g}; mdref vs torch {e_mt:.3g}")
-    assert 0.5 <= e_m / e_t <= 2, (name, e_m, e_t)
-    assert e_mt <= 1.25 * (e_m + e_t), (name, e_mt, e_m, e_t)
+    within(f"{name}: float16 NMSE of mdref vs float64", e_m, (2 * math.sqrt(64 / 3) * U16) ** 2)
+    within(f"{name}: NMSE ratio max(mdref / torch, torch / mdref)", max(e_m / e_t, e_t / e_m), 4)
+    within(f"{name}: NMSE(mdref, torch) / (NMSE mdref + NMSE torch)", e_mt / (e_m + e_t), 1.25)
 
 
 def test_default_model_components_match_pytorch_float16(record_property):

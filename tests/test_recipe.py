@@ -8,6 +8,7 @@
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -32,9 +33,7 @@ needs_default = pytest.mark.skipif(not (DEFAULT / "unet" / "config.json").is_fil
                                    reason="weights/default not present")
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from oracles import U32, U64, rel_err, within  # noqa: E402
 
 
 # ---------------------------------------------------------------- (d) evaluator
@@ -411,6 +410,7 @@ def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
 
 # ---------------------------------------------------------------- (b) parity on the shipped weights
 @needs_default
+@pytest.mark.numerics
 def test_shipped_text_encoder_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -420,12 +420,11 @@ def test_shipped_text_encoder_parity():
     ids = mdref.Tokenizer.from_pretrained(None)(["a large red circle on the left, blue background", "a shape"])
     with torch.no_grad():
         want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
-    err = rel_err(te(ids), want)
-    print(f"text encoder f32 rel err {err:.2e}")
-    assert err <= 1e-5
+    within("shipped text encoder f32 vs transformers f32", rel_err(te(ids), want), 1e-5)
 
 
 @needs_default
+@pytest.mark.numerics
 def test_shipped_unet_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -439,12 +438,11 @@ def test_shipped_unet_parity():
     for t in (999, 250):
         with torch.no_grad():
             want = twin(torch.from_numpy(x), t, torch.from_numpy(ctx)).numpy()
-        err = rel_err(un(x, t, ctx), want)
-        print(f"unet t={t} f32 rel err {err:.2e}")
-        assert err <= 1e-5
+        within(f"shipped unet t={t} f32 vs twin f32", rel_err(un(x, t, ctx), want), 1e-5)
 
 
 @needs_default
+@pytest.mark.numerics
 def test_shipped_decoder_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -462,13 +460,19 @@ def test_shipped_decoder_parity():
         want64 = vae.double().decode(torch.from_numpy(z).double()).sample.numpy()
     got32 = dec(z)
     got64 = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float64)(z.astype(np.float64))
-    err32, err64, truth32 = rel_err(got32, want32), rel_err(got64, want64), rel_err(got32, want64)
-    print(f"decoder f32 rel err {err32:.2e} (oneDNN oracle {rel_err(got32, want32_onednn):.2e}); f64 {err64:.2e}; "
-          f"mdref f32 vs f64 {truth32:.2e}; torch f32 vs f64 {rel_err(want32, want64):.2e} native, "
-          f"{rel_err(want32_onednn, want64):.2e} oneDNN")
-    assert err32 <= 1e-5
-    assert err64 <= 1e-12
-    assert truth32 <= 1e-5
+    # mdref's float32 against float64 ground truth, a fact about mdref on any kernel: the decoder's longest path has
+    # L = 30 layers (convs, norms, the attention), each a sum of at most K = 9 * 64 = 576 products; a float32 sum
+    # of K terms errs by about sqrt(K) u relative to its scale (rounding errors as a random walk, u = 2^-24), and
+    # the layers' errors add in quadrature: sqrt(L K) u = 7.9e-6. The bound is twice that (1.6e-5); measured
+    # 3.5-3.8e-6 under every kernel of benchmarks/kernel-spread.md.
+    bound32 = 2 * math.sqrt(30 * 576) * U32
+    print(f"torch f32 vs f64 {rel_err(want32, want64):.2e} native, {rel_err(want32_onednn, want64):.2e} oneDNN; "
+          f"mdref f32 vs oneDNN {rel_err(got32, want32_onednn):.2e}")
+    within("shipped decoder f64 vs torch f64", rel_err(got64, want64), 1e-12)
+    within("shipped decoder f32 vs f64", rel_err(got32, want64), bound32)
+    # PyTorch's float32 is held to the same bound against float64 (its rounding is as good as mdref's), so the two
+    # float32 results are within twice it of each other (measured: up to 1.0e-5, with ATen's AVX2 kernels).
+    within("shipped decoder f32 vs torch native f32", rel_err(got32, want32), 2 * bound32)
 
 
 # ---------------------------------------------------------------- (c) adherence of the shipped model

@@ -11,6 +11,8 @@ from mdref import sampler as S
 from mdref.io import ConfigError
 from mdref.io import scheduler_config as SC
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 SCHEDULES = [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02), ("linear", 0.00085, 0.012),
              ("scaled_linear", 0.0001, 0.02)]
 
@@ -187,9 +189,11 @@ def test_noise_override_and_shape_errors():
     np.testing.assert_array_equal(d[1:], S.sampling_noise(shape, 3, seed=1)[1:])   # later draws: the seed's
     full = np.ones((3,) + shape)
     np.testing.assert_array_equal(S.sampling_noise(shape, 3, seed=1, noise=full), full)
-    with pytest.raises(ValueError, match=r"noise has shape \(2, 4, 5, 3\), expected \(2, 4, 3, 5\)$"):
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 4, 5, 3\), expected \(2, 4, 3, 5\) \(draw 0\) or "
+                                         r"\(1, 2, 4, 3, 5\) \(one draw per step\)$"):
         S.sampling_noise(shape, 1, noise=np.zeros((2, 4, 5, 3)))
-    with pytest.raises(ValueError, match=r"expected \(2, 4, 3, 5\) or \(2, 2, 4, 3, 5\)"):
+    np.testing.assert_array_equal(S.sampling_noise(shape, 1, noise=full[:1]), full[:1])   # [1, B, C, h, w] at 1 step
+    with pytest.raises(ValueError, match=r"expected \(2, 4, 3, 5\) \(draw 0\) or \(2, 2, 4, 3, 5\)"):
         S.sample(lambda x, t: x, SC.SchedulerConfig(), shape, steps=2, noise=np.zeros((3,) + shape))
 
 

@@ -26,9 +26,11 @@ from mdref.io import TextEncoder, TextEncoderConfig  # noqa: E402
 from mdref.io.presets import TEXT_ENCODER_PRESETS as PRESETS  # noqa: E402
 from mdref.tokenizer import Tokenizer  # noqa: E402
 from mdref.io.safetensors import WeightsError  # noqa: E402
+from oracles import randomize, rel_err, within  # noqa: E402
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-ERRORS = {}                     # test id -> measured max relative error (printed with -s)
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, highly detailed, 8k",
            "", "Hello!!! It's 2024 -- café 日本 😀", " ".join(["lorem ipsum dolor"] * 40)]
@@ -46,21 +48,6 @@ CONFIGS = {
     "w32-h2-l2-gelu_pytorch_tanh": (dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
                                          intermediate_size=128, hidden_act="gelu_pytorch_tanh"), "<|endoftext|>"),
 }
-
-
-def randomize(model, seed):
-    """Every parameter random: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.ndim == 2:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval()
 
 
 def build_oracle(tmp_path, name, seed=0):
@@ -88,16 +75,9 @@ def run_oracle(model, ids, dtype):
     return out.last_hidden_state.numpy(), out.pooler_output.numpy()
 
 
-def rel_err(ours, ref):
-    return float(np.abs(ours.astype(np.float64) - ref).max() / np.abs(ref).max())
-
-
 def check(ours, ref, dtype, key):
     assert ours.dtype == dtype and ours.shape == ref.shape
-    err = rel_err(ours, ref)
-    ERRORS[key] = err
-    print(f"\n[text_encoder] {key}: max |mdref - transformers| / max |transformers| = {err:.3e}")
-    assert err <= TOL[dtype], f"{key}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+    within(f"text encoder {key}: max |mdref - transformers| / max |transformers|", rel_err(ours, ref), TOL[dtype])
 
 
 # ---- parity ------------------------------------------------------------------------------------------------------
@@ -144,7 +124,7 @@ def test_trace_points_match_transformers_modules(tmp_path):
     assert t.names() == ["text_encoder." + n for n in expected]
     assert set(captured) == set(expected)
     for n in expected:
-        assert rel_err(t["text_encoder." + n], captured[n]) <= 1e-10, n
+        within(f"trace point {n} float64", rel_err(t["text_encoder." + n], captured[n]), 1e-10)
 
 
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])

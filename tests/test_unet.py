@@ -18,6 +18,9 @@ import mdref.io.safetensors as W  # noqa: E402
 from mdref.io import ConfigError  # noqa: E402
 from mdref.trace import trace  # noqa: E402
 from mdref.io import UNet, UNetConfig  # noqa: E402
+from oracles import randomize, rel_err, within  # noqa: E402
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
@@ -52,19 +55,6 @@ B, H, W_, T = 2, 16, 24, 7
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def randomize(model, seed):
-    """Give every tensor a non-trivial value (diffusers zero-inits some): norms ~ 1 + N(0, 0.1^2),
-    biases ~ N(0, 0.1^2), matrices and kernels ~ N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
 
 
 def timestep_embedding_f64(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
@@ -94,10 +84,6 @@ def inputs(config, seed):
     return sample, np.array([999, 37]), context
 
 
-def relative_error(ours, ref):
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity_with_diffusers(name, dtype, tmp_path, monkeypatch, record_property):
@@ -117,10 +103,7 @@ def test_parity_with_diffusers(name, dtype, tmp_path, monkeypatch, record_proper
     ours = unet(sample, t, context)
 
     assert ours.shape == ref.shape == (B, config.get("out_channels", 4), H, W_)
-    err = relative_error(ours, ref)
-    record_property("max_rel_error", err)
-    print(f"{name} {dtype}: max|err|/max|ref| = {err:.3g}")
-    assert err <= TOLERANCE[dtype]
+    record_property("max_rel_error", within(f"{name} {dtype}: max|err|/max|ref|", rel_err(ours, ref), TOLERANCE[dtype]))
 
 
 def test_scalar_timestep_and_trace_points(tmp_path):

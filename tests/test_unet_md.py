@@ -21,6 +21,9 @@ from mdref.io import ConfigError, UNet, UNetConfig  # noqa: E402
 from mdref.io.presets import UNET_PRESETS  # noqa: E402
 from mdref.io.unet_config import LAYER_NORM_EPS  # noqa: E402
 from mdref.specs import Stage  # noqa: E402
+from oracles import randomize, rel_err, within  # noqa: E402
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 from mdref_torch import twin  # noqa: E402
 
@@ -29,19 +32,6 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["
 RNG = np.random.default_rng
 
 
-def randomize(module, seed):
-    """Every tensor non-trivial: norms ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2), matrices / kernels ~ N(0, 1/fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-    return module.eval()
 
 
 def params_of(module, dtype):
@@ -64,9 +54,7 @@ def np_dtype(dtype):
 def check(name, ours, ref, dtype):
     ref = ref.detach().numpy()
     assert ours.shape == ref.shape
-    err = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-    print(f"{name} {dtype}: max|err|/max|ref| = {err:.3g}")
-    assert err <= TOLERANCE[dtype], (name, err)
+    within(f"{name} {dtype}: max|err|/max|ref|", rel_err(ours, ref), TOLERANCE[dtype])
 
 
 def tensors(dtype, *shapes, seed=0):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import decoder as decoder_math
+from ..guards import SEED_LIMIT, is_int, memory_limit
 from .. import precision
 from .. import text_encoder as text_math
 from .. import unet as unet_math
@@ -53,6 +54,20 @@ def compute_dtype(dtype, who, upcast=None, downcast=None):
         return carrier, precision.Precision(low, upcast, downcast)
     except precision.PrecisionError as e:
         raise ValueError(f"{who}: {e}") from None
+
+
+def check_seed(seed, what):
+    """A seed of seeded weights: an int (Python or NumPy, not bool) with 0 <= seed < 2**64, as noise seeds."""
+    if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{what} must be an integer with 0 <= seed < 2**64, found {seed!r} ({type(seed).__name__})")
+
+
+def check_weights_fit(nbytes, who):
+    """Refuse, before drawing them, weights larger than the memory limit (a config asking for a billion layers)."""
+    limit, source = memory_limit()
+    if limit is not None and nbytes > limit:
+        raise ConfigError(f"{who}: the config's weights need {nbytes / 2**30:.1f} GiB, more than the "
+                          f"{limit / 2**30:.1f} GiB memory limit ({source})")
 
 
 def locate(path, subfolder, weights_names):
@@ -114,6 +129,7 @@ class Component:
             params = nest({k: self.precision.round(v) for k, v in flatten(params).items()})
         self.params = params
         self.spec = self.make_spec(config)
+        self.files = ()                                     # the weights files read (from_pretrained), in order
 
     @property
     def compute_dtype(self):
@@ -157,11 +173,15 @@ class Component:
 
     @classmethod
     def from_config(cls, config, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
-        """Seeded weights (`safetensors.init_params`) for a config object or a config.json dict."""
+        """Seeded weights (`safetensors.init_params`) for a config object or a config.json dict. seed: an int with
+        0 <= seed < 2**64. The weights must fit in the memory limit (mdref.guards.memory_limit), checked from the
+        schema before anything is drawn."""
         config = cls.as_config(config, f"{cls.__name__}.from_config")
         carrier, _ = compute_dtype(dtype, cls.__name__, upcast, downcast)
-        return cls(config, init_params(cls.param_schema(config), seed, carrier), dtype, upcast=upcast,
-                   downcast=downcast)
+        check_seed(seed, f"{cls.__name__}.from_config: seed")
+        schema = cls.param_schema(config)
+        check_weights_fit(num_parameters(schema) * carrier.itemsize, f"{cls.__name__}.from_config")
+        return cls(config, init_params(schema, seed, carrier), dtype, upcast=upcast, downcast=downcast)
 
     @classmethod
     def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
@@ -189,8 +209,10 @@ class Component:
         config, flat = cls.read_checkpoint(config, flat, where)
         schema = cls.param_schema(config)
         check_schema(flat, schema, where)
-        return cls(config, nest({k: flat[k].astype(carrier) for k in schema}), dtype, upcast=upcast,
-                   downcast=downcast)
+        component = cls(config, nest({k: flat[k].astype(carrier) for k in schema}), dtype, upcast=upcast,
+                        downcast=downcast)
+        component.files = tuple(str(f) for f in files)
+        return component
 
     def save_pretrained(self, folder, dtype=np.float32):
         """Write config.json + the weights file in the layout from_pretrained (and diffusers / transformers) read."""

@@ -16,7 +16,20 @@ import math
 from pathlib import Path
 
 __all__ = ["ConfigError", "read_json", "from_dict", "to_dict", "check_int", "check_positive_int", "check_float",
-           "check_bool", "check_choice", "check_list"]
+           "check_bool", "check_choice", "check_list", "MAX_LAYERS", "MAX_LEVELS", "MAX_WIDTH", "MAX_TIMESTEPS",
+           "MAX_VOCAB", "MAX_POSITIONS", "MAX_SAMPLE_SIZE"]
+
+# Upper bounds on what a config may ask for, checked before anything is built: far above every published model,
+# low enough that a typo (a billion layers, a 7 TiB noise schedule) is refused with the bound in the message
+# instead of filling the machine's memory. (Largest published values: SDXL 10 transformer layers per block,
+# OpenCLIP-bigG 32 layers and width 1280 / MLP 5120, Qwen3-VL 2B vocabulary 151,936, 1000 training timesteps.)
+MAX_LAYERS = 64              # ResNets / transformer layers per block, encoder layers, decoder blocks, heads ...
+MAX_LEVELS = 8               # UNet / decoder resolution levels
+MAX_WIDTH = 65_536           # channels, hidden sizes, MLP widths, context widths
+MAX_TIMESTEPS = 100_000      # num_train_timesteps
+MAX_VOCAB = 1 << 21          # token vocabulary
+MAX_POSITIONS = 1 << 16      # position embeddings (text tokens)
+MAX_SAMPLE_SIZE = 1 << 12    # default latent side
 
 
 class ConfigError(ValueError):
@@ -30,11 +43,30 @@ def read_json(path, error=ConfigError):
     if not path.is_file():
         raise error(f"{path}: no such config file")
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
+        d = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise error(f"{path}: the key {e.args[0]!r} appears twice in one object (JSON readers would silently keep "
+                    f"the last one)") from None
+    except RecursionError:
+        raise error(f"{path}: not a config file (JSON nested too deeply to read)") from None
     except (ValueError, OSError) as e:                        # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise error(f"{path}: not valid UTF-8 JSON ({e})") from None
     if not isinstance(d, dict):
         raise error(f"{path}: expected a JSON object, found a JSON {_json_type(d)}")
+    return d
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a key given twice is an error (json.loads would keep the last value silently)."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
     return d
 
 
@@ -65,12 +97,16 @@ def _fail(where, key, what, v):
     raise ConfigError(f"{where}: {key} must be {what}, found {v!r}")
 
 
+def _num(x):
+    return f"{x:,}".replace(",", "_") if isinstance(x, int) else f"{x:g}"
+
+
 def _range(lo, hi, lo_open=False, hi_open=False):
     if lo is not None and hi is not None:
-        return f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f" in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f" {'>' if lo_open else '>='} {lo:g}"
-    return f" {'<' if hi_open else '<='} {hi:g}" if hi is not None else ""
+        return f" {'>' if lo_open else '>='} {_num(lo)}"
+    return f" {'<' if hi_open else '<='} {_num(hi)}" if hi is not None else ""
 
 
 def check_int(where, key, v, lo=None, hi=None, *, none=False):
@@ -82,8 +118,8 @@ def check_int(where, key, v, lo=None, hi=None, *, none=False):
     return v
 
 
-def check_positive_int(where, key, v):
-    return check_int(where, key, v, 1)
+def check_positive_int(where, key, v, hi=None):
+    return check_int(where, key, v, 1, hi)
 
 
 def check_float(where, key, v, lo=None, hi=None, *, nonzero=False, none=False):

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass
 
 from ..specs import KLDecoderSpec, TAESDDecoderSpec
-from .config import (ConfigError, check_bool, check_choice, check_float, check_int, check_list, check_positive_int,
-                     from_dict, to_dict)
+from .config import (MAX_LAYERS, MAX_LEVELS, MAX_WIDTH, ConfigError, check_bool, check_choice, check_float,
+                     check_int, check_list, check_positive_int, from_dict, to_dict)
 
 __all__ = ["DecoderConfig", "config_from_diffusers", "config_to_diffusers", "decoder_spec"]
 
@@ -54,15 +54,21 @@ class DecoderConfig:
         check_choice(where, "kind", self.kind, ("kl", "tiny"))
         self.scaling_factor = check_float(where, "scaling_factor", self.scaling_factor, nonzero=True)
         self.shift_factor = check_float(where, "shift_factor", self.shift_factor, none=True) or 0.0
-        for key in ("latent_channels", "out_channels", "norm_num_groups", "upsampling_scaling_factor"):
-            check_positive_int(where, key, getattr(self, key))
-        check_int(where, "layers_per_block", self.layers_per_block, 0)     # 0: one ResNet per up block
+        for key, most in (("latent_channels", MAX_WIDTH), ("out_channels", MAX_WIDTH),
+                          ("norm_num_groups", MAX_WIDTH), ("upsampling_scaling_factor", 8)):
+            check_positive_int(where, key, getattr(self, key), most)
+        check_int(where, "layers_per_block", self.layers_per_block, 0, MAX_LAYERS)   # 0: one ResNet per up block
         for key in ("norm_eps", "tiny_clamp"):
             setattr(self, key, check_float(where, key, getattr(self, key), 0))
         for key in ("use_post_quant_conv", "mid_block_add_attention"):
             check_bool(where, key, getattr(self, key))
-        for key in ("block_out_channels", "decoder_block_out_channels", "num_decoder_blocks"):
-            setattr(self, key, tuple(check_list(where, key, getattr(self, key), check_positive_int)))
+        for key, most in (("block_out_channels", MAX_WIDTH), ("decoder_block_out_channels", MAX_WIDTH),
+                          ("num_decoder_blocks", MAX_LAYERS)):
+            setattr(self, key, tuple(check_list(where, key, getattr(self, key),
+                                                lambda w, k, v, most=most: check_positive_int(w, k, v, most))))
+            if len(getattr(self, key)) > MAX_LEVELS:
+                raise ConfigError(f"{where}: {key} has {len(getattr(self, key))} levels; mdref builds at most "
+                                  f"{MAX_LEVELS}")
         if self.kind == "kl":
             bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
             if bad:

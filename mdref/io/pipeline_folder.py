@@ -45,9 +45,10 @@ def load_folder(path, dtype):
         if stated is not None and stated != scheduler.prediction_type:
             raise ConfigError(f"{sched_file}: prediction_type {scheduler.prediction_type!r} contradicts "
                               f"{unet_file}: prediction_type {stated!r} (the UNet was trained for one of them)")
-    return dict(tokenizer=tokenizer, text_encoder=TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype),
-                unet=unet, decoder=Decoder.from_pretrained(path / "vae", dtype=dtype), scheduler=scheduler,
-                weight_files=sorted(str(p) for p in path.glob("*/*.safetensors")))
+    text_encoder = TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype)
+    decoder = Decoder.from_pretrained(path / "vae", dtype=dtype)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, decoder=decoder, scheduler=scheduler,
+                weight_files=[*text_encoder.files, *unet.files, *decoder.files])   # only what was read
 
 
 def load_preset(name, seed, dtype):

@@ -176,14 +176,15 @@ def _tensor_info(path, key, info, allowed):
     return dtype, shape, start, end
 
 
-def read_safetensors(path, *, allow_int=False):
+def read_safetensors(path, *, allow_int=False, stored_dtypes=False):
     """Read a .safetensors file into {key: numpy array}, plus its metadata dict.
 
     F32, F16 and F64 tensors are read as stored; BF16 (the top 16 bits of a float32) is widened to float32
     exactly by shifting the bits. Integer and BOOL tensors are refused, unless allow_int is True (trace files
     keep token ids) or a collection of the keys that may hold them (a text encoder's position_ids buffer).
     Anything the format's specification forbids raises WeightsError naming the file, the tensor and what was
-    expected and found. Returns (tensors, metadata)."""
+    expected and found. Returns (tensors, metadata), and with stored_dtypes=True also {key: the dtype as stored,
+    as a numpy name, BF16 as "bfloat16"}."""
     refuse_pickle(path)
     path = Path(path)
     if not path.is_file():
@@ -237,6 +238,9 @@ def read_safetensors(path, *, allow_int=False):
         else:
             arr = np.frombuffer(raw, dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<"))
         tensors[key] = arr.reshape(shape)
+    if stored_dtypes:
+        return tensors, metadata, {key: "bfloat16" if dtype == "BF16" else np.dtype(_DTYPES[dtype]).name
+                                   for key, dtype, *_ in entries}
     return tensors, metadata
 
 
@@ -282,18 +286,16 @@ def check_schema(found, schema, where="weights"):
              if k in found and tuple(found[k].shape) != tuple(schema[k])]
     if not (missing or unexpected or wrong):
         return
-    lines = [f"{where} do not match the model config:"]
+    parts = []
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
-                     + (" ..." if len(missing) > 20 else ""))
+        parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
+        parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
                      + (" ..." if len(unexpected) > 20 else ""))
-    for k, exp, got in wrong[:20]:
-        lines.append(f"  wrong shape for {k}: expected {exp}, found {got}")
+    parts += [f"wrong shape for {k}: expected {exp}, found {got}" for k, exp, got in wrong[:20]]
     if len(wrong) > 20:
-        lines.append(f"  ... and {len(wrong) - 20} more wrong shapes")
-    raise WeightsError("\n".join(lines))
+        parts.append(f"... and {len(wrong) - 20} more wrong shapes")
+    raise WeightsError(f"{where} do not match the model config: " + "; ".join(parts))   # one line: the CLI's error
 
 
 def nest(flat):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass
 from pathlib import Path
 
-from .config import ConfigError, check_choice, check_float, check_int, from_dict, read_json, to_dict
+from .config import MAX_TIMESTEPS, ConfigError, check_choice, check_float, check_int, from_dict, read_json, to_dict
 
 __all__ = ["SchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict", "load_scheduler_config"]
 
@@ -33,13 +33,13 @@ class SchedulerConfig:
     where: InitVar[str | None] = None         # the config file, for error messages (not a config key)
 
     def __post_init__(self, where):
-        """Every string field one of its values; num_train_timesteps an int >= 2; 0 < beta_start <= beta_end < 1
+        """Every string field one of its values; num_train_timesteps an int in [2, MAX_TIMESTEPS]; 0 < beta_start <= beta_end < 1
         (diffusers computes any betas it is given; outside this range sqrt(beta) or 1 - beta is no noise schedule)."""
         where = where or type(self).__name__
         for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
                               ("timestep_spacing", ("trailing",)), ("sampler", SAMPLERS)):
             check_choice(where, name, getattr(self, name), allowed)
-        check_int(where, "num_train_timesteps", self.num_train_timesteps, 2)
+        check_int(where, "num_train_timesteps", self.num_train_timesteps, 2, MAX_TIMESTEPS)
         self.beta_start = check_float(where, "beta_start", self.beta_start, 0, 1)
         self.beta_end = check_float(where, "beta_end", self.beta_end, 0, 1)
         if self.beta_start > self.beta_end:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass
 
 from ..specs import TextEncoderSpec
-from .config import ConfigError, check_choice, check_float, check_int, from_dict, to_dict
+from .config import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, ConfigError, check_choice, check_float,
+                     check_int, from_dict, to_dict)
 
 __all__ = ["TextEncoderConfig", "text_encoder_spec", "HIDDEN_ACT", "IGNORED_KEYS"]
 
@@ -58,9 +59,10 @@ class TextEncoderConfig:
         """Types and ranges (mdref.io.config's checkers); pad / bos ids are not read by the forward pass and may be
         null, the eos id picks the pooled token."""
         where = where or type(self).__name__
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings"):
-            check_int(where, key, getattr(self, key), 1)
+        for key, most in (("vocab_size", MAX_VOCAB), ("hidden_size", MAX_WIDTH), ("intermediate_size", MAX_WIDTH),
+                          ("num_hidden_layers", MAX_LAYERS), ("num_attention_heads", MAX_WIDTH),
+                          ("max_position_embeddings", MAX_POSITIONS)):
+            check_int(where, key, getattr(self, key), 1, most)
         check_choice(where, "hidden_act", self.hidden_act, list(HIDDEN_ACT))
         self.layer_norm_eps = check_float(where, "layer_norm_eps", self.layer_norm_eps, 0)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, field
 
 from ..specs import Stage, UNetSpec
-from .config import (ConfigError, check_bool, check_choice, check_float, check_int, check_list, check_positive_int,
+from .config import (MAX_LAYERS, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH, ConfigError, check_bool, check_choice,
+                     check_float, check_int, check_list, check_positive_int,
                      from_dict, to_dict)
 
 __all__ = ["UNetConfig", "unet_spec", "DEFAULT_ONLY", "IGNORED", "TRANSFORMER_NORM_EPS", "LAYER_NORM_EPS",
@@ -105,7 +106,10 @@ class UNetConfig:
         for key in ("down_block_types", "up_block_types"):
             setattr(self, key, check_list(where, key, getattr(self, key)))
         self.block_out_channels = check_list(where, "block_out_channels", self.block_out_channels,
-                                             check_positive_int)
+                                             lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH))
+        if len(self.block_out_channels) > MAX_LEVELS:
+            raise ConfigError(f"{where}: block_out_channels has {len(self.block_out_channels)} levels; mdref builds at "
+                              f"most {MAX_LEVELS}")
         for key in ("transformer_kind", "separable_conv"):
             if getattr(self, key) is not None:
                 setattr(self, key, check_list(where, key, getattr(self, key)))
@@ -125,9 +129,10 @@ class UNetConfig:
         check_int(where, "freq_shift", self.freq_shift, 0, half - 1)
         self.norm_eps = check_float(where, "norm_eps", self.norm_eps, 0)
         if isinstance(self.sample_size, (list, tuple)):
-            self.sample_size = check_list(where, "sample_size", self.sample_size, check_positive_int, length=2)
+            self.sample_size = check_list(where, "sample_size", self.sample_size,
+                                          lambda w, k, v: check_positive_int(w, k, v, MAX_SAMPLE_SIZE), length=2)
         else:
-            check_int(where, "sample_size", self.sample_size, 1, none=True)
+            check_int(where, "sample_size", self.sample_size, 1, MAX_SAMPLE_SIZE, none=True)
         for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim",
                     "cross_attention_dim", "only_cross_attention", "transformer_kind", "separable_conv"):
             self.per_level(key, where)                    # validates lengths and element types
@@ -155,7 +160,8 @@ class UNetConfig:
             check = lambda w, k, v: check_choice(w, k, v, KINDS)    # noqa: E731
         else:                                                        # 0 is usual on levels without a transformer
             least = 0 if key == "transformer_layers_per_block" else 1
-            check = lambda w, k, v: check_int(w, k, v, least)       # noqa: E731
+            most = MAX_LAYERS if key.endswith("per_block") else MAX_WIDTH
+            check = lambda w, k, v: check_int(w, k, v, least, most)  # noqa: E731
         if isinstance(value, (list, tuple)):
             return check_list(where, key, value, check, length=self.levels)
         return [check(where, key, value)] * self.levels
@@ -178,11 +184,13 @@ class UNetConfig:
 # Scalar keys and their checks (lists, per-level keys, freq_shift, norm_eps and sample_size are checked in
 # UNetConfig.__post_init__, where they depend on other keys).
 CHECKS = {
-    "in_channels": check_positive_int, "out_channels": check_positive_int, "norm_num_groups": check_positive_int,
+    "in_channels": lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH),
+    "out_channels": lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH),
+    "norm_num_groups": lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH),
     "flip_sin_to_cos": check_bool, "use_linear_projection": check_bool, "upcast_attention": check_bool,
-    "shared_kv": check_bool, "ff_mult": check_positive_int,
+    "shared_kv": check_bool, "ff_mult": lambda w, k, v: check_positive_int(w, k, v, MAX_LAYERS),
     "mid_block_type": lambda w, k, v: check_choice(w, k, v, MID_BLOCKS),
-    "mid_transformer_layers": lambda w, k, v: check_int(w, k, v, 1, none=True),
+    "mid_transformer_layers": lambda w, k, v: check_int(w, k, v, 1, MAX_LAYERS, none=True),
     "attention_weighting": lambda w, k, v: check_choice(w, k, v, ("softmax", "relu")),
     "ff_activation": lambda w, k, v: check_choice(w, k, v, ("geglu", "swiglu")),
     "prediction_type": lambda w, k, v: check_choice(w, k, v, ("epsilon", "v_prediction", "sample")),
