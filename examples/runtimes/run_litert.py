@@ -23,7 +23,9 @@ def compile_graph(prep, out):
 
     model = litert_torch.convert(prep.wrapper.eval(), prep.args)
     model.export(str(out / f"{prep.graph}-{prep.dtype}.tflite"))
-    return lambda inputs: [np.asarray(x) for x in model(*inputs)]
+    # TFLite takes the token ids as int32 (litert-torch lowers int64 inputs to int32)
+    return lambda inputs: [np.asarray(x) for x in model(*[a.astype(np.int32) if a.dtype == np.int64 else a
+                                                          for a in inputs])]
 
 
 def main(argv=None):
