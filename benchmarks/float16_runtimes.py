@@ -198,17 +198,16 @@ def main(argv=None):
     if not args.runtime:
         ap.error("--runtime or --report")
     work = Path(args.work or tempfile.mkdtemp(prefix="mdref-f16-"))
-    runs = []
-    for case in args.case or CASES:
-        t0 = time.perf_counter()
-        runs.append(measure(args.runtime, case, work))
-        r = runs[-1]
-        print(f"{args.runtime} {case}: first non-finite {r['first_nonfinite']}, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.runtime}.json").write_text(json.dumps({"version": version(args.runtime), "runs": runs},
-                                                         indent=1, default=str) + "\n")
+    path = out / f"{args.runtime}.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []      # earlier cases of this runtime
+    for case in args.case or CASES:
+        t0 = time.perf_counter()
+        runs = [r for r in runs if r["case"] != case] + [measure(args.runtime, case, work)]
+        print(f"{args.runtime} {case}: first non-finite {runs[-1]['first_nonfinite']}, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        path.write_text(json.dumps({"version": version(args.runtime), "runs": runs}, indent=1, default=str) + "\n")
     return 0
 
 

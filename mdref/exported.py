@@ -12,7 +12,8 @@ output named like a point of the graph is recorded. Between the graphs this modu
 model, so `sampler.x0` / `latents.x0` are the sampler's arithmetic on the runtime's `unet.out`), the decoder input
 ``x0 / scaling_factor + shift_factor``, and the image ``clip((decoder.out + 1) / 2, 0, 1)``. Arrays enter each graph
 in its inputs' dtypes (float16 graphs get float16 tensors; the timestep is float32 [B]) and are recorded as the
-runtime returned them, so a float16 runtime's trace is compared at the float16 tolerance.
+runtime returned them; the trace declares the graphs' dtype as its precision (manifest "precision"), so every point
+of a float16 run, the sampler's and the image included, is compared at the float16 tolerance.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def run_exported(run_graph, manifest, token_ids, noise, *, steps=1, trace=None):
     each graph run by `run_graph`; returns the Trace (`trace`, or a new one) of every point recorded."""
     t = Trace() if trace is None else trace
     graphs, conv = manifest["graphs"], manifest["conventions"]
+    t.meta.setdefault("precision", manifest.get("dtype", "float32"))     # the graphs' compute dtype: compare's
+                                                                          # tolerance for every point of the run
     ids = np.asarray(token_ids)
     t.add("tokens", ids)
     context = _run(run_graph, "text_encoder", graphs["text_encoder"], {"tokens": ids}, t, "text_embeddings")
