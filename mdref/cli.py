@@ -449,8 +449,7 @@ def cmd_export(args):
     with _usage_errors():
         check_output_dir(args.directory, "DIR")      # before the model is loaded or exported
     pipe = load_pipeline(args, np.float32, overrides=False)
-    with _input_errors(args):
-        pipe.latent_shape(args.batch, args.height, args.width)
+    pipe.latent_shape(args.batch, args.height, args.width)    # InputError naming --height / --width
     from mdref_torch.export import export_onnx      # PyTorch and ONNX: imported only by this command
 
     t0 = time.perf_counter()
