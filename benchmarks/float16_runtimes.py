@@ -198,6 +198,7 @@ def main(argv=None):
     if not args.runtime:
         ap.error("--runtime or --report")
     work = Path(args.work or tempfile.mkdtemp(prefix="mdref-f16-"))
+    work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.runtime}.json"
