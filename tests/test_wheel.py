@@ -64,7 +64,8 @@ def wheel_env(tmp_path_factory):
     t0 = time.perf_counter()
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(REPO, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    shutil.copytree(REPO, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")
+                                                              or n.startswith(".venv")])
     dist = tmp / "dist"
     _run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_sdist({str(dist)!r})"], cwd=src)
     (sdist,) = dist.glob("mdref-*.tar.gz")
