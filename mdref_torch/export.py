@@ -98,12 +98,15 @@ class Prepared:
         self.wrapper = PointOutputs(self.module, mapped)
         self.input_names = INPUT_NAMES[graph]
         args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+        # the order the points run in (and their shapes) from one float32 run: PyTorch's float16 CPU kernels are
+        # slow (minutes for a 512x512 decoder), and the order does not depend on the dtype
+        self.names = [self.main] + self.wrapper.trace_order(*args)[1:]
+        self.shapes = dict(zip(self.names, self.wrapper.shapes))
         if dtype == "float16":
             self.wrapper.half()
             args = [a.half() if a.is_floating_point() and name != "timestep" else a
                     for a, name in zip(args, self.input_names)]
         self.args = tuple(args)
-        self.names = [self.main] + self.wrapper.trace_order(*self.args)[1:]
         prefix = PIPELINE_PREFIX[graph]
         self.module_of = {n: (f"{prefix}.{p}" if p else prefix) for p, n in mapped.items()}
         self.module_of[self.main] = prefix
@@ -209,7 +212,7 @@ def torch_manifest(pipe, prepared, exporter):
     dtype = next(iter(prepared.values())).dtype
     manifest = manifest_head(pipe, dtype, exporter)
     for graph, prep in prepared.items():
-        manifest["graphs"][graph] = prep.entry({n: list(x.shape) for n, x in prep.run().items()})
+        manifest["graphs"][graph] = prep.entry(prep.shapes)
     return manifest
 
 

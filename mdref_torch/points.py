@@ -141,7 +141,7 @@ class PointOutputs(nn.Module):
         """Run once (no gradients) to fix the output order; returns the outputs' names, the main output first."""
         self.names = None
         with torch.no_grad():
-            self(*args)
+            self.shapes = [list(x.shape) for x in self(*args)]          # the outputs' shapes, in order
         missing = sorted(set(self.points.values()) - set(self.names))
         if missing:
             raise RuntimeError(f"modules of points {missing[:5]} did not run")
