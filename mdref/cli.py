@@ -44,11 +44,15 @@ OPTIONS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "seed
 
 
 # ---- shared argument groups -------------------------------------------------------------------------------------
-def _add_model_args(p):
+def _add_source_args(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", metavar="PATH", help="diffusers-style pipeline folder (default: the embedded model)")
     g.add_argument("--preset", metavar="NAME", help="seeded weights for a named architecture: mobilediffusion, tiny")
     p.add_argument("--weights-seed", type=int, default=None, help="with --preset: seed of its weights (default 0)")
+
+
+def _add_model_args(p):
+    _add_source_args(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32; "
                    "float16 / bfloat16 are emulated, see docs/precision.md)")
     p.add_argument("--upcast", metavar="CLASSES", help="with float16 / bfloat16: compute these in float32, "
@@ -335,24 +339,13 @@ def _tolerance_arg(value, option):
 
 def cmd_compare(args):
     from .comparison import compare, format_report
-    from .trace import Trace, TraceError, load_trace, point_matcher
-    from .io.safetensors import WeightsError
+    from .trace import point_matcher
 
     _tolerance_arg(args.rtol, "--rtol")
     _tolerance_arg(args.atol, "--atol")
     with _usage_errors("--points"):
         point_matcher(args.points)
-    traces = []
-    for path in (args.a, args.b):
-        if not Path(path).exists():
-            raise UsageError(f"{path}: no such trace file")
-        if not Path(path).is_file():
-            raise UsageError(f"{path}: not a regular file (expected a trace .safetensors file)")
-        try:
-            traces.append(Trace.of(*load_trace(path)))       # arrays and manifest (--local reads the run)
-        except (WeightsError, TraceError) as e:
-            why = str(e).removeprefix(f"{path}: ")
-            raise UsageError(f"{path}: not a readable trace file ({why})") from None
+    traces = [_read_trace(path) for path in (args.a, args.b)]   # arrays and manifest (--local reads the run)
     chosen = [o for o, v in (("--model", args.model), ("--preset", args.preset), ("--upcast", args.upcast),
                              ("--downcast", args.downcast)) if v is not None]
     if chosen and not args.local:
@@ -459,6 +452,70 @@ def cmd_live(args):
         server.server_close()
         raise
     return serve(server, open_browser=args.open)
+EXPORT_NEEDS = ("torch", "transformers", "diffusers", "onnx", "onnxscript")
+
+
+def cmd_export(args):
+    """`mdref export onnx DIR`: the model as three ONNX graphs named by mdref's points (mdref_torch/export.py)."""
+    import importlib.util
+
+    from .outputs import check_output_dir
+
+    missing = [m for m in EXPORT_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"mdref export needs {', '.join(missing)}, not installed here: pip install \"mdref[export]\"")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be an integer >= 1, got {args.batch}")
+    with _usage_errors():
+        check_output_dir(args.directory, "DIR")      # before the model is loaded or exported
+    pipe = load_pipeline(args, np.float32, overrides=False)
+    pipe.latent_shape(args.batch, args.height, args.width)    # InputError naming --height / --width
+    from mdref_torch.export import export_onnx      # PyTorch and ONNX: imported only by this command
+
+    t0 = time.perf_counter()
+    with _usage_errors():
+        try:
+            export_onnx(pipe, args.directory, points=args.points, dtype=args.dtype, batch=args.batch,
+                        height=args.height, width=args.width)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    print(f"wrote {args.directory}: text_encoder.onnx, unet.onnx, decoder.onnx, points.json "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_match(args):
+    """`mdref match REF CANDIDATE -o OUT`: a candidate's tensors, named anyhow, mapped onto mdref's points."""
+    from .matching import format_match, match
+    from .trace import save_trace
+
+    _check_output(args.output)
+    traces = [_read_trace(path) for path in (args.reference, args.candidate)]
+    for option in ("agree", "margin", "max_error"):
+        _tolerance_arg(getattr(args, option), f"--{option.replace('_', '-')}")
+    report = match(traces[0], traces[1], agree=args.agree, margin=args.margin, max_error=args.max_error)
+    with _usage_errors():
+        save_trace(args.output, report.trace(), {"reference": str(args.reference),
+                                                 "candidate": str(args.candidate)}, what="-o")
+    print(report.to_json() if args.json else format_match(report, all_points=not args.only_doubtful))
+    print(f"wrote {len(report.mapped)} points to {args.output}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _read_trace(path):
+    """A trace file as a Trace (its arrays in order, its manifest as meta), or UsageError naming the file."""
+    from .io.safetensors import WeightsError
+    from .trace import Trace, TraceError, load_trace
+
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such trace file")
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: not a regular file (expected a trace .safetensors file)")
+    try:
+        return Trace.of(*load_trace(path))
+    except (WeightsError, TraceError) as e:
+        why = str(e).removeprefix(f"{path}: ")
+        raise UsageError(f"{path}: not a readable trace file ({why})") from None
 
 
 def build_parser():
@@ -530,6 +587,32 @@ def build_parser():
     p.add_argument("--blas-threads", type=int, metavar="N", help="OpenBLAS threads (default 1, faster for small "
                    "models, unless OPENBLAS_NUM_THREADS is set; 0: leave the library's own count)")
     p.set_defaults(func=cmd_live)
+    p = sub.add_parser("export", help="the model as ONNX graphs whose values are named by mdref's points "
+                       "(needs the extra: pip install \"mdref[export]\")")
+    p.add_argument("format", choices=["onnx"], help="onnx: text_encoder.onnx, unet.onnx, decoder.onnx, points.json")
+    p.add_argument("directory", help="output folder (new or empty)")
+    _add_source_args(p)
+    p.add_argument("--points", action="store_true", help="every point is also a graph output named by its point")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights and activations "
+                   "(float16 keeps the timestep sinusoid in float32; points.json lists what stays float32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the graphs (default 1)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("match", help="map a runtime's tensors, named anyhow, onto mdref's points by shape and value")
+    p.add_argument("reference", help="mdref's trace (mdref trace, or a golden bundle's trace.safetensors)")
+    p.add_argument("candidate", help="safetensors file of the runtime's tensors, any names")
+    p.add_argument("-o", "--output", required=True, help="the mapped trace (.safetensors) for mdref compare")
+    p.add_argument("--agree", type=float, default=2e-2, help="err (max|d| / max|ref|) of a confident match "
+                   "(default 2e-2)")
+    p.add_argument("--margin", type=float, default=10.0, help="how much further the runner-up must be (default 10)")
+    p.add_argument("--max-error", type=float, default=0.5, help="above this err a point stays unmatched "
+                   "(default 0.5; zeros score 1)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--only-doubtful", action="store_true", help="print only points not matched exactly or "
+                   "with high confidence")
+    p.set_defaults(func=cmd_match)
     return parser
 
 
