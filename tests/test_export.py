@@ -140,6 +140,26 @@ def test_an_edited_initializer_is_named_by_compare(f32, tmp_path):
     assert report.first_divergence == "unet.mid_block.attentions.0.transformer_blocks.0.attn2"
 
 
+def test_an_edited_initializer_is_the_first_local_divergence(f32, tmp_path):
+    """mdref compare --local: mdref re-run with ORT's value forced at every point. The edited layer's own
+    (local) error is over its tolerance; every point after it computes, in mdref, from ORT's inputs exactly what
+    ORT computes, so its local error stays within float32 rounding, though the edit reaches it end to end."""
+    from mdref_torch.export import edit_initializer
+
+    folder = tmp_path / "edited"
+    shutil.copytree(f32, folder)
+    edit_initializer(folder / "unet.onnx", "mid_block.resnets.0.conv1.depthwise.bias", lambda b: b + 0.05)
+    report = mdref.compare(GOLDEN / "trace.safetensors", _ort_trace(folder), local=mdref.Pipeline.from_pretrained())
+    names = [p.name for p in report.points]
+    at = names.index("unet.mid_block.resnets.0")
+    assert report.first_local_divergence == "unet.mid_block.resnets.0"
+    after = [p for p in report.points[at + 1:] if p.local is not None and p.precision != "exact"]
+    worst = max(after, key=lambda p: p.local["rel_to_max"])
+    print(f"edited: local {report.points[at].local['rel_to_max']:.2e} at the edited ResNet; worst local after it "
+          f"{worst.local['rel_to_max']:.2e} at {worst.name}; end to end {report.first_divergence}")
+    assert all(p.local["ok"] for p in after) and any(not p.ok for p in after)
+
+
 def test_without_points_each_point_is_still_a_named_value(tmp_path):
     """Exported without --points, a graph has its main output only, and each point is the name of the value
     inside it (the text encoder: the quickest to export)."""
