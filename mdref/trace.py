@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .precision import rounded
+from .ops import rounded, scoped
 
 __all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
            "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
@@ -99,15 +99,10 @@ def trace(points=None, *, on_request=None):
         yield t
 
 
-@contextmanager
 def recording(t):
     """Make `t` (a Trace, or a subclass that keeps something else, such as mdref.explain.Recorder) the active
     trace inside the block; trace() is recording(Trace(points))."""
-    token = _ACTIVE.set(t)
-    try:
-        yield t
-    finally:
-        _ACTIVE.reset(token)
+    return scoped(_ACTIVE, t)
 
 
 def active():
@@ -163,13 +158,11 @@ def first_nonfinite(run):
     """Call ``run()`` with every point recorded, and return (name, (NaN, Inf, size)) of the first recorded point
     holding a NaN or an Inf (the run stops there), or None if none does. Names are those trace() gives."""
     t = _FirstNonFinite()
-    token = _ACTIVE.set(t)
     try:
-        run()
+        with scoped(_ACTIVE, t):
+            run()
     except _Found:
         pass
-    finally:
-        _ACTIVE.reset(token)
     return t.found
 
 
