@@ -604,31 +604,33 @@ KIND = {"none": "no transformer", "cross": "cross-only (attn2 + FFN)", "full": "
 def _unet_parts(page, pipe, pts):
     spec = pipe.unet.spec
     flat = flatten(pipe.unet.params)
-    stages = list(spec.down) + ([spec.mid] if spec.mid is not None else []) + list(spec.up)
-    fns = {"down": unet.down_block, "mid": unet.middle, "up": unet.up_block}
+    stages = spec.stages
     trs, grids = [], {}
     for st in stages:
-        role = "mid" if st.name == "mid_block" else st.name.split("_")[0]
         count = sum(int(np.size(v)) for k, v in flat.items() if k.startswith(st.name + "."))
         first = pts.get(f"unet.{st.name}.resnets.0")
         grid = first.shape[2:] if first is not None and len(first.shape) == 4 else None
         grids[st.name] = grid
-        kind = KIND.get(st.transformer, st.transformer) + (", attn1 reads the text" if st.only_cross else "")
-        trs.append(f"<tr><td><code>{st.name}</code></td><td>{page.cite(fns[role])}</td><td>{kind}</td>"
-                   f'<td class="n">{st.channels}</td><td class="n">{st.heads if st.transformer != "none" else ""}</td>'
-                   f'<td class="n">{st.transformer_layers if st.transformer != "none" else ""}</td>'
-                   f"<td>{' '.join(f'{a}&rarr;{b}' for a, b in st.resnets)}</td>"
-                   f"<td>{'yes' if st.separable else ''}</td><td>{st.resample or ''}</td>"
+        t, resnets = st.transformer, st.of("resnet")
+        kind = KIND[t.kind] + (", attn1 reads the text" if t.only_cross else "") if t else KIND["none"]
+        resample = {"downsample": "down", "upsample": "up"}.get(st.layers[-1].kind, "")
+        trs.append(f"<tr><td><code>{st.name}</code></td><td>{page.cite(unet.block)}</td><td>{kind}</td>"
+                   f'<td class="n">{st.channels}</td><td class="n">{t.heads if t else ""}</td>'
+                   f'<td class="n">{t.depth if t else ""}</td>'
+                   f"<td>{' '.join(f'{r.c_in}&rarr;{r.c_out}' for r in resnets)}</td>"
+                   f"<td>{'yes' if resnets[0].spec.separable else ''}</td><td>{resample}</td>"
                    f"<td>{'x'.join(map(str, grid)) if grid else ''}</td><td class=\"n\">{count:,}</td></tr>")
     rest = sum(int(np.size(v)) for k, v in flat.items() if not k.startswith(tuple(st.name + "." for st in stages)))
     trs.append(f'<tr><td colspan="10">time embedding, conv_in, conv_norm_out, conv_out</td><td class="n">{rest:,}'
                f"</td></tr>")
     arch = _table(["block", "code", "kind", "channels", "heads", "transformer layers", "ResNets (in&rarr;out)",
                    "separable", "resample", "grid h x w", "parameters"], trs)
+    t = next((st.transformer for st in stages if st.transformer), None)
     parts = [page.doc(unet.unet), "<h3>The architecture</h3>", arch,
-             f"<p>{pipe.unet.num_parameters():,} parameters; weighting <code>{spec.weighting}</code>, shared K/V "
-             f"<code>{spec.shared_kv}</code>, FFN <code>{spec.ff_activation}</code>, context width "
-             f"{spec.context_dim}.</p>", "<h3>Every recorded point</h3>"]
+             f"<p>{pipe.unet.num_parameters():,} parameters" + (
+                 f"; weighting <code>{t.weighting}</code>, shared K/V <code>{t.shared_kv}</code>, FFN "
+                 f"<code>{t.ff_activation}</code>" if t else "") + f", context width {spec.context_dim}.</p>",
+             "<h3>Every recorded point</h3>"]
 
     def grid_of(name):
         m = re.match(r"unet\.((?:down|up)_blocks\.\d+|mid_block)\.", name)

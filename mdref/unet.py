@@ -86,13 +86,13 @@ def feed_forward(x, *, net, activation):
     return ops.linear(h * (ops.gelu(gate) if activation == "geglu" else ops.silu(gate)), net["2"])
 
 
-def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=None, st, spec, name):
+def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=None, spec, name):
     """diffusers BasicTransformerBlock: x += attn1(LN x) [self]; x += attn2(LN x, text); x += ff(LN x).
-    A "cross" block (MobileDiffusion) has no norm1 / attn1.  x [B, N, C] -> [B, N, C]."""
-    kw = dict(heads=st.heads, weighting=spec.weighting, shared_kv=spec.shared_kv)
-    if st.transformer == "full":
+    A "cross" block (MobileDiffusion) has no norm1 / attn1.  x [B, N, C] -> [B, N, C]; spec: a TransformerSpec."""
+    kw = dict(heads=spec.heads, weighting=spec.weighting, shared_kv=spec.shared_kv)
+    if spec.kind == "full":
         h = ops.layer_norm(x, norm1, spec.layer_norm_eps)
-        x = x + record(f"{name}.attn1", attention(h, context if st.only_cross else None, **attn1, **kw,
+        x = x + record(f"{name}.attn1", attention(h, context if spec.only_cross else None, **attn1, **kw,
                                                   name=f"{name}.attn1"))
     x = x + record(f"{name}.attn2", attention(ops.layer_norm(x, norm2, spec.layer_norm_eps), context, **attn2, **kw,
                                               name=f"{name}.attn2"))
@@ -101,66 +101,58 @@ def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=
     return record(name, x)
 
 
-def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, st, spec, name):
-    """diffusers Transformer2DModel (continuous input): GN, proj_in, blocks over the pixels, proj_out, + x.
-    proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
+def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, spec, name):
+    """diffusers Transformer2DModel (continuous input): GN, proj_in, spec.depth blocks over the pixels, proj_out,
+    + x. proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
     B, C, H, W = x.shape
-    h = ops.group_norm(x, norm, spec.groups, spec.transformer_norm_eps)
+    h = ops.group_norm(x, norm, spec.groups, spec.norm_eps)
     if spec.linear_projection:
         h = ops.linear(h.reshape(B, C, H * W).transpose(0, 2, 1), proj_in)      # [B, N, C]
     else:
         h = ops.conv2d(h, proj_in).reshape(B, C, H * W).transpose(0, 2, 1)      # [B, N, C]
-    for k in range(st.transformer_layers):
-        h = transformer_block(h, context, **transformer_blocks[str(k)], st=st, spec=spec,
+    for k in range(spec.depth):
+        h = transformer_block(h, context, **transformer_blocks[str(k)], spec=spec,
                               name=f"{name}.transformer_blocks.{k}")
     if spec.linear_projection:
         h = ops.linear(h, proj_out).transpose(0, 2, 1).reshape(B, C, H, W)      # [B, C, H, W]
     else:
         h = ops.conv2d(h.transpose(0, 2, 1).reshape(B, C, H, W), proj_out)      # [B, C, H, W]
-    return record(name, h + x)
+    return h + x
 
 
-def resnet_and_attention(x, temb, context, p, j, st, spec):
-    """Layer j of a block: ResnetBlock2D, then (in blocks with transformers) Transformer2DModel."""
-    name = f"unet.{st.name}"
-    x = record(f"{name}.resnets.{j}", resnet(x, temb, **p["resnets"][str(j)], groups=spec.groups,
-                                             eps=spec.resnet_eps, separable=st.separable))
-    if st.transformer != "none":
-        x = transformer_2d(x, context, **p["attentions"][str(j)], st=st, spec=spec, name=f"{name}.attentions.{j}")
+def downsample(x, *, conv):
+    """diffusers Downsample2D: a stride-2 3x3 conv.  [B, C, H, W] -> [B, C, H/2, W/2]."""
+    return ops.conv2d(x, conv, stride=2, padding=1)
+
+
+def upsample(x, *, conv):
+    """diffusers Upsample2D: 2x nearest upsampling, then a 3x3 conv.  [B, C, H, W] -> [B, C, 2H, 2W]."""
+    return ops.conv2d(ops.upsample_nearest2d(x, 2), conv, padding=1)
+
+
+# What each kind of entry of a stage's layer list (specs.Layer.kind) runs, with its parameters p and spec s.
+LAYERS = {
+    "resnet": lambda x, temb, context, p, s, name: resnet(x, temb, **p, groups=s.groups, eps=s.eps,
+                                                          separable=s.separable),
+    "transformer": lambda x, temb, context, p, s, name: transformer_2d(x, context, **p, spec=s, name=name),
+    "downsample": lambda x, temb, context, p, s, name: downsample(x, **p),
+    "upsample": lambda x, temb, context, p, s, name: upsample(x, **p),
+}
+
+
+def block(x, temb, context, skips, p, st):
+    """A down block, the mid block or an up block (CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn,
+    CrossAttnUpBlock2D / UpBlock2D): the layers of its stage (specs.Stage.layers) in order, each recorded under
+    its parameter path. A layer marked "pop" first concatenates the last skip on channels; one marked "push"
+    adds its output to the skips."""
+    for layer in st.layers:
+        if layer.skip == "pop":
+            x = np.concatenate([x, skips.pop()], axis=1)                          # [B, C + C_skip, H, W]
+        name = f"unet.{st.name}.{layer.name}"
+        x = record(name, LAYERS[layer.kind](x, temb, context, p[layer.group][str(layer.index)], layer.spec, name))
+        if layer.skip == "push":
+            skips.append(x)
     return x
-
-
-def down_block(x, temb, context, p, st, spec):
-    """CrossAttnDownBlock2D / DownBlock2D: (ResNet [, transformer]) per layer, then a stride-2 3x3 conv.
-    Returns x [B, C, H/2, W/2] and the skips it adds (one per layer, one after the downsampler)."""
-    skips = []
-    for j in range(len(st.resnets)):
-        x = resnet_and_attention(x, temb, context, p, j, st, spec)
-        skips.append(x)
-    if st.resample == "down":
-        x = ops.conv2d(x, p["downsamplers"]["0"]["conv"], stride=2, padding=1)   # [B, C, H/2, W/2]
-        skips.append(record(f"unet.{st.name}.downsamplers.0", x))
-    return record(f"unet.{st.name}", x), skips
-
-
-def middle(x, temb, context, p, st, spec):
-    """UNetMidBlock2DCrossAttn: ResNet, Transformer2DModel of full blocks (16 in MobileDiffusion), ResNet."""
-    x = resnet_and_attention(x, temb, context, p, 0, st, spec)
-    x = record("unet.mid_block.resnets.1", resnet(x, temb, **p["resnets"]["1"], groups=spec.groups,
-                                                  eps=spec.resnet_eps, separable=st.separable))
-    return record("unet.mid_block", x)
-
-
-def up_block(x, temb, context, skips, p, st, spec):
-    """CrossAttnUpBlock2D / UpBlock2D: per layer concatenate the last skip on channels, ResNet [, transformer];
-    then 2x nearest upsampling and a 3x3 conv.  skips: this block's skips, innermost last."""
-    for j in range(len(st.resnets)):
-        x = np.concatenate([x, skips[-1 - j]], axis=1)                            # [B, C + C_skip, H, W]
-        x = resnet_and_attention(x, temb, context, p, j, st, spec)
-    if st.resample == "up":
-        x = ops.conv2d(ops.upsample_nearest2d(x, 2), p["upsamplers"]["0"]["conv"], padding=1)   # [B, C, 2H, 2W]
-        record(f"unet.{st.name}.upsamplers.0", x)
-    return record(f"unet.{st.name}", x)
 
 
 def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_blocks, conv_norm_out, conv_out,
@@ -173,14 +165,9 @@ def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_
         freq_shift=spec.freq_shift))                                              # [B, E]
     x = record("unet.conv_in", ops.conv2d(sample, conv_in, padding=1))          # [B, C0, H, W]
     skips = [x]
-    for i, st in enumerate(spec.down):
-        x, new = down_block(x, temb, context, down_blocks[str(i)], st, spec)
-        skips += new
-    if spec.mid is not None:
-        x = middle(x, temb, context, mid_block, spec.mid, spec)
-    for i, st in enumerate(spec.up):
-        n = len(st.resnets)
-        x = up_block(x, temb, context, skips[-n:], up_blocks[str(i)], st, spec)
-        del skips[-n:]
+    blocks = [down_blocks[str(i)] for i in range(len(spec.down))] + ([mid_block] if spec.mid is not None else []) \
+        + [up_blocks[str(i)] for i in range(len(spec.up))]
+    for st, p in zip(spec.stages, blocks):                                        # down, mid, up
+        x = record(f"unet.{st.name}", block(x, temb, context, skips, p, st))
     x = ops.group_norm(x, conv_norm_out, spec.groups, spec.resnet_eps, silu=True)
     return record("unet.out", ops.conv2d(x, conv_out, padding=1))               # [B, C_out, H, W]

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-import types
 
 import numpy as np
 import pytest
@@ -21,8 +20,7 @@ import mdref.io.safetensors as W  # noqa: E402
 from mdref import unet as U  # noqa: E402
 from mdref.io import ConfigError, UNet, UNetConfig  # noqa: E402
 from mdref.io.presets import UNET_PRESETS  # noqa: E402
-from mdref.io.unet_config import LAYER_NORM_EPS  # noqa: E402
-from mdref.specs import Stage  # noqa: E402
+from mdref.specs import TransformerSpec  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
@@ -42,11 +40,8 @@ def params_of(module, dtype):
 
 
 def block_spec(kind, heads, weighting):
-    """The Stage and spec fields a BasicTransformerBlock reads (shared K/V, SwiGLU, diffusers' LayerNorm eps)."""
-    st = Stage("block", (), 32, kind, 1, heads, False, False, None)
-    spec = types.SimpleNamespace(weighting=weighting, layer_norm_eps=LAYER_NORM_EPS, ff_activation="swiglu",
-                                 shared_kv=True)
-    return dict(st=st, spec=spec)
+    """What a BasicTransformerBlock reads, in one line: shared K/V, SwiGLU, diffusers' LayerNorm eps (the default)."""
+    return dict(spec=TransformerSpec(kind, heads=heads, weighting=weighting, shared_kv=True, ff_activation="swiglu"))
 
 
 def np_dtype(dtype):

@@ -280,7 +280,7 @@ class UNet(Component):
 
     @classmethod
     def param_schema(cls, config):
-        return unet_schema(unet_spec(config), config.ff_mult)
+        return unet_schema(unet_spec(config))
 
     def __call__(self, sample, timestep, context):
         """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, D] -> [B, C_out, H, W]
