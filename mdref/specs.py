@@ -7,7 +7,7 @@ diffusers / transformers config.json, checking each key once; a spec is never bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 # ---- text encoder (mdref/text_encoder.py) --------------------------------------------------------------------
@@ -108,6 +108,15 @@ class UNetSpec:
     def size_factor(self):
         """Latent height and width must be multiples of this: one stride-2 conv per down block but the last."""
         return 2 ** sum(len(st.of("downsample")) for st in self.down)
+
+    def replace_layers(self, kind, **changes):
+        """This spec with the spec of every layer of `kind` changed (an ablation: what if every transformer's input
+        GroupNorm eps were 1e-5? ``spec.replace_layers("transformer", norm_eps=1e-5)``)."""
+        def stage(st):
+            return replace(st, layers=tuple(replace(layer, spec=replace(layer.spec, **changes))
+                                            if layer.kind == kind else layer for layer in st.layers))
+        return replace(self, down=tuple(map(stage, self.down)), mid=self.mid and stage(self.mid),
+                       up=tuple(map(stage, self.up)))
 
 
 # ---- decoders (mdref/decoder.py) -----------------------------------------------------------------------------

@@ -41,23 +41,22 @@ def clip_mlp(x, *, fc1, fc2, act):
     return linear(act(linear(x, fc1)), fc2)
 
 
-def encoder_layer(x, *, layer_norm1, self_attn, layer_norm2, mlp, spec, mask, name):
+def encoder_layer(x, *, layer_norm1, self_attn, layer_norm2, mlp, spec, mask):
     """CLIPEncoderLayer: pre-LayerNorm residual blocks, x + attn(LN1 x), then x + mlp(LN2 x).  x [B, T, D]."""
     h = self_attention(layer_norm(x, layer_norm1, spec.eps), **self_attn, heads=spec.heads, mask=mask)
-    x = x + record(f"{name}.self_attn", h)
+    x = x + record(self_attn, h)
     h = clip_mlp(layer_norm(x, layer_norm2, spec.eps), **mlp, act=ACTIVATIONS[spec.activation])
-    return record(name, x + record(f"{name}.mlp", h))
+    return x + record(mlp, h)
 
 
 def text_transformer(ids, *, embeddings, encoder, final_layer_norm, spec):
     """CLIPTextTransformer: embeddings, causal encoder layers, final LayerNorm.
     ids int [B, T] (T <= spec.max_positions) -> last_hidden_state [B, T, D] in the parameters' dtype."""
-    x = record("text_encoder.embeddings", embed_tokens(ids, **embeddings))   # [B, T, D]
+    x = record(embeddings, embed_tokens(ids, **embeddings))                           # [B, T, D]
     mask = causal_mask(ids.shape[1], x.dtype)                                          # [T, T]
-    for i in range(spec.layers):
-        x = encoder_layer(x, **encoder["layers"][str(i)], spec=spec, mask=mask,
-                          name=f"text_encoder.encoder.layers.{i}")
-    return record("text_encoder.final_layer_norm", layer_norm(x, final_layer_norm, spec.eps))
+    for layer in encoder["layers"][:spec.layers]:
+        x = record(layer, encoder_layer(x, **layer, spec=spec, mask=mask))
+    return record(final_layer_norm, layer_norm(x, final_layer_norm, spec.eps))
 
 
 def pooled_output(ids, hidden, eos_token_id):

@@ -17,8 +17,8 @@ import numpy as np
 
 from .ops import rounded, scoped
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
-           "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "point",
+           "recording", "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
 
 # Compute precisions a trace may declare, most precise first (manifest "precision" / "point_precision").
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")
@@ -110,20 +110,27 @@ def active():
     return _ACTIVE.get()
 
 
+def point(name, *parts):
+    """A point's name: `name` (a str, or a parameter node of mdref.params, named by its path), then `parts`."""
+    return ".".join((name if isinstance(name, str) else name.path,) + parts)
+
+
 def record(name, x):
-    """Keep x under `name` if a trace is active and wants it; return x unchanged either way. Under an emulated
-    low precision (mdref.precision) the kept copy is rounded to that dtype: the value a device would hold."""
+    """Keep x under `name` (a str, or the parameters of the layer that computed x: their path names the point) if a
+    trace is active and wants it; return x unchanged either way. Under an emulated low precision (mdref.precision)
+    the kept copy is rounded to that dtype: the value a device would hold."""
     t = _ACTIVE.get()
-    if t is not None and t.wants(name):
+    if t is not None and t.wants(name := point(name)):
         t.add(name, rounded(x))
     return x
 
 
 def record_on_request(name, compute):
-    """Keep compute() under `name` if the active trace asked for this on-request point (trace(on_request=...)).
-    compute is not called otherwise: the extra work costs one context-variable lookup when nobody asks."""
+    """Keep compute() under `name` (as record) if the active trace asked for this on-request point
+    (trace(on_request=...)). compute is not called otherwise: the extra work costs one context-variable lookup when
+    nobody asks."""
     t = _ACTIVE.get()
-    if t is not None and t.requests(name):
+    if t is not None and t.requests(name := point(name)):
         t.add(name, rounded(compute()))
 
 

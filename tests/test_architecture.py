@@ -106,6 +106,36 @@ def test_no_import_cycle_in_mdref():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]       # the check can fail
 
 
+@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py"])
+def test_trace_points_are_named_by_parameter_paths(name):
+    """A layer's point is named by its parameters' path (record(p, x)), never by a name built beside it: no record()
+    in a model file builds its name (an f-string, + or %); the constant names left are points without parameters
+    of their own (unet.out, decoder.out) or outside diffusers' module (decoder.post_quant_conv)."""
+    calls = [n for n in ast.walk(_tree(name)) if isinstance(n, ast.Call) and getattr(n.func, "id", None) in
+             ("record", "record_on_request") and n.args]
+    assert calls
+    built = [ast.unparse(c.args[0]) for c in calls if isinstance(c.args[0], (ast.JoinedStr, ast.BinOp))]
+    assert built == [], (name, built)
+    constants = {c.args[0].value for c in calls if isinstance(c.args[0], ast.Constant)}
+    assert constants <= {"unet.out", "decoder.out", "decoder.post_quant_conv"}, constants
+
+
+def test_a_parameter_tree_knows_its_paths():
+    from mdref.params import Numbered, Params, tree
+    from mdref.trace import record, trace
+
+    w = np.ones(2)
+    p = tree({"ff": {"net": {"0": {"proj": {"weight": w}}, "2": {"weight": w}}}, "norm": {"weight": w}}, "unet.blk")
+    net = p["ff"]["net"]
+    assert isinstance(p, Params) and isinstance(net, Numbered) and net.path == "unet.blk.ff.net"
+    assert net[1] is None and net[2].path == "unet.blk.ff.net.2" and net[0]["proj"].path == "unet.blk.ff.net.0.proj"
+    assert net[2]["weight"] is w and dict(**p["norm"]) == {"weight": w}        # arrays as they were; spreads as kwargs
+    with trace() as t:
+        record(net[2], w)
+    assert t.names() == ["unet.blk.ff.net.2"]
+    assert tree({"decoder": {"conv_in": {"weight": w}}})["decoder"]["conv_in"].path == "decoder.conv_in"
+
+
 def _inert_keys():
     """diffusers / transformers config keys that mdref reads and ignores or accepts only at their default."""
     return (set(unet_config.DEFAULT_ONLY) | set(unet_config.IGNORED) | set(text_encoder_config.IGNORED_KEYS)

@@ -19,6 +19,7 @@ import pytest
 import mdref
 from mdref import explain, unet
 from mdref.cli import main
+from mdref.params import tree
 
 PROMPT = "a large red circle on the left, blue background"
 TOKENS = ["<|startoftext|>", "a", "large", "red", "circle", "on", "the", "left", ",", "blue", "background",
@@ -40,8 +41,8 @@ def _known_layer(P):
     d = T
     x = (np.log(P) * np.sqrt(d)).transpose(1, 0, 2).reshape(1, N, heads * d)       # [1, N, heads*d]
     context = np.eye(T)[None]                                                      # [1, T, T]
-    params = dict(to_q={"weight": np.eye(heads * d)}, to_kv={"weight": np.tile(np.eye(T), (heads, 1))},
-                  to_out={"0": {"weight": np.eye(heads * d)}})
+    params = tree(dict(to_q={"weight": np.eye(heads * d)}, to_kv={"weight": np.tile(np.eye(T), (heads, 1))},
+                       to_out={"0": {"weight": np.eye(heads * d)}}), "blk.attn2")
     return x, context, params
 
 
@@ -55,7 +56,7 @@ def test_recorded_probabilities_equal_the_known_attention_of_a_hand_built_layer(
     P = _random_attention(rng, heads=2, N=4, T=5)
     x, context, params = _known_layer(P)
     with mdref.trace("nothing", on_request="blk.attn2.probs") as t:
-        out = unet.attention(x, context, **params, heads=2, shared_kv=True, name="blk.attn2")
+        out = unet.attention(x, context, **params, heads=2, shared_kv=True, name=params)     # named by its path
     assert t.names() == ["blk.attn2.probs"]
     np.testing.assert_allclose(t["blk.attn2.probs"], P[None], rtol=1e-12, atol=0)
     # the layer's output is the known attention applied to the values (value j of each head is e_j): P itself

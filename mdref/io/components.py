@@ -22,6 +22,7 @@ from ..guards import SEED_LIMIT, is_int, memory_limit
 from .. import precision
 from .. import text_encoder as text_math
 from .. import unet as unet_math
+from ..params import tree
 from . import keymaps
 from .config import ConfigError, read_json
 from .decoder_config import DecoderConfig, decoder_spec
@@ -263,7 +264,7 @@ class TextEncoder(Component):
             raise ValueError(f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
                              f"[{ids.min()}, {ids.max()}]")
         with self.computing():
-            return text_math.text_transformer(ids, **self.params, spec=self.spec)
+            return text_math.text_transformer(ids, **tree(self.params, self.name), spec=self.spec)
 
     def pooled(self, ids, hidden=None):
         """pooler_output [B, D]: the last hidden state at each row's EOS token (text_encoder.pooled_output)."""
@@ -301,7 +302,7 @@ class UNet(Component):
             raise ValueError(f"UNet: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
         t = np.broadcast_to(t, (B,)).astype(self.dtype)
         with self.computing():
-            return unet_math.unet(sample, t, context, **self.params, spec=spec)
+            return unet_math.unet(sample, t, context, **tree(self.params, self.name), spec=spec)
 
 
 class Decoder(Component):
@@ -345,4 +346,4 @@ class Decoder(Component):
             raise ValueError(f"Decoder: latents must be [B, {self.spec.latent_channels}, h, w], found {z.shape}")
         decode = decoder_math.kl_decode if self.config.kind == "kl" else decoder_math.taesd_decode
         with self.computing():
-            return decode(z, **self.params, spec=self.spec)
+            return decode(z, **tree(self.params), spec=self.spec)           # its keys start with decoder. already

@@ -67,7 +67,7 @@ def text_encoder_schema(cfg):
 
 
 # ---- UNet ---------------------------------------------------------------------------------------------------
-def _transformer(prefix, t, C, context_dim):
+def transformer(prefix, t, C, context_dim):
     """Transformer2DModel keys for a TransformerSpec t at width C."""
     inner = t.ff_mult * C
     proj = (lambda n: linear(n, C, C)) if t.linear_projection else (lambda n: conv(n, C, C, 1))
@@ -88,7 +88,7 @@ def _layer(prefix, layer, spec):
     if layer.kind == "resnet":
         return resnet(prefix, layer.c_in, layer.c_out, spec.time_embed_dim, layer.spec.separable)
     if layer.kind == "transformer":
-        return _transformer(prefix, layer.spec, layer.c_out, spec.context_dim)
+        return transformer(prefix, layer.spec, layer.c_out, spec.context_dim)
     return conv(f"{prefix}.conv", layer.c_out, layer.c_in, 3)                  # downsample / upsample: a 3x3 conv
 
 
