@@ -185,6 +185,42 @@ def test_the_page_quotes_the_docstrings_and_cites_the_code(page_file):
     assert html.escape(inspect.getsource(unet.attention_probs).strip()) in text      # the source, at the end
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_citation_is_the_def_line_of_the_function_shown(page_file):
+    """The page cites the code that ran: every 'mdref/<file>.py:N name' it shows (links and the sources at the end)
+    is the line of `def name` in that file, the emulated ops included (issue 27: they were cited at the decorator's
+    file, mdref/precision.py, while their code is in mdref/ops.py)."""
+    text = page_file[0].read_text(encoding="utf-8")
+    labels = set(re.findall(r"<code>(mdref/[\w/]+\.py):(\d+) ([\w.]+)</code>", text))
+    assert len(labels) > 30
+    shown = {name.rsplit(".", 1)[-1] for _, _, name in labels}
+    assert {"layer_norm", "conv2d", "attention", "resnet", "block", "__call__"} <= shown, shown
+    for path, line, name in labels:
+        source = (ROOT / path).read_text().splitlines()[int(line) - 1]
+        assert re.match(rf"\s*def {re.escape(name.rsplit('.', 1)[-1])}\(", source), (path, line, name, source)
+    assert "mdref/precision.py" not in text
+
+
+def test_every_recorded_point_has_the_function_that_computed_it(pipe):
+    """explain.POINT_FUNCTIONS covers every point a run records (guided, two steps, every on-request point, a TAESD
+    decoder's), and its rows for the UNet's layer kinds name the functions unet.LAYERS calls."""
+    with mdref.trace(None, on_request="*") as t:
+        pipe.run(PROMPT, seed=0, steps=2, guidance_scale=2.0, negative_prompt="green")
+    taesd = mdref.Decoder.from_preset("taesd")
+    with mdref.trace() as td:
+        taesd(np.zeros((1, 4, 8, 8), np.float32))
+    assert [n for n in t.names() if explain.computed_by(n) is None] == []
+    assert [n for n in td.names() if explain.computed_by(n, "tiny") is None] == []
+    assert explain.computed_by("decoder.out", "tiny") is mdref.decoder.taesd_decode
+    groups = {"resnet": "resnets", "transformer": "attentions", "downsample": "downsamplers", "upsample": "upsamplers"}
+    assert set(unet.LAYERS) == set(groups)
+    for kind, group in groups.items():
+        fn = explain.computed_by(f"unet.up_blocks.1.{group}.0")
+        assert fn.__name__ in unet.LAYERS[kind].__code__.co_names, (kind, fn)
+
+
 def _listing(folder):
     return sorted(p.name for p in Path(folder).iterdir())
 
