@@ -34,7 +34,9 @@ Overrides (per op class and per component) reproduce what runtimes do:
 * ``downcast``: ``norm`` - the norm's sums rounded to the dtype too (accumulation in the dtype: a sum beyond the
   range overflows even when the mean would not).
 
-An override names what it changes (`UPCAST_POINTS`, `DOWNCAST_POINTS`); every other rounding point stays. Outside
+An override names what it changes (`UPCAST_POINTS`, `DOWNCAST_POINTS`); every other rounding point stays. A
+profile (`PROFILES`) is a runtime's way of computing as a small table of changes to this model: which points it
+rounds or keeps in float32, and its norm statistics ("qk-first": ``R(R(q k^T) * scale)`` and two-pass norms). Outside
 a `using` block nothing is rounded and the ops run their float32 / float64 fast forms unchanged (one
 context-variable lookup per op).
 """
@@ -47,8 +49,8 @@ import numpy as np
 
 from .ops import active_rounding, rounded, rounding
 
-__all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "Precision", "PrecisionError", "round_to",
-           "finfo_max", "using", "active", "rounded", "parse_dtype", "parse_classes"]
+__all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "PROFILES", "Profile", "Precision",
+           "PrecisionError", "round_to", "finfo_max", "using", "active", "rounded", "parse_dtype", "parse_classes"]
 
 LOW_DTYPES = ("float16", "bfloat16")
 COMPONENTS = ("text_encoder", "unet", "sampler", "decoder")
@@ -74,6 +76,25 @@ POINTS = frozenset([f"{op}.{io}" for op in _OPS for io in ("in", "out")] + list(
 FLOAT32_POINTS = frozenset({"attention.qk", "norm.sum"})      # not rounded by default: sums before their next step
 UPCAST_POINTS = {"attention": {"attention.scores", "attention.masked"}, "norm": set(_NORM)}
 DOWNCAST_POINTS = {"norm": {"norm.sum"}}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How one kind of runtime computes in the low dtype, as a change to mdref's model: the rounding points it rounds
+    that the model keeps in float32 (`rounds`), those it keeps in float32 that the model rounds (`float32`), and its
+    norm statistics. The overrides apply on top of a profile."""
+    about: str
+    rounds: frozenset = frozenset()
+    float32: frozenset = frozenset()
+    norm_statistics: str = "one-pass"
+
+
+PROFILES = {
+    "mdref": Profile("mdref's model (docs/precision.md): q k^T scaled before it is rounded, one-pass norm statistics"),
+    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and two-pass norm statistics "
+                        "(tinygrad, ExecuTorch / XNNPACK as measured; /work/shared/notes/real-runtimes-2026-12.md)",
+                        rounds=frozenset({"attention.qk"}), norm_statistics="two-pass"),
+}
 _MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": float.fromhex("0x1.fep127")}
 
 
@@ -113,17 +134,21 @@ class Precision:
     dtype: str
     upcast: frozenset = frozenset()
     downcast: frozenset = frozenset()
+    profile: str = "mdref"      # a key of PROFILES
     float32_points: frozenset = field(init=False, repr=False, compare=False)   # the points left unrounded
 
     def __post_init__(self):
         if self.dtype not in LOW_DTYPES:
             raise PrecisionError(f"dtype {self.dtype!r}: emulated dtypes are {', '.join(LOW_DTYPES)}")
+        if self.profile not in PROFILES:
+            raise PrecisionError(f"profile {self.profile!r}: unknown (known: {', '.join(PROFILES)})")
         object.__setattr__(self, "upcast", parse_classes(self.upcast, UPCASTS, "upcast"))
         object.__setattr__(self, "downcast", parse_classes(self.downcast, DOWNCASTS, "downcast"))
         both = self.upcast & self.downcast
         if both:
             raise PrecisionError(f"{', '.join(sorted(both))}: cannot be both upcast and downcast")
-        kept = set(FLOAT32_POINTS).union(*(UPCAST_POINTS.get(c, ()) for c in self.upcast))
+        prof = PROFILES[self.profile]
+        kept = (FLOAT32_POINTS - prof.rounds | prof.float32).union(*(UPCAST_POINTS.get(c, ()) for c in self.upcast))
         object.__setattr__(self, "float32_points",
                            frozenset(kept.difference(*(DOWNCAST_POINTS[c] for c in self.downcast))))
 
@@ -133,8 +158,9 @@ class Precision:
 
     @property
     def norm_statistics(self):
-        """How the norms' statistics are computed (mdref.ops.normalised): "two-pass" when upcast, else "one-pass"."""
-        return "two-pass" if "norm" in self.upcast else "one-pass"
+        """How the norms' statistics are computed (mdref.ops.normalised): "two-pass" when upcast, else the
+        profile's ("one-pass" in mdref's model)."""
+        return "two-pass" if "norm" in self.upcast else PROFILES[self.profile].norm_statistics
 
     def round(self, x):
         return round_to(x, self.dtype)
@@ -148,8 +174,9 @@ class Precision:
         return _MAX[self.dtype]
 
     def describe(self):
-        parts = [self.dtype] + [f"upcast {c}" for c in sorted(self.upcast)]
-        return ", ".join(parts + [f"downcast {c}" for c in sorted(self.downcast)])
+        parts = [self.dtype] + ([f"profile {self.profile}"] if self.profile != "mdref" else [])
+        parts += [f"upcast {c}" for c in sorted(self.upcast)] + [f"downcast {c}" for c in sorted(self.downcast)]
+        return ", ".join(parts)
 
 
 def parse_classes(value, known, what):
