@@ -27,15 +27,17 @@ def kl_decode(z, *, decoder, post_quant_conv=None, spec):
         z = record("decoder.post_quant_conv", conv2d(z, post_quant_conv))
     x = record(decoder["conv_in"], conv2d(z, decoder["conv_in"], padding=1))     # [B, C_top, h, w]
     mid = decoder["mid_block"]                                                    # UNetMidBlock2D, VAE form
-    x = resnet(x, None, **mid["resnets"][0], **kw)
+    x = record(mid["resnets"][0], resnet(x, None, **mid["resnets"][0], **kw))
     if spec.mid_attention:
-        x = pixel_attention(x, **mid["attentions"][0], **kw)                     # one head of width C
-    x = record(mid, resnet(x, None, **mid["resnets"][1], **kw))
+        a = mid["attentions"][0]
+        x = record(a, pixel_attention(x, **a, **kw))                              # one head of width C
+    x = record(mid, record(mid["resnets"][1], resnet(x, None, **mid["resnets"][1], **kw)))
     for i, block in enumerate(decoder["up_blocks"][:len(spec.widths)]):           # UpDecoderBlock2D
         for r in block["resnets"][:spec.resnets_per_block]:
-            x = resnet(x, None, **r, **kw)                                        # [B, C_i, ., .]
+            x = record(r, resnet(x, None, **r, **kw))                             # [B, C_i, ., .]
         if i < len(spec.widths) - 1:
-            x = upsample(x, **block["upsamplers"][0])                             # [B, C_i, 2., 2.]
+            u = block["upsamplers"][0]
+            x = record(u, upsample(x, **u))                                       # [B, C_i, 2., 2.]
         record(block, x)
     x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
     return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
