@@ -18,7 +18,7 @@ import mdref
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp")
 out.mkdir(parents=True, exist_ok=True)
-# float64: the default tolerance is then 1e-9 of each point's max|x| (float32: 1e-4), so even a small change shows.
+# float64: each point's default tolerance is then 1e-9 of its max|x| (float32: 1e-4), so even a small change shows.
 pipe = mdref.Pipeline.from_pretrained(dtype=np.float64)        # the embedded default model
 prompt = "a large red circle on the left, blue background"
 
@@ -39,7 +39,7 @@ mdref.save_trace(out / "mdref_trace_b.safetensors", b, {"prompt": prompt, "seed"
 report = mdref.compare(out / "mdref_trace_a.safetensors", out / "mdref_trace_b.safetensors")
 diverged = [p for p in report.points if not p.ok]
 print(f"{len(report.points) - len(diverged)} points agree, {len(diverged)} diverge "
-      f"(tolerance {report.rtol:g} * max|a|):")
+      f"(tolerance {diverged[0].rtol:g} * max|a| in {diverged[0].precision}):")
 for p in diverged[:4]:                                         # execution order: the cause comes first
     print(f"  {p.name:<56} max|a - b| / max|a| = {p.rel_to_max:.2e}")
 print(f"compare named {report.first_divergence!r} (the perturbed layer is unet.mid_block.resnets.0)")

@@ -13,11 +13,11 @@ text_model.>", "unet.<module path>", "decoder.<path under vae.decoder>" (+ "deco
 module outputs "unet.out" (conv_out) and "decoder.out" (the decoder's conv_out), and the pipeline points tokens,
 text_embeddings, noise, sampler.noise, sampler.x0, latents.x0 and image (float [0, 1] NCHW, before 8 bits).
 
-float64: diffusers computes two things in float32 whatever the model dtype -- the timestep sinusoid (Timesteps)
-and the Euler step (EulerDiscreteScheduler.step casts the latents to float32) -- while mdref's float64 mode is
-float64 throughout. With --dtype float64 this script recomputes both in float64 on the torch side, so that the
-comparison measures arithmetic rounding only. The noise schedule itself is float32 on both sides (a constant
-of the model). Exit status: that of `mdref compare` (0 all agree, 1 a point diverges, 2 bad input).
+float64: diffusers computes three things in float32 whatever the model dtype -- the timestep sinusoid (Timesteps),
+the sigma table and the Euler step (EulerDiscreteScheduler.step casts the latents to float32) -- while mdref's
+float64 mode is float64 throughout. With --dtype float64 this script recomputes them in float64 on the torch side,
+so that the comparison measures arithmetic rounding only. The alphas_cumprod table itself is float32 on both sides
+(a constant of the model); the sigmas are derived from it in float64. Exit status: that of `mdref compare` (0 all agree, 1 a point diverges, 2 bad input).
 """
 
 from __future__ import annotations
@@ -103,9 +103,18 @@ def timestep_embedding_f64(module, args, out):
 
 
 class TracedEuler(diffusers.EulerDiscreteScheduler):
-    """EulerDiscreteScheduler that records sampler.x0 and latents.x0 into `self.trace`, and steps float64 latents
-    in float64 (diffusers' step casts them to float32)."""
+    """EulerDiscreteScheduler that records sampler.x0 and latents.x0 into `self.trace`, and with `float64` derives
+    its sigmas from the float32 alphas_cumprod in float64 and steps float64 latents in float64 (diffusers' sigmas are
+    float32 and its step casts the latents to float32)."""
     trace = None
+    float64 = False
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        if self.float64:
+            a = self.alphas_cumprod.double()
+            sigmas = ((1 - a) / a).sqrt()[self.timesteps.long()]
+            self.sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
     def step(self, model_output, timestep, sample, *args, return_dict=True, **kwargs):
         if sample.dtype == torch.float64:
@@ -121,7 +130,7 @@ class TracedEuler(diffusers.EulerDiscreteScheduler):
         """diffusers' deterministic Euler step (s_churn = 0) without the cast of the latents to float32."""
         if self.step_index is None:
             self._init_step_index(timestep)
-        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]   # float32, as diffusers
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         if self.config.prediction_type == "epsilon":
             x0 = sample - sigma * model_output
         elif self.config.prediction_type == "v_prediction":
@@ -144,6 +153,7 @@ def diffusers_trace(pipe, prompt, noise, dtype_name):
     if dtype_name == "float64":   # replaces the float32 sinusoid that time_embedding reads
         hooks.append(pipe.unet.time_proj.register_forward_hook(timestep_embedding_f64))
     pipe.scheduler.trace = t
+    pipe.scheduler.float64 = dtype_name == "float64"
     t.add("noise", noise)         # the pipeline's first latents (it multiplies them by init_noise_sigma)
     t.add("sampler.noise", noise)
     h, w = noise.shape[2] * pipe.vae_scale_factor, noise.shape[3] * pipe.vae_scale_factor

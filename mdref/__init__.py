@@ -10,14 +10,15 @@ __version__ = "0.1.0"
 from . import ops, sampler  # noqa: E402
 from .comparison import compare  # noqa: E402
 from .io import (ConfigError, Decoder, DecoderConfig, SchedulerConfig, TextEncoder, TextEncoderConfig,  # noqa: E402
-                 UNet, UNetConfig, WeightsError)
+                 TextEncoderWithProjection, UNet, UNetConfig, WeightsError)
 from .pipeline import Pipeline  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 from .trace import active as trace_active  # noqa: E402
 from .trace import load_trace, record, save_trace, trace  # noqa: E402
 
 __all__ = ["__version__", "ops", "sampler", "compare", "ConfigError", "WeightsError", "Decoder", "DecoderConfig",
-           "Pipeline", "SchedulerConfig", "TextEncoder", "TextEncoderConfig", "Tokenizer", "UNet", "UNetConfig",
+           "Pipeline", "SchedulerConfig", "TextEncoder", "TextEncoderConfig", "TextEncoderWithProjection", "Tokenizer",
+           "UNet", "UNetConfig",
            "trace", "trace_active", "record", "save_trace", "load_trace", "explain"]
 
 

@@ -1,7 +1,10 @@
 """The `mdref` command: a thin shell over the pipeline and the trace tools.
 
 Bad input (unknown preset, missing path, bad size, unreadable noise file, ...) prints one `mdref: error: ...`
-line and exits with status 2; `compare` exits 1 when the traces diverge.
+line and exits with status 2; `compare` exits 1 when the traces diverge, whatever happens to its output (a closed
+pipe never turns a divergence into 0). SIGTERM and Ctrl-C stop a command as an error does: whatever it was writing
+is removed (exit 143 / 130). Text is printed with backslash escapes where the terminal's encoding lacks a character,
+and command-line text (the prompt) is read as the UTF-8 bytes it was typed in, whatever the locale.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -43,7 +48,7 @@ def _add_model_args(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", metavar="PATH", help="diffusers-style pipeline folder (default: the embedded model)")
     g.add_argument("--preset", metavar="NAME", help="seeded weights for a named architecture: mobilediffusion, tiny")
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of a preset's weights (default 0)")
+    p.add_argument("--weights-seed", type=int, default=None, help="with --preset: seed of its weights (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32; "
                    "float16 / bfloat16 are emulated, see docs/precision.md)")
     p.add_argument("--upcast", metavar="CLASSES", help="with float16 / bfloat16: compute these in float32, "
@@ -59,8 +64,9 @@ def _add_sample_args(p):
     p.add_argument("--steps", type=int, default=1, help="UNet evaluations (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels")
     p.add_argument("--width", type=int, help="image width in pixels")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default off)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for guidance")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale in [0, 50]; "
+                   "guidance runs when it is > 1 (default off)")
+    p.add_argument("--negative-prompt", default=None, help="with --guidance > 1: the negative prompt (default \"\")")
     p.add_argument("--max-memory", metavar="SIZE", help="refuse a run estimated to need more (8G, 512M; default: "
                    "$MDREF_MAX_MEMORY, else the machine's physical memory)")
     p.add_argument("--allow-nonfinite", action="store_true", help="keep going when a stage's output holds NaN or "
@@ -84,11 +90,16 @@ def load_pipeline(args, dtype=None, *, overrides=True):
             if precision.parse_dtype(dtype)[1] is None:
                 raise UsageError(f"{option} {value}: overrides apply to --dtype float16 or bfloat16, "
                                  f"not {np.dtype(dtype).name}")
+    if args.weights_seed is not None and args.preset is None:
+        raise UsageError(f"--weights-seed {args.weights_seed}: applies only with --preset (a model folder's weights "
+                         f"are read, not drawn)")
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return Pipeline.from_preset(args.preset, seed=args.weights_seed, dtype=dtype, upcast=upcast,
-                                    downcast=downcast)
+        seed = 0 if args.weights_seed is None else args.weights_seed
+        if not 0 <= seed < 2 ** 64:
+            raise UsageError(f"--weights-seed must be an integer with 0 <= seed < 2**64, found {seed}")
+        return Pipeline.from_preset(args.preset, seed=seed, dtype=dtype, upcast=upcast, downcast=downcast)
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such folder")
     return Pipeline.from_pretrained(args.model, dtype=dtype, upcast=upcast, downcast=downcast)
@@ -123,9 +134,10 @@ def _read_noise(path, shape, steps):
     file_shape, _, dtype = header
     if dtype.kind != "f":
         raise UsageError(f"{what}: expected a real floating-point array, found dtype {dtype}")
-    expected = [shape] + ([(steps,) + shape] if steps > 1 else [])
-    if file_shape not in expected:
-        raise UsageError(f"{what}: has shape {file_shape}, expected {' or '.join(map(str, expected))}")
+    from .sampler import describe_noise_shapes, noise_shapes
+
+    if file_shape not in noise_shapes(shape, steps):
+        raise UsageError(f"{what}: has shape {file_shape}, expected {describe_noise_shapes(shape, steps)}")
     data = math.prod(file_shape) * dtype.itemsize
     size = Path(path).stat().st_size
     if size < offset + data:
@@ -137,30 +149,52 @@ def _read_noise(path, shape, steps):
         raise UsageError(f"{what}: not a readable .npy array ({e})") from None
 
 
-@contextmanager
-def _input_errors(args):
-    """mdref.pipeline.InputError -> UsageError, the argument called by its command-line name."""
-    from .pipeline import InputError, MemoryLimitError
+def _input_message(e, args):
+    """mdref.pipeline.InputError, the argument called by its command-line name."""
+    from .pipeline import MemoryLimitError
 
+    option = (f"--noise {args.noise}:" if e.argument == "noise" and getattr(args, "noise", None)
+              else OPTIONS.get(e.argument, e.argument))
+    hint = " (--max-memory SIZE or MDREF_MAX_MEMORY sets the limit)" if isinstance(e, MemoryLimitError) else ""
+    return f"{option} {e.problem.replace('(max_memory)', '(--max-memory)')}{hint}"
+
+
+def check_sample_args(args):
+    """What argparse cannot see: an option that cannot apply (--negative-prompt without guidance) and the prompt's
+    bytes (read as UTF-8 whatever the locale decoded them as)."""
+    from .guards import uses_guidance
+
+    if args.negative_prompt is not None and not uses_guidance(args.guidance):
+        raise UsageError(f"--negative-prompt applies only with classifier-free guidance (--guidance > 1), found "
+                         f"--guidance {args.guidance}")
+    args.prompt = command_line_text(args.prompt, "the prompt")
+    args.negative_prompt = command_line_text(args.negative_prompt or "", "--negative-prompt")
+
+
+def command_line_text(value, what):
+    """A command-line argument as the text its bytes spell in UTF-8. Python decodes argv with the locale's
+    encoding (undecodable bytes become lone surrogates); os.fsencode gives the bytes back, so a valid UTF-8 prompt
+    is read correctly under a Latin-1 or ASCII locale too, and bytes that are not UTF-8 are named."""
     try:
-        yield
-    except InputError as e:
-        option = f"--noise {args.noise}:" if e.argument == "noise" else OPTIONS.get(e.argument, e.argument)
-        hint = " (--max-memory SIZE or MDREF_MAX_MEMORY sets the limit)" if isinstance(e, MemoryLimitError) else ""
-        raise UsageError(f"{option} {e.problem.replace('(max_memory)', '(--max-memory)')}{hint}") from None
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:        # text that did not come from bytes (a str passed to main() in Python)
+        return value
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} is not valid UTF-8 text: the byte 0x{raw[e.start]:02x} at byte {e.start}") from None
 
 
 def _run(pipe, args, allow_nonfinite=None):
     """Check every argument (before anything is computed), read --noise, run."""
     allow = args.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-    with _input_errors(args):
-        _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
-                              guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                              max_memory=args.max_memory)
-        noise = _read_noise(args.noise, shape, args.steps)
-        return pipe.run(args.prompt, seed=args.seed, noise=noise, steps=args.steps, height=args.height,
-                        width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                        allow_nonfinite=allow, max_memory=args.max_memory)
+    _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
+                          guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                          max_memory=args.max_memory)
+    noise = _read_noise(args.noise, shape, args.steps)
+    return pipe.run(args.prompt, seed=args.seed, noise=noise, steps=args.steps, height=args.height,
+                    width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                    allow_nonfinite=allow, max_memory=args.max_memory)
 
 
 def _manifest(pipe, args, result):
@@ -170,65 +204,93 @@ def _manifest(pipe, args, result):
         "token_ids": result.token_ids.tolist(), "seed": None if args.noise else args.seed,
         "noise_source": args.noise or f"PCG64({args.seed}).standard_normal float64 -> {args.dtype}",
         "timesteps": [float(t) for t in result.timesteps], "steps": args.steps, "dtype": args.dtype,
-        "precision": None if pipe.precision is None else pipe.precision.describe(),
+        "precision": pipe.compute_dtype,            # what mdref compare judges the points by (docs: the manifest)
+        "emulation": None if pipe.precision is None else pipe.precision.describe(),
         "guidance_scale": args.guidance,
     }
 
 
-def _atomic_png(image, path, text):
-    """Write the PNG through mdref.outputs.atomic_write: nothing is left behind if the write fails."""
+# -o's extension -> the Pillow format and how the run's metadata goes in: PNG text chunks, a JPEG comment (JSON),
+# WebP lossless with the JSON in XMP.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path):
+    """The image format -o's extension names, or UsageError (before anything runs)."""
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"-o {path}: unknown image extension {Path(path).suffix or '(none)'!r}; mdref writes "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    return fmt
+
+
+def _write_image(image, path, meta):
+    """Write the image in the format its extension names, with the run's metadata, through
+    mdref.outputs.atomic_write: nothing is left behind if the write fails."""
     from PIL.PngImagePlugin import PngInfo
 
     from .outputs import atomic_write
 
-    info = PngInfo()
-    for k, v in text.items():
-        info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "-o")
+    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    fmt = image_format(path)
+    if fmt == "PNG":
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+        options = dict(pnginfo=info)
+    elif fmt == "JPEG":
+        options = dict(quality=95, comment=json.dumps(text).encode("utf-8"))
+    else:
+        xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               '<rdf:Description xmlns:mdref="https://mdref/ns/1.0/" mdref:run="'
+               + json.dumps(text).replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+               + '"/></rdf:RDF></x:xmpmeta>')
+        options = dict(lossless=True, xmp=xmp.encode("utf-8"))
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options), "-o")
 
 
 @contextmanager
 def _usage_errors(option=None):
-    """Report mdref's named errors about outputs, point patterns and trace files as UsageError (exit 2)."""
-    from .outputs import OutputError
+    """A point pattern or precision override named by the option that gave it (other named errors reach main)."""
     from .precision import PrecisionError
-    from .trace import PatternError, TraceError
+    from .trace import PatternError
 
     try:
         yield
-    except PrecisionError as e:
-        raise UsageError(str(e)) from None
-    except PatternError as e:
-        raise UsageError(f"{option}: {e}" if option else str(e)) from None
-    except (OutputError, TraceError) as e:
-        raise UsageError(str(e)) from None
+    except (PatternError, PrecisionError) as e:
+        raise UsageError(f"{option}: {e}" if option and option not in str(e) else str(e)) from None
 
 
 def _check_output(path):
     """Refuse a bad -o before any model is loaded or run (see mdref.outputs)."""
     from .outputs import check_output_path
 
-    with _usage_errors():
-        check_output_path(path, "-o")
+    check_output_path(path, "-o")
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
 def cmd_generate(args):
     _check_output(args.output)
+    image_format(args.output)
+    check_sample_args(args)
     t0 = time.perf_counter()
     pipe = load_pipeline(args)
     load_s = time.perf_counter() - t0
     if pipe.untrained:
         print(f"note: {pipe.source} has UNTRAINED seeded weights; the picture is noise", file=sys.stderr)
+    trained = pipe.trained_size()
+    if trained is not None:
+        asked = (args.height or trained[0], args.width or trained[1])
+        if asked != trained:
+            print(f"warning: {pipe.source} was trained at {trained[0]}x{trained[1]}; at {asked[0]}x{asked[1]} it "
+                  f"may not draw what the prompt says", file=sys.stderr)
     result = _run(pipe, args)
     print(f"load          {load_s * 1000:9.1f} ms", file=sys.stderr)
     for stage, s in result.timings.items():
         print(f"{stage:<13} {s * 1000:9.1f} ms", file=sys.stderr)
     meta = _manifest(pipe, args, result)
     meta.pop("token_ids")
-    with _usage_errors():
-        _atomic_png(result.pil()[0], args.output,
-                    {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    _write_image(result.pil()[0], args.output, meta)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -252,6 +314,7 @@ def cmd_trace(args):
     from .trace import point_matcher, save_trace, trace
 
     _check_output(args.output)
+    check_sample_args(args)
     with _usage_errors("--points"):
         point_matcher(args.points)
     pipe = load_pipeline(args)
@@ -259,8 +322,7 @@ def cmd_trace(args):
         result = _run(pipe, args)
     if not t.arrays:
         raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches (nothing written)")
-    with _usage_errors():
-        save_trace(args.output, t, _manifest(pipe, args, result), what="-o")
+    save_trace(args.output, t, _manifest(pipe, args, result), what="-o")
     print(f"wrote {len(t.arrays)} points to {args.output}", file=sys.stderr)
     return 0
 
@@ -290,26 +352,29 @@ def cmd_compare(args):
         except (WeightsError, TraceError) as e:
             why = str(e).removeprefix(f"{path}: ")
             raise UsageError(f"{path}: not a readable trace file ({why})") from None
-    report = compare(traces[0], traces[1], rtol=args.rtol, atol=args.atol, points=args.points)
+    try:
+        report = compare(traces[0], traces[1], rtol=args.rtol, atol=args.atol, points=args.points,
+                         require_all=args.require_all)
+    except ValueError as e:                           # a complex point in a dict passed in Python, say
+        raise UsageError(str(e)) from None
     if not report.points:
         raise UsageError(f"{args.a} and {args.b} have no points in common"
                          + (f" matching {args.points!r}" if args.points else ""))
+    args.status = 0 if report.ok else 1               # decided before anything is printed (see main: broken pipe)
     if args.json:
         print(report.to_json(indent=1))
     else:
         print(format_report(report, all_points=not args.only_failures))
-    return 0 if report.ok else 1
+    return args.status
 
 
 def cmd_golden(args):
     from .golden import write_golden
     from .outputs import check_output_dir
 
-    with _usage_errors():
-        check_output_dir(args.directory, "DIR")      # before the model is loaded or run
+    check_output_dir(args.directory, "DIR")          # before the model is loaded or run
     pipe = load_pipeline(args)
-    with _usage_errors():
-        manifest = write_golden(pipe, args.directory, dtype_name=args.dtype)
+    manifest = write_golden(pipe, args.directory, dtype_name=args.dtype)
     print(f"wrote {len(manifest['cases'])} cases to {args.directory}", file=sys.stderr)
     return 0
 
@@ -318,6 +383,7 @@ def cmd_precision(args):
     from .precision_report import format_precision, precision_report, to_json
     from .trace import point_matcher, trace
 
+    check_sample_args(args)
     with _usage_errors("--points"):
         point_matcher(args.points)
     if args.dtype == "float64":
@@ -352,13 +418,12 @@ def cmd_explain(args):
     if pipe.untrained:
         print(f"note: {pipe.source} has UNTRAINED seeded weights; the page explains noise", file=sys.stderr)
     t0 = time.perf_counter()
-    with _input_errors(args):
-        _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
-        noise = _read_noise(args.noise, shape, args.steps)
-        page = explain_page(pipe, args.prompt, seed=args.seed, noise=noise, steps=args.steps).encode("utf-8")
+    args.prompt = command_line_text(args.prompt, "the prompt")
+    _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
+    noise = _read_noise(args.noise, shape, args.steps)
+    page = explain_page(pipe, args.prompt, seed=args.seed, noise=noise, steps=args.steps).encode("utf-8")
     build_s = time.perf_counter() - t0
-    with _usage_errors():
-        atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(page), "-o")
+    atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(page), "-o")
     print(f"wrote {args.output} ({len(page):,} bytes, built in {build_s:.2f} s)", file=sys.stderr)
     return 0
 
@@ -389,11 +454,13 @@ def build_parser():
     p = sub.add_parser("compare", help="compare two traces and name the first point that diverges")
     p.add_argument("a", help="reference trace")
     p.add_argument("b", help="candidate trace")
-    p.add_argument("--rtol", type=float, default=None, help="tolerance relative to max|a| (default by dtype)")
+    p.add_argument("--rtol", type=float, default=None, help="tolerance relative to max|a| for every float point "
+                   "(default: per point, by the precision each trace declares for it, else its stored dtype)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-30)")
     p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to compare; repeatable")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--only-failures", action="store_true", help="print only points that exceed the tolerance")
+    p.add_argument("--require-all", action="store_true", help="exit 1 when a point is missing on either side")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("golden", help="write a self-describing golden bundle for fixed prompts and seeds")
@@ -420,10 +487,31 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    from .io import ConfigError, WeightsError
-    from .pipeline import NonFiniteError
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that what it was writing is cleaned up as for Ctrl-C."""
 
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _one_line(message):
+    """An error message on one line: a multi-line detail (a schema's list of problems) joined with '; '."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def main(argv=None):
+    """Run one command; returns the exit status: 0 ok, 1 compare diverged, 2 bad input (one `mdref: error:` line),
+    130 Ctrl-C, 143 SIGTERM. Nothing a failed or interrupted command was writing is left behind."""
+    from .guards import InputError, NonFiniteError
+    from .io import ConfigError, WeightsError
+    from .outputs import OutputError
+    from .precision import PrecisionError
+    from .trace import PatternError, TraceError
+
+    for stream in (sys.stdout, sys.stderr):        # PYTHONIOENCODING=ascii: escape, never UnicodeEncodeError
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -433,19 +521,47 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
+    args.status = 0
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return args.func(args)
     except NonFiniteError as e:
-        print(f"mdref: error: {str(e).replace('allow_nonfinite=True', '--allow-nonfinite')}", file=sys.stderr)
-        return 2
-    except (UsageError, ConfigError, WeightsError) as e:
-        print(f"mdref: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e).replace("allow_nonfinite=True", "--allow-nonfinite"))
+    except InputError as e:
+        return _error(_input_message(e, args))
+    except (UsageError, ConfigError, WeightsError, OutputError, TraceError, PatternError, PrecisionError) as e:
+        return _error(e)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:           # `mdref info | head`
-        sys.stderr.close()
-        return 0
+    except Terminated:
+        return 143
+    except BrokenPipeError:           # `mdref info | head`, `mdref compare a b | head`: the status stands
+        _silence_stdout()
+        return args.status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _error(e):
+    print(f"mdref: error: {_one_line(e)}", file=sys.stderr)
+    return 2
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _silence_stdout():
+    """After a closed pipe, point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ Layout (documented in the README):
     DIR/<case>/token_ids.npy          int64 [1, 77]
     DIR/<case>/text_embeddings.npy    [1, 77, D]   text encoder last hidden state
     DIR/<case>/noise.npy              [1, C, h, w] initial latent noise
+    DIR/<case>/timesteps.npy          int64 [steps] the UNet's timesteps, in call order
     DIR/<case>/unet_out.npy           [1, C, h, w] raw UNet output of the (last) step
     DIR/<case>/x0.npy                 [1, C, h, w] clean latent
+    DIR/<case>/decoder_input.npy      [1, C, h, w] what the decoder is fed: x0 / scaling_factor + shift_factor
     DIR/<case>/image.npy              [1, 3, H, W] decoder output, float in [-1, 1]
     DIR/<case>/image.png              8-bit image: round(clip((x + 1) / 2, 0, 1) * 255)
     DIR/<case>/trace.safetensors      every traced point (mdref trace format)
@@ -60,7 +62,8 @@ def _fill(pipe, directory, cases, dtype_name, points):
     manifest = {
         "mdref_version": __version__, "numpy_version": np.__version__, "model": pipe.source,
         "untrained": pipe.untrained, "weights_sha256": pipe.weights_sha256(), "dtype": dtype_name,
-        "precision": None if pipe.precision is None else pipe.precision.describe(),
+        "precision": pipe.compute_dtype,          # what mdref compare judges the bundle's traces by
+        "emulation": None if pipe.precision is None else pipe.precision.describe(),
         "arrays": ARRAYS.get(pipe.compute_dtype, pipe.compute_dtype),
         "conventions": {
             "noise": "numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal(shape) in float64, then cast",
@@ -79,7 +82,8 @@ def _fill(pipe, directory, cases, dtype_name, points):
             r = pipe.run(prompt, seed=seed)
         unet_out = t["unet.out"] if "unet.out" in t else None
         arrays = {"token_ids": r.token_ids, "text_embeddings": r.text_embeddings, "noise": r.noise,
-                  "unet_out": unet_out, "x0": r.x0, "image": r.image}
+                  "timesteps": np.asarray(r.timesteps, np.int64), "unet_out": unet_out, "x0": r.x0,
+                  "decoder_input": pipe.decoder_input(r.x0), "image": r.image}
         arrays = {k: None if v is None else store(v) for k, v in arrays.items()}
         t.arrays = {k: store(v) for k, v in t.arrays.items()}
         for name, arr in arrays.items():
@@ -87,7 +91,8 @@ def _fill(pipe, directory, cases, dtype_name, points):
                 np.save(case / f"{name}.npy", arr)
         r.pil()[0].save(case / "image.png")
         save_trace(case / "trace.safetensors", t, {"prompt": prompt, "seed": seed, "dtype": dtype_name,
-                                                   "model": pipe.source, "mdref_version": __version__})
+                                                   "precision": pipe.compute_dtype, "model": pipe.source,
+                                                   "mdref_version": __version__})
         manifest["cases"].append({
             "name": case.name, "prompt": prompt, "seed": seed, "timesteps": [float(x) for x in r.timesteps],
             "files": {f"{k}.npy": list(np.shape(v)) for k, v in arrays.items() if v is not None}

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from . import ops
+from . import ops, sampler
 from .precision import finfo_max
 from .sampler import describe_noise_shapes, noise_shapes
 from .trace import nonfinite_counts
@@ -218,12 +218,14 @@ def memory_limit(max_memory=None):
 
 
 def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-          negative_prompt="", max_memory=None):
+          negative_prompt="", max_memory=None, timesteps=None):
     """Refuse bad arguments of Pipeline.run() before anything is computed or allocated; returns (prompts, latent shape).
 
     prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
     bytes that were not UTF-8); seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64; steps: an int
-    in [1, num_train_timesteps]; height, width: None (the default size) or positive multiples of size_factor;
+    in [1, num_train_timesteps] (lcm / tcd: at most original_inference_steps); timesteps: None or custom timesteps
+    (mdref.sampler.schedule: strictly decreasing ints in [0, num_train_timesteps); steps then 1 or their number;
+    not for euler_ancestral); height, width: None (the default size) or positive multiples of size_factor;
     guidance_scale: None or a real number in GUIDANCE_RANGE (classifier-free guidance runs when it is > 1);
     negative_prompt: a str, non-empty only with guidance; noise: None or a real floating-point array of shape
     [B, C, h, w] or [steps, B, C, h, w] (sampler.noise_shapes) whose values are finite in the compute dtype. The whole
@@ -250,6 +252,11 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     T = pipe.scheduler.num_train_timesteps
     if not is_int(steps) or not 1 <= steps <= T:
         raise InputError("steps", f"must be an integer from 1 to num_train_timesteps = {T}, found {_short(steps)}")
+    try:
+        steps = len(sampler.schedule(pipe.scheduler, steps, timesteps))
+    except ValueError as e:                              # "steps ..." or "timesteps ...": the argument named first
+        name, problem = str(e).split(" ", 1)
+        raise InputError(name, problem) from None
     lo, hi = GUIDANCE_RANGE
     if guidance_scale is not None and not (_is_finite_real(guidance_scale) and lo <= guidance_scale <= hi):
         raise InputError("guidance_scale", f"must be a number in [{lo:g}, {hi:g}] (or None: no guidance; "

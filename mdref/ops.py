@@ -24,9 +24,9 @@ import numpy as np
 
 __all__ = [
     "linear", "conv2d", "conv2d_reference", "group_norm", "group_norm_reference", "layer_norm",
-    "layer_norm_reference", "silu", "relu", "gelu", "quick_gelu", "erf", "softmax", "attention",
-    "attention_reference", "causal_mask", "upsample_nearest2d", "timestep_embedding", "rounding", "rounded",
-    "active_rounding", "scoped", "EXACT",
+    "layer_norm_reference", "rms_norm", "repeat_kv", "silu", "relu", "gelu", "quick_gelu", "erf", "softmax",
+    "attention", "attention_reference", "causal_mask", "upsample_nearest2d", "timestep_embedding", "rounding",
+    "rounded", "active_rounding", "scoped", "EXACT",
 ]
 
 # Working-set limits for the two kernels that would otherwise allocate huge temporaries.
@@ -280,6 +280,23 @@ def layer_norm(x, p, eps):
     y *= p["weight"]
     y += p["bias"]
     return y
+
+
+@emulated("rms_norm")
+def rms_norm(x, p, eps):
+    """RMSNorm (Zhang & Sennrich 2019) over the last axis: x / sqrt(mean(x^2) + eps) * weight (+ bias if given),
+    as transformers' Qwen3VLTextRMSNorm and diffusers' RMSNorm.  x [..., D]. Computed in x's dtype (both upstream
+    classes take the mean square in float32 whatever the dtype, so their float64 is not float64 here)."""
+    y = x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
+    y = y * p["weight"] if p.get("weight") is not None else y
+    return y if p.get("bias") is None else y + p["bias"]
+
+
+def repeat_kv(x, kv_heads, groups):
+    """Grouped-query / multi-query K or V: each of `kv_heads` heads serves `groups` consecutive query heads
+    (transformers' repeat_kv).  x [B, T, kv_heads * d] -> [B, T, kv_heads * groups * d]."""
+    B, T, D = x.shape
+    return np.repeat(x.reshape(B, T, kv_heads, 1, D // kv_heads), groups, axis=3).reshape(B, T, -1)
 
 
 # ---- elementwise activations -----------------------------------------------------------------------------

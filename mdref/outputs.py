@@ -14,7 +14,9 @@ file: mdref never replaces a link, nor writes through one), when the parent fold
 when the name is longer than the filesystem allows, or when no file can be created in the parent folder (read-only
 filesystem, no permission, /proc). A folder target is refused on the same grounds, and also when it exists and is
 not an empty folder (mdref does not mix a new bundle with old files). Any OSError while writing (a full disk,
-ENOSPC) removes the temporary file or folder and is reported as "could not write (...)". Nothing is left behind.
+ENOSPC) removes the temporary file or folder and is reported as "could not write (...)". Nothing is left behind,
+also when the write is interrupted (Ctrl-C, or SIGTERM, which the command line turns into an exception). A replaced
+file or folder keeps its permission bits (a 0600 output stays 0600); a new one gets the umask's.
 """
 
 from __future__ import annotations
@@ -100,6 +102,15 @@ def _check_target(path, what, *, folder):
     return p
 
 
+def _keep_mode(target, tmp):
+    """Give tmp the permission bits of the file or folder it is about to replace (if there is one)."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
+
+
 def check_output_path(path, what="-o"):
     """The output file path as a Path, or OutputError saying why mdref will not write there."""
     return _check_target(path, what, folder=False)
@@ -118,6 +129,7 @@ def atomic_write(path, write, what="-o"):
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))   # mode as umask allows
         write(tmp)
+        _keep_mode(p, tmp)
         os.replace(tmp, p)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -135,6 +147,7 @@ def atomic_dir(path, fill, what="DIR"):
     try:
         os.mkdir(tmp)
         fill(tmp)
+        _keep_mode(p, tmp)
         os.replace(tmp, p)     # POSIX: replaces an empty folder, fails (ENOTEMPTY) on a non-empty one
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

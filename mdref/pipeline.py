@@ -24,14 +24,14 @@ import numpy as np
 from . import precision, sampler
 from .guards import (InputError, MemoryLimitError, NonFiniteError, StageFailed, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
-from .io.components import check_seed, compute_dtype
+from .io.components import TextEncoderWithProjection, check_seed, compute_dtype
 from .io.config import ConfigError
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
 from .trace import first_nonfinite, nonfinite_counts, record
 
-__all__ = ["Pipeline", "Result", "to_pixels", "InputError", "MemoryLimitError", "NonFiniteError",
+__all__ = ["Pipeline", "Result", "to_pixels", "encode_prompts", "InputError", "MemoryLimitError", "NonFiniteError",
            "estimate_peak_bytes", "memory_limit", "parse_bytes"]
 
 
@@ -163,21 +163,27 @@ class Pipeline:
                 for f in self.weight_files}
 
     # ---- the stages ------------------------------------------------------------------------------------------
+    def decoder_input(self, x0):
+        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale)."""
+        return x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
+
     def decode(self, x0):
-        """Clean latent -> image in [-1, 1]: the decoder sees x0 / scaling_factor + shift_factor."""
-        z = x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
-        return self.decoder(z)                                               # [B, 3, H, W]
+        """Clean latent -> image in [-1, 1]: the decoder sees decoder_input(x0)."""
+        return self.decoder(self.decoder_input(x0))                          # [B, 3, H, W]
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-              negative_prompt="", max_memory=None):
+              negative_prompt="", max_memory=None, timesteps=None):
         """Refuse bad arguments of run() before anything is computed or allocated (mdref.guards.check_run);
         returns (prompts, latent shape)."""
         return check_run(self, prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
-                         guidance_scale=guidance_scale, negative_prompt=negative_prompt, max_memory=max_memory)
+                         guidance_scale=guidance_scale, negative_prompt=negative_prompt, max_memory=max_memory,
+                         timesteps=timesteps)
 
     def run(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-            negative_prompt="", allow_nonfinite=False, max_memory=None):
+            negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None):
         """The whole pipeline; returns a Result with every intermediate and per-stage wall times.
+        timesteps: custom timesteps as diffusers' argument of that name (e.g. [399] for DMD2's LCMScheduler,
+        whose own one-step timestep is 999); steps is then 1 or their number (mdref.sampler.schedule).
 
         The arguments are checked first (see check: InputError, MemoryLimitError). Each stage's output (the text
         embeddings, every UNet output, x0, the image) must be finite: if one is not, the run is repeated under a
@@ -185,10 +191,11 @@ class Pipeline:
         NonFiniteError names the stage and that point. allow_nonfinite=True skips the checks (to study such runs)."""
         prompts, shape = self.check(prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
                                     guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                    max_memory=max_memory)
+                                    max_memory=max_memory, timesteps=timesteps)
         if noise is not None:
             noise = np.array(noise)                                          # read a memory map once, after checks
-        args = (prompts, seed, noise, steps, shape, guidance_scale, negative_prompt)
+        timesteps = sampler.schedule(self.scheduler, steps, timesteps)      # [steps] ints
+        args = (prompts, seed, noise, timesteps, shape, guidance_scale, negative_prompt)
         if allow_nonfinite:
             return self._run(*args, checked=False)
         try:
@@ -204,7 +211,7 @@ class Pipeline:
         with precision.using(self.precision):          # pipeline-level arithmetic and records: rounded when emulated
             return self._stages(*args, checked=checked)
 
-    def _stages(self, prompts, seed, noise, steps, shape, guidance_scale, negative_prompt, *, checked):
+    def _stages(self, prompts, seed, noise, timesteps, shape, guidance_scale, negative_prompt, *, checked):
         def check(stage, x):
             if checked and not np.isfinite(x).all():
                 raise StageFailed(stage, nonfinite_counts(x))
@@ -223,9 +230,8 @@ class Pipeline:
             uncond = check("text encoder", record("negative_text_embeddings", self.text_encoder(neg_ids)))
         timings["text_encoder"] = time.perf_counter() - t0
 
-        draws = sampler.sampling_noise(shape, steps, seed, self.dtype, noise)  # [steps, B, C, h, w]
+        draws = sampler.sampling_noise(shape, len(timesteps), seed, self.dtype, noise)  # [steps, B, C, h, w]
         record("noise", draws[0])
-        timesteps = [int(t) for t in sampler.trailing_timesteps(self.scheduler.num_train_timesteps, steps)]
 
         t0 = time.perf_counter()
         model = sampler.guided(lambda x, t: self.unet(x, t, context),
@@ -233,7 +239,7 @@ class Pipeline:
                                None if uncond is None else guidance_scale)
         with precision.using(self.precision and self.precision.within("sampler")):
             x0 = precision.rounded(sampler.sample(lambda x, t: check("UNet", model(x, t)), self.scheduler, shape,
-                                                  steps=steps, seed=seed, noise=draws, dtype=self.dtype))
+                                                  seed=seed, noise=draws, dtype=self.dtype, timesteps=timesteps))
         x0 = check("UNet", record("latents.x0", x0))
         timings["unet"] = time.perf_counter() - t0
 
@@ -243,14 +249,14 @@ class Pipeline:
         record("image", np.clip((image + 1) / 2, 0, 1))                     # [B, 3, H, W] in [0, 1], before 8 bits
         pixels = to_pixels(image)
         self.last_timings = timings
-        return Result(prompts, ids, context, draws[0], timesteps, x0, image, pixels, timings)
+        return Result(prompts, ids, context, draws[0], [int(t) for t in timesteps], x0, image, pixels, timings)
 
     def __call__(self, prompt, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-                 negative_prompt="", allow_nonfinite=False, max_memory=None):
+                 negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None):
         """prompt -> PIL.Image (a list of images for a list of prompts). Arguments and errors as run()."""
         result = self.run(prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
                           guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                          allow_nonfinite=allow_nonfinite, max_memory=max_memory)
+                          allow_nonfinite=allow_nonfinite, max_memory=max_memory, timesteps=timesteps)
         images = result.pil()
         return images[0] if isinstance(prompt, str) else images
 
@@ -270,6 +276,27 @@ class Pipeline:
     def __repr__(self):
         n = self.num_parameters()
         return f"Pipeline({self.source}, {n['total'] / 1e6:.1f}M parameters{', UNTRAINED' if self.untrained else ''})"
+
+
+def encode_prompts(prompts, tokenizers, text_encoders, *, clip_skip=None):
+    """SDXL's text conditioning (diffusers StableDiffusionXLPipeline.encode_prompt) for a list of prompts:
+    (embeddings [B, 77, D_1 + D_2], pooled [B, P] or None). Each (tokenizer, encoder) pair gives hidden_states[-2]
+    (the penultimate layer's output, before the final LayerNorm), hidden_states[-(clip_skip + 2)] with clip_skip,
+    concatenated on the last axis in the given order; pooled is the text_embeds of the first encoder with a
+    projection (SDXL: text_encoder_2). diffusers encodes negative prompts without clip_skip: pass None for them."""
+    layers = min(te.spec.layers for te in text_encoders)
+    if clip_skip is not None and (not is_int(clip_skip) or not 0 <= clip_skip < layers):
+        raise InputError("clip_skip", f"must be None or an int in [0, {layers - 1}], found {clip_skip!r}")
+    index = -2 - (clip_skip or 0)
+    states, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        ids = tokenizer(prompts)                                             # int64 [B, 77]
+        if pooled is None and isinstance(encoder, TextEncoderWithProjection):
+            hidden, pooled = encoder.hidden_state_and_text_embeds(ids, index)    # [B, 77, D_k], [B, P]
+        else:
+            hidden = encoder.hidden_state(ids, index)                        # [B, 77, D_k]
+        states.append(hidden)
+    return np.concatenate(states, axis=-1), pooled                          # [B, 77, sum D_k]
 
 
 def _precision_or_dtype(dtype, upcast, downcast):

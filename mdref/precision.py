@@ -66,8 +66,8 @@ UPCASTS = {
 DOWNCASTS = {
     "norm": "the norm's sums rounded to the dtype as well (statistics accumulated in the low dtype)",
 }
-_OPS = ("linear", "conv2d", "group_norm", "layer_norm", "relu", "silu", "gelu", "quick_gelu", "softmax", "attention",
-        "upsample_nearest2d")
+_OPS = ("linear", "conv2d", "group_norm", "layer_norm", "rms_norm", "relu", "silu", "gelu", "quick_gelu", "softmax",
+        "attention", "upsample_nearest2d")
 _NORM = ("norm.sum", "norm.mean", "norm.centred", "norm.square", "norm.meansq", "norm.mean_squared", "norm.var")
 # Every rounding point of mdref.ops (R(x, point)) and of a run ("value": what a trace records, what the pipeline
 # hands from one component to the next).

@@ -21,6 +21,19 @@ class TextEncoderSpec:
     max_positions: int          # rows of the position embedding: at most this many tokens
 
 
+# ---- Qwen3-VL text path (mdref/qwen_text.py) -----------------------------------------------------------------
+@dataclass(frozen=True)
+class QwenTextSpec:
+    """transformers Qwen3VLTextModel, text-only input: `layers` pre-RMSNorm decoder layers."""
+    layers: int
+    heads: int                  # query heads H
+    kv_heads: int               # key / value heads G (H / G query heads share one)
+    head_dim: int               # d (not hidden_size / heads in general)
+    eps: float                  # every RMSNorm, q_norm and k_norm included (rms_norm_eps)
+    rope_theta: float           # rotary base
+    max_positions: int          # at most this many tokens
+
+
 # ---- UNet (mdref/unet.py) ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ResnetSpec:

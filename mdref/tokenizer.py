@@ -9,7 +9,9 @@ It reproduces transformers' ``CLIPTokenizer`` (the tokenizers-backed one; in tra
                holding HTML entities (``&amp;``) or mojibake then tokenizes differently from OpenAI's tokenizer
                (``&amp;`` stays 5 characters). The default does not depend on what else is installed.
 2. specials    the special tokens (BOS, EOS, UNK, PAD) are cut out of the raw text first, case-sensitively,
-               as transformers does (OpenAI matches them after lowercasing).
+               as transformers does (OpenAI matches them after lowercasing). A special token a tokenizer folder
+               declares ``normalized`` is matched after step 3 instead, so '<|StartOfText|>' becomes BOS too
+               (``normalized_specials``; transformers' rule for reading the flag is in `from_pretrained`).
 3. normalise   Unicode NFC, every whitespace run -> one space, lowercase.
 4. split       CLIP's regex: the two special tokens, the contractions 's 't 're 've 'm 'll 'd, runs of
                letters, single digits, runs of other non-space characters; whitespace is dropped.
@@ -51,6 +53,9 @@ CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p
 MERGES_HEADER = "#version: 0.2"
 CLIP_MAX_LENGTH = 77            # CLIP's context length (the text tower's position embeddings): BOS + 75 + EOS
 SPECIAL_TOKENS = {"pad_token": EOS, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS}   # and their defaults
+# transformers 5 adds the declared special tokens in this order; a later declaration of the same string sets its
+# AddedToken flags (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
+DECLARATION_ORDER = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class TokenizerError(ConfigError):
@@ -111,7 +116,7 @@ class Tokenizer:
     (``ftfy.fix_text``) turns on OpenAI's ``basic_clean`` with it."""
 
     def __init__(self, vocab, merges, *, pad_token=EOS, bos_token=BOS, eos_token=EOS, unk_token=EOS,
-                 max_length=CLIP_MAX_LENGTH, fix_text=None):
+                 max_length=CLIP_MAX_LENGTH, fix_text=None, normalized_specials=()):
         for name, token in (("pad_token", pad_token), ("bos_token", bos_token), ("eos_token", eos_token),
                             ("unk_token", unk_token)):
             if token not in vocab:
@@ -127,15 +132,24 @@ class Tokenizer:
                                  f"ftfy.fix_text (mdref does not import ftfy), got {fix_text!r}")
         self._fix_text = fix_text or None
         self.fix_text = self._fix_text is not None
-        self.backend = _clip_backend(self.vocab, self.merges, unk_token,
-                                     specials=(bos_token, eos_token, unk_token, pad_token))
+        specials = (bos_token, eos_token, unk_token, pad_token)
+        unknown = sorted(set(normalized_specials) - set(specials))
+        if unknown:
+            raise TokenizerError(f"Tokenizer: normalized_specials {unknown} are not special tokens "
+                                 f"{sorted(set(specials))}")
+        self.normalized_specials = frozenset(normalized_specials)   # matched after lowercasing (see module doc)
+        self.backend = _clip_backend(self.vocab, self.merges, unk_token, specials=specials,
+                                     normalized=self.normalized_specials)
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path=None, *, max_length=None, fix_text=None):
         """None: the shipped OpenAI vocabulary (weights/clip, pad 49407). A folder: a transformers / diffusers
         ``tokenizer/`` folder (vocab.json + merges.txt, or tokenizer.json), or a pipeline folder holding one.
-        The pad token comes from tokenizer_config.json, else special_tokens_map.json, else '<|endoftext|>'."""
+        Each special token comes from special_tokens_map.json, else tokenizer_config.json, else its default (pad
+        '<|endoftext|>'). Whether it is matched after normalization (`normalized_specials`) follows transformers 5:
+        tokenizer_config.json's added_tokens_decoder, else tokenizer.json's added_tokens, else the last of the bos,
+        eos, unk, pad declarations naming that string (an object's "normalized", default false; a string: false)."""
         if path is None:
             merges = read_merges(SHIPPED_DIR / "merges.txt")
             return cls(clip_vocab(merges), merges, max_length=max_length or CLIP_MAX_LENGTH, fix_text=fix_text)
@@ -145,11 +159,12 @@ class Tokenizer:
         if (folder / "tokenizer").is_dir() and not _has_vocab(folder):
             folder = folder / "tokenizer"
         vocab, merges = _read_vocab_and_merges(folder)
-        config, where = {}, {}
+        config, where, declared = {}, {}, {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):   # the latter wins, as in transformers 5
             if (folder / name).is_file():
                 entries = {k: v for k, v in read_json(folder / name, TokenizerError).items() if v is not None}
                 for key in SPECIAL_TOKENS.keys() & entries.keys():
+                    declared[key] = (entries[key], folder / name)
                     entries[key] = _token_content(entries[key], key, folder / name)
                 config.update(entries)
                 where.update(dict.fromkeys(entries, str(folder / name)))
@@ -161,7 +176,8 @@ class Tokenizer:
             # 1e30 stands for "no limit" in many tokenizer_config.json files: keep CLIP's context length then
             max_length = model_max if isinstance(model_max, int) and model_max <= 4096 else CLIP_MAX_LENGTH
         tokens = {key: config.get(key, default) for key, default in SPECIAL_TOKENS.items()}
-        return cls(vocab, merges, max_length=max_length, fix_text=fix_text, **tokens)
+        normalized = _normalized_specials(folder, declared, set(tokens.values()))
+        return cls(vocab, merges, max_length=max_length, fix_text=fix_text, normalized_specials=normalized, **tokens)
 
     def save_pretrained(self, folder):
         """Write a transformers-compatible tokenizer folder: vocab.json, merges.txt, tokenizer_config.json,
@@ -173,6 +189,8 @@ class Tokenizer:
         (folder / "merges.txt").write_text(merges, encoding="utf-8")
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                     "unk_token": self.unk_token}
+        specials = {k: (dict(content=t, lstrip=False, normalized=True, rstrip=False, single_word=False)
+                        if t in self.normalized_specials else t) for k, t in specials.items()}
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "do_lower_case": True,
                   "errors": "replace", "add_prefix_space": False, **specials}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -226,15 +244,18 @@ class Tokenizer:
         return len(self.vocab)
 
     def __repr__(self):
+        normalized = f", normalized_specials={sorted(self.normalized_specials)}" if self.normalized_specials else ""
         return (f"Tokenizer(vocab={len(self.vocab)}, merges={len(self.merges)}, max_length={self.max_length}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id}, fix_text={self.fix_text})")
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id}, fix_text={self.fix_text}"
+                f"{normalized})")
 
 
-def _clip_backend(vocab, merges, unk_token, specials):
+def _clip_backend(vocab, merges, unk_token, specials, normalized=frozenset()):
     """The tokenizers pipeline of transformers' CLIPTokenizer: NFC, whitespace runs -> ' ', lowercase; the CLIP
     regex split; byte-level symbols; BPE with '</w>' on word ends. The special tokens (BOS, EOS, UNK *and PAD*)
     are matched in the raw text first, as transformers does: with SD-2's pad token '!' every '!' of a prompt
-    becomes id 0 ('hello!!!' -> hello, 0, 0, 0), unlike OpenCLIP (diffusers issue #4153)."""
+    becomes id 0 ('hello!!!' -> hello, 0, 0, 0), unlike OpenCLIP (diffusers issue #4153). Those in `normalized`
+    are matched in the normalized (lowercased) text instead."""
     backend = _Backend(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD,
                            fuse_unk=False, unk_token=unk_token))
     backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
@@ -246,8 +267,46 @@ def _clip_backend(vocab, merges, unk_token, specials):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=t in normalized)
+                                for t in dict.fromkeys(specials)])
     return backend
+
+
+def _normalized_specials(folder, declared, specials):
+    """The special-token strings transformers 5 matches after normalization, for a tokenizer folder (see
+    Tokenizer.from_pretrained). declared: {key: (value as the file holds it, file)} for bos/eos/unk/pad."""
+    flags = {}                                                        # string -> (entry, file)
+
+    def note(entry, where):
+        content = _token_content(entry, "added token", where)
+        if content in specials:
+            flags[content] = (entry, where)
+
+    for key in DECLARATION_ORDER:                                     # a later declaration of a string wins
+        if key in declared:
+            note(*declared[key])
+    if (folder / "tokenizer.json").is_file():                         # then the backend file's added tokens
+        added = read_json(folder / "tokenizer.json", TokenizerError).get("added_tokens") or []
+        for entry in added if isinstance(added, list) else ():
+            note(entry, folder / "tokenizer.json")
+    if (folder / "tokenizer_config.json").is_file():                  # then tokenizer_config's, which win
+        decoder = read_json(folder / "tokenizer_config.json", TokenizerError).get("added_tokens_decoder") or {}
+        for entry in decoder.values() if isinstance(decoder, dict) else ():
+            note(entry, folder / "tokenizer_config.json")
+    normalized = set()
+    for content, (entry, where) in flags.items():
+        entry = entry if isinstance(entry, dict) else {}
+        for key in ("lstrip", "rstrip", "single_word"):
+            if entry.get(key, False) is not False:
+                raise TokenizerError(f"{where}: special token {content!r} sets {key}={entry[key]!r}; mdref "
+                                     f"implements CLIP's special tokens without {key} (false)")
+        flag = entry.get("normalized", False)
+        if not isinstance(flag, bool):
+            raise TokenizerError(f"{where}: special token {content!r}: normalized must be true or false, "
+                                 f"found {flag!r}")
+        if flag:
+            normalized.add(content)
+    return frozenset(normalized)
 
 
 def _checked_vocab(vocab, where):

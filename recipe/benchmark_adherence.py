@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data  # noqa: E402
-from evaluate import ATTRS, evaluate  # noqa: E402
+import data
+from evaluate import ATTRS, evaluate
 
 TARGETS = {"background": 0.98, "colour": 0.98, "position": 0.98, "size": 0.98, "shape": 0.95, "all": 0.95}
 OPEN_TARGETS = {"clean": 0.95, "kept": 0.95, "distinct": 3}

@@ -1,6 +1,6 @@
 """Does float16 storage change what the shipped model draws? (issue 5 allows float16 weights; mdref computes in float32)
 
-    python recipe/train.py --out runs/cpu3 --stages ae --export /tmp/f32 --export-float32  # the same weights, float32
+    python recipe/train.py --out runs/r22f --stages decproj --export /tmp/f32 --export-float32  # the same, float32
     python recipe/check_float16.py --float16 weights/default --float32 /tmp/f32 [--n 200]
 
 Both folders go through mdref's NumPy pipeline with the same held-out prompts and noise
@@ -12,15 +12,12 @@ different scene.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, complete_prompts  # noqa: E402
-from evaluate import ATTRS, evaluate  # noqa: E402
+import data
+from benchmark_adherence import OPEN_PROMPTS, complete_prompts
+from evaluate import ATTRS, evaluate
 
 
 def main(argv=None):

@@ -12,13 +12,10 @@ shape class, position and size (NumPy only).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import COLOURS, PALETTE, SQUARE_SCALE, TRIANGLE_SCALE  # noqa: E402
+from data import COLOURS, PALETTE, SQUARE_SCALE, TRIANGLE_SCALE
 
 PAL = np.array([PALETTE[c] for c in COLOURS], dtype=np.float64)  # [8, 3]
 CENTER_BOX = 6.5  # px at 64x64

@@ -9,7 +9,8 @@ its score there would fit the test set. This script draws from the TRAINING comb
     open attribute with >= 3 possible values) that take fewer than 3 values over the 16 noises.
 It samples exactly as mdref does (pure noise at t = 999, one UNet call, decode) and judges with evaluate.py.
 
-    python recipe/validate.py --run runs/v9 runs/v9/adv.pt runs/e1/adv.pt --soup avg=runs/e1/adv.pt,runs/e2/adv.pt
+    python recipe/validate.py --run runs/r22f --decoder decproj.pt runs/r22f/onestep.pt runs/r22c/onestep.pt \
+        --soup avg=runs/r22f/onestep.pt,runs/r22c/onestep.pt --regions rgb
 """
 
 from __future__ import annotations
@@ -17,44 +18,36 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data  # noqa: E402
-import train  # noqa: E402
-from average import average  # noqa: E402
-from benchmark_adherence import OPEN_PROMPTS, judge_open, keeps_given, pattern_prompts  # noqa: E402
-from evaluate import ATTRS, evaluate  # noqa: E402
-
-LAST_T = train.NUM_TRAIN_TIMESTEPS - 1
+import data
+import train
+from average import soup
+from benchmark_adherence import OPEN_PROMPTS, judge_open, keeps_given, pattern_prompts
+from evaluate import ATTRS, evaluate
 
 
 class Sampler:
-    """Text encoder + decoder of a run folder (unet_text.pt, aeft.pt or another decoder checkpoint); one-step samples
-    for any UNet state dict."""
+    """The decoder of a run folder (aeft.pt or another decoder checkpoint); one-step samples of any generator
+    checkpoint (onestep.pt: a UNet and its text encoder), on `device`."""
 
-    def __init__(self, run, cfg=train.FULL, decoder="aeft.pt"):
-        run = Path(run)
-        _, self.vae, ck = train.load_ae(cfg, run, decoder)
-        self.mean, self.std = ck["mean"].to(train.DEV)[None, :, None, None], ck["std"].to(train.DEV)
-        self.cfg = cfg
-        self.run_text = train.load_text(cfg, run) if (run / "unet_text.pt").exists() else None
-        self.unet = train.TwinUNet(train.unet_config(cfg["unet"], cfg["text"]["hidden_size"])).eval().to(train.DEV)
+    def __init__(self, run, preset=train.FULL, decoder="aeft.pt", device=torch.device("cpu")):
+        _, self.vae, ck = train.load_ae(preset, Path(run) / decoder, device)
+        self.mean, self.std = ck["mean"].to(device)[None, :, None, None], ck["std"].to(device)
+        self.preset, self.device = preset, device
+        self.unet = train.TwinUNet(train.unet_config(preset.unet, preset.text["hidden_size"])).eval().to(device)
         self.tokens = train.TokenCache()
 
     def load(self, ck):
-        """A checkpoint's UNet, and its own text encoder when it carries one (onestep.pt), else the run's."""
+        """A generator checkpoint's UNet and text encoder."""
+        if "text" not in ck:
+            raise ValueError("the checkpoint carries no text encoder (validate.py reads onestep checkpoints; the "
+                             "runs of earlier recipes kept theirs in unet_text.pt: git show ffa37bf:recipe/validate.py)")
         self.unet.load_state_dict(ck["unet"])
-        if "text" in ck:
-            self.text = train.text_from_state(self.cfg, ck["text"])
-        elif self.run_text is None:
-            raise FileNotFoundError("the checkpoint has no text encoder and the run folder no unet_text.pt")
-        else:
-            self.text = self.run_text
+        self.text = train.text_from_state(self.preset, ck["text"], self.device)
 
     @torch.no_grad()
     def __call__(self, prompts, seed, batch=256, with_noise=False):
@@ -63,9 +56,9 @@ class Sampler:
         g = torch.Generator().manual_seed(seed)
         out, noises = [], []
         for b in range(0, len(prompts), batch):
-            ids = self.tokens(prompts[b:b + batch]).to(train.DEV)
-            noise = train.randn((len(ids), train.LATENT_CHANNELS, 8, 8), g)  # x_T, [B, 8, 8, 8]
-            t = torch.full((len(ids),), LAST_T, device=train.DEV)
+            ids = self.tokens(prompts[b:b + batch]).to(self.device)
+            noise = train.randn((len(ids), train.LATENT_CHANNELS, 8, 8), g, self.device)  # x_T, [B, 8, 8, 8]
+            t = torch.full((len(ids),), train.LAST_T, device=self.device)
             z = self.unet(noise, t, self.text(ids).last_hidden_state)  # predicted clean latent (normalised)
             x = train.decode(self.vae, z * self.std + self.mean)
             out.append(data.to_uint8(x.cpu()))
@@ -114,15 +107,15 @@ def validate(sampler, ck, n=300, seed_sets=4, regions=None):
 
 
 @torch.no_grad()
-def reconstruction(run, cfg, decoder, n, seed=4321):
+def reconstruction(run, preset, decoder, n, device, seed=4321):
     """The autoencoder alone: n renders of training combinations through the encoder and the decoder checkpoint,
     judged by evaluate.py against the rendered combination; per-attribute and all-five accuracy."""
-    enc, vae, _ = train.load_ae(cfg, Path(run), decoder)
+    enc, vae, _ = train.load_ae(preset, Path(run) / decoder, device)
     g = torch.Generator().manual_seed(seed)
     combos = data.sample_combos(n, g, data.TRAIN_COMBOS)
     rs = []
     for b in range(0, n, 250):
-        x = train.render(combos[b:b + 250], g)  # [B, 3, 64, 64]
+        x = data.render(combos[b:b + 250], g, device=device)  # [B, 3, 64, 64]
         rs += [evaluate(img) for img in data.to_uint8(train.decode(vae, enc(x)).cpu())]
     res = {k: float(np.mean([r[k] == c[j] for r, c in zip(rs, combos)])) for j, k in enumerate(ATTRS)}
     res["all"] = float(np.mean([all(r[k] == c[j] for j, k in enumerate(ATTRS)) for r, c in zip(rs, combos)]))
@@ -131,9 +124,8 @@ def reconstruction(run, cfg, decoder, n, seed=4321):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="*", help="checkpoints with a unet (and maybe a text) state dict")
-    ap.add_argument("--run", required=True, help="run folder with aeft.pt (and unet_text.pt for checkpoints without "
-                    "their own text encoder)")
+    ap.add_argument("checkpoints", nargs="*", help="onestep checkpoints (a unet and a text state dict)")
+    ap.add_argument("--run", required=True, help="run folder with aeft.pt (or the --decoder checkpoint)")
     ap.add_argument("--soup", action="append", default=[], help="NAME=a.pt,b.pt,...: also validate their mean")
     ap.add_argument("--decoder", default="aeft.pt", help="decoder checkpoint in the run folder (e.g. decproj.pt)")
     ap.add_argument("--n", type=int, default=300)
@@ -144,22 +136,21 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="append one JSON line per checkpoint to this file")
     ap.add_argument("--regions", choices=sorted(train.COLOUR_READINGS), default=None,
                     help="also count open samples and failures per region of the noise (train.noise_region) for "
-                         "this colour reading (the onestep stage's --onestep-colour)")
+                         "this colour reading (the onestep stage reads 'rgb'; 'bucket' is the rule of runs/r20)")
     ap.add_argument("--recon", type=int, default=0,
                     help="also judge N autoencoder reconstructions (encoder + --decoder)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    train.DEV = torch.device(a.device)
-    cfg = train.TINY if a.tiny else train.FULL
+    device, preset = torch.device(a.device), train.TINY if a.tiny else train.FULL
     if a.recon:
-        res = reconstruction(a.run, cfg, a.decoder, a.recon)
+        res = reconstruction(a.run, preset, a.decoder, a.recon, device)
         print(f"reconstruction ({a.decoder}, {a.recon} renders): " + " ".join(f"{k} {v:.3f}" for k, v in res.items()),
               flush=True)
-    sampler = Sampler(a.run, cfg, a.decoder)
+    sampler = Sampler(a.run, preset, a.decoder, device)
     todo = [(p, lambda p=p: torch.load(p, weights_only=True, map_location="cpu")) for p in a.checkpoints]
     for spec in a.soup:
         name, members = spec.split("=", 1)
-        todo.append((name, lambda m=members: {"unet": average(m.split(","))}))
+        todo.append((name, lambda m=members: soup(m.split(","))))
     for name, load in todo:
         res = dict(name=name, **validate(sampler, load(), a.n, a.seed_sets, a.regions))
         print(f"{name}: shape {res['shape']:.3f} all {res['all']:.3f} open clean {res['open_clean']:.3f} "

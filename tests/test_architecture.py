@@ -22,7 +22,7 @@ def _tree(name):
     return ast.parse((PACKAGE / name).read_text(), filename=name)
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "decoder.py"])
 def test_model_file_opens_on_its_first_layer(name):
     """The first function that calls a layer op starts within the first 60 lines (after the docstring)."""
     firsts = [n.lineno for n in _tree(name).body if isinstance(n, ast.FunctionDef) and any(
@@ -38,11 +38,15 @@ def test_other_model_files_open_on_a_function(name):
 
 
 def test_model_files_fit_the_line_budget():
-    """1300 lines of model math, plus 40 since issue 28: the emulated attention and norm formulas moved from
-    precision.py into ops.py (written once, as the plain formulas with their rounding points), with the mechanism
-    that runs them (the rounding policy in force)."""
+    """1,300 lines for MobileDiffusion's model files, +90 for the SDXL family's (issue 31: the projection tower,
+    SDXL's two-tower text conditioning, the EulerAncestral / LCM / TCD samplers and custom timesteps), +70 for
+    DreamLite's in these files (issue 32: RMSNorm, grouped K/V, the flow-matching sampler); the Qwen text model has a
+    file of its own (qwen_text.py). +130 for issue 28: the emulated attention and norm formulas and the mechanism
+    that runs them (the rounding policy in force, the emulation decorator) moved into ops.py from precision.py, where
+    they were model math outside this budget; they are written once, as the plain formulas with their rounding
+    points, beside the new group_norm_reference / layer_norm_reference the fast forms are tested against."""
     lines = {n: len((PACKAGE / n).read_text().splitlines()) for n in MODEL_FILES}
-    assert sum(lines.values()) <= 1340, lines
+    assert sum(lines.values()) <= 1590, lines
 
 
 def _mdref_imports(name):
@@ -51,7 +55,8 @@ def _mdref_imports(name):
             yield node.module or ""
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py", "sampler.py", "specs.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "decoder.py", "sampler.py",
+                                  "specs.py"])
 def test_layer_math_imports_nothing_from_io(name):
     assert not [m for m in _mdref_imports(name) if m == "io" or m.startswith("io.")], name
 

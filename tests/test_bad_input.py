@@ -90,7 +90,7 @@ TABLE = [
     (G + ["--guidance", "strong"], ["argument --guidance", "invalid float value"]),
     (G + ["--guidance", "2", "--negative-prompt", "\udcfe"], ["--negative-prompt", "not valid UTF-8", "0xfe"]),
     (["generate", "\udcff", "-o", "OUT", "--preset", "tiny"], ["the prompt", "not valid UTF-8", "0xff"]),
-    (["generate", "caf\udcc3", "-o", "OUT", "--preset", "tiny"], ["the prompt", "not valid UTF-8", "position 3"]),
+    (["generate", "caf\udcc3", "-o", "OUT", "--preset", "tiny"], ["the prompt", "not valid UTF-8", "0xc3 at byte 3"]),
     (G + ["--noise", "MISSING"], ["--noise", "no such file"]),
     (G + ["--noise", "DIR"], ["--noise", "no such file"]),
     (G + ["--noise", "EMPTY"], ["--noise", "not a readable .npy"]),
@@ -125,6 +125,17 @@ TABLE = [
     (P + ["--guidance", "nan"], ["--guidance", "found nan"]),
     (P + ["--noise", "COMPLEX"], ["--noise", "complex128"]),
     (P + ["--dtype", "float64"], ["--dtype float64 is the reference"]),
+    # issue 27: options that cannot apply, seeds of weights, the image format, the guidance range
+    (G + ["--weights-seed", "-1"], ["--weights-seed", "0 <= seed < 2**64", "found -1"]),
+    (G + ["--weights-seed", str(2 ** 64)], ["--weights-seed", f"found {2 ** 64}"]),
+    (["generate", "x", "-o", "OUT", "--weights-seed", "3"], ["--weights-seed 3", "only with --preset"]),
+    (G + ["--negative-prompt", "blue"], ["--negative-prompt", "only with classifier-free guidance", "None"]),
+    (G + ["--negative-prompt", "", "--guidance", "1"], ["--negative-prompt", "--guidance > 1", "1.0"]),
+    (G + ["--guidance", "51"], ["--guidance", "[0, 50]", "found 51"]),
+    (G + ["--guidance=-0.5"], ["--guidance", "[0, 50]", "found -0.5"]),
+    (["generate", "x", "-o", "OUT.gif", "--preset", "tiny"], ["-o", "unknown image extension '.gif'", ".png"]),
+    (["generate", "x", "-o", "OUT.", "--preset", "tiny"], ["-o", "unknown image extension"]),
+    (G[:-2] + ["--dtype", "float32", "--upcast", "attention"], ["--upcast attention", "float16 or bfloat16"]),
 ]
 
 
@@ -137,7 +148,8 @@ def test_bad_cli_input(tmp_path, capsys, argv, fragments):
     files = _inputs(tmp_path / "in")
     files["MISSING"] = tmp_path / "in" / "missing.npy"
     out = tmp_path / "out.png"
-    argv = [str(out) if a == "OUT" else str(files[a]) if a in files else a for a in argv]
+    argv = [str(out) if a == "OUT" else str(tmp_path / a) if a.startswith("OUT.") else str(files[a]) if a in files
+            else a for a in argv]
     before = _listing(tmp_path)
     code = main(argv)
     err = capsys.readouterr().err

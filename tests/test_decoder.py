@@ -20,6 +20,8 @@ from mdref.trace import trace as tracing
 from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
 from oracles import randomize, rel_err, within
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 

@@ -21,6 +21,8 @@ from mdref.io.scheduler_config import SchedulerConfig, scheduler_config_to_dict
 from oracles import rel_err, within
 from test_unet import timestep_embedding_f64
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

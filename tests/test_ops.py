@@ -27,6 +27,8 @@ from hypothesis.extra import numpy as hnp
 
 from mdref import ops
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 DTYPES = [np.float32, np.float64]
 by_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}

@@ -10,6 +10,8 @@ from mdref.io.presets import PIPELINE_PRESETS as PRESETS
 from mdref.pipeline import Pipeline, to_pixels
 from oracles import within
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 
 def _preset_count(name):
     """Parameters of a pipeline preset, from the weight schemas (no weights are materialised)."""

@@ -9,11 +9,9 @@ conversion, an implementation independent of mdref's.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +29,8 @@ from mdref.io import Decoder, TextEncoder, UNet
 from mdref.io.pipeline_folder import DEFAULT_MODEL_DIR
 from mdref.io.safetensors import read_safetensors, write_safetensors
 from oracles import U16, nmse, within
+
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
 DTYPES = ["float16", "bfloat16"]
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -130,7 +130,8 @@ ACCURATE_FROM = {"silu": -6.0, "relu": -12.0, "gelu": -3.0, "gelu_tanh": -3.0, "
 @given(data=st.data())
 def test_elementwise_ops_are_the_rounded_formula(dtype, name, data):
     """R(f(R(x))) with f in float64: exact for relu; within one ulp for the others (their float32 evaluation can
-    fall on the other side of a rounding boundary), and exact for most elements."""
+    fall on the other side of a rounding boundary). That it is exact for most elements is checked on a fixed
+    sample below (hypothesis' arrays repeat values, so a fraction over them is not a property)."""
     x = data.draw(f32_arrays(st.integers(1, 200), ACCURATE_FROM[name], 12))
     op, f64 = _elementwise(name)
     with using(dtype):
@@ -140,7 +141,18 @@ def test_elementwise_ops_are_the_rounded_formula(dtype, name, data):
     if name == "relu":
         assert np.array_equal(got, want)
     assert np.all(diff <= ulp(np.maximum(np.abs(got), np.abs(want)), dtype)), (name, diff.max())
-    assert np.mean(diff == 0) >= 0.9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "quick_gelu"])
+def test_elementwise_ops_are_exact_for_almost_every_element(dtype, name):
+    """On 200,000 seeded uniform inputs over the accurate range, the float32 formula lands on the other side of a
+    rounding boundary for at most 0.1% of the elements (measured: 0.006-0.032% in float16, none in bfloat16)."""
+    x = np.random.default_rng(0).uniform(ACCURATE_FROM[name], 12, 200_000).astype(np.float32)
+    op, f64 = _elementwise(name)
+    with using(dtype):
+        got = op(x)
+    assert np.mean(got != R64(f64(rounded(x, dtype).astype(np.float64)), dtype)) <= 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -393,13 +405,6 @@ def test_ops_agree_with_pytorch_float16_on_cpu():
     assert ok, ("attention", worst)
 
 
-def _twin():
-    spec = importlib.util.spec_from_file_location("mdref_recipe_twin", Path(__file__).parents[1] / "recipe" / "twin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _same_size_and_agree(name, ours, theirs, ref, record_property):
     """float16 errors against float64, pooled over a batch of inputs.
 
@@ -430,7 +435,8 @@ def test_default_model_components_match_pytorch_float16(record_property):
     import transformers
     g = np.random.default_rng(0)
     cfg = json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())
-    net = _twin().TwinUNet(cfg).eval()
+    import twin  # recipe/twin.py (recipe/ is on pytest's pythonpath, pyproject.toml)
+    net = twin.TwinUNet(cfg).eval()
     sd, _ = read_safetensors(DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
     net.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()})
     x, ctx = g.standard_normal((16, 8, 8, 8)), g.standard_normal((16, 77, 64))
@@ -544,19 +550,11 @@ def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys)
 
 
 # ---- the embedded default model in low precision ------------------------------------------------------------------
-def _reader():
-    spec = importlib.util.spec_from_file_location("mdref_recipe_evaluate",
-                                                  Path(__file__).parents[1] / "recipe" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_model_draws_the_same_picture_in_low_precision(dtype):
     """The shape reader of recipe/evaluate.py reads the same attributes off the float16 / bfloat16 picture as off
     the float32 one, for the golden prompts."""
-    evaluate = _reader()
+    import evaluate  # recipe/evaluate.py (recipe/ is on pytest's pythonpath, pyproject.toml)
     prompts = [p for p, _ in GOLDEN_CASES]
     pictures = {}
     for name in ("float32", dtype):

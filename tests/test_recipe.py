@@ -8,6 +8,7 @@
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -23,9 +24,8 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipe"
 DEFAULT = ROOT / "weights" / "default"
-sys.path.insert(0, str(RECIPE))
 
-import data  # noqa: E402
+import data  # noqa: E402  recipe/ is on pytest's pythonpath (pyproject.toml)
 from evaluate import score  # noqa: E402
 
 needs_default = pytest.mark.skipif(not (DEFAULT / "unet" / "config.json").is_file(),
@@ -52,132 +52,93 @@ def test_heldout_list_matches_seed():
 
 
 # ---------------------------------------------------------------- (a) recipe smoke run
-def test_recipe_tiny_runs_every_stage(tmp_path):
-    t0 = time.time()
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "2", "--out", str(out),
-                        "--stages", "ae,aeft,unet,adv,decft", "--export", str(out / "model"),
-                        # the adversarial stage's options as the shipped model used them (weights/README.md)
-                        "--adv-weight", "0.25", "--mse-last-weight", "0.3", "--mse-last-open-weight", "0.5",
-                        "--adv-p-complete", "0.25", "--adv-ema", "0.998", "--adv-tmax", "200", "--d-lr", "2e-4",
-                        "--bf16", "aeft"],
+def _train(*args):
+    """recipe/train.py as the shipped model's commands run it (a subprocess: its own threads and seeds)."""
+    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", *map(str, args)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    wall = time.time() - t0
-    print(f"tiny recipe wall {wall:.1f}s")
-    for stage in ["ae", "aeft", "unet", "adv", "decft"]:
-        assert (out / f"{stage}.pt").is_file(), stage
-    # noise-coupled targets from the unet stage on, the adversarial stage with snapshots, the projections, then the
-    # two-teacher distillation
-    out2 = tmp_path / "run2"
-    out2.mkdir()
-    (out2 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())  # every later stage reads aeft.pt
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unet=2,adv=4,distill=5",
-                        "--out", str(out2), "--disc-frozen-text",
-                        "--stages", "unet,adv,project,decproj,distill", "--unet-couple-open", "--couple-open",
-                        "--mse-coupled-weight", "0.5", "--adv-snapshots", "3", "--adv-seed", "5", "--g-lr", "1e-4",
-                        "--adv-p-last", "0.9",
-                        "--project-read", "hybrid", "--project-unclean-weight", "2", "--project-jitter", "0",
-                        "--teacher-complete", str(out / "unet.pt"), "--teacher-open", str(out / "adv.pt"),
-                        "--distill-lr", "1e-4", "--distill-init", "adv.pt", "--bf16", "adv,decproj,distill"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    for name in ["unet.pt", "unet_text.pt", "adv_snap1.pt", "adv_snap2.pt", "adv.pt", "project.pt", "decproj.pt",
-                 "distill.pt"]:
-        assert (out2 / name).is_file(), name
-    # --steps unet=2,adv=4,distill=5 set those three stages only
-    assert [torch.load(out2 / f, weights_only=True)["steps"] for f in ("unet.pt", "adv.pt", "distill.pt")] == [2, 4, 5]
-    # the shipped recipe (issue 20): the onestep stage on noise-coupled targets, then the decoder projection on it
-    out3 = tmp_path / "run3"
-    out3.mkdir()
-    (out3 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "onestep=4,decproj=2",
-                        "--out", str(out3), "--stages", "onestep,decproj", "--onestep-check", "2",
-                        "--onestep-p-complete", "0.3", "--onestep-lr", "5e-4", "--bf16", "onestep,decproj",
-                        "--export", str(out3 / "model")],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert torch.load(out3 / "onestep.pt", weights_only=True)["steps"] == 4
-    assert "exported onestep.pt (UNet) and decproj.pt (decoder)" in r.stdout
-    assert pytest.importorskip("mdref").Pipeline.from_pretrained(out3 / "model").run(["a shape"], seed=0).pixels.shape \
-        == (1, 64, 64, 3)
-    # the continuation tried after the shipped run: from a onestep checkpoint, the MSE weighted on the shape's pixels
-    out4 = tmp_path / "run4"
-    out4.mkdir()
-    (out4 / "aeft.pt").write_bytes((out / "aeft.pt").read_bytes())
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "onestep=2", "--out", str(out4),
-                        "--stages", "onestep", "--onestep-init", str(out3 / "onestep.pt"),
-                        "--onestep-shape-weight", "8", "--onestep-ema", "0.99", "--onestep-check", "0",
-                        "--onestep-p-exclusion", "0.3", "--onestep-p-bg-edge", "0.3", "--onestep-open-bg-weight", "1"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert torch.load(out4 / "onestep.pt", weights_only=True)["steps"] == 2
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", "unte=2", "--out", str(out2)],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode != 0 and "--steps: unknown stage unte" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--budget", "unet=2,adv", "--out",
-                        str(out2)],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode != 0 and "--budget: expected STAGE=VALUE pairs" in r.stderr, r.stderr[-2000:]
-    for steps, message in [("abc", "--steps: expected an integer, got 'abc'"),
-                           ("unet=x", "--steps unet: expected an integer, got 'x'")]:
-        r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--steps", steps, "--out", str(out2)],
-                           capture_output=True, text=True, timeout=300, check=False)
-        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--bf16", "aeft,unet", "--out", str(out2)],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode != 0 and "--bf16: unknown stage unet" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(RECIPE / "validate.py"), "--tiny", "--run", str(out2), "--n", "4",
-                        "--decoder", "decproj.pt", "--recon", "6",
-                        "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(out2 / "distill.pt"),
-                        "--regions", "rgb",
-                        "--soup", f"s={out2 / 'adv.pt'},{out2 / 'distill.pt'}"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "reconstruction (decproj.pt, 6 renders): shape" in r.stdout, r.stdout[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
-    assert [row["name"] for row in rows] == [str(out2 / "distill.pt"), "s"]
-    assert all(0 <= row["shape"] <= 1 and 0 <= row["open_clean"] <= 1 for row in rows)
+    return r.stdout
+
+
+def test_recipe_tiny_runs_the_shipped_recipe(tmp_path, capsys):
+    """The two commands that made weights/default (weights/README.md) at the tiny size, their export loading in
+    mdref, the option errors, and the scripts around the recipe: validate.py (with --regions and a soup),
+    check_float16.py on a float32 export, average.py."""
     import train
-    for row in rows:  # --regions: every open sample in one region, and the failures add up to 1 - open_kept
+    import validate
+    from average import average
+    import check_float16
+
+    t0 = time.time()
+    first, second = tmp_path / "first", tmp_path / "second"
+    out = _train("--out", first, "--stages", "ae,aeft,onestep", "--steps", "ae=2,aeft=2,onestep=3",
+                 "--bf16", "aeft,onestep", "--onestep-shape-weight", "4", "--onestep-check", "2")
+    assert "onestep step 2 loss" in out and " check complete " in out, out[-2000:]
+    # --steps ae=2,aeft=2,onestep=3 set those stages' step counts
+    assert [torch.load(first / f"{s}.pt", weights_only=True)[k] for s, k in
+            [("ae", "steps"), ("aeft", "steps_ft"), ("onestep", "steps")]] == [2, 2, 3]
+    second.mkdir()
+    for name in ["ae.pt", "aeft.pt"]:
+        (second / name).hardlink_to(first / name)
+    out = _train("--out", second, "--stages", "onestep,decproj", "--steps", "onestep=2,decproj=2",
+                 "--bf16", "onestep,decproj", "--onestep-init", first / "onestep.pt", "--onestep-lr", "3e-4",
+                 "--onestep-p-complete", "0.1", "--onestep-shape-weight", "1", "--onestep-p-exclusion", "0.3",
+                 "--onestep-ema", "0.995", "--onestep-check", "0", "--export", second / "model")
+    assert "exported onestep.pt (UNet) and decproj.pt (decoder)" in out
+    assert torch.load(second / "onestep.pt", weights_only=True)["steps"] == 2
+    assert torch.load(second / "decproj.pt", weights_only=True)["steps_decproj"] == 2
+    mdref = pytest.importorskip("mdref")
+    px = mdref.Pipeline.from_pretrained(second / "model").run(["a red circle"], seed=0).pixels
+    assert px.shape == (1, 64, 64, 3) and px.dtype == np.uint8
+    print(f"tiny recipe wall {time.time() - t0:.1f}s")
+    # option errors name the option and what was wrong; the stages of earlier models are gone
+    for args, message in [(["--steps", "onestpe=2"], "--steps: unknown stage onestpe"),
+                          (["--budget", "onestep=2,aeft"], "--budget: expected STAGE=VALUE pairs"),
+                          (["--steps", "abc"], "--steps: expected an integer, got 'abc'"),
+                          (["--steps", "onestep=x"], "--steps onestep: expected an integer, got 'x'"),
+                          (["--bf16", "aeft,unet"], "--bf16: unknown stage unet"),
+                          (["--stages", "ae,adv"], "--stages: unknown stage adv")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--tiny", "--out", str(tmp_path / "never"), *args])
+    assert not (tmp_path / "never").exists()
+    # validate.py: every open sample in one region (--regions), the failures adding up to 1 - open_kept
+    validate.main(["--tiny", "--run", str(second), "--n", "4", "--decoder", "decproj.pt", "--recon", "6",
+                   "--seed-sets", "1", "--json", str(tmp_path / "val.jsonl"), str(second / "onestep.pt"),
+                   "--regions", "rgb", "--soup", f"s={first / 'onestep.pt'},{second / 'onestep.pt'}",
+                   "--threads", str(torch.get_num_threads())])
+    assert "reconstruction (decproj.pt, 6 renders): shape" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [row["name"] for row in rows] == [str(second / "onestep.pt"), "s"]
+    assert all(0 <= row["shape"] <= 1 and 0 <= row["open_clean"] <= 1 for row in rows)
+    for row in rows:
         counts = np.array(list(row["regions"].values()))  # [regions, (samples, failures)]
         assert list(row["regions"]) == train.NOISE_REGIONS and (counts[:, 1] <= counts[:, 0]).all()
         n_open = counts[:, 0].sum()
         assert n_open > 0 and n_open % 16 == 0
         assert counts[:, 1].sum() == round((1 - row["open_kept"]) * n_open)
-    mdref = pytest.importorskip("mdref")
-    pipe = mdref.Pipeline.from_pretrained(out / "model")
-    px = pipe.run(["a red circle"], seed=0).pixels
-    assert px.shape == (1, 64, 64, 3) and px.dtype == np.uint8
     # a float32 export of the same run rounds to the float16 export exactly; check_float16.py compares the two
-    r = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--tiny", "--out", str(out), "--stages", "ae",
-                        "--export", str(out / "f32"), "--export-float32"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    train.export(train.make_run(train.options().parse_args(["--tiny", "--out", str(second)])), print,
+                 second / "f32", torch.float32)
     from safetensors.numpy import load_file
     for f in ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
               "vae/diffusion_pytorch_model.safetensors"]:
-        w16, w32 = load_file(out / "model" / f), load_file(out / "f32" / f)
+        w16, w32 = load_file(second / "model" / f), load_file(second / "f32" / f)
         assert w16.keys() == w32.keys()
         assert all(w32[k].dtype == np.float32 and w16[k].dtype == np.float16 for k in w16)
         assert all(np.array_equal(w32[k].astype(np.float16), w16[k]) for k in w16), f
-    r = subprocess.run([sys.executable, str(RECIPE / "check_float16.py"), "--float16", str(out / "model"),
-                        "--float32", str(out / "f32"), "--n", "4"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "samples read differently" in r.stdout
+    check_float16.main(["--float16", str(second / "model"), "--float32", str(second / "f32"), "--n", "4"])
+    assert "samples read differently" in capsys.readouterr().out
     # recipe/average.py: the uniform weight mean of checkpoints, refusing checkpoints of different models
-    from average import average
-    a = torch.load(out / "unet.pt", weights_only=True)["unet"]
+    a = torch.load(first / "onestep.pt", weights_only=True)["unet"]
     gen = torch.Generator().manual_seed(0)
     b = {k: v + torch.randn(v.shape, generator=gen) for k, v in a.items()}
     torch.save({"unet": b}, tmp_path / "moved.pt")
-    m = average([out / "unet.pt", tmp_path / "moved.pt"])
+    m = average([first / "onestep.pt", tmp_path / "moved.pt"])
     assert m.keys() == a.keys()
     assert max(float((m[k] - (a[k] + b[k]) / 2).abs().max()) for k in m) < 1e-6
     torch.save({"unet": {k: v for k, v in a.items() if k != "conv_in.weight"}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt"):
-        average([out / "unet.pt", tmp_path / "other.pt"])
+        average([first / "onestep.pt", tmp_path / "other.pt"])
 
 
 def test_couple_open_reads_open_attributes_off_the_noise():
@@ -308,12 +269,11 @@ def test_coupled_scenes_give_one_training_scene_per_noise(colour):
     assert got.shape == (2, 8, 8, 8) and torch.allclose(got, want, atol=1e-6)
 
 
-def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved_or_near_an_edge():
-    """recipe/train.py coupled_scenes(p_exclusion=..., p_bg_edge=...), in_exclusion, near_background_edge and
-    noise_region: the
+def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved():
+    """recipe/train.py coupled_scenes(p_exclusion=...), in_exclusion, near_background_edge and noise_region: the
     targets still follow couple_open on the returned noise and are never held out; both tests agree with
     nearest-palette distances computed here; the share of eligible open rows whose reading falls on the colour to
-    avoid (about 1 in 7) and of open backgrounds read near an edge (about 1 in 6) rise with the shares asked for."""
+    avoid (about 1 in 7) rises with the share asked for; about 1 in 6 open backgrounds is read near an edge."""
     import train
     palette = np.array([data.PALETTE[c] for c in data.COLOURS]) / 255  # [8, 3]
 
@@ -328,7 +288,7 @@ def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved_or_near_an_e
     for p in (0.0, 0.5):
         g = torch.Generator().manual_seed(21)
         drawn = data.sample_prompt_patterns(data.sample_combos(3000, g), g, p_complete=0.2)
-        noise, combos = train.coupled_scenes(drawn, g, colour="rgb", p_exclusion=p, p_bg_edge=p)
+        noise, combos = train.coupled_scenes(drawn, g, colour="rgb", p_exclusion=p)
         moved = eligible = near = bg_open = 0
         for (attrs, _), c, nz in zip(drawn, combos, noise):
             assert c not in data.HELDOUT_SET and c[1] != c[2]
@@ -358,9 +318,7 @@ def test_coupled_scenes_oversample_the_rows_where_a_colour_is_moved_or_near_an_e
             moved += want
         shares[p] = moved / eligible, near / bg_open
     assert 0.10 < shares[0.0][0] < 0.20 and shares[0.5][0] > 0.5, shares
-    # about half the open-background rows are taken by the exclusion draw first; of the rest half are drawn near an
-    # edge: 0.16 -> about 0.25 + 0.16 x 0.75
-    assert 0.10 < shares[0.0][1] < 0.25 and shares[0.5][1] > 0.3, shares
+    assert 0.10 < shares[0.0][1] < 0.25, shares
 
 
 def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
@@ -409,6 +367,7 @@ def test_project_combo_keeps_the_prompt_and_the_drawn_scene():
 
 # ---------------------------------------------------------------- (b) parity on the shipped weights
 @needs_default
+@pytest.mark.numerics
 def test_shipped_text_encoder_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -422,6 +381,7 @@ def test_shipped_text_encoder_parity():
 
 
 @needs_default
+@pytest.mark.numerics
 def test_shipped_unet_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -439,6 +399,7 @@ def test_shipped_unet_parity():
 
 
 @needs_default
+@pytest.mark.numerics
 def test_shipped_decoder_parity():
     mdref = pytest.importorskip("mdref")
     import reference
@@ -456,11 +417,19 @@ def test_shipped_decoder_parity():
         want64 = vae.double().decode(torch.from_numpy(z).double()).sample.numpy()
     got32 = dec(z)
     got64 = mdref.Decoder.from_pretrained(DEFAULT / "vae", dtype=np.float64)(z.astype(np.float64))
+    # mdref's float32 against float64 ground truth, a fact about mdref on any kernel: the decoder's longest path has
+    # L = 30 layers (convs, norms, the attention), each a sum of at most K = 9 * 64 = 576 products; a float32 sum
+    # of K terms errs by about sqrt(K) u relative to its scale (rounding errors as a random walk, u = 2^-24), and
+    # the layers' errors add in quadrature: sqrt(L K) u = 7.9e-6. The bound is twice that (1.6e-5); measured
+    # 3.5-3.8e-6 under every kernel of benchmarks/kernel-spread.md.
+    bound32 = 2 * math.sqrt(30 * 576) * U32
     print(f"torch f32 vs f64 {rel_err(want32, want64):.2e} native, {rel_err(want32_onednn, want64):.2e} oneDNN; "
           f"mdref f32 vs oneDNN {rel_err(got32, want32_onednn):.2e}")
-    within("shipped decoder f32 vs torch native f32", rel_err(got32, want32), 1e-5)
     within("shipped decoder f64 vs torch f64", rel_err(got64, want64), 1e-12)
-    within("shipped decoder f32 vs f64", rel_err(got32, want64), 1e-5)
+    within("shipped decoder f32 vs f64", rel_err(got32, want64), bound32)
+    # PyTorch's float32 is held to the same bound against float64 (its rounding is as good as mdref's), so the two
+    # float32 results are within twice it of each other (measured: up to 1.0e-5, with ATen's AVX2 kernels).
+    within("shipped decoder f32 vs torch native f32", rel_err(got32, want32), 2 * bound32)
 
 
 # ---------------------------------------------------------------- (c) adherence of the shipped model

@@ -11,6 +11,8 @@ from mdref import sampler as S
 from mdref.io import ConfigError
 from mdref.io import scheduler_config as SC
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 SCHEDULES = [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02), ("linear", 0.00085, 0.012),
              ("scaled_linear", 0.0001, 0.02)]
 

@@ -28,6 +28,8 @@ from mdref.tokenizer import Tokenizer  # noqa: E402
 from mdref.io.safetensors import WeightsError  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, highly detailed, 8k",

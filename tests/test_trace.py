@@ -11,6 +11,8 @@ from mdref.comparison import compare
 from mdref.pipeline import Pipeline
 from mdref.trace import load_trace, save_trace, trace
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 PROMPT = "a large red circle on the left, blue background"
 
 

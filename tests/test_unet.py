@@ -20,6 +20,8 @@ from mdref.trace import trace  # noqa: E402
 from mdref.io import UNet, UNetConfig  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
+pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
+
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 
 CONFIGS = {

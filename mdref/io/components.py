@@ -20,20 +20,25 @@ import numpy as np
 from .. import decoder as decoder_math
 from ..guards import SEED_LIMIT, is_int, memory_limit
 from .. import precision
+from .. import qwen_text as qwen_math
 from .. import text_encoder as text_math
 from .. import unet as unet_math
 from ..params import tree
 from . import keymaps
 from .config import ConfigError, read_json
 from .decoder_config import DecoderConfig, decoder_spec
-from .presets import DECODER_PRESETS, TEXT_ENCODER_PRESETS, UNET_PRESETS
+from .presets import (DECODER_PRESETS, QWEN_TEXT_PRESETS, TEXT_ENCODER_PRESETS, TEXT_ENCODER_WITH_PROJECTION_PRESETS,
+                      UNET_PRESETS)
+from .qwen_text_config import QwenTextConfig, qwen_text_spec
 from .safetensors import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
                           write_safetensors)
-from .schema import decoder_schema, num_parameters, text_encoder_schema, unet_schema
-from .text_encoder_config import TextEncoderConfig, text_encoder_spec
+from .schema import (decoder_schema, num_parameters, qwen_text_schema, text_encoder_schema,
+                     text_encoder_with_projection_schema, unet_schema)
+from .text_encoder_config import TextEncoderConfig, TextEncoderWithProjectionConfig, text_encoder_spec
 from .unet_config import UNetConfig, unet_spec
 
-__all__ = ["Component", "TextEncoder", "UNet", "Decoder", "COMPUTE_DTYPES", "compute_dtype", "locate"]
+__all__ = ["Component", "TextEncoder", "TextEncoderWithProjection", "QwenTextEncoder", "UNet", "Decoder",
+           "COMPUTE_DTYPES", "compute_dtype", "locate"]
 
 CONFIG_NAME = "config.json"
 COMPUTE_DTYPES = (np.float32, np.float64)
@@ -111,6 +116,20 @@ def read_shard_index(index):
             raise ConfigError(f"{index}: weight_map[{key!r}] must be a .safetensors file name in the same folder "
                               f"(no path), found {shard!r}")
     return sorted(set(weight_map.values()))
+
+
+def check_token_ids(ids, cfg, who):
+    """ids as an integer array [B, T] with T <= cfg.max_position_embeddings and every id in [0, cfg.vocab_size),
+    or a ValueError naming `who`."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"{who}: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"{who}: {ids.shape[1]} tokens, but max_position_embeddings is "
+                         f"{cfg.max_position_embeddings}")
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"{who}: token ids must lie in [0, {cfg.vocab_size}), found [{ids.min()}, {ids.max()}]")
+    return ids
 
 
 class Component:
@@ -252,24 +271,119 @@ class TextEncoder(Component):
     def checkpoint_keys(self, flat):
         return {keymaps.TEXT_KEY_PREFIX + k: v for k, v in flat.items()}
 
+    @property
+    def trace_name(self):
+        """The first part of this component's trace names: its folder in a diffusers pipeline folder."""
+        return self.subfolder
+
+    def _checked_ids(self, ids):
+        return check_token_ids(ids, self.config, type(self).__name__)
+
+    def _tree(self):
+        """The parameter tree (mdref.params), its paths starting with trace_name ("text_encoder_2.encoder...")."""
+        return tree(self.params, self.trace_name)
+
+    def _tower(self):
+        """The parameters text_transformer takes (a subclass may hold more, e.g. text_projection)."""
+        p = self._tree()
+        return {k: p[k] for k in ("embeddings", "encoder", "final_layer_norm")}
+
     def __call__(self, ids):
         """ids int [B, T] (T <= max_position_embeddings) -> last hidden state [B, T, hidden_size]."""
-        ids, cfg = np.asarray(ids), self.config
-        if ids.ndim != 2 or ids.dtype.kind not in "iu":
-            raise ValueError(f"TextEncoder: ids must be an integer array [B, T], got {ids.dtype} {ids.shape}")
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"TextEncoder: {ids.shape[1]} tokens, but max_position_embeddings is "
-                             f"{cfg.max_position_embeddings}")
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"TextEncoder: token ids must lie in [0, {cfg.vocab_size}), found "
-                             f"[{ids.min()}, {ids.max()}]")
+        ids = self._checked_ids(ids)
         with self.computing():
-            return text_math.text_transformer(ids, **tree(self.params, self.name), spec=self.spec)
+            return text_math.text_transformer(ids, **self._tower(), spec=self.spec)
+
+    def hidden_state(self, ids, index=-1):
+        """transformers' ``model(ids, output_hidden_states=True).hidden_states[index]`` [B, T, hidden_size]: index 0
+        the embeddings, j the output of encoder layer j-1, before the final LayerNorm (-1: the last layer's). SDXL
+        reads index -2, and -(clip_skip + 2) with diffusers' clip_skip. Only the layers up to it are run."""
+        j, ids, p = self._hidden_index(index), self._checked_ids(ids), self._tower()
+        with self.computing():
+            return text_math.hidden_states(ids, embeddings=p["embeddings"], encoder=p["encoder"], spec=self.spec,
+                                           layers=j)[j]
+
+    def _hidden_index(self, index):
+        """hidden_states[index] as a position in [0, layers]; a ValueError naming the range otherwise."""
+        n = self.spec.layers + 1                                   # the embeddings + one state per layer
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -n <= index < n:
+            raise ValueError(f"{type(self).__name__}: hidden state index must be an int in [{-n}, {n - 1}] "
+                             f"({self.spec.layers} layers + the embeddings), found {index!r}")
+        return int(index) % n
 
     def pooled(self, ids, hidden=None):
         """pooler_output [B, D]: the last hidden state at each row's EOS token (text_encoder.pooled_output)."""
         hidden = self(ids) if hidden is None else hidden
         return text_math.pooled_output(np.asarray(ids), hidden, self.config.eos_token_id)
+
+
+class TextEncoderWithProjection(TextEncoder):
+    """CLIP text encoder with its projection head (transformers CLIPTextModelWithProjection, SDXL's text_encoder_2):
+    ``te(ids)`` -> last_hidden_state, ``te.text_embeds(ids)`` -> text_embeds [B, projection_dim], and
+    ``te.hidden_state_and_text_embeds(ids, index)`` both from one pass. Traced as ``text_encoder_2.*``."""
+    config_class, presets, subfolder = TextEncoderWithProjectionConfig, TEXT_ENCODER_WITH_PROJECTION_PRESETS, \
+        "text_encoder_2"
+    int_keys = frozenset(k for k in keymaps.TEXT_INT_KEYS if k.endswith("position_ids"))
+
+    @classmethod
+    def param_schema(cls, config):
+        return text_encoder_with_projection_schema(config)
+
+    @classmethod
+    def read_checkpoint(cls, config, flat, where):
+        config, flat = Component.read_checkpoint(config, flat, where)
+        return config, keymaps.text_encoder_keys(flat, keep=("text_projection.weight",))
+
+    def checkpoint_keys(self, flat):
+        """transformers' names: 'text_model.' before the tower's keys, text_projection.weight as it is."""
+        return {(k if k.startswith("text_projection.") else keymaps.TEXT_KEY_PREFIX + k): v for k, v in flat.items()}
+
+    def text_embeds(self, ids, last_hidden_state=None):
+        """CLIPTextModelWithProjection.text_embeds [B, projection_dim]: the last hidden state at each row's EOS token
+        through text_projection (no bias)."""
+        ids = self._checked_ids(ids)
+        hidden = self(ids) if last_hidden_state is None else last_hidden_state
+        with self.computing():
+            return text_math.text_embeds(ids, hidden, text_projection=self._tree()["text_projection"],
+                                         eos_token_id=self.config.eos_token_id)
+
+    def hidden_state_and_text_embeds(self, ids, index=-2):
+        """(hidden_states[index] [B, T, hidden_size], text_embeds [B, projection_dim]) from one pass through every
+        layer: what SDXL's encode_prompt reads from text_encoder_2 (index -2, or -(clip_skip + 2))."""
+        j, ids = self._hidden_index(index), self._checked_ids(ids)
+        with self.computing():
+            states, pooled = text_math.with_projection(ids, **self._tree(), spec=self.spec,
+                                                       eos_token_id=self.config.eos_token_id)
+        return states[j], pooled
+class QwenTextEncoder(Component):
+    """Qwen3-VL's language model, text path (DreamLite's text encoder): ``te(ids, attention_mask)`` ->
+    ``hidden_states[-1]`` [B, T, D] (== transformers Qwen3VLForConditionalGeneration(..., output_hidden_states=True)
+    .hidden_states[-1], which is last_hidden_state, after the final RMSNorm)."""
+    config_class, presets, subfolder = QwenTextConfig, QWEN_TEXT_PRESETS, "text_encoder"
+    weights_names = ("model.safetensors", "model.fp16.safetensors")
+    make_spec = staticmethod(qwen_text_spec)
+    name = "text_encoder"
+
+    @classmethod
+    def param_schema(cls, config):
+        return qwen_text_schema(config)
+
+    @classmethod
+    def read_checkpoint(cls, config, flat, where):
+        config, flat = super().read_checkpoint(config, flat, where)
+        return config, keymaps.qwen_text_keys(flat)
+
+    def __call__(self, ids, attention_mask=None):
+        """ids int [B, T] (T <= max_position_embeddings), attention_mask [B, T] of 1 / 0 (None: no padding) ->
+        hidden_states[-1] [B, T, hidden_size]."""
+        ids = check_token_ids(ids, self.config, "QwenTextEncoder")
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.shape != ids.shape or not np.isin(attention_mask, (0, 1)).all():
+                raise ValueError(f"QwenTextEncoder: attention_mask must be 1 / 0 of the ids' shape {ids.shape}, "
+                                 f"got {attention_mask.dtype} {attention_mask.shape}")
+        with self.computing():
+            return qwen_math.text_model(ids, attention_mask, **self.params, spec=self.spec)
 
 
 class UNet(Component):

@@ -2,7 +2,8 @@
 
 - text encoder: keys with or without transformers 4's ``text_model.`` prefix; two keys that carry no part of the
   last hidden state are skipped: ``embeddings.position_ids`` (a buffer older transformers saved) and
-  ``text_projection.weight`` (``CLIPTextModelWithProjection``'s head).
+  ``text_projection.weight`` (``CLIPTextModelWithProjection``'s head, kept when read as that model: SDXL's
+  ``text_encoder_2/``; it is saved without the prefix, as transformers names it).
 - decoder: a full autoencoder checkpoint also holds the encoder: keys under ``encoder.`` (both kinds) and
   ``quant_conv.`` (kl) are skipped. Old diffusers VAE checkpoints name the mid attention's projections
   ``query/key/value/proj_attn``; they are renamed to ``to_q/to_k/to_v/to_out.0`` as diffusers does on load.
@@ -21,7 +22,7 @@ import re
 from .decoder_config import DecoderConfig
 from .safetensors import WeightsError
 
-__all__ = ["text_encoder_keys", "TEXT_KEY_PREFIX", "select_decoder_keys", "raw_taesd_to_diffusers",
+__all__ = ["text_encoder_keys", "TEXT_KEY_PREFIX", "qwen_text_keys", "select_decoder_keys", "raw_taesd_to_diffusers",
            "diffusers_to_raw_taesd", "config_from_raw_taesd", "is_raw_taesd"]
 
 TEXT_KEY_PREFIX = "text_model."
@@ -29,10 +30,28 @@ TEXT_SKIPPED_KEYS = ("embeddings.position_ids", "text_projection.weight")
 TEXT_INT_KEYS = frozenset(p + k for k in TEXT_SKIPPED_KEYS for p in ("", TEXT_KEY_PREFIX))   # position_ids is int64
 
 
-def text_encoder_keys(flat):
-    """Strip the 'text_model.' prefix and drop the two keys outside the last hidden state."""
+def text_encoder_keys(flat, keep=()):
+    """Strip the 'text_model.' prefix and drop the two keys outside the last hidden state, except those in `keep`
+    (CLIPTextModelWithProjection keeps text_projection.weight)."""
     flat = {(k[len(TEXT_KEY_PREFIX):] if k.startswith(TEXT_KEY_PREFIX) else k): v for k, v in flat.items()}
-    return {k: v for k, v in flat.items() if k not in TEXT_SKIPPED_KEYS}
+    return {k: v for k, v in flat.items() if k not in TEXT_SKIPPED_KEYS or k in keep}
+
+
+# Qwen3-VL: Qwen3VLForConditionalGeneration keeps the text path under 'model.language_model.' (transformers 4.57+
+# and 5), a bare Qwen3VLTextModel has no prefix; the vision tower and the LM head are not part of the text path.
+QWEN_PREFIXES = ("model.language_model.", "language_model.")
+QWEN_SKIPPED_PREFIXES = ("model.visual.", "visual.", "lm_head.")
+
+
+def qwen_text_keys(flat):
+    """Drop the vision tower and the LM head, strip the language model's prefix."""
+    out = {}
+    for key, value in flat.items():
+        if key.startswith(QWEN_SKIPPED_PREFIXES):
+            continue
+        prefix = next((p for p in QWEN_PREFIXES if key.startswith(p)), "")
+        out[key[len(prefix):]] = value
+    return out
 
 
 _SKIP_PREFIXES = {"kl": ("encoder.", "quant_conv."), "tiny": ("encoder.",)}

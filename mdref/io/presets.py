@@ -7,7 +7,8 @@ the MobileDiffusion choices are in weights/README.md and docs/mobilediffusion_un
 
 from __future__ import annotations
 
-__all__ = ["TEXT_ENCODER_PRESETS", "UNET_PRESETS", "DECODER_PRESETS", "PIPELINE_PRESETS", "COMPONENT_SEED_OFFSET"]
+__all__ = ["TEXT_ENCODER_PRESETS", "TEXT_ENCODER_WITH_PROJECTION_PRESETS", "QWEN_TEXT_PRESETS", "UNET_PRESETS",
+           "DECODER_PRESETS", "PIPELINE_PRESETS", "COMPONENT_SEED_OFFSET"]
 
 TEXT_ENCODER_PRESETS = {
     # OpenAI CLIP ViT-L/14 text tower: SD-1.x's text encoder and MobileDiffusion's (123,060,480 parameters).
@@ -16,6 +17,33 @@ TEXT_ENCODER_PRESETS = {
     # OpenCLIP ViT-H/14 text tower as SD-2.x / SD-Turbo ship it (24 layers trained, the last one dropped).
     "openclip-vit-h-14-sd2": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                                   num_attention_heads=16, hidden_act="gelu"),
+}
+
+TEXT_ENCODER_WITH_PROJECTION_PRESETS = {
+    # OpenCLIP ViT-bigG/14 text tower with its projection, as SDXL's text_encoder_2/config.json states it
+    # (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k; 694,659,840 parameters). Its token ids are the legacy ones of
+    # configs saved before transformers PR #24773: eos_token_id 2 makes the pooled token the position of the largest
+    # id, which is the EOS (49407) for every prompt the CLIP tokenizers produce.
+    "openclip-vit-bigg-14": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                 num_attention_heads=20, hidden_act="gelu", projection_dim=1280, bos_token_id=0,
+                                 eos_token_id=2, pad_token_id=1),
+}
+
+QWEN_TEXT_PRESETS = {
+    # The language model of Qwen3-VL-2B-Instruct, DreamLite's text encoder (hidden_states[-1], width 2048), with the
+    # values of its config.json as published (transformers 4.57 spelling: rope_theta + rope_scaling): 1,720,574,976
+    # parameters without the (tied) LM head and the vision tower; tests/test_qwen_text.py counts transformers' own.
+    "qwen3-vl-2b-text": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                             num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+                             max_position_embeddings=262144, rms_norm_eps=1e-6, attention_bias=False,
+                             rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                                                  mrope_interleaved=True)),
+    # A tiny model with every feature (GQA 4 -> 2 heads, head_dim != hidden / heads) and Qwen's full vocabulary, so
+    # real token ids fit: 4.9M parameters, nearly all of them the embedding. UNTRAINED.
+    "qwen-text-tiny": dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
+                           max_position_embeddings=4096, rms_norm_eps=1e-6,
+                           rope_parameters=dict(rope_type="default", rope_theta=5000000.0)),
 }
 
 UNET_PRESETS = {

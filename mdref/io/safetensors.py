@@ -286,18 +286,16 @@ def check_schema(found, schema, where="weights"):
              if k in found and tuple(found[k].shape) != tuple(schema[k])]
     if not (missing or unexpected or wrong):
         return
-    lines = [f"{where} do not match the model config:"]
+    parts = []
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
-                     + (" ..." if len(missing) > 20 else ""))
+        parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
+        parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
                      + (" ..." if len(unexpected) > 20 else ""))
-    for k, exp, got in wrong[:20]:
-        lines.append(f"  wrong shape for {k}: expected {exp}, found {got}")
+    parts += [f"wrong shape for {k}: expected {exp}, found {got}" for k, exp, got in wrong[:20]]
     if len(wrong) > 20:
-        lines.append(f"  ... and {len(wrong) - 20} more wrong shapes")
-    raise WeightsError("\n".join(lines))
+        parts.append(f"... and {len(wrong) - 20} more wrong shapes")
+    raise WeightsError(f"{where} do not match the model config: " + "; ".join(parts))   # one line: the CLI's error
 
 
 def nest(flat):

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ..decoder import taesd_stages
 from ..specs import KLDecoderSpec
 
-__all__ = ["text_encoder_schema", "unet_schema", "decoder_schema", "num_parameters"]
+__all__ = ["text_encoder_schema", "text_encoder_with_projection_schema", "qwen_text_schema", "unet_schema",
+           "decoder_schema", "num_parameters"]
 
 
 def conv(prefix, c_out, c_in, k, bias=True):
@@ -64,6 +65,32 @@ def text_encoder_schema(cfg):
         s.update({**norm(f"{layer}.layer_norm1", D), **linear(f"{layer}.mlp.fc1", inner, D),
                   **linear(f"{layer}.mlp.fc2", D, inner), **norm(f"{layer}.layer_norm2", D)})
     return {**s, **norm("final_layer_norm", D)}
+
+
+def text_encoder_with_projection_schema(cfg):
+    """CLIPTextModelWithProjection keys: the CLIPTextModel's (without 'text_model.'), then text_projection (no bias)."""
+    return {**text_encoder_schema(cfg), **linear("text_projection", cfg.projection_dim, cfg.hidden_size, bias=False)}
+
+
+# ---- Qwen3-VL text path -------------------------------------------------------------------------------------
+def rms(prefix, c):
+    """An RMSNorm over c channels: a scale only."""
+    return {f"{prefix}.weight": (c,)}
+
+
+def qwen_text_schema(cfg):
+    """Qwen3VLTextModel keys (no 'model.language_model.' prefix), in its parameter order."""
+    D, d, inner, bias = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.attention_bias
+    H, G = cfg.num_attention_heads, cfg.num_key_value_heads
+    s = {"embed_tokens.weight": (cfg.vocab_size, D)}
+    for i in range(cfg.num_hidden_layers):
+        a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
+        s.update({**linear(f"{a}.q_proj", H * d, D, bias), **linear(f"{a}.k_proj", G * d, D, bias),
+                  **linear(f"{a}.v_proj", G * d, D, bias), **linear(f"{a}.o_proj", D, H * d, bias),
+                  **rms(f"{a}.q_norm", d), **rms(f"{a}.k_norm", d), **linear(f"{m}.gate_proj", inner, D, False),
+                  **linear(f"{m}.up_proj", inner, D, False), **linear(f"{m}.down_proj", D, inner, False),
+                  **rms(f"layers.{i}.input_layernorm", D), **rms(f"layers.{i}.post_attention_layernorm", D)})
+    return {**s, **rms("norm", D)}
 
 
 # ---- UNet ---------------------------------------------------------------------------------------------------

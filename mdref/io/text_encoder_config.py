@@ -1,5 +1,8 @@
 """transformers ``CLIPTextConfig`` config.json -> `TextEncoderConfig` (key policy, checks) -> `TextEncoderSpec`.
 
+`TextEncoderWithProjectionConfig` is the same config read for ``CLIPTextModelWithProjection`` (SDXL's
+``text_encoder_2/``): its ``projection_dim`` sets the width of ``text_projection`` (ignored for a plain CLIPTextModel).
+
 Checkpoints: a transformers ``CLIPTextModel`` folder (``config.json`` + ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``), a diffusers pipeline folder's ``text_encoder/``, or one ``.safetensors`` file
 with a ``config.json`` beside it. Keys are read with or without the ``text_model.`` prefix (transformers 4 writes
@@ -14,7 +17,8 @@ from ..specs import TextEncoderSpec
 from .config import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, ConfigError, check_choice, check_float,
                      check_int, from_dict, to_dict)
 
-__all__ = ["TextEncoderConfig", "text_encoder_spec", "HIDDEN_ACT", "IGNORED_KEYS"]
+__all__ = ["TextEncoderConfig", "TextEncoderWithProjectionConfig", "text_encoder_spec", "HIDDEN_ACT",
+           "IGNORED_KEYS"]
 
 # transformers' hidden_act names (transformers.activations.ACT2FN) -> the function mdref.text_encoder uses.
 HIDDEN_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
@@ -82,6 +86,20 @@ class TextEncoderConfig:
     def to_dict(self):
         """config.json content that transformers' CLIPTextModel.from_pretrained reads."""
         return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **to_dict(self)}
+
+
+@dataclass
+class TextEncoderWithProjectionConfig(TextEncoderConfig):
+    """transformers CLIPTextConfig as CLIPTextModelWithProjection reads it: projection_dim is the width P of
+    text_projection (CLIPTextConfig's default 512; SDXL's OpenCLIP-bigG: 1280)."""
+    projection_dim: int = 512
+
+    def __post_init__(self, where):
+        super().__post_init__(where)
+        check_int(where or type(self).__name__, "projection_dim", self.projection_dim, 1)
+
+    def to_dict(self):
+        return {**super().to_dict(), "architectures": ["CLIPTextModelWithProjection"]}
 
 
 def text_encoder_spec(cfg):
