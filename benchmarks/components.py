@@ -15,13 +15,11 @@ Nothing here is timed; run.py times call_mdref / call_torch only.
 from __future__ import annotations
 
 import inspect
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipe"))          # twin.py (TwinUNet)
 
 PROMPT = "a large red circle on the left, blue background"
 
@@ -126,10 +124,10 @@ def _md_unet():
     from mdref.io.presets import UNET_PRESETS
 
     def twin(cfg):
-        from twin import TwinUNet
+        from mdref_torch.twin import TwinUNet
         return TwinUNet(cfg).eval()
     return dict(
-        label="MobileDiffusion UNet 386M, 64x64 latent", torch_label="recipe/twin.py TwinUNet", small=False,
+        label="MobileDiffusion UNet 386M, 64x64 latent", torch_label="mdref_torch/twin.py TwinUNet", small=False,
         inputs=_unet_inputs(8, 768), mdref=lambda dtype: mdref.UNet.from_preset("mobilediffusion", 1, dtype),
         call_mdref=lambda m, x: m(*x), torch_from=lambda m: _load(twin(m.config.to_dict()), m),
         torch_alone=lambda: twin(dict(UNET_PRESETS["mobilediffusion"])), call_torch=lambda t, x: t(*x))

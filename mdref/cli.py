@@ -44,11 +44,15 @@ OPTIONS = {"prompt": "the prompt", "negative_prompt": "--negative-prompt", "seed
 
 
 # ---- shared argument groups -------------------------------------------------------------------------------------
-def _add_model_args(p):
+def _add_source_args(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", metavar="PATH", help="diffusers-style pipeline folder (default: the embedded model)")
     g.add_argument("--preset", metavar="NAME", help="seeded weights for a named architecture: mobilediffusion, tiny")
     p.add_argument("--weights-seed", type=int, default=None, help="with --preset: seed of its weights (default 0)")
+
+
+def _add_model_args(p):
+    _add_source_args(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32; "
                    "float16 / bfloat16 are emulated, see docs/precision.md)")
     p.add_argument("--upcast", metavar="CLASSES", help="with float16 / bfloat16: compute these in float32, "
@@ -186,15 +190,16 @@ def command_line_text(value, what):
 
 
 def _run(pipe, args, allow_nonfinite=None):
-    """Check every argument (before anything is computed), read --noise, run."""
-    allow = args.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-    _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps, height=args.height, width=args.width,
-                          guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                          max_memory=args.max_memory)
-    noise = _read_noise(args.noise, shape, args.steps)
-    return pipe.run(args.prompt, seed=args.seed, noise=noise, steps=args.steps, height=args.height,
-                    width=args.width, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                    allow_nonfinite=allow, max_memory=args.max_memory)
+    """Check every argument (before anything is computed or read), then the --noise file against the latent's shape
+    the request settled, then run the checked request."""
+    arguments = dict(seed=args.seed, steps=args.steps, height=args.height, width=args.width,
+                     guidance_scale=args.guidance, negative_prompt=args.negative_prompt, max_memory=args.max_memory,
+                     allow_nonfinite=args.allow_nonfinite if allow_nonfinite is None else allow_nonfinite)
+    request = pipe.check(args.prompt, **arguments)
+    if args.noise is not None:
+        noise = _read_noise(args.noise, request.shape, len(request.timesteps))
+        request = pipe.check(args.prompt, noise=noise, **arguments)
+    return pipe.execute(request)
 
 
 def _manifest(pipe, args, result):
@@ -206,7 +211,7 @@ def _manifest(pipe, args, result):
         "timesteps": [float(t) for t in result.timesteps], "steps": args.steps, "dtype": args.dtype,
         "precision": pipe.compute_dtype,            # what mdref compare judges the points by (docs: the manifest)
         "emulation": None if pipe.precision is None else pipe.precision.describe(),
-        "guidance_scale": args.guidance,
+        "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
     }
 
 
@@ -334,27 +339,21 @@ def _tolerance_arg(value, option):
 
 def cmd_compare(args):
     from .comparison import compare, format_report
-    from .trace import TraceError, load_trace, point_matcher
-    from .io.safetensors import WeightsError
+    from .trace import point_matcher
 
     _tolerance_arg(args.rtol, "--rtol")
     _tolerance_arg(args.atol, "--atol")
     with _usage_errors("--points"):
         point_matcher(args.points)
-    traces = []
-    for path in (args.a, args.b):
-        if not Path(path).exists():
-            raise UsageError(f"{path}: no such trace file")
-        if not Path(path).is_file():
-            raise UsageError(f"{path}: not a regular file (expected a trace .safetensors file)")
-        try:
-            traces.append(load_trace(path)[0])
-        except (WeightsError, TraceError) as e:
-            why = str(e).removeprefix(f"{path}: ")
-            raise UsageError(f"{path}: not a readable trace file ({why})") from None
+    traces = [_read_trace(path) for path in (args.a, args.b)]   # arrays and manifest (--local reads the run)
+    chosen = [o for o, v in (("--model", args.model), ("--preset", args.preset), ("--upcast", args.upcast),
+                             ("--downcast", args.downcast)) if v is not None]
+    if chosen and not args.local:
+        raise UsageError(f"{chosen[0]}: names the model of a teacher-forced re-run; it applies only with --local")
+    pipe = load_pipeline(args) if args.local else None
     try:
         report = compare(traces[0], traces[1], rtol=args.rtol, atol=args.atol, points=args.points,
-                         require_all=args.require_all)
+                         require_all=args.require_all, local=pipe)
     except ValueError as e:                           # a complex point in a dict passed in Python, say
         raise UsageError(str(e)) from None
     if not report.points:
@@ -419,13 +418,104 @@ def cmd_explain(args):
         print(f"note: {pipe.source} has UNTRAINED seeded weights; the page explains noise", file=sys.stderr)
     t0 = time.perf_counter()
     args.prompt = command_line_text(args.prompt, "the prompt")
-    _, shape = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
-    noise = _read_noise(args.noise, shape, args.steps)
+    request = pipe.check(args.prompt, seed=args.seed, steps=args.steps)
+    noise = _read_noise(args.noise, request.shape, len(request.timesteps))
     page = explain_page(pipe, args.prompt, seed=args.seed, noise=noise, steps=args.steps).encode("utf-8")
     build_s = time.perf_counter() - t0
     atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(page), "-o")
     print(f"wrote {args.output} ({len(page):,} bytes, built in {build_s:.2f} s)", file=sys.stderr)
     return 0
+
+
+def cmd_live(args):
+    import os
+
+    from .live import LiveModel, ServeError, make_server, serve, set_blas_threads
+
+    if args.blas_threads is not None and args.blas_threads < 0:
+        raise UsageError(f"--blas-threads {args.blas_threads}: expected 0 (the BLAS library's own) or a count")
+    try:
+        server = make_server(args.host or "127.0.0.1", args.port)      # before the model: a busy port fails fast
+    except ServeError as e:
+        raise UsageError(str(e)) from None
+    try:
+        pipe = load_pipeline(args)
+        if pipe.untrained:
+            print(f"note: {pipe.source} has UNTRAINED seeded weights; the pictures are noise", file=sys.stderr)
+        threads = args.blas_threads if args.blas_threads is not None else \
+            (0 if "OPENBLAS_NUM_THREADS" in os.environ else 1)
+        if threads and set_blas_threads(threads) is None and args.blas_threads is not None:
+            print("note: no OpenBLAS found in this process; --blas-threads has no effect", file=sys.stderr)
+        server.model = LiveModel(pipe)
+        server.model.warm_up()
+    except BaseException:
+        server.server_close()
+        raise
+    return serve(server, open_browser=args.open)
+EXPORT_NEEDS = ("torch", "transformers", "diffusers", "onnx", "onnxscript")
+
+
+def cmd_export(args):
+    """`mdref export onnx DIR`: the model as three ONNX graphs named by mdref's points (mdref_torch/export.py)."""
+    import importlib.util
+
+    from .outputs import check_output_dir
+
+    missing = [m for m in EXPORT_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"mdref export needs {', '.join(missing)}, not installed here: pip install \"mdref[export]\"")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be an integer >= 1, got {args.batch}")
+    with _usage_errors():
+        check_output_dir(args.directory, "DIR")      # before the model is loaded or exported
+    pipe = load_pipeline(args, np.float32, overrides=False)
+    pipe.latent_shape(args.batch, args.height, args.width)    # InputError naming --height / --width
+    from mdref_torch.export import export_onnx      # PyTorch and ONNX: imported only by this command
+
+    t0 = time.perf_counter()
+    with _usage_errors():
+        try:
+            export_onnx(pipe, args.directory, points=args.points, dtype=args.dtype, batch=args.batch,
+                        height=args.height, width=args.width)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    print(f"wrote {args.directory}: text_encoder.onnx, unet.onnx, decoder.onnx, points.json "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_match(args):
+    """`mdref match REF CANDIDATE -o OUT`: a candidate's tensors, named anyhow, mapped onto mdref's points."""
+    from .matching import format_match, match
+    from .trace import save_trace
+
+    _check_output(args.output)
+    traces = [_read_trace(path) for path in (args.reference, args.candidate)]
+    for option in ("agree", "margin", "max_error"):
+        _tolerance_arg(getattr(args, option), f"--{option.replace('_', '-')}")
+    report = match(traces[0], traces[1], agree=args.agree, margin=args.margin, max_error=args.max_error)
+    with _usage_errors():
+        save_trace(args.output, report.trace(), {"reference": str(args.reference),
+                                                 "candidate": str(args.candidate)}, what="-o")
+    print(report.to_json() if args.json else format_match(report, all_points=not args.only_doubtful))
+    print(f"wrote {len(report.mapped)} points to {args.output}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _read_trace(path):
+    """A trace file as a Trace (its arrays in order, its manifest as meta), or UsageError naming the file."""
+    from .io.safetensors import WeightsError
+    from .trace import Trace, TraceError, load_trace
+
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such trace file")
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: not a regular file (expected a trace .safetensors file)")
+    try:
+        return Trace.of(*load_trace(path))
+    except (WeightsError, TraceError) as e:
+        why = str(e).removeprefix(f"{path}: ")
+        raise UsageError(f"{path}: not a readable trace file ({why})") from None
 
 
 def build_parser():
@@ -461,6 +551,9 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--only-failures", action="store_true", help="print only points that exceed the tolerance")
     p.add_argument("--require-all", action="store_true", help="exit 1 when a point is missing on either side")
+    p.add_argument("--local", action="store_true", help="also the local error of each point: mdref re-run with B's "
+                   "values forced at every recorded point (the model: --model / --preset, default the embedded one)")
+    _add_model_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("golden", help="write a self-describing golden bundle for fixed prompts and seeds")
@@ -484,6 +577,42 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1, help="UNet evaluations (default 1)")
     _add_model_args(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("live", help="a local web page: the picture redraws as you type, two prompts side by side")
+    _add_model_args(p)
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0: any free port)")
+    p.add_argument("--host", metavar="ADDRESS", help="listen on this IP address instead of 127.0.0.1 (this "
+                   "machine only); 0.0.0.0 lets anyone who reaches this machine use the page and its CPU")
+    p.add_argument("--open", action="store_true", help="open the page in the default web browser")
+    p.add_argument("--blas-threads", type=int, metavar="N", help="OpenBLAS threads (default 1, faster for small "
+                   "models, unless OPENBLAS_NUM_THREADS is set; 0: leave the library's own count)")
+    p.set_defaults(func=cmd_live)
+    p = sub.add_parser("export", help="the model as ONNX graphs whose values are named by mdref's points "
+                       "(needs the extra: pip install \"mdref[export]\")")
+    p.add_argument("format", choices=["onnx"], help="onnx: text_encoder.onnx, unet.onnx, decoder.onnx, points.json")
+    p.add_argument("directory", help="output folder (new or empty)")
+    _add_source_args(p)
+    p.add_argument("--points", action="store_true", help="every point is also a graph output named by its point")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights and activations "
+                   "(float16 keeps the timestep sinusoid in float32; points.json lists what stays float32)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the graphs (default 1)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("match", help="map a runtime's tensors, named anyhow, onto mdref's points by shape and value")
+    p.add_argument("reference", help="mdref's trace (mdref trace, or a golden bundle's trace.safetensors)")
+    p.add_argument("candidate", help="safetensors file of the runtime's tensors, any names")
+    p.add_argument("-o", "--output", required=True, help="the mapped trace (.safetensors) for mdref compare")
+    p.add_argument("--agree", type=float, default=2e-2, help="err (max|d| / max|ref|) of a confident match "
+                   "(default 2e-2)")
+    p.add_argument("--margin", type=float, default=10.0, help="how much further the runner-up must be (default 10)")
+    p.add_argument("--max-error", type=float, default=0.5, help="above this err a point stays unmatched "
+                   "(default 0.5; zeros score 1)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--only-doubtful", action="store_true", help="print only points not matched exactly or "
+                   "with high confidence")
+    p.set_defaults(func=cmd_match)
     return parser
 
 

@@ -30,6 +30,18 @@ candidate that stores its image in float16 loosens that point only, and a float1
 judged as float16 when its manifest says so. Integer points (token ids, masks: stored as integers on either side)
 are compared exactly, whatever the tolerance. An explicit rtol / atol overrides the defaults for every float point.
 
+Local error (teacher forcing; compare(a, b, local=pipe), `mdref compare --local`). End to end, a point's error
+is inherited from every layer before it. With `local`, mdref re-runs the pipeline with the candidate's recorded
+value *forced* at every recorded point: what flows on from a point (mdref.trace.record's return value) is the
+candidate's array, so each layer computes from the candidate's inputs, and mdref's output there is compared with
+the candidate's own: the layer's local error. A wrong layer shows a large local error at its own point and small
+local errors downstream, however large the error it passes on. What is forced: every point the candidate holds
+under mdref's names (tokens, text embeddings, noise, every block, transformer sub-layer and ResNet output, x0);
+values inside a point's layer that are not points (a norm's output, attention scores) are computed by mdref from
+the forced inputs, so a point's local error covers everything between the points before it and itself. Per
+point the report holds `local` (rel_to_max, max_abs, nmse, ok by the point's tolerance) beside the end-to-end
+metrics, and `first_local_divergence` names the first point whose local error is over its tolerance.
+
 JSON (CompareReport.to_json, `mdref compare --json`) is strict JSON (RFC 8259): non-finite floats are written as
 the strings "nan", "inf" and "-inf" (a PSNR of identical points is "inf"), metrics not computed as null.
 """
@@ -81,6 +93,7 @@ class PointReport:
     rtol: float | None = None             # the tolerance this point was judged by (None: exact)
     atol: float | None = None
     ok: bool = False
+    local: dict | None = None             # with compare(local=...): the layer's own error (module docstring)
 
 
 def _strict(x):
@@ -105,6 +118,7 @@ class CompareReport:
     atol: float | None = None
     excerpt: list = field(default_factory=list)       # (index, a value, b value) at the first divergence
     require_all: bool = False                         # points missing on either side make the report fail
+    first_local_divergence: str | None = None         # with local=: the first point whose local error is over
 
     @property
     def missing(self):
@@ -113,7 +127,7 @@ class CompareReport:
 
     @property
     def ok(self):
-        return (self.first_divergence is None and bool(self.points)
+        return (self.first_divergence is None and self.first_local_divergence is None and bool(self.points)
                 and not (self.require_all and self.missing))
 
     def to_dict(self):
@@ -145,7 +159,7 @@ def point_tolerance(name, precision_a, precision_b):
 
 
 def _as_trace(x, side):
-    """A Trace, a {name: array} dict or a path -> (ordered {name: array}, {name: precision or EXACT}).
+    """A Trace, a {name: array} dict or a path -> (ordered {name: array}, {name: precision or EXACT}, manifest).
     Complex arrays are refused (traces hold real values: comparing them as floats would drop the imaginary part)."""
     if isinstance(x, Trace):
         arrays, manifest = x.arrays, x.meta
@@ -153,12 +167,13 @@ def _as_trace(x, side):
         arrays, manifest = x, {}
     else:
         arrays, manifest = load_trace(x)
+    manifest = manifest or {}
     for name, v in arrays.items():
         kind = np.asarray(v).dtype.kind
         if kind not in "fiub":
             raise ValueError(f"trace {side}: point {name!r} holds {np.asarray(v).dtype} values; trace points are "
                              f"real floating-point or integer arrays")
-    return arrays, point_precisions(arrays, manifest, EXACT)
+    return arrays, point_precisions(arrays, manifest, EXACT), manifest
 
 
 def _metrics(a, b):
@@ -241,16 +256,18 @@ def _check_tol(value, name):
     return float(value)
 
 
-def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6, require_all=False):
+def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6, require_all=False, local=None):
     """Compare trace b against reference trace a (Trace, dict or trace-file path). Returns a CompareReport
     whose first_divergence names the first point, in a's execution order, that diverges (see the module
     docstring for the metrics, the per-point tolerance and NaN / inf). points filters names
-    (mdref.trace.point_matcher); require_all makes points missing on either side a failure (report.ok False)."""
+    (mdref.trace.point_matcher); require_all makes points missing on either side a failure (report.ok False).
+    local: a mdref.Pipeline to re-run under teacher forcing with b's values (the local error of each point)."""
     keep = point_matcher(points)
-    arr_a, prec_a = _as_trace(a, "a")
-    arr_b, prec_b = _as_trace(b, "b")
+    arr_a, prec_a, meta_a = _as_trace(a, "a")
+    arr_b, prec_b, meta_b = _as_trace(b, "b")
     rtol = None if rtol is None else _check_tol(rtol, "rtol")
     atol = None if atol is None else _check_tol(atol, "atol")
+    forced = None if local is None else teacher_forced(local, arr_b, {**meta_a, **meta_b})
     report = CompareReport(rtol=rtol, atol=atol, require_all=bool(require_all),
                            only_in_a=[n for n in arr_a if keep(n) and n not in arr_b],
                            only_in_b=[n for n in arr_b if keep(n) and n not in arr_a])
@@ -264,11 +281,73 @@ def compare(a, b, *, rtol=None, atol=None, points=None, excerpt=6, require_all=F
         xb = np.asarray(arr_b[name], dtype=np.float64)
         pr, ex = _compare_point(name, xa, xb, precision, point_rtol, DEFAULT_ATOL if atol is None else atol,
                                 excerpt)
+        if forced is not None and name in forced:
+            pr.local = _local(np.asarray(forced[name], np.float64), xb, pr)
+            if not pr.local["ok"] and report.first_local_divergence is None:
+                report.first_local_divergence = name
         report.points.append(pr)
         if not pr.ok and report.first_divergence is None:
             report.first_divergence = name
             report.excerpt = ex
     return report
+
+
+class TeacherForcing(Trace):
+    """A trace that keeps what mdref computes at every point and passes the candidate's value on instead, so each
+    layer computes from the candidate's inputs (see the module docstring)."""
+
+    def __init__(self, candidate):
+        super().__init__(None)
+        self.candidate, self._next = candidate, None
+
+    def add(self, name, x):
+        name = self.unique(name)
+        self.arrays[name] = np.array(x, copy=True)
+        self._next = self.candidate.get(name)
+
+    def passed_on(self, x):
+        c, self._next = self._next, None
+        if c is None or np.shape(c) != np.shape(x):
+            return x
+        return np.array(c, dtype=np.asarray(x).dtype)        # the candidate's value, in mdref's dtype
+
+
+def teacher_forced(pipe, candidate, manifest):
+    """{point: mdref's value computed from the candidate's forced inputs}: pipe re-run under TeacherForcing. The
+    run's arguments come from the traces' manifests (prompt, seed, steps, guidance) and the candidate's own points
+    (its tokens fix the batch, its noise the latent size); NaN / Inf are kept, not refused."""
+    from .trace import recording
+
+    prompt = manifest.get("prompt")
+    ids = candidate.get("tokens")
+    batch = np.shape(ids)[0] if ids is not None and np.ndim(ids) == 2 else 1
+    prompts = prompt if isinstance(prompt, list) else [prompt if isinstance(prompt, str) else ""] * batch
+    arguments = dict(seed=manifest.get("seed") or 0, steps=max(1, sum(1 for n in candidate
+                                                                        if n.split("#")[0] == "sampler.x0")))
+    noise = candidate.get("noise")
+    if noise is not None and np.ndim(noise) == 4:
+        f = pipe.decoder.upsampling_factor
+        arguments.update(height=np.shape(noise)[2] * f, width=np.shape(noise)[3] * f)
+    if manifest.get("guidance_scale") is not None:
+        arguments.update(guidance_scale=manifest["guidance_scale"],
+                         negative_prompt=manifest.get("negative_prompt") or "")
+    t = TeacherForcing(candidate)
+    with recording(t), np.errstate(all="ignore"):
+        pipe.run(prompts, allow_nonfinite=True, **arguments)
+    return t.arrays
+
+
+def _local(mine, theirs, pr):
+    """The local error of one point: mdref's value from the candidate's inputs against the candidate's."""
+    if mine.shape != theirs.shape:
+        return {"rel_to_max": None, "max_abs": None, "nmse": None, "ok": False}
+    both = np.isfinite(mine) & np.isfinite(theirs)
+    m, peak = _metrics(mine[both], theirs[both])
+    tol = 0.0 if pr.rtol is None else pr.atol + (pr.rtol * peak if peak > 0 else 0.0)
+    same = np.array_equal(np.isnan(mine), np.isnan(theirs)) and np.array_equal(mine[~both], theirs[~both],
+                                                                                  equal_nan=True)
+    return {"rel_to_max": m["rel_to_max"], "max_abs": m["max_abs"], "nmse": m["nmse"],
+            "ok": bool(same and m["max_abs"] <= tol)}
 
 
 def _num(x, spec):
@@ -278,12 +357,13 @@ def _num(x, spec):
 def format_report(report, *, all_points=True):
     """Human-readable table of a CompareReport (nan / inf printed as such)."""
     show_nf = any(p.nonfinite_a or p.nonfinite_b for p in report.points)
+    show_local = any(p.local is not None for p in report.points)
     head = (f"{'point':<64} {'shape':>18} {'max_abs':>10} {'rel/max':>10} {'tol':>8} {'nmse':>10} {'cosine':>12} "
-            f"{'psnr':>8}" + (f" {'nonfinite a/b':>15}" if show_nf else ""))
+            f"{'psnr':>8}" + (f" {'local':>10}" if show_local else "") + (f" {'nonfinite a/b':>15}" if show_nf else ""))
     lines = [head]
     for pr in report.points:
         first = pr.name == report.first_divergence
-        if not (all_points or first or not pr.ok):
+        if not (all_points or first or not pr.ok or pr.name == report.first_local_divergence):
             continue
         mark = "  <-- FIRST DIVERGENCE" if first else ("  x" if not pr.ok else "")
         if pr.shape_a != pr.shape_b:
@@ -291,8 +371,10 @@ def format_report(report, *, all_points=True):
             continue
         nf = f" {f'{pr.nonfinite_a}/{pr.nonfinite_b}':>15}" if show_nf else ""
         tol = "exact" if pr.rtol is None else f"{pr.rtol:.0e}"
+        loc = "" if not show_local else f" {_num(pr.local and pr.local['rel_to_max'], '10.3e')}"
+        mark += "  <-- FIRST LOCAL DIVERGENCE" if pr.name == report.first_local_divergence else ""
         lines.append(f"{pr.name:<64} {str(pr.shape_a):>18} {pr.max_abs:10.3e} {pr.rel_to_max:10.3e} {tol:>8} "
-                     f"{pr.nmse:10.3e} {pr.cosine:12.9f} {pr.psnr_db:8.1f}{nf}{mark}")
+                     f"{pr.nmse:10.3e} {pr.cosine:12.9f} {pr.psnr_db:8.1f}{loc}{nf}{mark}")
     if report.first_divergence:
         pr = next(p for p in report.points if p.name == report.first_divergence)
         rule = ("every value equal (an integer point)" if pr.rtol is None else
@@ -310,6 +392,9 @@ def format_report(report, *, all_points=True):
     else:
         how = (f"rtol {report.rtol:g}" if report.rtol is not None else "each by its own precision's tolerance")
         lines.append(f"\nall {len(report.points)} common points agree ({how})")
+    if show_local:
+        lines.append(f"first local divergence: {report.first_local_divergence or 'none'} (local: each layer run by mdref "
+                     f"from the candidate's own inputs, against the candidate's output)")
     if report.require_all and report.missing:
         lines.append(f"--require-all: {len(report.missing)} points are missing on one side: FAIL")
     if report.only_in_a:

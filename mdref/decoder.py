@@ -38,7 +38,7 @@ def kl_decode(z, *, decoder, post_quant_conv=None, spec):
         if i < len(spec.widths) - 1:
             u = block["upsamplers"][0]
             x = record(u, upsample(x, **u))                                       # [B, C_i, 2., 2.]
-        record(block, x)
+        x = record(block, x)
     x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
     return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
 
@@ -76,5 +76,5 @@ def taesd_decode(z, *, decoder, spec):
             x = upsample_nearest2d(x, spec.upsample)                              # [B, C, sH, sW]
         else:                                                                     # conv / conv_nobias
             x = conv2d(x, layers[i], padding=1)
-        record(point(layers, str(i)), x)
+        x = record(point(layers, str(i)), x)
     return record("decoder.out", x * 2 - 1)                                      # [B, 3, fh, fw] in [-1, 1]

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,7 +17,8 @@ from .precision import finfo_max
 from .sampler import describe_noise_shapes, noise_shapes
 from .trace import nonfinite_counts
 
-__all__ = ["InputError", "MemoryLimitError", "NonFiniteError", "StageFailed", "check_run", "estimate_peak_bytes",
+__all__ = ["InputError", "MemoryLimitError", "NonFiniteError", "StageFailed", "Stages", "Request", "check_run",
+           "estimate_peak_bytes",
            "memory_limit", "parse_bytes", "SEED_LIMIT", "ACTIVATION_COPIES", "GUIDANCE_RANGE", "uses_guidance"]
 
 SEED_LIMIT = 2 ** 64                    # seeds are what PCG64 takes as one 64-bit word: 0 <= seed < 2**64
@@ -71,6 +75,27 @@ def _size(n):
 
 def _counts(c):
     return f"{c[0]} NaN, {c[1]} Inf of {c[2]}"
+
+
+class Stages:
+    """The stages of one run: `with stages("unet", "UNet") as s:` times the block into timings["unet"], and
+    s.finite(x) checks a stage output for NaN / Inf (when `checked`), raising StageFailed naming the stage."""
+
+    def __init__(self, checked):
+        self.checked, self.timings, self.current = checked, {}, None
+
+    @contextmanager
+    def __call__(self, name, label=None):
+        self.current, t0 = label or name, time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.timings[name] = time.perf_counter() - t0
+
+    def finite(self, x):
+        if self.checked and not np.isfinite(x).all():
+            raise StageFailed(self.current, nonfinite_counts(x))
+        return x
 
 
 class StageFailed(Exception):
@@ -217,9 +242,22 @@ def memory_limit(max_memory=None):
 
 
 
+@dataclass(frozen=True)
+class Request:
+    """One run's arguments after check_run: what Pipeline.execute computes from, checked once."""
+    prompts: tuple                  # the prompts, one per batch row
+    negative_prompt: str            # "" unless guidance runs
+    seed: int                       # the noise stream's seed (mdref.sampler.sampling_noise)
+    noise: np.ndarray | None        # the caller's noise, [B, C, h, w] or [steps, B, C, h, w], or None
+    timesteps: tuple                # the UNet's timesteps in call order (mdref.sampler.schedule)
+    shape: tuple                    # the latent [B, C, h, w]
+    guidance_scale: float | None    # classifier-free guidance runs when > 1
+    allow_nonfinite: bool = False   # keep going when a stage's output holds NaN / Inf
+
+
 def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-          negative_prompt="", max_memory=None, timesteps=None):
-    """Refuse bad arguments of Pipeline.run() before anything is computed or allocated; returns (prompts, latent shape).
+              negative_prompt="", max_memory=None, timesteps=None, allow_nonfinite=False):
+    """Refuse bad arguments of Pipeline.run() before anything is computed or allocated; returns the Request.
 
     prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
     bytes that were not UTF-8); seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64; steps: an int
@@ -253,10 +291,11 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     if not is_int(steps) or not 1 <= steps <= T:
         raise InputError("steps", f"must be an integer from 1 to num_train_timesteps = {T}, found {_short(steps)}")
     try:
-        steps = len(sampler.schedule(pipe.scheduler, steps, timesteps))
+        timesteps = tuple(int(t) for t in sampler.schedule(pipe.scheduler, steps, timesteps))
     except ValueError as e:                              # "steps ..." or "timesteps ...": the argument named first
         name, problem = str(e).split(" ", 1)
         raise InputError(name, problem) from None
+    steps = len(timesteps)
     lo, hi = GUIDANCE_RANGE
     if guidance_scale is not None and not (_is_finite_real(guidance_scale) and lo <= guidance_scale <= hi):
         raise InputError("guidance_scale", f"must be a number in [{lo:g}, {hi:g}] (or None: no guidance; "
@@ -267,8 +306,10 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     shape = pipe.latent_shape(len(prompts), height, width)
     if noise is not None:
         _check_noise(pipe, noise, shape, steps)
+        noise = np.array(noise)                                          # a memory map is read once, after the checks
     _check_memory(pipe, len(prompts), shape, steps, max_memory)
-    return prompts, shape
+    return Request(tuple(prompts), negative_prompt, int(seed), noise, timesteps, shape,
+                   None if guidance_scale is None else float(guidance_scale), bool(allow_nonfinite))
 
 def _check_noise(pipe, noise, shape, steps):
     try:

@@ -14,7 +14,6 @@ channels, h w latent size, H W image size.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from . import precision, sampler
-from .guards import (InputError, MemoryLimitError, NonFiniteError, StageFailed, check_run,  # noqa: F401
+from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, StageFailed, Stages, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
 from .io.components import TextEncoderWithProjection, check_seed, compute_dtype
 from .io.config import ConfigError
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
-from .trace import first_nonfinite, nonfinite_counts, record
+from .trace import first_nonfinite, record
 
 __all__ = ["Pipeline", "Result", "to_pixels", "encode_prompts", "InputError", "MemoryLimitError", "NonFiniteError",
            "estimate_peak_bytes", "memory_limit", "parse_bytes"]
@@ -172,12 +171,12 @@ class Pipeline:
         return self.decoder(self.decoder_input(x0))                          # [B, 3, H, W]
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-              negative_prompt="", max_memory=None, timesteps=None):
+              negative_prompt="", max_memory=None, timesteps=None, allow_nonfinite=False):
         """Refuse bad arguments of run() before anything is computed or allocated (mdref.guards.check_run);
-        returns (prompts, latent shape)."""
+        returns the checked Request that execute() runs."""
         return check_run(self, prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
                          guidance_scale=guidance_scale, negative_prompt=negative_prompt, max_memory=max_memory,
-                         timesteps=timesteps)
+                         timesteps=timesteps, allow_nonfinite=allow_nonfinite)
 
     def run(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
             negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None):
@@ -189,75 +188,61 @@ class Pipeline:
         embeddings, every UNet output, x0, the image) must be finite: if one is not, the run is repeated under a
         trace that stops at the first recorded point holding a NaN or an Inf (mdref.trace.first_nonfinite) and
         NonFiniteError names the stage and that point. allow_nonfinite=True skips the checks (to study such runs)."""
-        prompts, shape = self.check(prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
-                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                    max_memory=max_memory, timesteps=timesteps)
-        if noise is not None:
-            noise = np.array(noise)                                          # read a memory map once, after checks
-        timesteps = sampler.schedule(self.scheduler, steps, timesteps)      # [steps] ints
-        args = (prompts, seed, noise, timesteps, shape, guidance_scale, negative_prompt)
-        if allow_nonfinite:
-            return self._run(*args, checked=False)
+        return self.execute(self.check(prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
+                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                       max_memory=max_memory, timesteps=timesteps, allow_nonfinite=allow_nonfinite))
+
+    def execute(self, request):
+        """Run a checked Request (Pipeline.check): the stages, their finiteness checks, and on a non-finite stage
+        output the repeat that names the first non-finite point."""
+        if request.allow_nonfinite:
+            return self._run(request, Stages(checked=False))
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # the stage checks report these
-                return self._run(*args, checked=True)
+                return self._run(request, Stages(checked=True))
         except StageFailed as failed:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                found = first_nonfinite(lambda: self._run(*args, checked=False))
+                found = first_nonfinite(lambda: self._run(request, Stages(checked=False)))
             point, counts = found if found is not None else (None, None)
             raise NonFiniteError(failed.stage, failed.counts, point, counts) from None
 
-    def _run(self, *args, checked):
+    def _run(self, request, stages):
         with precision.using(self.precision):          # pipeline-level arithmetic and records: rounded when emulated
-            return self._stages(*args, checked=checked)
+            result = self._stages(request, stages)
+        self.last_timings = stages.timings
+        return result
 
-    def _stages(self, prompts, seed, noise, timesteps, shape, guidance_scale, negative_prompt, *, checked):
-        def check(stage, x):
-            if checked and not np.isfinite(x).all():
-                raise StageFailed(stage, nonfinite_counts(x))
-            return x
-
-        timings = {}
-        t0 = time.perf_counter()
-        ids = record("tokens", self.tokenizer(prompts))                      # int64 [B, 77]
-        timings["tokenize"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        context = check("text encoder", record("text_embeddings", self.text_encoder(ids)))   # [B, 77, D]
-        uncond = None
-        if uses_guidance(guidance_scale):
-            neg_ids = self.tokenizer([negative_prompt] * len(prompts))
-            uncond = check("text encoder", record("negative_text_embeddings", self.text_encoder(neg_ids)))
-        timings["text_encoder"] = time.perf_counter() - t0
-
-        draws = sampler.sampling_noise(shape, len(timesteps), seed, self.dtype, noise)  # [steps, B, C, h, w]
-        record("noise", draws[0])
-
-        t0 = time.perf_counter()
-        model = sampler.guided(lambda x, t: self.unet(x, t, context),
-                               None if uncond is None else (lambda x, t: self.unet(x, t, uncond)),
-                               None if uncond is None else guidance_scale)
-        with precision.using(self.precision and self.precision.within("sampler")):
-            x0 = precision.rounded(sampler.sample(lambda x, t: check("UNet", model(x, t)), self.scheduler, shape,
-                                                  seed=seed, noise=draws, dtype=self.dtype, timesteps=timesteps))
-        x0 = check("UNet", record("latents.x0", x0))
-        timings["unet"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        image = check("decoder", self.decode(x0))
-        timings["decoder"] = time.perf_counter() - t0
+    def _stages(self, req, stage):
+        """Tokenize, encode the text, sample the latent, decode: the four lines of the module docstring."""
+        with stage("tokenize"):
+            ids = record("tokens", self.tokenizer(list(req.prompts)))                       # int64 [B, 77]
+        with stage("text_encoder", "text encoder") as s:
+            context = s.finite(record("text_embeddings", self.text_encoder(ids)))          # [B, 77, D]
+            uncond = None
+            if uses_guidance(req.guidance_scale):
+                neg_ids = self.tokenizer([req.negative_prompt] * len(req.prompts))
+                uncond = s.finite(record("negative_text_embeddings", self.text_encoder(neg_ids)))
+        draws = sampler.sampling_noise(req.shape, len(req.timesteps), req.seed, self.dtype, req.noise)
+        draws[0] = record("noise", draws[0])                                                # [steps, B, C, h, w]
+        with stage("unet", "UNet") as s:
+            model = sampler.guided(lambda x, t: self.unet(x, t, context),
+                                   None if uncond is None else (lambda x, t: self.unet(x, t, uncond)),
+                                   None if uncond is None else req.guidance_scale)
+            with precision.using(self.precision and self.precision.within("sampler")):
+                x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.scheduler, req.shape,
+                                                      seed=req.seed, noise=draws, dtype=self.dtype,
+                                                      timesteps=req.timesteps))
+            x0 = s.finite(record("latents.x0", x0))                                         # [B, C, h, w]
+        with stage("decoder") as s:
+            image = s.finite(self.decode(x0))                                               # [B, 3, H, W]
         record("image", np.clip((image + 1) / 2, 0, 1))                     # [B, 3, H, W] in [0, 1], before 8 bits
-        pixels = to_pixels(image)
-        self.last_timings = timings
-        return Result(prompts, ids, context, draws[0], [int(t) for t in timesteps], x0, image, pixels, timings)
+        return Result(list(req.prompts), ids, context, draws[0], list(req.timesteps), x0, image, to_pixels(image),
+                      stage.timings)
 
-    def __call__(self, prompt, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-                 negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None):
-        """prompt -> PIL.Image (a list of images for a list of prompts). Arguments and errors as run()."""
-        result = self.run(prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
-                          guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                          allow_nonfinite=allow_nonfinite, max_memory=max_memory, timesteps=timesteps)
-        images = result.pil()
+    def __call__(self, prompt, seed=0, **arguments):
+        """prompt -> PIL.Image (a list of images for a list of prompts). Arguments (keywords but seed) and errors as
+        run()."""
+        images = self.run(prompt, seed=seed, **arguments).pil()
         return images[0] if isinstance(prompt, str) else images
 
     def describe(self):

@@ -192,8 +192,7 @@ def sample_x0(model, draws, cfg, dtype=np.float32, timesteps=None):
     ts = trailing_timesteps(cfg.num_train_timesteps, steps) if timesteps is None else timesteps
     x = draws[0].astype(dtype)                                      # x_{T-1}: pure noise
     for k, t in enumerate(ts):
-        x0 = predict_x0(model(x, int(t)), x, abar[t], cfg.prediction_type)
-        record("sampler.x0", x0)
+        x0 = record("sampler.x0", predict_x0(model(x, int(t)), x, abar[t], cfg.prediction_type))
         if k + 1 < steps:
             x = add_noise(x0, draws[k + 1].astype(dtype), abar[ts[k + 1]])
     return x0
@@ -289,7 +288,7 @@ def sample_tcd(model, draws, cfg, timesteps, eta=0.0, dtype=np.float32):
     abar, x = alphas_cumprod(cfg, dtype), draws[0].astype(dtype)
     for k, t in enumerate(timesteps):
         x0, eps = x0_and_eps(model(x, int(t)), x, abar[t], cfg.prediction_type)
-        record("sampler.x0", x0)
+        x0 = record("sampler.x0", x0)
         t_next = int(timesteps[k + 1]) if k + 1 < len(timesteps) else 0
         a_s = abar[int(np.floor(np.float32(1 - eta) * np.float32(t_next)))]
         x = add_noise(x0, eps, a_s)                                 # x_s
@@ -306,7 +305,7 @@ def sample(model, cfg, shape, *, steps=1, seed=0, noise=None, dtype=np.float32, 
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1], found {eta!r}")
     draws = sampling_noise(shape, len(ts), seed, dtype, noise)     # [steps, B, C, h, w]
-    record("sampler.noise", draws[0])
+    draws[0] = record("sampler.noise", draws[0])
     if cfg.sampler == "euler":
         return sample_euler(model, draws[0], cfg, dtype=dtype, timesteps=ts)
     if cfg.sampler == "euler_ancestral":

@@ -69,6 +69,13 @@ class Trace:
         self.arrays = {}          # name -> array, in execution order
         self.meta = {}            # free-form facts about the run (prompt, seed, timestep, ...)
 
+    @classmethod
+    def of(cls, arrays, meta=None):
+        """A trace holding these arrays (in this order) and manifest facts, e.g. load_trace(path)'s."""
+        t = cls()
+        t.arrays, t.meta = dict(arrays), dict(meta or {})
+        return t
+
     def unique(self, name):
         """The name a new array gets: `name`, or `name#n` if the same layer ran before (a second sampling step)."""
         if name in self.arrays:
@@ -80,6 +87,11 @@ class Trace:
 
     def add(self, name, x):
         self.arrays[self.unique(name)] = np.array(x, copy=True)
+
+    def passed_on(self, x):
+        """What flows on from the point just added: x itself (mdref.comparison.TeacherForcing passes another
+        trace's value on instead)."""
+        return x
 
     def __getitem__(self, name):
         return self.arrays[name]
@@ -117,11 +129,14 @@ def point(name, *parts):
 
 def record(name, x):
     """Keep x under `name` (a str, or the parameters of the layer that computed x: their path names the point) if a
-    trace is active and wants it; return x unchanged either way. Under an emulated low precision (mdref.precision)
-    the kept copy is rounded to that dtype: the value a device would hold."""
+    trace is active and wants it, and return what flows on from the point: x itself, or, under teacher forcing
+    (mdref.comparison.TeacherForcing), a candidate trace's value. So every layer uses the value record returns.
+    Under an emulated low precision (mdref.precision) the kept copy is rounded to that dtype: the value a device
+    would hold."""
     t = _ACTIVE.get()
     if t is not None and t.wants(name := point(name)):
         t.add(name, rounded(x))
+        return t.passed_on(x)
     return x
 
 
@@ -245,31 +260,28 @@ def _check_manifest(meta, tensors, stored=None):
             if n not in tensors:
                 raise TraceError(f"manifest \"points\" names {n!r}, which is not a tensor in the file")
             seen.add(n)
-    if "dtypes" in manifest:
-        dtypes = manifest["dtypes"]
-        if not isinstance(dtypes, dict):
-            raise TraceError(f"expected manifest \"dtypes\" to be an object {{point: dtype name}}, found "
-                             f"{_json_type(dtypes)}")
-        for n, d in dtypes.items():
-            if not isinstance(d, str):
-                raise TraceError(f"expected manifest \"dtypes\" of {n!r} to be a dtype name, found {_json_type(d)}")
-            if n not in tensors:
-                raise TraceError(f"manifest \"dtypes\" names {n!r}, which is not a tensor in the file")
-            if stored is not None and d != stored[n]:
-                raise TraceError(f"manifest \"dtypes\" says point {n!r} is {d}, but the file stores it as {stored[n]}")
+    for n, d in _point_map(manifest, "dtypes", "dtype name", tensors).items():
+        if not isinstance(d, str):
+            raise TraceError(f"expected manifest \"dtypes\" of {n!r} to be a dtype name, found {_json_type(d)}")
+        if stored is not None and d != stored[n]:
+            raise TraceError(f"manifest \"dtypes\" says point {n!r} is {d}, but the file stores it as {stored[n]}")
     if "precision" in manifest:
         precision_name(manifest["precision"], "manifest \"precision\"")
-    if "point_precision" in manifest:
-        per_point = manifest["point_precision"]
-        if not isinstance(per_point, dict):
-            raise TraceError(f"expected manifest \"point_precision\" to be an object {{point: precision}}, found "
-                             f"{_json_type(per_point)}")
-        for n, d in per_point.items():
-            if n not in tensors:
-                raise TraceError(f"manifest \"point_precision\" names {n!r}, which is not a tensor in the file")
-            if precision_name(d, f"manifest \"point_precision\" of {n!r}") is None:
-                raise TraceError(f"manifest \"point_precision\" of {n!r} must name a precision, found null")
+    for n, d in _point_map(manifest, "point_precision", "precision", tensors).items():
+        if precision_name(d, f"manifest \"point_precision\" of {n!r}") is None:
+            raise TraceError(f"manifest \"point_precision\" of {n!r} must name a precision, found null")
     return manifest
+
+
+def _point_map(manifest, key, what, tensors):
+    """manifest[key] as an object {point: value} whose points are tensors of the file ({} when absent)."""
+    per_point = manifest.get(key, {})
+    if not isinstance(per_point, dict):
+        raise TraceError(f"expected manifest \"{key}\" to be an object {{point: {what}}}, found {_json_type(per_point)}")
+    for n in per_point:
+        if n not in tensors:
+            raise TraceError(f"manifest \"{key}\" names {n!r}, which is not a tensor in the file")
+    return per_point
 
 
 def precision_name(value, what="precision"):

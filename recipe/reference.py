@@ -1,5 +1,5 @@
 """The PyTorch side of an mdref pipeline folder, for parity tests and timings: transformers CLIPTextModel, the
-recipe's TwinUNet and diffusers AutoencoderKL (decoder half), float32, eval mode, from the same safetensors."""
+twin UNet (mdref_torch.twin) and diffusers AutoencoderKL (decoder half), float32, eval mode, from the same safetensors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from twin import TwinUNet
+from mdref_torch.twin import TwinUNet
 
 
 def _state(path):

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import ATTRS, evaluate
-from twin import TwinUNet
+from mdref_torch.twin import TwinUNet
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_MAX_LEN = 77

@@ -2,12 +2,9 @@
 that differ per token, recording costs nothing when off, the command's error path, and the page in a real browser
 (headless Chromium; skipped without one, except under CI=... where a missing browser fails)."""
 
-import base64
 import inspect
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +17,8 @@ import mdref
 from mdref import explain, unet
 from mdref.cli import main
 from mdref.params import tree
+
+from devtools import DevTools, chromium_or_skip
 
 PROMPT = "a large red circle on the left, blue background"
 TOKENS = ["<|startoftext|>", "a", "large", "red", "circle", "on", "the", "left", ",", "blue", "background",
@@ -262,74 +261,6 @@ def test_explain_in_a_subprocess_has_no_traceback(tmp_path):
 
 
 # ---- in a real browser -------------------------------------------------------------------------------------------
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-class DevTools:
-    """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3 in, fd 4 out; JSON messages ended by NUL)."""
-
-    def __init__(self, exe, profile):
-        to_child, self._w = os.pipe()
-        self._r, from_child = os.pipe()
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-               "--hide-scrollbars", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
-        # the shell puts the two pipe ends on fds 3 and 4, where the pipe transport expects them
-        self.proc = subprocess.Popen(["bash", "-c", f'exec "$@" 3<&{to_child} 4>&{from_child}', "bash", *cmd],
-                                     pass_fds=(to_child, from_child), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        os.close(to_child)
-        os.close(from_child)
-        self._buf, self._id, self.events = b"", 0, []
-
-    def _read(self, deadline):
-        while b"\0" not in self._buf:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no answer from Chromium")
-            chunk = os.read(self._r, 1 << 16)
-            if not chunk:
-                raise RuntimeError("Chromium closed the DevTools pipe")
-            self._buf += chunk
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def call(self, method, session=None, timeout=60, **params):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self._read(deadline)
-            if m.get("id") == self._id:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m.get("result", {})
-            self.events.append(m)
-
-    def wait_for(self, method, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == method for e in self.events):
-            self.events.append(self._read(deadline))
-
-    def close(self):
-        try:
-            self.call("Browser.close", timeout=10)
-        except Exception:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._w)
-        os.close(self._r)
-
-
 CHECKS = """(() => {
   const ids = %s;
   const maps = [...document.querySelectorAll("#attention img.token-map")];
@@ -346,40 +277,20 @@ CHECKS = """(() => {
 
 
 def test_the_page_renders_in_headless_chromium(page_file, tmp_path):
-    exe = _chromium()
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but no chromium is installed (.ci/run installs Debian's chromium)")
-        pytest.skip("no chromium on PATH (apt-get install chromium); CI=1 makes this a failure")
+    exe = chromium_or_skip()
     path, _ = page_file
     tools = DevTools(exe, tmp_path / "profile")
     try:
-        target = tools.call("Target.createTarget", url="about:blank")["targetId"]
-        session = tools.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            tools.call(f"{domain}.enable", session)
-        tools.call("Emulation.setDeviceMetricsOverride", session, width=1200, height=900, deviceScaleFactor=1,
-                   mobile=False)
-        tools.call("Page.navigate", session, url=path.as_uri())
-        tools.wait_for("Page.loadEventFired")
-        result = tools.call("Runtime.evaluate", session, expression=CHECKS % json.dumps(SECTIONS),
-                            returnByValue=True)["result"]["value"]
-        height = min(result["height"], 16000)
-        shot = tools.call("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": 1200, "height": height, "scale": 1})
+        session = tools.open(path.as_uri(), width=1200, height=900)
+        result = tools.evaluate(session, CHECKS % json.dumps(SECTIONS))
+        png = tools.screenshot(session, 1200, min(result["height"], 16000))
     finally:
         tools.close()
-    png = base64.b64decode(shot["data"])
     ARTIFACTS.mkdir(exist_ok=True)
     for where in (ARTIFACTS / "explain-page.png", tmp_path / "explain-page.png"):
         where.write_bytes(png)
-    errors = [e["params"] for e in tools.events
-              if (e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") in ("error", "assert"))
-              or e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"].get("level") == "error")]
-    assert errors == []
-    fetched = [e["params"]["request"]["url"] for e in tools.events if e.get("method") == "Network.requestWillBeSent"]
-    assert [u for u in fetched if not (u.startswith("data:") or u == path.as_uri())] == []
+    assert tools.errors() == []
+    assert [u for u in tools.requested() if not (u.startswith("data:") or u == path.as_uri())] == []
     assert result["sections"] == SECTIONS
     assert result["tokens"] == TOKENS and result["shown"] == len(TOKENS)
     assert result["broken"] == [] and result["images"] > len(TOKENS)

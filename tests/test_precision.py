@@ -426,7 +426,7 @@ def _same_size_and_agree(name, ours, theirs, ref, record_property):
 
 
 def test_default_model_components_match_pytorch_float16(record_property):
-    """The embedded default model: the UNet against recipe/twin.py (its attention rounds q k^T and the softmax
+    """The embedded default model: the UNet against mdref_torch/twin.py (its attention rounds q k^T and the softmax
     input to float16 like mdref's default; its GroupNorm / LayerNorm are torch's: upcast norm), the decoder
     against diffusers AutoencoderKL and the text encoder against transformers CLIPTextModel (both SDPA: upcast
     attention, norm)."""
@@ -435,7 +435,7 @@ def test_default_model_components_match_pytorch_float16(record_property):
     import transformers
     g = np.random.default_rng(0)
     cfg = json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())
-    import twin  # recipe/twin.py (recipe/ is on pytest's pythonpath, pyproject.toml)
+    from mdref_torch import twin
     net = twin.TwinUNet(cfg).eval()
     sd, _ = read_safetensors(DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
     net.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()})

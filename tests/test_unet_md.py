@@ -1,4 +1,4 @@
-"""MobileDiffusion-only UNet layers, which diffusers does not have: mdref against recipe/twin.py (a PyTorch twin
+"""MobileDiffusion-only UNet layers, which diffusers does not have: mdref against mdref_torch/twin.py (a PyTorch twin
 written independently from docs/mobilediffusion_unet.md, with the same weight names), plus invariants.
 
 Tolerances as for the diffusers parity tests: whole tensors, float32 max abs error <= 1e-5 * max|reference|,
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")                  # recipe/twin.py borrows diffusers' timestep embedding
+pytest.importorskip("diffusers")                  # mdref_torch/twin.py borrows diffusers' timestep embedding
 
 import mdref.io.safetensors as W  # noqa: E402
 from mdref import unet as U  # noqa: E402
@@ -28,7 +28,7 @@ from oracles import randomize, rel_err, within  # noqa: E402
 
 pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
 
-import twin  # noqa: E402  recipe/twin.py (recipe/ is on pytest's pythonpath, pyproject.toml)
+from mdref_torch import twin  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

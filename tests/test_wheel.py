@@ -64,7 +64,8 @@ def wheel_env(tmp_path_factory):
     t0 = time.perf_counter()
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(REPO, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    shutil.copytree(REPO, src, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")
+                                                              or n.startswith(".venv")])
     dist = tmp / "dist"
     _run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_sdist({str(dist)!r})"], cwd=src)
     (sdist,) = dist.glob("mdref-*.tar.gz")
@@ -90,7 +91,8 @@ def test_sdist_carries_what_the_wheel_is_built_from(wheel_env):
     for needed in ["pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "mdref/__main__.py",
                    "weights/clip/merges.txt", "weights/default/unet/diffusion_pytorch_model.safetensors",
                    "weights/golden/manifest.json", "tests/test_wheel.py", "tests/fuzz_safetensors.py",
-                   "docs/decoders.md", "examples/01_tokenize.py", "recipe/train.py"]:
+                   "docs/decoders.md", "examples/01_tokenize.py", "recipe/train.py", "mdref_torch/twin.py",
+                   "examples/runtimes/run_onnxruntime.py"]:
         assert needed in names, f"the sdist lacks {needed}"
 
 
@@ -102,6 +104,20 @@ def test_wheel_carries_vocabulary_and_default_model_not_golden(wheel_env):
     assert {f"mdref/_weights/{n}" for n in tracked} <= names
     assert not any(n.startswith("mdref/_weights/golden") for n in names), "weights/golden (the test bundle) stays out"
     assert "mdref/__main__.py" in names
+    assert {"mdref/live.html", "mdref/live.css", "mdref/live.js"} <= names, "the `mdref live` page is package data"
+    assert {"mdref_torch/__init__.py", "mdref_torch/twin.py", "mdref_torch/export.py"} <= names
+
+
+def test_without_torch_the_export_command_says_how_to_install(wheel_env, tmp_path):
+    """The wheel's venv has no torch: `import mdref_torch` names the extra, `mdref export` says it in one line."""
+    p = subprocess.run([str(wheel_env["python"]), "-c", "import mdref_torch"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 1 and 'pip install "mdref[export]"' in p.stderr.splitlines()[-1], p.stderr
+    p = subprocess.run([str(wheel_env["venv"] / "bin" / "mdref"), "export", "onnx", "out"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("mdref: error: mdref export needs torch") and 'pip install "mdref[export]"' in p.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_installed_wheel_draws_the_readme_picture_from_another_folder(wheel_env, tmp_path):
@@ -125,6 +141,16 @@ def test_installed_wheel_draws_the_readme_picture_from_another_folder(wheel_env,
     assert png.text["model"] == "mdref:default", png.text["model"]
     assert not any(str(venv) in v or "site-packages" in v for v in png.text.values())
     print(f"wheel: build + venv {wheel_env['setup_s']:.1f} s, mdref generate {draw_s:.1f} s")
+
+
+def test_installed_wheel_serves_the_live_page(wheel_env, tmp_path):
+    """`mdref live`'s page files are read from the installed package (importlib.resources), not from a checkout."""
+    code = ("import json; from mdref import live; s = live.make_server('127.0.0.1', 0); "
+            "print(json.dumps({n: len(b) for n, b in s.pages.items()})); print(live.__file__); s.server_close()")
+    out = _run([wheel_env["python"], "-c", code], cwd=tmp_path).stdout.split("\n")
+    pages = json.loads(out[0])
+    assert set(pages) == {"live.html", "live.css", "live.js"} and min(pages.values()) > 500, pages
+    assert Path(out[1]).is_relative_to(wheel_env["purelib"]), out[1]
 
 
 def test_python_dash_m_mdref_runs_the_cli(wheel_env, tmp_path):

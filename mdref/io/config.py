@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from .safetensors import no_duplicate_keys
+
 __all__ = ["ConfigError", "read_json", "from_dict", "to_dict", "check_int", "check_positive_int", "check_float",
            "check_bool", "check_choice", "check_list", "MAX_LAYERS", "MAX_LEVELS", "MAX_WIDTH", "MAX_TIMESTEPS",
            "MAX_VOCAB", "MAX_POSITIONS", "MAX_SAMPLE_SIZE"]
@@ -43,7 +45,7 @@ def read_json(path, error=ConfigError):
     if not path.is_file():
         raise error(f"{path}: no such config file")
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        d = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicate_keys(_DuplicateKey))
     except _DuplicateKey as e:
         raise error(f"{path}: the key {e.args[0]!r} appears twice in one object (JSON readers would silently keep "
                     f"the last one)") from None
@@ -58,16 +60,6 @@ def read_json(path, error=ConfigError):
 
 class _DuplicateKey(Exception):
     pass
-
-
-def _unique_keys(pairs):
-    """json object_pairs_hook: a key given twice is an error (json.loads would keep the last value silently)."""
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise _DuplicateKey(k)
-        d[k] = v
-    return d
 
 
 def _json_type(v):

@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, field
 
 from ..specs import QwenTextSpec
-from .config import (ConfigError, check_bool, check_choice, check_float, check_int, check_list, from_dict,
-                     to_dict)
+from .config import (MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, ConfigError, check_bool, check_choice, check_float,
+                     check_int, check_list, from_dict, to_dict)
 
 __all__ = ["QwenTextConfig", "qwen_text_spec", "IGNORED_KEYS"]
 
@@ -64,9 +64,11 @@ class QwenTextConfig:
         where = where or type(self).__name__
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            check_int(where, key, getattr(self, key), 1)
+        for key, most in (("vocab_size", MAX_VOCAB), ("hidden_size", MAX_WIDTH), ("intermediate_size", MAX_WIDTH),
+                          ("num_hidden_layers", MAX_LAYERS), ("num_attention_heads", MAX_WIDTH),
+                          ("num_key_value_heads", MAX_WIDTH), ("head_dim", MAX_WIDTH),
+                          ("max_position_embeddings", 1 << 20)):        # Qwen3-VL's 262,144 positions
+            check_int(where, key, getattr(self, key), 1, most)
         check_choice(where, "hidden_act", self.hidden_act, ["silu"])
         self.rms_norm_eps = check_float(where, "rms_norm_eps", self.rms_norm_eps, 0)
         check_bool(where, "attention_bias", self.attention_bias)

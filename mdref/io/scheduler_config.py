@@ -141,9 +141,9 @@ class FlowMatchSchedulerConfig:
 
     def __post_init__(self, where):
         where = where or type(self).__name__
-        check_int(where, "num_train_timesteps", self.num_train_timesteps, 1)
-        check_int(where, "base_image_seq_len", self.base_image_seq_len, 0)
-        check_int(where, "max_image_seq_len", self.max_image_seq_len, self.base_image_seq_len + 1)
+        check_int(where, "num_train_timesteps", self.num_train_timesteps, 1, MAX_TIMESTEPS)
+        check_int(where, "base_image_seq_len", self.base_image_seq_len, 0, 1 << 30)
+        check_int(where, "max_image_seq_len", self.max_image_seq_len, self.base_image_seq_len + 1, 1 << 30)
         self.shift = check_float(where, "shift", self.shift, 0)
         self.base_shift = check_float(where, "base_shift", self.base_shift)
         self.max_shift = check_float(where, "max_shift", self.max_shift)

@@ -3,8 +3,8 @@
 Plain nn.Modules whose state_dict keys are exactly the spec's weight keys (diffusers names, plus the mdref
 extensions `to_kv` and `conv{1,2}.{depthwise,pointwise}`), built from the same config dict that mdref's
 UNetConfig reads (diffusers UNet2DConditionModel keys + mdref extensions). Used to train the embedded default
-model and as the oracle for MobileDiffusion-only layers (diffusers has no shared K/V, SwiGLU, separable convs,
-cross-only blocks or ReLU attention).
+model (recipe/train.py), as the oracle for MobileDiffusion-only layers (diffusers has no shared K/V, SwiGLU,
+separable convs, cross-only blocks or ReLU attention), and as the UNet `mdref export` exports (mdref_torch.build).
 
     unet = TwinUNet(config_dict)
     out = unet(sample [B, Cin, H, W], timestep (scalar or [B]), context [B, T, cross_attention_dim])
