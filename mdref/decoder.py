@@ -16,28 +16,29 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import conv2d, group_norm, relu, upsample_nearest2d
-from .trace import record
-from .unet import pixel_attention, resnet
+from .trace import point, record
+from .unet import pixel_attention, resnet, upsample
 
 
 def kl_decode(z, *, decoder, post_quant_conv=None, spec):
     """AutoencoderKL.decode(z).sample: post_quant_conv, then diffusers' `Decoder`.  z [B, c, h, w] -> [B, 3, fh, fw]."""
     kw = dict(groups=spec.groups, eps=spec.eps)
-    if spec.post_quant_conv:
+    if spec.post_quant_conv:                                  # outside diffusers' `decoder.`; mdref's point is inside
         z = record("decoder.post_quant_conv", conv2d(z, post_quant_conv))
-    x = record("decoder.conv_in", conv2d(z, decoder["conv_in"], padding=1))      # [B, C_top, h, w]
+    x = record(decoder["conv_in"], conv2d(z, decoder["conv_in"], padding=1))     # [B, C_top, h, w]
     mid = decoder["mid_block"]                                                    # UNetMidBlock2D, VAE form
-    x = resnet(x, None, **mid["resnets"]["0"], **kw)
+    x = record(mid["resnets"][0], resnet(x, None, **mid["resnets"][0], **kw))
     if spec.mid_attention:
-        x = pixel_attention(x, **mid["attentions"]["0"], **kw)                   # one head of width C
-    x = record("decoder.mid_block", resnet(x, None, **mid["resnets"]["1"], **kw))
-    for i in range(len(spec.widths)):                                             # UpDecoderBlock2D
-        block = decoder["up_blocks"][str(i)]
-        for j in range(spec.resnets_per_block):
-            x = resnet(x, None, **block["resnets"][str(j)], **kw)                # [B, C_i, ., .]
+        a = mid["attentions"][0]
+        x = record(a, pixel_attention(x, **a, **kw))                              # one head of width C
+    x = record(mid, record(mid["resnets"][1], resnet(x, None, **mid["resnets"][1], **kw)))
+    for i, block in enumerate(decoder["up_blocks"][:len(spec.widths)]):           # UpDecoderBlock2D
+        for r in block["resnets"][:spec.resnets_per_block]:
+            x = record(r, resnet(x, None, **r, **kw))                             # [B, C_i, ., .]
         if i < len(spec.widths) - 1:
-            x = conv2d(upsample_nearest2d(x, 2), block["upsamplers"]["0"]["conv"], padding=1)   # [B, C_i, 2., 2.]
-        x = record(f"decoder.up_blocks.{i}", x)
+            u = block["upsamplers"][0]
+            x = record(u, upsample(x, **u))                                       # [B, C_i, 2., 2.]
+        x = record(block, x)
     x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
     return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
 
@@ -57,23 +58,23 @@ def taesd_stages(spec):
 
 def taesd_block(x, *, conv):
     """AutoencoderTinyBlock with equal widths (identity skip): relu(conv(relu(conv(relu(conv(x))))) + x)."""
-    h = relu(conv2d(x, conv["0"], padding=1))
-    h = relu(conv2d(h, conv["2"], padding=1))
-    return relu(conv2d(h, conv["4"], padding=1) + x)
+    h = relu(conv2d(x, conv[0], padding=1))
+    h = relu(conv2d(h, conv[2], padding=1))
+    return relu(conv2d(h, conv[4], padding=1) + x)
 
 
 def taesd_decode(z, *, decoder, spec):
     """AutoencoderTiny.decode(z).sample: tanh(z / 3) * 3, the `taesd_stages` Sequential, x * 2 - 1."""
-    layers = decoder["layers"]
+    layers = decoder["layers"]                                                    # None where a stage has no weights
     x = np.tanh(z / spec.clamp) * spec.clamp                                      # |x| < clamp
     for i, stage in enumerate(taesd_stages(spec)):
         if stage == "relu":
             x = relu(x)
         elif stage == "block":
-            x = taesd_block(x, **layers[str(i)])
+            x = taesd_block(x, **layers[i])
         elif stage == "upsample":
             x = upsample_nearest2d(x, spec.upsample)                              # [B, C, sH, sW]
         else:                                                                     # conv / conv_nobias
-            x = conv2d(x, layers[str(i)], padding=1)
-        x = record(f"decoder.layers.{i}", x)
+            x = conv2d(x, layers[i], padding=1)
+        x = record(point(layers, str(i)), x)
     return record("decoder.out", x * 2 - 1)                                      # [B, 3, fh, fw] in [-1, 1]

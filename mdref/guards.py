@@ -133,6 +133,13 @@ def _widest(tree):
     return max(shape[:2]) if len(shape) >= 2 else 0
 
 
+def _subtree(params, path):
+    """The parameter subtree at a dotted path ("down_blocks.1")."""
+    for part in path.split("."):
+        params = params[part]
+    return params
+
+
 def _scores_bytes(batch, heads, tq, tk, itemsize):
     """The score buffer ops.attention allocates: a chunk of query rows of at most ops.SCORES_BYTES (one row at
     least)."""
@@ -179,25 +186,16 @@ def estimate_peak_bytes(pipe, batch, height, width, steps=1):
     spec, params = pipe.unet.spec, pipe.unet.params
     text = pipe.tokenizer.max_length
     unet, skips, scale = 0, batch * spec.down[0].channels * h * w * s if spec.down else 0, 1
-    for i, st in enumerate(spec.down):                                         # at the block's input resolution
-        hb, wb = max(1, h // scale), max(1, w // scale)
-        tokens = hb * wb if st.transformer == "full" else text
-        unet = max(unet, block(_widest(params["down_blocks"][str(i)]), hb, wb, st.heads if st.transformer != "none"
-                               else 0, tokens))
-        skips += len(st.resnets) * batch * st.channels * hb * wb * s
-        if st.resample == "down":
-            scale *= 2
-            skips += batch * st.channels * max(1, h // scale) * max(1, w // scale) * s
-    if spec.mid is not None:
-        hb, wb = max(1, h // scale), max(1, w // scale)
-        unet = max(unet, block(_widest(params["mid_block"]), hb, wb, spec.mid.heads, hb * wb))
-    for i, st in enumerate(spec.up):                                           # at the block's output resolution
-        if st.resample == "up":
+    for st in spec.stages:                              # each stage's layer list, in execution order
+        if st.of("upsample"):                           # an up block at its output resolution, the others at their input
             scale = max(1, scale // 2)
-        hb, wb = max(1, h // scale), max(1, w // scale)
-        tokens = hb * wb if st.transformer == "full" else text
-        unet = max(unet, block(_widest(params["up_blocks"][str(i)]), hb, wb, st.heads if st.transformer != "none"
-                               else 0, tokens))
+        hb, wb, t = max(1, h // scale), max(1, w // scale), st.transformer
+        tokens = hb * wb if t is not None and t.kind == "full" else text
+        unet = max(unet, block(_widest(_subtree(params, st.name)), hb, wb, t.heads if t else 0, tokens))
+        for layer in st.layers:
+            scale *= 2 if layer.kind == "downsample" else 1
+            if layer.skip == "push":                    # a skip connection, alive until its up block
+                skips += batch * layer.c_out * max(1, h // scale) * max(1, w // scale) * s
     unet += skips
 
     dspec, dparams = pipe.decoder.spec, pipe.decoder.params["decoder"]

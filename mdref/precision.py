@@ -1,21 +1,27 @@
-"""Emulated low precision: float16 and bfloat16 computed in NumPy the way a GPU or NPU kernel computes them.
+"""Emulated low precision: float16 and bfloat16 computed in NumPy the way a GPU or NPU kernel computes them. This
+module is the policy (what is rounded where); the mechanism is in mdref.ops, whose ops call ``R(x, point)`` at
+the rounding points named below and run their plain formulas while a policy is in force (``using``).
 
 Arrays stay float32 ("carriers") whose values are representable in the low dtype. The rounding model (the table
 is docs/precision.md; this docstring is its source):
 
 * weights are rounded to the dtype once, when a component is built;
-* every op of `mdref.ops` rounds what it reads (its array inputs) and what it returns, to nearest, ties to even;
-  a value beyond the dtype's largest finite value becomes +-inf there, as on a device;
+* every op of `mdref.ops` rounds what it reads (``<op>.in``: its array inputs) and what it returns
+  (``<op>.out``), to nearest, ties to even; a value beyond the dtype's largest finite value becomes +-inf there,
+  as on a device;
 * reductions inside an op accumulate in float32: the matmul / conv sums (products of two rounded values are exact
-  in float32), the bias added to that sum, the norm's sums, the softmax's max, exp and sum;
+  in float32), the bias added to that sum, the norm's sums (``norm.sum``), the softmax's max, exp and sum;
 * elementwise arithmetic between ops (residual adds, the sampler's update, the latent scaling) is evaluated in
-  float32 on rounded values and rounded when the next op reads it or a trace records it, as a fused elementwise
-  kernel does (one rounding instead of one per elementary operation);
-* attention: scores s = q k^T * scale rounded (+ mask, rounded), softmax in float32 from the rounded scores,
-  probabilities rounded, then P v accumulated in float32 and rounded;
-* norms (GroupNorm, LayerNorm), one pass, as decomposed graphs and fused NPU kernels compute them:
-  mean = R(sum(x) / n), meansq = R(sum(R(x^2)) / n), var = max(R(meansq - R(mean^2)), 0),
-  y = R((x - mean) / sqrt(var + eps) * w + b) with the last line in float32 (R = round to the dtype).
+  float32 on rounded values and rounded when the next op reads it or a trace records it (``value``), as a fused
+  elementwise kernel does (one rounding instead of one per elementary operation);
+* attention (`ops.attention_reference`): ``s = R(q k^T * scale)`` (``attention.scores``; the sum q k^T itself,
+  ``attention.qk``, stays float32), + mask, rounded (``attention.masked``), softmax in float32 from the rounded
+  scores, probabilities rounded (``attention.probs``), then P v accumulated in float32 and rounded
+  (``attention.out``);
+* norms (GroupNorm, LayerNorm; `ops.normalised`), one pass, as decomposed graphs and fused NPU kernels compute
+  them: mean = R(sum(x) / n) (``norm.mean``), meansq = R(sum(R(x^2)) / n) (``norm.square``, ``norm.meansq``),
+  var = max(R(meansq - R(mean^2)), 0) (``norm.mean_squared``, ``norm.var``), y = R((x - mean) / sqrt(var + eps)
+  * w + b) with the last line in float32 (``group_norm.out`` / ``layer_norm.out``; a fused SiLU is ``silu.out``).
   So a square beyond the range (|x| > 256 in float16) makes meansq inf, and with |mean| > 256 var is inf - inf.
 
 Overrides (per op class and per component) reproduce what runtimes do:
@@ -28,21 +34,23 @@ Overrides (per op class and per component) reproduce what runtimes do:
 * ``downcast``: ``norm`` - the norm's sums rounded to the dtype too (accumulation in the dtype: a sum beyond the
   range overflows even when the mean would not).
 
-An override names what it changes; every other rounding point stays. Outside a `using` block nothing is rounded
-and the ops run their float32 / float64 fast forms unchanged (one context-variable lookup per op).
+An override names what it changes (`UPCAST_POINTS`, `DOWNCAST_POINTS`); every other rounding point stays. A
+profile (`PROFILES`) is a runtime's way of computing as a small table of changes to this model: which points it
+rounds or keeps in float32, and its norm statistics ("qk-first": ``R(R(q k^T) * scale)`` and two-pass norms). Outside
+a `using` block nothing is rounded and the ops run their float32 / float64 fast forms unchanged (one
+context-variable lookup per op).
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "Precision", "PrecisionError", "round_to",
-           "finfo_max", "using", "active", "rounded", "emulated", "parse_dtype", "parse_classes"]
+from .ops import active_rounding, rounded, rounding
+
+__all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "PROFILES", "Profile", "Precision",
+           "PrecisionError", "round_to", "finfo_max", "using", "active", "rounded", "parse_dtype", "parse_classes"]
 
 LOW_DTYPES = ("float16", "bfloat16")
 COMPONENTS = ("text_encoder", "unet", "sampler", "decoder")
@@ -58,7 +66,35 @@ UPCASTS = {
 DOWNCASTS = {
     "norm": "the norm's sums rounded to the dtype as well (statistics accumulated in the low dtype)",
 }
-QUERY_CHUNK = 4096              # the emulated attention's queries per block (its float32 score buffers stay bounded)
+_OPS = ("linear", "conv2d", "group_norm", "layer_norm", "rms_norm", "relu", "silu", "gelu", "quick_gelu", "softmax",
+        "attention", "upsample_nearest2d")
+_NORM = ("norm.sum", "norm.mean", "norm.centred", "norm.square", "norm.meansq", "norm.mean_squared", "norm.var")
+# Every rounding point of mdref.ops (R(x, point)) and of a run ("value": what a trace records, what the pipeline
+# hands from one component to the next).
+POINTS = frozenset([f"{op}.{io}" for op in _OPS for io in ("in", "out")] + list(_NORM) + ["value"]
+                   + ["attention.qk", "attention.scores", "attention.masked", "attention.probs"])
+FLOAT32_POINTS = frozenset({"attention.qk", "norm.sum"})      # not rounded by default: sums before their next step
+UPCAST_POINTS = {"attention": {"attention.scores", "attention.masked"}, "norm": set(_NORM)}
+DOWNCAST_POINTS = {"norm": {"norm.sum"}}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How one kind of runtime computes in the low dtype, as a change to mdref's model: the rounding points it rounds
+    that the model keeps in float32 (`rounds`), those it keeps in float32 that the model rounds (`float32`), and its
+    norm statistics. The overrides apply on top of a profile."""
+    about: str
+    rounds: frozenset = frozenset()
+    float32: frozenset = frozenset()
+    norm_statistics: str = "one-pass"
+
+
+PROFILES = {
+    "mdref": Profile("mdref's model (docs/precision.md): q k^T scaled before it is rounded, one-pass norm statistics"),
+    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and two-pass norm statistics "
+                        "(tinygrad, ExecuTorch / XNNPACK as measured; /work/shared/notes/real-runtimes-2026-12.md)",
+                        rounds=frozenset({"attention.qk"}), norm_statistics="two-pass"),
+}
 _MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": float.fromhex("0x1.fep127")}
 
 
@@ -93,19 +129,38 @@ def round_to(x, dtype):
 
 @dataclass(frozen=True)
 class Precision:
-    """A low compute dtype and its overrides (see the module docstring)."""
+    """A low compute dtype and its overrides (see the module docstring): the rounding policy R(x, point) that
+    mdref.ops applies at its rounding points."""
     dtype: str
     upcast: frozenset = frozenset()
     downcast: frozenset = frozenset()
+    profile: str = "mdref"      # a key of PROFILES
+    float32_points: frozenset = field(init=False, repr=False, compare=False)   # the points left unrounded
 
     def __post_init__(self):
         if self.dtype not in LOW_DTYPES:
             raise PrecisionError(f"dtype {self.dtype!r}: emulated dtypes are {', '.join(LOW_DTYPES)}")
+        if self.profile not in PROFILES:
+            raise PrecisionError(f"profile {self.profile!r}: unknown (known: {', '.join(PROFILES)})")
         object.__setattr__(self, "upcast", parse_classes(self.upcast, UPCASTS, "upcast"))
         object.__setattr__(self, "downcast", parse_classes(self.downcast, DOWNCASTS, "downcast"))
         both = self.upcast & self.downcast
         if both:
             raise PrecisionError(f"{', '.join(sorted(both))}: cannot be both upcast and downcast")
+        prof = PROFILES[self.profile]
+        kept = (FLOAT32_POINTS - prof.rounds | prof.float32).union(*(UPCAST_POINTS.get(c, ()) for c in self.upcast))
+        object.__setattr__(self, "float32_points",
+                           frozenset(kept.difference(*(DOWNCAST_POINTS[c] for c in self.downcast))))
+
+    def __call__(self, x, point):
+        """x rounded to the dtype at rounding point `point` (a copy), or x itself where the policy keeps float32."""
+        return x if point in self.float32_points else round_to(x, self.dtype)
+
+    @property
+    def norm_statistics(self):
+        """How the norms' statistics are computed (mdref.ops.normalised): "two-pass" when upcast, else the
+        profile's ("one-pass" in mdref's model)."""
+        return "two-pass" if "norm" in self.upcast else PROFILES[self.profile].norm_statistics
 
     def round(self, x):
         return round_to(x, self.dtype)
@@ -119,8 +174,9 @@ class Precision:
         return _MAX[self.dtype]
 
     def describe(self):
-        parts = [self.dtype] + [f"upcast {c}" for c in sorted(self.upcast)]
-        return ", ".join(parts + [f"downcast {c}" for c in sorted(self.downcast)])
+        parts = [self.dtype] + ([f"profile {self.profile}"] if self.profile != "mdref" else [])
+        parts += [f"upcast {c}" for c in sorted(self.upcast)] + [f"downcast {c}" for c in sorted(self.downcast)]
+        return ", ".join(parts)
 
 
 def parse_classes(value, known, what):
@@ -151,112 +207,12 @@ def parse_dtype(dtype):
     raise PrecisionError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype!r}")
 
 
-# ---- the active policy ------------------------------------------------------------------------------------
-_ACTIVE = contextvars.ContextVar("mdref_precision", default=None)
-
-
-@contextmanager
+# ---- the policy in force (the mechanism is mdref.ops') ---------------------------------------------------
 def using(policy):
-    """Compute the block under `policy` (a Precision, or None for plain float32 / float64)."""
-    token = _ACTIVE.set(policy)
-    try:
-        yield policy
-    finally:
-        _ACTIVE.reset(token)
+    """Compute the block under `policy` (a Precision, or None for plain float32 / float64): ops.rounding."""
+    return rounding(policy)
 
 
 def active():
     """The Precision in force, or None."""
-    return _ACTIVE.get()
-
-
-def rounded(x):
-    """x rounded to the active dtype (a copy), or x itself when none is active or x is not a float array."""
-    policy = _ACTIVE.get()
-    if policy is None or not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        return x
-    return policy.round(x)
-
-
-def emulated(low=None):
-    """Decorator for an op of mdref.ops: outside `using` the op runs as written; inside, its float array
-    arguments are rounded, and either `low(policy, *args, **kwargs)` (the op's emulated form, for ops with
-    rounding points inside) runs or the op runs on the rounded arguments and its result is rounded."""
-    def wrap(op):
-        @functools.wraps(op)
-        def run(*args, **kwargs):
-            policy = _ACTIVE.get()
-            if policy is None:
-                return op(*args, **kwargs)
-            args = [rounded(a) for a in args]
-            if low is not None:
-                return low(policy, *args, **kwargs)
-            return policy.round(op(*args, **kwargs))
-        run.plain = op
-        return run
-    return wrap
-
-
-# ---- the emulated forms of the ops with rounding points inside ------------------------------------------------
-def attention(policy, q, k, v, heads, *, mask=None, weighting="softmax", scale=None):
-    """ops.attention under `policy`: s = R(q k^T * scale) [+ R(mask), R], softmax in float32, P = R(.),
-    out = R(P v); with upcast attention the scores are not rounded. QUERY_CHUNK queries at a time."""
-    R = policy.round
-    keep = "attention" in policy.upcast
-    B, Tq, D = q.shape
-    Tk = k.shape[1]
-    d, dv = D // heads, v.shape[2] // heads
-    scale = d ** -0.5 if scale is None else scale
-    heads_of = lambda t, n: t.reshape(B, t.shape[1], heads, n).transpose(0, 2, 1, 3)   # [B, H, T, n]
-    qh, kt, vh = heads_of(q, d), heads_of(k, d).transpose(0, 1, 3, 2), heads_of(v, dv)
-    mask = None if mask is None else R(mask)
-    out = np.empty((B, heads, Tq, dv), np.float32)
-    for q0 in range(0, Tq, QUERY_CHUNK):
-        q1 = q0 + QUERY_CHUNK
-        s = (qh[:, :, q0:q1] @ kt) * np.float32(scale)                 # [B, H, c, Tk], float32 sums
-        s = s if keep else R(s)
-        if mask is not None:
-            s = s + np.broadcast_to(mask, (B, heads, Tq, Tk))[:, :, q0:q1]
-            s = s if keep else R(s)
-        with np.errstate(invalid="ignore"):                                # inf - inf: NaN, as on a device
-            if weighting == "softmax":
-                e = np.exp(s - s.max(axis=-1, keepdims=True))
-                p = R(e / e.sum(axis=-1, keepdims=True))
-            else:
-                p = R(np.maximum(s, 0) / np.float32(Tk))
-        out[:, :, q0:q1] = R(p @ vh)                                   # [B, H, c, dv]
-    return out.transpose(0, 2, 1, 3).reshape(B, Tq, heads * dv)
-
-
-def _normalise(policy, g, eps):
-    """The statistics and normalisation of a norm over the last axis of g (float32, already rounded)."""
-    R = policy.round
-    if "norm" in policy.upcast:                                            # float32, two-pass
-        mean = g.mean(axis=-1, keepdims=True)
-        var = np.square(g - mean).mean(axis=-1, keepdims=True)
-    else:                                                                  # one pass, rounded statistics
-        sums = lambda t: R(t.sum(axis=-1, keepdims=True)) if "norm" in policy.downcast \
-            else t.sum(axis=-1, keepdims=True)
-        n = np.float32(g.shape[-1])
-        with np.errstate(over="ignore", invalid="ignore"):
-            mean = R(sums(g) / n)
-            meansq = R(sums(R(np.square(g))) / n)
-            var = np.maximum(R(meansq - R(np.square(mean))), 0)            # max(NaN, 0) stays NaN
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (g - mean) / np.sqrt(var + np.float32(eps))
-
-
-def group_norm(policy, x, p, groups, eps, *, silu=False):
-    """ops.group_norm under `policy` (norm model above); a fused SiLU reads the rounded norm output."""
-    B, C = x.shape[:2]
-    y = _normalise(policy, x.reshape(B, groups, -1), eps).reshape(B, C, -1)
-    y = policy.round(y * p["weight"][:, None] + p["bias"][:, None]).reshape(x.shape)
-    if silu:
-        from .ops import silu as silu_op                                   # here: ops imports this module
-        y = policy.round(silu_op.plain(y))
-    return y
-
-
-def layer_norm(policy, x, p, eps):
-    """ops.layer_norm under `policy` (norm model above)."""
-    return policy.round(_normalise(policy, x, eps) * p["weight"] + p["bias"])
+    return active_rounding()

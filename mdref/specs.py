@@ -7,7 +7,7 @@ diffusers / transformers config.json, checking each key once; a spec is never bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 # ---- text encoder (mdref/text_encoder.py) --------------------------------------------------------------------
@@ -36,22 +36,68 @@ class QwenTextSpec:
 
 # ---- UNet (mdref/unet.py) ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ResnetSpec:
+    """What one ResnetBlock2D computes with (the VAE's ResNet is the same block without a time embedding)."""
+    groups: int                 # its GroupNorms' groups
+    eps: float                  # its GroupNorms' eps (the UNet's norm_eps)
+    separable: bool = False     # 3x3 convs as depthwise 3x3 + pointwise 1x1 (MobileDiffusion)
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """What one Transformer2DModel (and each of its BasicTransformerBlocks) computes with. Defaults are diffusers'."""
+    kind: str = "full"          # "cross" (attn2 + FFN, no norm1 / attn1: MobileDiffusion) | "full" (attn1 + attn2 + FFN)
+    depth: int = 1              # BasicTransformerBlocks (transformer_layers_per_block)
+    heads: int = 1              # attention heads (diffusers' SD configs call this attention_head_dim)
+    only_cross: bool = False    # attn1 attends to the text too (diffusers only_cross_attention)
+    shared_kv: bool = False     # one to_kv projection gives K = V (MobileDiffusion)
+    weighting: str = "softmax"  # "softmax" | "relu": attention weights (MobileDiffusion's deployable form)
+    ff_activation: str = "geglu"  # "geglu" (SD) | "swiglu" (MobileDiffusion)
+    ff_mult: int = 4            # the FFN's inner width is ff_mult * C (MobileDiffusion: 3)
+    groups: int = 32            # the GroupNorm at the input (norm_num_groups)
+    norm_eps: float = 1e-6      # its eps (diffusers hard-codes 1e-6)
+    layer_norm_eps: float = 1e-5  # norm1 / norm2 / norm3
+    linear_projection: bool = False  # proj_in / proj_out as Linear (True) or 1x1 conv (False)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One entry of a stage's layer list: a layer of the block, in execution order."""
+    kind: str                   # what runs (unet.LAYERS): "resnet" | "transformer" | "downsample" | "upsample"
+    group: str                  # its ModuleList in the checkpoint: "resnets" | "attentions" | "downsamplers" | ...
+    index: int                  # its index there; the parameter path is "<stage>.<group>.<index>"
+    c_in: int                   # input channels (an up block's ResNet counts the concatenated skip)
+    c_out: int
+    spec: ResnetSpec | TransformerSpec | None = None   # the hyperparameters it computes with
+    skip: str | None = None     # "push": its output is a skip connection (down blocks); "pop": the last skip is
+                                # concatenated on channels to its input (up blocks)
+
+    @property
+    def name(self):
+        return f"{self.group}.{self.index}"
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One down block, the mid block or one up block of UNet2DConditionModel, as its forward pass sees it."""
+    """One down block, the mid block or one up block of UNet2DConditionModel: its layers, listed once."""
     name: str                   # parameter path: "down_blocks.1", "mid_block", "up_blocks.0"
-    resnets: tuple              # (c_in, c_out) per ResNet; up blocks count the concatenated skip in c_in
     channels: int               # the level's width C
-    transformer: str            # "none" | "cross" (attn2 + FFN, MobileDiffusion) | "full" (attn1 + attn2 + FFN)
-    transformer_layers: int     # BasicTransformerBlocks per Transformer2DModel
-    heads: int                  # attention heads (diffusers' SD configs call this attention_head_dim)
-    only_cross: bool            # attn1 attends to the text too (diffusers only_cross_attention)
-    separable: bool             # ResNet 3x3 convs as depthwise 3x3 + pointwise 1x1 (MobileDiffusion)
-    resample: str | None        # "down" (stride-2 conv after the block) | "up" (2x nearest + conv) | None
+    layers: tuple               # Layer per ResNet, Transformer2DModel and resampler, in execution order
+
+    def of(self, kind):
+        """The layers of one kind, in order."""
+        return [layer for layer in self.layers if layer.kind == kind]
+
+    @property
+    def transformer(self):
+        """The TransformerSpec of the stage's first transformer layer, or None."""
+        found = self.of("transformer")
+        return found[0].spec if found else None
 
 
 @dataclass(frozen=True)
 class UNetSpec:
-    """UNet2DConditionModel and its MobileDiffusion extensions: the stage plan plus every constant."""
+    """UNet2DConditionModel and its MobileDiffusion extensions: the stage plan plus every model-wide constant."""
     in_channels: int
     out_channels: int
     sinusoid_dim: int           # width of the sinusoidal timestep embedding (block_out_channels[0])
@@ -60,12 +106,6 @@ class UNetSpec:
     freq_shift: float
     groups: int                 # every GroupNorm (norm_num_groups)
     resnet_eps: float           # ResNet and output GroupNorms (norm_eps)
-    transformer_norm_eps: float  # GroupNorm at each Transformer2DModel input (diffusers: 1e-6)
-    layer_norm_eps: float       # BasicTransformerBlock norm1 / norm2 / norm3 (diffusers: 1e-5)
-    linear_projection: bool     # proj_in / proj_out as Linear (True) or 1x1 conv (False)
-    shared_kv: bool             # one to_kv projection gives K = V (MobileDiffusion)
-    weighting: str              # "softmax" | "relu": attention weights (MobileDiffusion's deployable form)
-    ff_activation: str          # "geglu" (SD) | "swiglu" (MobileDiffusion)
     context_dim: int            # D of the text context every cross-attention reads
     sample_size: tuple          # default latent (h, w); read by the pipeline only
     down: tuple                 # Stage per down block
@@ -73,9 +113,23 @@ class UNetSpec:
     up: tuple                   # Stage per up block; up[0] is the innermost level
 
     @property
+    def stages(self):
+        """Every stage in execution order: down blocks, the mid block (if any), up blocks."""
+        return self.down + ((self.mid,) if self.mid is not None else ()) + self.up
+
+    @property
     def size_factor(self):
         """Latent height and width must be multiples of this: one stride-2 conv per down block but the last."""
-        return 2 ** sum(st.resample == "down" for st in self.down)
+        return 2 ** sum(len(st.of("downsample")) for st in self.down)
+
+    def replace_layers(self, kind, **changes):
+        """This spec with the spec of every layer of `kind` changed (an ablation: what if every transformer's input
+        GroupNorm eps were 1e-5? ``spec.replace_layers("transformer", norm_eps=1e-5)``)."""
+        def stage(st):
+            return replace(st, layers=tuple(replace(layer, spec=replace(layer.spec, **changes))
+                                            if layer.kind == kind else layer for layer in st.layers))
+        return replace(self, down=tuple(map(stage, self.down)), mid=self.mid and stage(self.mid),
+                       up=tuple(map(stage, self.up)))
 
 
 # ---- decoders (mdref/decoder.py) -----------------------------------------------------------------------------

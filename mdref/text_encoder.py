@@ -43,33 +43,33 @@ def clip_mlp(x, *, fc1, fc2, act):
     return linear(act(linear(x, fc1)), fc2)
 
 
-def encoder_layer(x, *, layer_norm1, self_attn, layer_norm2, mlp, spec, mask, name):
+def encoder_layer(x, *, layer_norm1, self_attn, layer_norm2, mlp, spec, mask):
     """CLIPEncoderLayer: pre-LayerNorm residual blocks, x + attn(LN1 x), then x + mlp(LN2 x).  x [B, T, D]."""
     h = self_attention(layer_norm(x, layer_norm1, spec.eps), **self_attn, heads=spec.heads, mask=mask)
-    x = x + record(f"{name}.self_attn", h)
+    x = x + record(self_attn, h)
     h = clip_mlp(layer_norm(x, layer_norm2, spec.eps), **mlp, act=ACTIVATIONS[spec.activation])
-    return record(name, x + record(f"{name}.mlp", h))
+    return x + record(mlp, h)
 
 
-def hidden_states(ids, *, embeddings, encoder, spec, layers, name):
+def hidden_states(ids, *, embeddings, encoder, spec, layers):
     """CLIPEncoder's hidden_states output: [embeddings, output of layer 0, ..., output of layer `layers`-1],
     `layers` + 1 arrays [B, T, D], none through the final LayerNorm. transformers runs all spec.layers and returns
-    spec.layers + 1 states; running fewer changes none of the first `layers` + 1. Trace names: `name`.embeddings,
-    `name`.encoder.layers.k (k = 0 .. layers-1): hidden_states[j] is recorded as layer j-1."""
-    x = record(f"{name}.embeddings", embed_tokens(ids, **embeddings))   # [B, T, D]
+    spec.layers + 1 states; running fewer changes none of the first `layers` + 1. Each is recorded under its
+    parameters' path (`<tower>.embeddings`, `<tower>.encoder.layers.k`): hidden_states[j] is layer j-1's point."""
+    x = record(embeddings, embed_tokens(ids, **embeddings))             # [B, T, D]
     mask = causal_mask(ids.shape[1], x.dtype)                           # [T, T]
     states = [x]
-    for i in range(layers):
-        x = encoder_layer(x, **encoder["layers"][str(i)], spec=spec, mask=mask, name=f"{name}.encoder.layers.{i}")
+    for layer in encoder["layers"][:layers]:
+        x = record(layer, encoder_layer(x, **layer, spec=spec, mask=mask))
         states.append(x)
     return states
 
 
-def text_transformer(ids, *, embeddings, encoder, final_layer_norm, spec, name="text_encoder"):
+def text_transformer(ids, *, embeddings, encoder, final_layer_norm, spec):
     """CLIPTextTransformer: embeddings, causal encoder layers, final LayerNorm.
     ids int [B, T] (T <= spec.max_positions) -> last_hidden_state [B, T, D] in the parameters' dtype."""
-    x = hidden_states(ids, embeddings=embeddings, encoder=encoder, spec=spec, layers=spec.layers, name=name)[-1]
-    return record(f"{name}.final_layer_norm", layer_norm(x, final_layer_norm, spec.eps))
+    x = hidden_states(ids, embeddings=embeddings, encoder=encoder, spec=spec, layers=spec.layers)[-1]
+    return record(final_layer_norm, layer_norm(x, final_layer_norm, spec.eps))
 
 
 def pooled_output(ids, hidden, eos_token_id):
@@ -80,16 +80,16 @@ def pooled_output(ids, hidden, eos_token_id):
     return hidden[np.arange(ids.shape[0]), where]                                                  # [B, D]
 
 
-def text_embeds(ids, last_hidden_state, *, text_projection, eos_token_id, name):
+def text_embeds(ids, last_hidden_state, *, text_projection, eos_token_id):
     """CLIPTextModelWithProjection.text_embeds: the pooled output through text_projection (a Linear without bias).
     [B, T], [B, T, D] -> [B, P]; SDXL's pooled text embedding (OpenCLIP-bigG: P = 1280)."""
     pooled = pooled_output(ids, last_hidden_state, eos_token_id)        # [B, D]
-    return record(f"{name}.text_projection", linear(pooled, text_projection))   # [B, P]
+    return record(text_projection, linear(pooled, text_projection))    # [B, P]
 
 
-def with_projection(ids, *, embeddings, encoder, final_layer_norm, text_projection, spec, eos_token_id, name):
+def with_projection(ids, *, embeddings, encoder, final_layer_norm, text_projection, spec, eos_token_id):
     """CLIPTextModelWithProjection(ids) with its hidden states: (hidden_states, the spec.layers + 1 arrays
     [B, T, D] of `hidden_states`, and text_embeds [B, P]) from one pass."""
-    states = hidden_states(ids, embeddings=embeddings, encoder=encoder, spec=spec, layers=spec.layers, name=name)
-    last = record(f"{name}.final_layer_norm", layer_norm(states[-1], final_layer_norm, spec.eps))   # [B, T, D]
-    return states, text_embeds(ids, last, text_projection=text_projection, eos_token_id=eos_token_id, name=name)
+    states = hidden_states(ids, embeddings=embeddings, encoder=encoder, spec=spec, layers=spec.layers)
+    last = record(final_layer_norm, layer_norm(states[-1], final_layer_norm, spec.eps))   # [B, T, D]
+    return states, text_embeds(ids, last, text_projection=text_projection, eos_token_id=eos_token_id)

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .precision import rounded
+from .ops import rounded, scoped
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
-           "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "point",
+           "recording", "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
 
 # Compute precisions a trace may declare, most precise first (manifest "precision" / "point_precision").
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")
@@ -111,15 +111,10 @@ def trace(points=None, *, on_request=None):
         yield t
 
 
-@contextmanager
 def recording(t):
     """Make `t` (a Trace, or a subclass that keeps something else, such as mdref.explain.Recorder) the active
     trace inside the block; trace() is recording(Trace(points))."""
-    token = _ACTIVE.set(t)
-    try:
-        yield t
-    finally:
-        _ACTIVE.reset(token)
+    return scoped(_ACTIVE, t)
 
 
 def active():
@@ -127,23 +122,30 @@ def active():
     return _ACTIVE.get()
 
 
+def point(name, *parts):
+    """A point's name: `name` (a str, or a parameter node of mdref.params, named by its path), then `parts`."""
+    return ".".join((name if isinstance(name, str) else name.path,) + parts)
+
+
 def record(name, x):
-    """Keep x under `name` if a trace is active and wants it, and return what flows on from the point: x itself,
-    or, under teacher forcing (mdref.comparison.TeacherForcing), a candidate trace's value. So every layer uses
-    the value record returns. Under an emulated low precision (mdref.precision) the kept copy is rounded to that
-    dtype: the value a device would hold."""
+    """Keep x under `name` (a str, or the parameters of the layer that computed x: their path names the point) if a
+    trace is active and wants it, and return what flows on from the point: x itself, or, under teacher forcing
+    (mdref.comparison.TeacherForcing), a candidate trace's value. So every layer uses the value record returns.
+    Under an emulated low precision (mdref.precision) the kept copy is rounded to that dtype: the value a device
+    would hold."""
     t = _ACTIVE.get()
-    if t is not None and t.wants(name):
+    if t is not None and t.wants(name := point(name)):
         t.add(name, rounded(x))
         return t.passed_on(x)
     return x
 
 
 def record_on_request(name, compute):
-    """Keep compute() under `name` if the active trace asked for this on-request point (trace(on_request=...)).
-    compute is not called otherwise: the extra work costs one context-variable lookup when nobody asks."""
+    """Keep compute() under `name` (as record) if the active trace asked for this on-request point
+    (trace(on_request=...)). compute is not called otherwise: the extra work costs one context-variable lookup when
+    nobody asks."""
     t = _ACTIVE.get()
-    if t is not None and t.requests(name):
+    if t is not None and t.requests(name := point(name)):
         t.add(name, rounded(compute()))
 
 
@@ -178,13 +180,11 @@ def first_nonfinite(run):
     """Call ``run()`` with every point recorded, and return (name, (NaN, Inf, size)) of the first recorded point
     holding a NaN or an Inf (the run stops there), or None if none does. Names are those trace() gives."""
     t = _FirstNonFinite()
-    token = _ACTIVE.set(t)
     try:
-        run()
+        with scoped(_ACTIVE, t):
+            run()
     except _Found:
         pass
-    finally:
-        _ACTIVE.reset(token)
     return t.found
 
 

@@ -3,8 +3,9 @@
 
 Legend: B batch, C channels of a level, H W latent height and width, N = H*W pixels as tokens, T text tokens,
 D text width, E time-embedding width. Layers take the array first and their parameters as keyword arguments named
-by the checkpoint (``resnet(x, temb, **p["down_blocks"]["0"]["resnets"]["0"], ...)``), so each signature is the
-weight schema. The structure comes from `mdref.specs.UNetSpec` (one `Stage` per block); the forward pass never
+by the checkpoint (``resnet(x, temb, **p["down_blocks"][0]["resnets"][0], ...)``), so each signature is the weight
+schema; a parameter node knows its path (mdref.params), which names its trace point: ``record(p, x)``. The
+structure comes from `mdref.specs.UNetSpec` (one `Stage` per block, listing its layers); the forward pass never
 looks at which keys exist. MobileDiffusion's changes: "cross" transformer blocks (no self-attention), a deep
 mid block of full blocks, shared key/value projections, SwiGLU FFNs, separable ResNet convs, ReLU attention.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .trace import record, record_on_request
+from .trace import point, record, record_on_request
 
 
 def time_embed(t, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift):
@@ -50,7 +51,8 @@ def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, hea
               shared_kv=False, name=None):
     """diffusers Attention: softmax(q k^T / sqrt(d)) v per head, then to_out.0; self-attention when context is None.
     MobileDiffusion shares one projection to_kv for K = V. x [B, N, C], context [B, T, D] -> [B, N, C].
-    A trace that asks for the on-request point `name`.probs gets the weights (attention_probs)."""
+    A trace that asks for the on-request point `name`.probs (name: the layer's parameters or their path) gets the
+    weights (attention_probs)."""
     source = x if context is None else context
     q = ops.linear(x, to_q)                                                       # [B, N, C]
     if shared_kv:
@@ -58,8 +60,8 @@ def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, hea
     else:
         k, v = ops.linear(source, to_k), ops.linear(source, to_v)                 # [B, T, C]
     if name is not None:
-        record_on_request(f"{name}.probs", lambda: attention_probs(q, k, heads=heads, weighting=weighting))
-    return ops.linear(ops.attention(q, k, v, heads, weighting=weighting), to_out["0"])   # [B, N, C]
+        record_on_request(point(name, "probs"), lambda: attention_probs(q, k, heads=heads, weighting=weighting))
+    return ops.linear(ops.attention(q, k, v, heads, weighting=weighting), to_out[0])   # [B, N, C]
 
 
 def attention_probs(q, k, *, heads, weighting):
@@ -82,85 +84,73 @@ def pixel_attention(x, *, group_norm, groups, eps, **projections):
 def feed_forward(x, *, net, activation):
     """diffusers FeedForward, gated: proj to (h, gate), h * act(gate), linear. activation 'geglu' (exact GELU, SD)
     or 'swiglu' (SiLU, MobileDiffusion).  x [B, N, C] -> [B, N, C]."""
-    h, gate = np.split(ops.linear(x, net["0"]["proj"]), 2, axis=-1)              # 2 x [B, N, inner]
-    return ops.linear(h * (ops.gelu(gate) if activation == "geglu" else ops.silu(gate)), net["2"])
+    h, gate = np.split(ops.linear(x, net[0]["proj"]), 2, axis=-1)                # 2 x [B, N, inner]
+    return ops.linear(h * (ops.gelu(gate) if activation == "geglu" else ops.silu(gate)), net[2])
 
 
-def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=None, st, spec, name):
+def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=None, spec):
     """diffusers BasicTransformerBlock: x += attn1(LN x) [self]; x += attn2(LN x, text); x += ff(LN x).
-    A "cross" block (MobileDiffusion) has no norm1 / attn1.  x [B, N, C] -> [B, N, C]."""
-    kw = dict(heads=st.heads, weighting=spec.weighting, shared_kv=spec.shared_kv)
-    if st.transformer == "full":
+    A "cross" block (MobileDiffusion) has no norm1 / attn1.  x [B, N, C] -> [B, N, C]; spec: a TransformerSpec."""
+    kw = dict(heads=spec.heads, weighting=spec.weighting, shared_kv=spec.shared_kv)
+    if spec.kind == "full":
         h = ops.layer_norm(x, norm1, spec.layer_norm_eps)
-        x = x + record(f"{name}.attn1", attention(h, context if st.only_cross else None, **attn1, **kw,
-                                                  name=f"{name}.attn1"))
-    x = x + record(f"{name}.attn2", attention(ops.layer_norm(x, norm2, spec.layer_norm_eps), context, **attn2, **kw,
-                                              name=f"{name}.attn2"))
+        x = x + record(attn1, attention(h, context if spec.only_cross else None, **attn1, **kw, name=attn1))
+    h = ops.layer_norm(x, norm2, spec.layer_norm_eps)
+    x = x + record(attn2, attention(h, context, **attn2, **kw, name=attn2))
     h = ops.layer_norm(x, norm3, spec.layer_norm_eps)
-    x = x + record(f"{name}.ff", feed_forward(h, **ff, activation=spec.ff_activation))
-    return record(name, x)
+    return x + record(ff, feed_forward(h, **ff, activation=spec.ff_activation))
 
 
-def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, st, spec, name):
-    """diffusers Transformer2DModel (continuous input): GN, proj_in, blocks over the pixels, proj_out, + x.
-    proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
+def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, spec):
+    """diffusers Transformer2DModel (continuous input): GN, proj_in, spec.depth blocks over the pixels, proj_out,
+    + x. proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
     B, C, H, W = x.shape
-    h = ops.group_norm(x, norm, spec.groups, spec.transformer_norm_eps)
+    h = ops.group_norm(x, norm, spec.groups, spec.norm_eps)
     if spec.linear_projection:
         h = ops.linear(h.reshape(B, C, H * W).transpose(0, 2, 1), proj_in)      # [B, N, C]
     else:
         h = ops.conv2d(h, proj_in).reshape(B, C, H * W).transpose(0, 2, 1)      # [B, N, C]
-    for k in range(st.transformer_layers):
-        h = transformer_block(h, context, **transformer_blocks[str(k)], st=st, spec=spec,
-                              name=f"{name}.transformer_blocks.{k}")
+    for blk in transformer_blocks[:spec.depth]:
+        h = record(blk, transformer_block(h, context, **blk, spec=spec))      # [B, N, C]
     if spec.linear_projection:
         h = ops.linear(h, proj_out).transpose(0, 2, 1).reshape(B, C, H, W)      # [B, C, H, W]
     else:
         h = ops.conv2d(h.transpose(0, 2, 1).reshape(B, C, H, W), proj_out)      # [B, C, H, W]
-    return record(name, h + x)
+    return h + x
 
 
-def resnet_and_attention(x, temb, context, p, j, st, spec):
-    """Layer j of a block: ResnetBlock2D, then (in blocks with transformers) Transformer2DModel."""
-    name = f"unet.{st.name}"
-    x = record(f"{name}.resnets.{j}", resnet(x, temb, **p["resnets"][str(j)], groups=spec.groups,
-                                             eps=spec.resnet_eps, separable=st.separable))
-    if st.transformer != "none":
-        x = transformer_2d(x, context, **p["attentions"][str(j)], st=st, spec=spec, name=f"{name}.attentions.{j}")
+def downsample(x, *, conv):
+    """diffusers Downsample2D: a stride-2 3x3 conv.  [B, C, H, W] -> [B, C, H/2, W/2]."""
+    return ops.conv2d(x, conv, stride=2, padding=1)
+
+
+def upsample(x, *, conv):
+    """diffusers Upsample2D: 2x nearest upsampling, then a 3x3 conv.  [B, C, H, W] -> [B, C, 2H, 2W]."""
+    return ops.conv2d(ops.upsample_nearest2d(x, 2), conv, padding=1)
+
+
+# What each kind of entry of a stage's layer list (specs.Layer.kind) runs, with its parameters p and spec s.
+LAYERS = {
+    "resnet": lambda x, temb, context, p, s: resnet(x, temb, **p, groups=s.groups, eps=s.eps, separable=s.separable),
+    "transformer": lambda x, temb, context, p, s: transformer_2d(x, context, **p, spec=s),
+    "downsample": lambda x, temb, context, p, s: downsample(x, **p),
+    "upsample": lambda x, temb, context, p, s: upsample(x, **p),
+}
+
+
+def block(x, temb, context, skips, p, st):
+    """A down block, the mid block or an up block (CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn,
+    CrossAttnUpBlock2D / UpBlock2D): the layers of its stage (specs.Stage.layers) in order, each recorded under
+    its parameter path. A layer marked "pop" first concatenates the last skip on channels; one marked "push"
+    adds its output to the skips."""
+    for layer in st.layers:
+        if layer.skip == "pop":
+            x = np.concatenate([x, skips.pop()], axis=1)                          # [B, C + C_skip, H, W]
+        q = p[layer.group][layer.index]
+        x = record(q, LAYERS[layer.kind](x, temb, context, q, layer.spec))
+        if layer.skip == "push":
+            skips.append(x)
     return x
-
-
-def down_block(x, temb, context, p, st, spec):
-    """CrossAttnDownBlock2D / DownBlock2D: (ResNet [, transformer]) per layer, then a stride-2 3x3 conv.
-    Returns x [B, C, H/2, W/2] and the skips it adds (one per layer, one after the downsampler)."""
-    skips = []
-    for j in range(len(st.resnets)):
-        x = resnet_and_attention(x, temb, context, p, j, st, spec)
-        skips.append(x)
-    if st.resample == "down":
-        x = ops.conv2d(x, p["downsamplers"]["0"]["conv"], stride=2, padding=1)   # [B, C, H/2, W/2]
-        skips.append(record(f"unet.{st.name}.downsamplers.0", x))
-    return record(f"unet.{st.name}", x), skips
-
-
-def middle(x, temb, context, p, st, spec):
-    """UNetMidBlock2DCrossAttn: ResNet, Transformer2DModel of full blocks (16 in MobileDiffusion), ResNet."""
-    x = resnet_and_attention(x, temb, context, p, 0, st, spec)
-    x = record("unet.mid_block.resnets.1", resnet(x, temb, **p["resnets"]["1"], groups=spec.groups,
-                                                  eps=spec.resnet_eps, separable=st.separable))
-    return record("unet.mid_block", x)
-
-
-def up_block(x, temb, context, skips, p, st, spec):
-    """CrossAttnUpBlock2D / UpBlock2D: per layer concatenate the last skip on channels, ResNet [, transformer];
-    then 2x nearest upsampling and a 3x3 conv.  skips: this block's skips, innermost last."""
-    for j in range(len(st.resnets)):
-        x = np.concatenate([x, skips[-1 - j]], axis=1)                            # [B, C + C_skip, H, W]
-        x = resnet_and_attention(x, temb, context, p, j, st, spec)
-    if st.resample == "up":
-        x = ops.conv2d(ops.upsample_nearest2d(x, 2), p["upsamplers"]["0"]["conv"], padding=1)   # [B, C, 2H, 2W]
-        x = record(f"unet.{st.name}.upsamplers.0", x)
-    return record(f"unet.{st.name}", x)
 
 
 def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_blocks, conv_norm_out, conv_out,
@@ -168,19 +158,13 @@ def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_
     """UNet2DConditionModel.forward (no class or added conditions): time embedding, conv_in, down blocks, mid block,
     up blocks fed the skips in reverse, GN-SiLU-conv_out.
     sample [B, C_in, H, W], timestep [B] (float), context [B, T, D] -> [B, C_out, H, W]."""
-    temb = record("unet.time_embedding", time_embed(
+    temb = record(time_embedding, time_embed(
         timestep, **time_embedding, dim=spec.sinusoid_dim, flip_sin_to_cos=spec.flip_sin_to_cos,
         freq_shift=spec.freq_shift))                                              # [B, E]
-    x = record("unet.conv_in", ops.conv2d(sample, conv_in, padding=1))          # [B, C0, H, W]
+    x = record(conv_in, ops.conv2d(sample, conv_in, padding=1))                 # [B, C0, H, W]
     skips = [x]
-    for i, st in enumerate(spec.down):
-        x, new = down_block(x, temb, context, down_blocks[str(i)], st, spec)
-        skips += new
-    if spec.mid is not None:
-        x = middle(x, temb, context, mid_block, spec.mid, spec)
-    for i, st in enumerate(spec.up):
-        n = len(st.resnets)
-        x = up_block(x, temb, context, skips[-n:], up_blocks[str(i)], st, spec)
-        del skips[-n:]
+    blocks = [*down_blocks, *([mid_block] if spec.mid is not None else []), *up_blocks]
+    for st, p in zip(spec.stages, blocks):                                        # down, mid, up
+        x = record(p, block(x, temb, context, skips, p, st))
     x = ops.group_norm(x, conv_norm_out, spec.groups, spec.resnet_eps, silu=True)
-    return record("unet.out", ops.conv2d(x, conv_out, padding=1))               # [B, C_out, H, W]
+    return record("unet.out", ops.conv2d(x, conv_out, padding=1))               # [B, C_out, H, W], the output point

@@ -208,8 +208,12 @@ def test_trace_points(kl_folder, tiny_folder):
     latents = np.zeros((1, 4, 2, 3), np.float32)
     with tracing("decoder.*") as t:
         Decoder.from_pretrained(kl_folder[1])(latents)
-    assert t.names() == ["decoder.post_quant_conv", "decoder.conv_in", "decoder.mid_block", "decoder.up_blocks.0",
-                         "decoder.up_blocks.1", "decoder.up_blocks.2", "decoder.out"]
+    # every ResNet, the mid attention and every upsampler under its parameter path, as the UNet's (issue 29)
+    up = [[f"decoder.up_blocks.{i}.resnets.{j}" for j in range(3)]
+          + ([f"decoder.up_blocks.{i}.upsamplers.0"] if i < 2 else []) + [f"decoder.up_blocks.{i}"] for i in range(3)]
+    assert t.names() == ["decoder.post_quant_conv", "decoder.conv_in", "decoder.mid_block.resnets.0",
+                         "decoder.mid_block.attentions.0", "decoder.mid_block.resnets.1", "decoder.mid_block",
+                         *up[0], *up[1], *up[2], "decoder.out"]
     with tracing("decoder.*") as t:
         dec = Decoder.from_pretrained(tiny_folder[1])
         dec(latents)

@@ -16,6 +16,7 @@ import pytest
 import mdref
 from mdref import explain, unet
 from mdref.cli import main
+from mdref.params import tree
 
 from devtools import DevTools, chromium_or_skip
 
@@ -39,8 +40,8 @@ def _known_layer(P):
     d = T
     x = (np.log(P) * np.sqrt(d)).transpose(1, 0, 2).reshape(1, N, heads * d)       # [1, N, heads*d]
     context = np.eye(T)[None]                                                      # [1, T, T]
-    params = dict(to_q={"weight": np.eye(heads * d)}, to_kv={"weight": np.tile(np.eye(T), (heads, 1))},
-                  to_out={"0": {"weight": np.eye(heads * d)}})
+    params = tree(dict(to_q={"weight": np.eye(heads * d)}, to_kv={"weight": np.tile(np.eye(T), (heads, 1))},
+                       to_out={"0": {"weight": np.eye(heads * d)}}), "blk.attn2")
     return x, context, params
 
 
@@ -54,7 +55,7 @@ def test_recorded_probabilities_equal_the_known_attention_of_a_hand_built_layer(
     P = _random_attention(rng, heads=2, N=4, T=5)
     x, context, params = _known_layer(P)
     with mdref.trace("nothing", on_request="blk.attn2.probs") as t:
-        out = unet.attention(x, context, **params, heads=2, shared_kv=True, name="blk.attn2")
+        out = unet.attention(x, context, **params, heads=2, shared_kv=True, name=params)     # named by its path
     assert t.names() == ["blk.attn2.probs"]
     np.testing.assert_allclose(t["blk.attn2.probs"], P[None], rtol=1e-12, atol=0)
     # the layer's output is the known attention applied to the values (value j of each head is e_j): P itself
@@ -181,6 +182,42 @@ def test_the_page_quotes_the_docstrings_and_cites_the_code(page_file):
         line = inspect.getsourcelines(fn)[1]
         assert f"mdref/{fn.__module__.split('.')[-1]}.py:{line} {fn.__name__}" in text, fn.__name__
     assert html.escape(inspect.getsource(unet.attention_probs).strip()) in text      # the source, at the end
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_citation_is_the_def_line_of_the_function_shown(page_file):
+    """The page cites the code that ran: every 'mdref/<file>.py:N name' it shows (links and the sources at the end)
+    is the line of `def name` in that file, the emulated ops included (issue 27: they were cited at the decorator's
+    file, mdref/precision.py, while their code is in mdref/ops.py)."""
+    text = page_file[0].read_text(encoding="utf-8")
+    labels = set(re.findall(r"<code>(mdref/[\w/]+\.py):(\d+) ([\w.]+)</code>", text))
+    assert len(labels) > 30
+    shown = {name.rsplit(".", 1)[-1] for _, _, name in labels}
+    assert {"layer_norm", "conv2d", "attention", "resnet", "block", "__call__"} <= shown, shown
+    for path, line, name in labels:
+        source = (ROOT / path).read_text().splitlines()[int(line) - 1]
+        assert re.match(rf"\s*def {re.escape(name.rsplit('.', 1)[-1])}\(", source), (path, line, name, source)
+    assert "mdref/precision.py" not in text
+
+
+def test_every_recorded_point_has_the_function_that_computed_it(pipe):
+    """explain.POINT_FUNCTIONS covers every point a run records (guided, two steps, every on-request point, a TAESD
+    decoder's), and its rows for the UNet's layer kinds name the functions unet.LAYERS calls."""
+    with mdref.trace(None, on_request="*") as t:
+        pipe.run(PROMPT, seed=0, steps=2, guidance_scale=2.0, negative_prompt="green")
+    taesd = mdref.Decoder.from_preset("taesd")
+    with mdref.trace() as td:
+        taesd(np.zeros((1, 4, 8, 8), np.float32))
+    assert [n for n in t.names() if explain.computed_by(n) is None] == []
+    assert [n for n in td.names() if explain.computed_by(n, "tiny") is None] == []
+    assert explain.computed_by("decoder.out", "tiny") is mdref.decoder.taesd_decode
+    groups = {"resnet": "resnets", "transformer": "attentions", "downsample": "downsamplers", "upsample": "upsamplers"}
+    assert set(unet.LAYERS) == set(groups)
+    for kind, group in groups.items():
+        fn = explain.computed_by(f"unet.up_blocks.1.{group}.0")
+        assert fn.__name__ in unet.LAYERS[kind].__code__.co_names, (kind, fn)
 
 
 def _listing(folder):

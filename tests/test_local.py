@@ -31,7 +31,7 @@ def _traced(pipe, **kw):
 
 @pytest.mark.parametrize("where, key, point", [
     (("mid_block", "resnets", "0", "conv1", "depthwise", "bias"), 0, "unet.mid_block.resnets.0"),
-    (("decoder", "up_blocks", "1", "resnets", "0", "norm2", "bias"), 3, "decoder.up_blocks.1"),
+    (("decoder", "up_blocks", "1", "resnets", "0", "norm2", "bias"), 3, "decoder.up_blocks.1.resnets.0"),   # its ResNet
 ])
 def test_a_planted_bug_is_local_to_its_layer(tiny, where, key, point):
     """The bug's own point: large local error, the first local divergence; every point after it: local error

@@ -282,6 +282,68 @@ def test_layer_norm_matches_loop(dtype, seed, lead, D, eps, offset, amp):
     check("layer_norm", ops.layer_norm(x, {"weight": w, "bias": b}, eps), ref, dtype, RTOL[dtype])
 
 
+@by_dtype
+@given(seed=seeds, c=group_norm_cases(), silu=st.booleans())
+def test_group_norm_equals_its_plain_formula(dtype, seed, c, silu):
+    """The in-place fast form (x - mean scaled by w / sqrt(var + eps), SiLU in place) and ops.group_norm_reference
+    ((x - mean) / sqrt(var + eps) * w + b): both two-pass, so they differ by a few roundings of O(|y|) values."""
+    rng = np.random.default_rng(seed)
+    x = (c["offset"] + randn(rng, (c["B"], c["C"]) + c["spatial"], np.float64, c["amp"])).astype(dtype)
+    p = {"weight": randn(rng, (c["C"],), dtype), "bias": randn(rng, (c["C"],), dtype)}
+    plain = ops.group_norm_reference(x, p, c["groups"], c["eps"], silu=silu)
+    assert plain.dtype == dtype
+    fast = ops.group_norm(x, p, c["groups"], c["eps"], silu=silu)
+    check("group_norm == group_norm_reference", fast, plain, dtype, RTOL[dtype], np.max(np.abs(plain)) + 1)
+
+
+@by_dtype
+@given(seed=seeds, lead=hnp.array_shapes(min_dims=0, max_dims=2, max_side=3), D=st.integers(8, 32), eps=eps_values,
+       offset=st.floats(-2, 2), amp=st.floats(0.5, 4))
+def test_layer_norm_equals_its_plain_formula(dtype, seed, lead, D, eps, offset, amp):
+    rng = np.random.default_rng(seed)
+    x = (offset + randn(rng, lead + (D,), np.float64, amp)).astype(dtype)
+    p = {"weight": randn(rng, (D,), dtype), "bias": randn(rng, (D,), dtype)}
+    plain = ops.layer_norm_reference(x, p, eps)
+    assert plain.dtype == dtype
+    check("layer_norm == layer_norm_reference", ops.layer_norm(x, p, eps), plain, dtype, RTOL[dtype])
+
+
+class _Unrounded:
+    """A rounding policy that rounds nothing: under it an op runs exactly its plain formula (R = identity)."""
+    norm_statistics = "two-pass"
+
+    def __init__(self):
+        self.points = []
+
+    def __call__(self, x, point):
+        self.points.append(point)
+        return x
+
+
+def test_emulation_runs_the_plain_formula_with_the_policys_rounding():
+    """Inside ops.rounding(R) the ops with rounding points inside compute their plain formula, calling R at each
+    named point (bit for bit the reference when R rounds nothing); outside, the fast forms run."""
+    rng = np.random.default_rng(0)
+    q, k, v = randn(rng, (2, 5, 8), np.float32), randn(rng, (2, 3, 8), np.float32), randn(rng, (2, 3, 4), np.float32)
+    x, p = randn(rng, (2, 8, 3, 3), np.float32), {"weight": randn(rng, (8,), np.float32), "bias": np.ones(8, np.float32)}
+    mask = randn(rng, (5, 3), np.float32)
+    R = _Unrounded()
+    with ops.rounding(R):
+        assert ops.active_rounding() is R
+        emulated = [ops.attention(q, k, v, 2, mask=mask), ops.group_norm(x, p, 4, 1e-5, silu=True),
+                    ops.layer_norm(q, p, 1e-5)]
+    assert ops.active_rounding() is None
+    plain = [ops.attention_reference(q, k, v, 2, mask=mask), ops.group_norm_reference(x, p, 4, 1e-5, silu=True),
+             ops.layer_norm_reference(q, p, 1e-5)]
+    for a, b in zip(emulated, plain):
+        assert np.array_equal(a, b)
+    assert R.points == ["attention.in"] * 4 + ["attention.qk", "attention.scores", "attention.masked",
+                                              "attention.probs", "attention.out", "group_norm.in", "norm.mean",
+                                              "norm.centred", "norm.square", "norm.var", "group_norm.out", "silu.out",
+                                              "layer_norm.in", "norm.mean", "norm.centred", "norm.square",
+                                              "norm.var", "layer_norm.out"]
+
+
 # ---- elementwise activations -------------------------------------------------------------------------
 def sigmoid_ref(z):
     return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))

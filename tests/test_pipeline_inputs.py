@@ -204,7 +204,7 @@ def test_nan_in_the_text_encoder_and_decoder_names_their_stage(pipe):
     other.decoder.params["decoder"]["up_blocks"]["2"]["resnets"]["0"]["conv2"]["weight"][0, 0, 1, 1] = np.inf
     with pytest.raises(NonFiniteError) as e:
         other.run("a red circle")
-    assert e.value.stage == "decoder" and e.value.point == "decoder.up_blocks.2"
+    assert e.value.stage == "decoder" and e.value.point == "decoder.up_blocks.2.resnets.0"    # the ResNet itself
 
 
 def test_huge_finite_noise_names_the_first_point_that_overflows(pipe):

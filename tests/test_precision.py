@@ -309,6 +309,42 @@ def test_attention_scores_overflow_into_nan_unless_upcast():
     assert np.isfinite(up).all() and np.allclose(up, want, rtol=2 ** -10, atol=2 ** -10)
 
 
+def test_profiles_are_tables_of_known_rounding_points():
+    for name, prof in precision.PROFILES.items():
+        assert prof.rounds | prof.float32 <= precision.POINTS, name
+        assert prof.norm_statistics in ("one-pass", "two-pass")
+    assert precision.Precision("float16").float32_points == precision.FLOAT32_POINTS      # the default is the model
+    qk = precision.Precision("float16", upcast="attention", profile="qk-first")
+    assert "attention.qk" not in qk.float32_points and "attention.scores" in qk.float32_points
+    assert qk.describe() == "float16, profile qk-first, upcast attention"
+    with pytest.raises(precision.PrecisionError, match="profile 'tpu': unknown"):
+        precision.Precision("float16", profile="tpu")
+
+
+def test_qk_first_profile_predicts_what_the_default_model_misses():
+    """Measured on tinygrad and ExecuTorch / XNNPACK (real-runtimes note): scores below 65504 after the 1/sqrt(d)
+    scale but 1.6e5 before it are NaN there, because they round q k^T first; mdref's model, which rounds only the
+    scaled scores, predicts finite. And a GroupNorm input near 300 (conv_in.bias + 300) stays finite there (two-pass
+    statistics) where the one-pass model predicts NaN. The "qk-first" profile predicts both."""
+    q = np.full((1, 2, 16), 100.0, np.float32)                           # q.k = 16 * 1e4 = 1.6e5, scaled 4e4
+    k, v = q.copy(), np.ones((1, 2, 16), np.float32)
+    with using("float16"):
+        assert np.isfinite(ops.attention(q, k, v, 1)).all()
+    with precision.using(precision.Precision("float16", profile="qk-first")):
+        assert np.isnan(ops.attention(q, k, v, 1)).all()
+    p = {"weight": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}
+    offset = rounded(300 + np.random.default_rng(0).standard_normal((1, 4, 8, 8)), "float16")
+    with using("float16"):
+        assert np.isnan(ops.group_norm(offset, p, 1, 1e-5)).all()
+    with precision.using(precision.Precision("float16", profile="qk-first")):
+        y = ops.group_norm(offset, p, 1, 1e-5)
+    x = offset.astype(np.float64)
+    # the mean (~300) rounded to float16 moves by at most half its ulp, 0.125, which moves y by 0.125 / std; the
+    # float16 y (|y| < 4) by half an ulp, 2^-9; the rounded variance by 2^-11 relative, 2^-10 |y|
+    bound = 0.125 / x.std() + 2.0 ** -9 + 2.0 ** -10 * 4
+    assert np.isfinite(y).all() and np.abs(y - (x - x.mean()) / x.std()).max() <= bound
+
+
 def test_ops_outside_using_are_untouched():
     x = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
     assert np.array_equal(ops.silu(x), ops.silu.plain(x))

@@ -1,6 +1,5 @@
 """Golden-reference tooling: traces, compare naming the first divergence, golden bundles, float64 ground truth."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -77,7 +76,7 @@ def test_compare_detects_a_groupnorm_eps_change_in_float64(tiny64, monkeypatch):
     at the first transformer."""
     ref = _trace(tiny64)
     spec = tiny64.unet.spec                                            # the eps is a spec field, visible here
-    monkeypatch.setattr(tiny64.unet, "spec", dataclasses.replace(spec, transformer_norm_eps=1e-5))
+    monkeypatch.setattr(tiny64.unet, "spec", spec.replace_layers("transformer", norm_eps=1e-5))
     report = compare(ref, _trace(tiny64))
     assert report.first_divergence is not None
     assert report.first_divergence.startswith("unet.down_blocks.1.attentions.0")

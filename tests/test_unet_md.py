@@ -7,10 +7,11 @@ float64 <= 1e-10 * max|reference|.
 
 import json
 import math
-import types
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")                  # mdref_torch/twin.py borrows diffusers' timestep embedding
@@ -19,8 +20,10 @@ import mdref.io.safetensors as W  # noqa: E402
 from mdref import unet as U  # noqa: E402
 from mdref.io import ConfigError, UNet, UNetConfig  # noqa: E402
 from mdref.io.presets import UNET_PRESETS  # noqa: E402
-from mdref.io.unet_config import LAYER_NORM_EPS  # noqa: E402
-from mdref.specs import Stage  # noqa: E402
+from mdref.io.schema import transformer as transformer_schema  # noqa: E402
+from mdref.trace import trace  # noqa: E402
+from mdref.params import tree  # noqa: E402
+from mdref.specs import TransformerSpec  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
 pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
@@ -36,15 +39,13 @@ RNG = np.random.default_rng
 
 def params_of(module, dtype):
     """The twin's state_dict as an mdref parameter tree (same key names, so no mapping)."""
-    return W.nest({k: v.detach().numpy().astype(np_dtype(dtype)) for k, v in module.state_dict().items()})
+    return tree(W.nest({k: v.detach().numpy().astype(np_dtype(dtype)) for k, v in module.state_dict().items()}),
+                "block")
 
 
 def block_spec(kind, heads, weighting):
-    """The Stage and spec fields a BasicTransformerBlock reads (shared K/V, SwiGLU, diffusers' LayerNorm eps)."""
-    st = Stage("block", (), 32, kind, 1, heads, False, False, None)
-    spec = types.SimpleNamespace(weighting=weighting, layer_norm_eps=LAYER_NORM_EPS, ff_activation="swiglu",
-                                 shared_kv=True)
-    return dict(st=st, spec=spec)
+    """What a BasicTransformerBlock reads, in one line: shared K/V, SwiGLU, diffusers' LayerNorm eps (the default)."""
+    return dict(spec=TransformerSpec(kind, heads=heads, weighting=weighting, shared_kv=True, ff_activation="swiglu"))
 
 
 def np_dtype(dtype):
@@ -109,8 +110,7 @@ def test_transformer_block_matches_twin(kind, dtype):
     (x, ctx), (tx, tctx) = tensors(dtype, (2, 20, 32), (2, 7, 24))
     with torch.no_grad():
         ref = m(tx, tctx)
-    ours = U.transformer_block(x, ctx, **params_of(m, dtype), **block_spec(kind, 4, cfg["attention_weighting"]),
-                               name="block")
+    ours = U.transformer_block(x, ctx, **params_of(m, dtype), **block_spec(kind, 4, cfg["attention_weighting"]))
     check(f"{kind} transformer block", ours, ref, dtype)
 
 
@@ -172,7 +172,7 @@ def random_attention_params(dim, kv_dim, seed, shared_kv):
     p = {"to_q": {"weight": g.standard_normal((dim, dim))}, "to_out": {"0": {"weight": g.standard_normal((dim, dim)),
                                                                           "bias": g.standard_normal(dim)}}}
     p["to_kv" if shared_kv else "to_k"] = {"weight": g.standard_normal((dim, kv_dim))}
-    return p
+    return tree(p, "attn")
 
 
 @pytest.mark.parametrize("weighting", ["softmax", "relu"])
@@ -189,11 +189,32 @@ def test_relu_attention_of_all_negative_scores_is_zero():
     """q k^T < 0 everywhere (q from positive inputs, k = -inputs) -> relu weights 0 -> output = to_out bias."""
     dim = 8
     bias = RNG(11).standard_normal(dim)
-    p = {"to_q": {"weight": np.eye(dim)}, "to_kv": {"weight": -np.eye(dim)},
-         "to_out": {"0": {"weight": RNG(12).standard_normal((dim, dim)), "bias": bias}}}
+    p = tree({"to_q": {"weight": np.eye(dim)}, "to_kv": {"weight": -np.eye(dim)},
+              "to_out": {"0": {"weight": RNG(12).standard_normal((dim, dim)), "bias": bias}}}, "attn")
     x, ctx = RNG(13).uniform(0.1, 1, (2, 5, dim)), RNG(14).uniform(0.1, 1, (2, 4, dim))
     out = U.attention(x, ctx, **p, heads=2, weighting="relu", shared_kv=True)
     np.testing.assert_array_equal(out, np.broadcast_to(bias, out.shape))
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["cross", "full"]), depth=st.integers(1, 2), heads=st.sampled_from([1, 2, 4]),
+       only_cross=st.booleans(), shared_kv=st.booleans(), weighting=st.sampled_from(["softmax", "relu"]),
+       ff=st.sampled_from(["geglu", "swiglu"]), linear=st.booleans(), seed=st.integers(0, 2**31))
+def test_a_transformer_with_a_zero_output_projection_returns_its_input(kind, depth, heads, only_cross, shared_kv,
+                                                                       weighting, ff, linear, seed):
+    """Transformer2DModel is residual around proj_out: with proj_out zero the output is the input, exactly, for any
+    TransformerSpec (built in one line). Its parameters are drawn from io.schema's keys for that spec, so the schema
+    and the layers' signatures agree on every spec, and each block is recorded under its path."""
+    spec = TransformerSpec(kind, depth, heads, only_cross and kind == "full", shared_kv, weighting, ff, ff_mult=2,
+                           groups=4, linear_projection=linear)
+    flat = W.init_params(transformer_schema("t", spec, 8, 6), seed, np.float64)
+    flat = {k: np.zeros_like(v) if k.startswith("t.proj_out.") else v for k, v in W.flatten(flat).items()}
+    p = tree(W.nest(flat)["t"], "unet.t")
+    x, ctx = RNG(seed % 1000).standard_normal((2, 8, 3, 2)), RNG(seed % 1000 + 1).standard_normal((2, 5, 6))
+    with trace(r"re:transformer_blocks\.\d+$") as t:
+        out = U.transformer_2d(x, ctx, **p, spec=spec)
+    np.testing.assert_array_equal(out, x)
+    assert t.names() == [f"unet.t.transformer_blocks.{k}" for k in range(depth)]
 
 
 def test_cross_only_block_ignores_self_attention_weights(tmp_path):
@@ -202,7 +223,7 @@ def test_cross_only_block_ignores_self_attention_weights(tmp_path):
     p = params_of(full, torch.float64)                                  # has norm1 / attn1
     cross_only = {k: v for k, v in p.items() if k not in ("norm1", "attn1")}
     x, ctx = RNG(16).standard_normal((2, 12, 32)), RNG(17).standard_normal((2, 5, 24))
-    kw = dict(block_spec("cross", 4, "softmax"), name="block")
+    kw = block_spec("cross", 4, "softmax")
     np.testing.assert_array_equal(U.transformer_block(x, ctx, **p, **kw),
                                   U.transformer_block(x, ctx, **cross_only, **kw))
     # ... and a checkpoint that carries attn1 weights for a cross-only level is refused, naming the keys.

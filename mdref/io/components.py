@@ -23,6 +23,7 @@ from .. import precision
 from .. import qwen_text as qwen_math
 from .. import text_encoder as text_math
 from .. import unet as unet_math
+from ..params import tree
 from . import keymaps
 from .config import ConfigError, read_json
 from .decoder_config import DecoderConfig, decoder_spec
@@ -278,24 +279,29 @@ class TextEncoder(Component):
     def _checked_ids(self, ids):
         return check_token_ids(ids, self.config, type(self).__name__)
 
+    def _tree(self):
+        """The parameter tree (mdref.params), its paths starting with trace_name ("text_encoder_2.encoder...")."""
+        return tree(self.params, self.trace_name)
+
     def _tower(self):
         """The parameters text_transformer takes (a subclass may hold more, e.g. text_projection)."""
-        return {k: self.params[k] for k in ("embeddings", "encoder", "final_layer_norm")}
+        p = self._tree()
+        return {k: p[k] for k in ("embeddings", "encoder", "final_layer_norm")}
 
     def __call__(self, ids):
         """ids int [B, T] (T <= max_position_embeddings) -> last hidden state [B, T, hidden_size]."""
         ids = self._checked_ids(ids)
         with self.computing():
-            return text_math.text_transformer(ids, **self._tower(), spec=self.spec, name=self.trace_name)
+            return text_math.text_transformer(ids, **self._tower(), spec=self.spec)
 
     def hidden_state(self, ids, index=-1):
         """transformers' ``model(ids, output_hidden_states=True).hidden_states[index]`` [B, T, hidden_size]: index 0
         the embeddings, j the output of encoder layer j-1, before the final LayerNorm (-1: the last layer's). SDXL
         reads index -2, and -(clip_skip + 2) with diffusers' clip_skip. Only the layers up to it are run."""
-        j, ids, p = self._hidden_index(index), self._checked_ids(ids), self.params
+        j, ids, p = self._hidden_index(index), self._checked_ids(ids), self._tower()
         with self.computing():
             return text_math.hidden_states(ids, embeddings=p["embeddings"], encoder=p["encoder"], spec=self.spec,
-                                           layers=j, name=self.trace_name)[j]
+                                           layers=j)[j]
 
     def _hidden_index(self, index):
         """hidden_states[index] as a position in [0, layers]; a ValueError naming the range otherwise."""
@@ -338,16 +344,16 @@ class TextEncoderWithProjection(TextEncoder):
         ids = self._checked_ids(ids)
         hidden = self(ids) if last_hidden_state is None else last_hidden_state
         with self.computing():
-            return text_math.text_embeds(ids, hidden, text_projection=self.params["text_projection"],
-                                         eos_token_id=self.config.eos_token_id, name=self.trace_name)
+            return text_math.text_embeds(ids, hidden, text_projection=self._tree()["text_projection"],
+                                         eos_token_id=self.config.eos_token_id)
 
     def hidden_state_and_text_embeds(self, ids, index=-2):
         """(hidden_states[index] [B, T, hidden_size], text_embeds [B, projection_dim]) from one pass through every
         layer: what SDXL's encode_prompt reads from text_encoder_2 (index -2, or -(clip_skip + 2))."""
         j, ids = self._hidden_index(index), self._checked_ids(ids)
         with self.computing():
-            states, pooled = text_math.with_projection(ids, **self.params, spec=self.spec,
-                                                       eos_token_id=self.config.eos_token_id, name=self.trace_name)
+            states, pooled = text_math.with_projection(ids, **self._tree(), spec=self.spec,
+                                                       eos_token_id=self.config.eos_token_id)
         return states[j], pooled
 class QwenTextEncoder(Component):
     """Qwen3-VL's language model, text path (DreamLite's text encoder): ``te(ids, attention_mask)`` ->
@@ -389,7 +395,7 @@ class UNet(Component):
 
     @classmethod
     def param_schema(cls, config):
-        return unet_schema(unet_spec(config), config.ff_mult)
+        return unet_schema(unet_spec(config))
 
     def __call__(self, sample, timestep, context):
         """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, D] -> [B, C_out, H, W]
@@ -410,7 +416,7 @@ class UNet(Component):
             raise ValueError(f"UNet: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
         t = np.broadcast_to(t, (B,)).astype(self.dtype)
         with self.computing():
-            return unet_math.unet(sample, t, context, **self.params, spec=spec)
+            return unet_math.unet(sample, t, context, **tree(self.params, self.name), spec=spec)
 
 
 class Decoder(Component):
@@ -454,4 +460,4 @@ class Decoder(Component):
             raise ValueError(f"Decoder: latents must be [B, {self.spec.latent_channels}, h, w], found {z.shape}")
         decode = decoder_math.kl_decode if self.config.kind == "kl" else decoder_math.taesd_decode
         with self.computing():
-            return decode(z, **self.params, spec=self.spec)
+            return decode(z, **tree(self.params), spec=self.spec)           # its keys start with decoder. already

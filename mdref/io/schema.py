@@ -94,41 +94,40 @@ def qwen_text_schema(cfg):
 
 
 # ---- UNet ---------------------------------------------------------------------------------------------------
-def _transformer(prefix, st, spec, ff_mult):
-    C, inner = st.channels, ff_mult * st.channels
-    proj = (lambda n: linear(n, C, C)) if spec.linear_projection else (lambda n: conv(n, C, C, 1))
+def transformer(prefix, t, C, context_dim):
+    """Transformer2DModel keys for a TransformerSpec t at width C."""
+    inner = t.ff_mult * C
+    proj = (lambda n: linear(n, C, C)) if t.linear_projection else (lambda n: conv(n, C, C, 1))
     s = {**norm(f"{prefix}.norm", C), **proj(f"{prefix}.proj_in")}
-    for k in range(st.transformer_layers):
+    for k in range(t.depth):
         b = f"{prefix}.transformer_blocks.{k}"
-        if st.transformer == "full":
-            kv_dim = spec.context_dim if st.only_cross else C
-            s.update({**norm(f"{b}.norm1", C), **attention(f"{b}.attn1", C, kv_dim, shared_kv=spec.shared_kv)})
-        s.update({**norm(f"{b}.norm2", C), **attention(f"{b}.attn2", C, spec.context_dim, shared_kv=spec.shared_kv),
+        if t.kind == "full":
+            kv_dim = context_dim if t.only_cross else C
+            s.update({**norm(f"{b}.norm1", C), **attention(f"{b}.attn1", C, kv_dim, shared_kv=t.shared_kv)})
+        s.update({**norm(f"{b}.norm2", C), **attention(f"{b}.attn2", C, context_dim, shared_kv=t.shared_kv),
                   **norm(f"{b}.norm3", C), **linear(f"{b}.ff.net.0.proj", 2 * inner, C),
                   **linear(f"{b}.ff.net.2", C, inner)})
     return {**s, **proj(f"{prefix}.proj_out")}
 
 
-def _stage(st, spec, ff_mult):
-    s = {}
-    for j, (c_in, c_out) in enumerate(st.resnets):
-        s.update(resnet(f"{st.name}.resnets.{j}", c_in, c_out, spec.time_embed_dim, st.separable))
-        if st.transformer != "none" and (st.name != "mid_block" or j == 0):   # mid block: resnet, attention, resnet
-            s.update(_transformer(f"{st.name}.attentions.{j}", st, spec, ff_mult))
-    if st.resample == "down":
-        s.update(conv(f"{st.name}.downsamplers.0.conv", st.channels, st.channels, 3))
-    if st.resample == "up":
-        s.update(conv(f"{st.name}.upsamplers.0.conv", st.channels, st.channels, 3))
-    return s
+def _layer(prefix, layer, spec):
+    """One entry of a stage's layer list (specs.Layer) under its parameter path."""
+    if layer.kind == "resnet":
+        return resnet(prefix, layer.c_in, layer.c_out, spec.time_embed_dim, layer.spec.separable)
+    if layer.kind == "transformer":
+        return transformer(prefix, layer.spec, layer.c_out, spec.context_dim)
+    return conv(f"{prefix}.conv", layer.c_out, layer.c_in, 3)                  # downsample / upsample: a 3x3 conv
 
 
-def unet_schema(spec, ff_mult):
-    """UNet2DConditionModel keys (plus mdref's MobileDiffusion extensions), in module order."""
-    c0, temb = spec.down[0].resnets[0][0], spec.time_embed_dim
+def unet_schema(spec):
+    """UNet2DConditionModel keys (plus mdref's MobileDiffusion extensions), in module order: each stage's layers as
+    its layer list gives them."""
+    c0, temb = spec.down[0].layers[0].c_in, spec.time_embed_dim
     s = {**conv("conv_in", c0, spec.in_channels, 3), **linear("time_embedding.linear_1", temb, spec.sinusoid_dim),
          **linear("time_embedding.linear_2", temb, temb)}
-    for st in spec.down + ((spec.mid,) if spec.mid else ()) + spec.up:
-        s.update(_stage(st, spec, ff_mult))
+    for st in spec.stages:
+        for layer in st.layers:
+            s.update(_layer(f"{st.name}.{layer.name}", layer, spec))
     return {**s, **norm("conv_norm_out", c0), **conv("conv_out", spec.out_channels, c0, 3)}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field
 
-from ..specs import Stage, UNetSpec
+from ..specs import Layer, ResnetSpec, Stage, TransformerSpec, UNetSpec
 from .config import (MAX_LAYERS, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH, ConfigError, check_bool, check_choice,
                      check_float, check_int, check_list, check_positive_int,
                      from_dict, to_dict)
@@ -198,37 +198,44 @@ CHECKS = {
 
 
 def stage_plan(cfg, where="UNetConfig"):
-    """(down stages, mid stage or None, up stages), reproducing UNet2DConditionModel.__init__'s channel plan."""
+    """(down stages, mid stage or None, up stages), reproducing UNet2DConditionModel.__init__'s channel plan; each
+    stage lists its layers (specs.Layer) in execution order."""
     L, ch = cfg.levels, cfg.block_out_channels
     layers, tlayers = cfg.per_level("layers_per_block"), cfg.per_level("transformer_layers_per_block")
     heads = cfg.per_level("attention_head_dim")
     only_cross, sep = cfg.per_level("only_cross_attention"), cfg.per_level("separable_conv")
     kinds = cfg.per_level("transformer_kind")
 
-    def stage(name, level, resnets, kind, n_layers, resample, block_type):
-        """block_type None: the mid block (full blocks; diffusers' mid block ignores only_cross_attention)."""
-        if block_type is not None and (kind == "none") != (block_type in ("DownBlock2D", "UpBlock2D")):
-            raise ConfigError(f"{where}: transformer_kind {kind!r} of level {level} does not fit {name} "
-                              f"of type {block_type}")
-        if kind == "cross" and only_cross[level]:
-            raise ConfigError(f"{where}: only_cross_attention is set on level {level}, whose transformer_kind "
-                              f"is 'cross' (no attn1 to change)")
-        if kind != "none" and ch[level] % heads[level]:
-            raise ConfigError(f"{where}: attention_head_dim (heads) {heads[level]} does not divide "
-                              f"block_out_channels[{level}] = {ch[level]}")
-        return Stage(name, tuple(resnets), ch[level], kind, n_layers, heads[level],
-                     only_cross[level] and kind == "full" and block_type is not None, sep[level], resample)
+    def stage(name, level, resnets, kind, depth, block_type, skip, resample):
+        """A down (skip "push") or up ("pop") block's layers: ResNet j, then Transformer2DModel j when the level has
+        transformers, for each ResNet; then its resampler ("downsample", "upsample" or None)."""
+        check_kind(where, name, level, kind, block_type, only_cross[level], heads[level], ch[level])
+        t = transformer_spec(cfg, kind, depth, heads[level], only_cross[level])
+        out = []
+        for j, (c_in, c_out) in enumerate(resnets):
+            out.append(Layer("resnet", "resnets", j, c_in, c_out, ResnetSpec(cfg.norm_num_groups, cfg.norm_eps,
+                             sep[level]), "pop" if skip == "pop" else None if t else skip))
+            if t is not None:
+                out.append(Layer("transformer", "attentions", j, c_out, c_out, t, "push" if skip == "push" else None))
+        c = ch[level]
+        if resample is not None:                      # Downsample2D / Upsample2D: a 3x3 conv at the level's width
+            group = {"downsample": "downsamplers", "upsample": "upsamplers"}[resample]
+            out.append(Layer(resample, group, 0, c, c, None, "push" if skip == "push" else None))
+        return Stage(name, c, tuple(out))
 
     down, c = [], ch[0]
     for i in range(L):
         rs = [(c if j == 0 else ch[i], ch[i]) for j in range(layers[i])]
-        down.append(stage(f"down_blocks.{i}", i, rs, kinds[i], tlayers[i], "down" if i < L - 1 else None,
-                          cfg.down_block_types[i]))
+        down.append(stage(f"down_blocks.{i}", i, rs, kinds[i], tlayers[i], cfg.down_block_types[i], "push",
+                          "downsample" if i < L - 1 else None))
         c = ch[i]
     mid = None
-    if cfg.mid_block_type is not None:
-        n = cfg.mid_transformer_layers or tlayers[-1]
-        mid = stage("mid_block", L - 1, [(ch[-1], ch[-1])] * 2, "full", n, None, None)
+    if cfg.mid_block_type is not None:                # UNetMidBlock2DCrossAttn: ResNet, full transformer, ResNet
+        c, res = ch[-1], ResnetSpec(cfg.norm_num_groups, cfg.norm_eps, sep[-1])
+        check_kind(where, "mid_block", L - 1, "full", None, False, heads[-1], c)
+        t = transformer_spec(cfg, "full", cfg.mid_transformer_layers or tlayers[-1], heads[-1], False)
+        mid = Stage("mid_block", c, (Layer("resnet", "resnets", 0, c, c, res), Layer("transformer", "attentions", 0,
+                                     c, c, t), Layer("resnet", "resnets", 1, c, c, res)))
     up, prev = [], ch[-1]
     for i in range(L):
         level = L - 1 - i                                 # up_blocks.0 is the innermost level
@@ -236,10 +243,35 @@ def stage_plan(cfg, where="UNetConfig"):
         n = layers[level] + 1
         rs = [((prev if j == 0 else ch[level]) + (skip_in if j == n - 1 else ch[level]), ch[level]) for j in range(n)]
         kind = kinds[level] if cfg.transformer_kind is not None else UP_BLOCKS[cfg.up_block_types[i]]
-        up.append(stage(f"up_blocks.{i}", level, rs, kind, tlayers[level], "up" if i < L - 1 else None,
-                        cfg.up_block_types[i]))
+        up.append(stage(f"up_blocks.{i}", level, rs, kind, tlayers[level], cfg.up_block_types[i], "pop",
+                        "upsample" if i < L - 1 else None))
         prev = ch[level]
     return down, mid, up
+
+
+def check_kind(where, name, level, kind, block_type, only_cross, heads, channels):
+    """A level's transformer kind against its block type (None: the mid block), only_cross_attention and heads."""
+    if block_type is not None and (kind == "none") != (block_type in ("DownBlock2D", "UpBlock2D")):
+        raise ConfigError(f"{where}: transformer_kind {kind!r} of level {level} does not fit {name} "
+                          f"of type {block_type}")
+    if kind == "cross" and only_cross:
+        raise ConfigError(f"{where}: only_cross_attention is set on level {level}, whose transformer_kind "
+                          f"is 'cross' (no attn1 to change)")
+    if kind != "none" and channels % heads:
+        raise ConfigError(f"{where}: attention_head_dim (heads) {heads} does not divide "
+                          f"block_out_channels[{level}] = {channels}")
+
+
+def transformer_spec(cfg, kind, depth, heads, only_cross):
+    """The TransformerSpec of a level's transformers (None for kind "none"). only_cross_attention acts only on
+    full blocks (diffusers' mid block ignores it: the caller passes False there)."""
+    if kind == "none":
+        return None
+    return TransformerSpec(
+        kind=kind, depth=depth, heads=heads, only_cross=only_cross and kind == "full", shared_kv=cfg.shared_kv,
+        weighting=cfg.attention_weighting, ff_activation=cfg.ff_activation, ff_mult=cfg.ff_mult,
+        groups=cfg.norm_num_groups, norm_eps=TRANSFORMER_NORM_EPS, layer_norm_eps=LAYER_NORM_EPS,
+        linear_projection=cfg.use_linear_projection)
 
 
 def unet_spec(cfg):
@@ -250,8 +282,5 @@ def unet_spec(cfg):
     return UNetSpec(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, sinusoid_dim=c0,
         time_embed_dim=TIME_EMBED_MULT * c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
-        groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps, transformer_norm_eps=TRANSFORMER_NORM_EPS,
-        layer_norm_eps=LAYER_NORM_EPS, linear_projection=cfg.use_linear_projection, shared_kv=cfg.shared_kv,
-        weighting=cfg.attention_weighting, ff_activation=cfg.ff_activation,
-        context_dim=cfg.per_level("cross_attention_dim")[0],
+        groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps, context_dim=cfg.per_level("cross_attention_dim")[0],
         sample_size=(s, s) if isinstance(s, int) else tuple(s), down=tuple(down), mid=mid, up=tuple(up))
