@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 
-DTYPES = {"float32": np.float32, "float64": np.float64, "float16": "float16", "bfloat16": "bfloat16"}
+COMPUTE_NAMES = ("float32", "float64", "float16", "bfloat16")       # --dtype: mdref.precision.compute parses them
 
 
 class UsageError(Exception):
@@ -53,8 +53,12 @@ def _add_source_args(p):
 
 def _add_model_args(p):
     _add_source_args(p)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32; "
+    from .precision import DEFAULT_PROFILE, PROFILES
+
+    p.add_argument("--dtype", choices=COMPUTE_NAMES, default="float32", help="compute dtype (default float32; "
                    "float16 / bfloat16 are emulated, see docs/precision.md)")
+    p.add_argument("--profile", choices=list(PROFILES), help="with float16 / bfloat16: how the runtime to emulate "
+                   f"computes (default {DEFAULT_PROFILE}): " + "; ".join(f"{k}: {v.about}" for k, v in PROFILES.items()))
     p.add_argument("--upcast", metavar="CLASSES", help="with float16 / bfloat16: compute these in float32, "
                    "comma-separated: attention, norm, text_encoder, unet, sampler, decoder")
     p.add_argument("--downcast", metavar="CLASSES", help="with float16 / bfloat16: norm = the norm's sums in "
@@ -77,23 +81,32 @@ def _add_sample_args(p):
                    "Inf (default: stop and name the first non-finite point)")
 
 
-def load_pipeline(args, dtype=None, *, overrides=True):
-    """The pipeline the model arguments name, in `dtype` (default --dtype) with --upcast / --downcast (when
-    `overrides`)."""
+def parse_compute(args, name=None, *, overrides=True):
+    """The compute dtype the options name (mdref.precision.compute, parsed once): --dtype (or `name`) with
+    --upcast / --downcast / --profile when `overrides`; an override given with float32 / float64 is refused."""
     from . import precision
-    from .io.presets import PIPELINE_PRESETS as PRESETS
-    from .pipeline import Pipeline
 
-    dtype = dtype or DTYPES[args.dtype]
-    upcast, downcast = (args.upcast, args.downcast) if overrides else (None, None)
-    for option, value, known in (("--upcast", upcast, precision.UPCASTS), ("--downcast", downcast,
-                                                                           precision.DOWNCASTS)):
+    name = name or args.dtype
+    given = {k: getattr(args, k, None) for k in ("upcast", "downcast", "profile")} if overrides else {}
+    for option, value, known in (("--upcast", given.get("upcast"), precision.UPCASTS),
+                                 ("--downcast", given.get("downcast"), precision.DOWNCASTS)):
         if value is not None:
             with _usage_errors(option):
                 precision.parse_classes(value, known, option)
-            if precision.parse_dtype(dtype)[1] is None:
-                raise UsageError(f"{option} {value}: overrides apply to --dtype float16 or bfloat16, "
-                                 f"not {np.dtype(dtype).name}")
+    wrong = next((k for k, v in given.items() if v is not None), None) if name not in precision.LOW_DTYPES else None
+    if wrong:
+        raise UsageError(f"--{wrong} {given[wrong]}: applies to --dtype float16 or bfloat16, not {name}")
+    with _usage_errors():
+        return precision.compute(name, **given)
+
+
+def load_pipeline(args, name=None, *, overrides=True):
+    """The pipeline the model arguments name, computing in --dtype (or `name`) with its overrides (when
+    `overrides`; parse_compute)."""
+    from .io.presets import PIPELINE_PRESETS as PRESETS
+    from .pipeline import Pipeline
+
+    dtype = parse_compute(args, name, overrides=overrides)
     if args.weights_seed is not None and args.preset is None:
         raise UsageError(f"--weights-seed {args.weights_seed}: applies only with --preset (a model folder's weights "
                          f"are read, not drawn)")
@@ -103,10 +116,10 @@ def load_pipeline(args, dtype=None, *, overrides=True):
         seed = 0 if args.weights_seed is None else args.weights_seed
         if not 0 <= seed < 2 ** 64:
             raise UsageError(f"--weights-seed must be an integer with 0 <= seed < 2**64, found {seed}")
-        return Pipeline.from_preset(args.preset, seed=seed, dtype=dtype, upcast=upcast, downcast=downcast)
+        return Pipeline.from_preset(args.preset, seed=seed, dtype=dtype)
     if args.model is not None and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such folder")
-    return Pipeline.from_pretrained(args.model, dtype=dtype, upcast=upcast, downcast=downcast)
+    return Pipeline.from_pretrained(args.model, dtype=dtype)
 
 
 def _read_noise(path, shape, steps):
@@ -209,7 +222,7 @@ def _manifest(pipe, args, result):
         "token_ids": result.token_ids.tolist(), "seed": None if args.noise else args.seed,
         "noise_source": args.noise or f"PCG64({args.seed}).standard_normal float64 -> {args.dtype}",
         "timesteps": [float(t) for t in result.timesteps], "steps": args.steps, "dtype": args.dtype,
-        "precision": pipe.compute_dtype,            # what mdref compare judges the points by (docs: the manifest)
+        "precision": pipe.compute.name,            # what mdref compare judges the points by (docs: the manifest)
         "emulation": None if pipe.precision is None else pipe.precision.describe(),
         "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
     }
@@ -347,7 +360,7 @@ def cmd_compare(args):
         point_matcher(args.points)
     traces = [_read_trace(path) for path in (args.a, args.b)]   # arrays and manifest (--local reads the run)
     chosen = [o for o, v in (("--model", args.model), ("--preset", args.preset), ("--upcast", args.upcast),
-                             ("--downcast", args.downcast)) if v is not None]
+                             ("--downcast", args.downcast), ("--profile", args.profile)) if v is not None]
     if chosen and not args.local:
         raise UsageError(f"{chosen[0]}: names the model of a teacher-forced re-run; it applies only with --local")
     pipe = load_pipeline(args) if args.local else None
@@ -389,7 +402,7 @@ def cmd_precision(args):
         raise UsageError("--dtype float64 is the reference: choose float32, float16 or bfloat16")
     results = {}
     for name in ("float64", args.dtype):
-        pipe = load_pipeline(args, DTYPES[name], overrides=name != "float64")
+        pipe = load_pipeline(args, name, overrides=name != "float64")
         with trace(args.points) as t:
             _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: it never stops on them
         if not t.arrays:                               # known after the first run: no need for the second
@@ -468,7 +481,7 @@ def cmd_export(args):
         raise UsageError(f"--batch must be an integer >= 1, got {args.batch}")
     with _usage_errors():
         check_output_dir(args.directory, "DIR")      # before the model is loaded or exported
-    pipe = load_pipeline(args, np.float32, overrides=False)
+    pipe = load_pipeline(args, "float32", overrides=False)
     pipe.latent_shape(args.batch, args.height, args.width)    # InputError naming --height / --width
     from mdref_torch.export import export_onnx      # PyTorch and ONNX: imported only by this command
 

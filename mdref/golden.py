@@ -62,9 +62,9 @@ def _fill(pipe, directory, cases, dtype_name, points):
     manifest = {
         "mdref_version": __version__, "numpy_version": np.__version__, "model": pipe.source,
         "untrained": pipe.untrained, "weights_sha256": pipe.weights_sha256(), "dtype": dtype_name,
-        "precision": pipe.compute_dtype,          # what mdref compare judges the bundle's traces by
+        "precision": pipe.compute.name,          # what mdref compare judges the bundle's traces by
         "emulation": None if pipe.precision is None else pipe.precision.describe(),
-        "arrays": ARRAYS.get(pipe.compute_dtype, pipe.compute_dtype),
+        "arrays": ARRAYS.get(pipe.compute.name, pipe.compute.name),
         "conventions": {
             "noise": "numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal(shape) in float64, then cast",
             "timestep": "one step at t = num_train_timesteps - 1",
@@ -74,7 +74,7 @@ def _fill(pipe, directory, cases, dtype_name, points):
         "pipeline": pipe.describe(),
         "cases": [],
     }
-    store = _as_float16 if pipe.compute_dtype == "float16" else (lambda a: a)
+    store = _as_float16 if pipe.compute.name == "float16" else (lambda a: a)
     for i, (prompt, seed) in enumerate(cases):
         case = directory / f"case{i}"
         case.mkdir()
@@ -91,7 +91,7 @@ def _fill(pipe, directory, cases, dtype_name, points):
                 np.save(case / f"{name}.npy", arr)
         r.pil()[0].save(case / "image.png")
         save_trace(case / "trace.safetensors", t, {"prompt": prompt, "seed": seed, "dtype": dtype_name,
-                                                   "precision": pipe.compute_dtype, "model": pipe.source,
+                                                   "precision": pipe.compute.name, "model": pipe.source,
                                                    "mdref_version": __version__})
         manifest["cases"].append({
             "name": case.name, "prompt": prompt, "seed": seed, "timesteps": [float(x) for x in r.timesteps],

@@ -325,8 +325,8 @@ def _check_noise(pipe, noise, shape, steps):
     if n_nan or n_inf:
         raise InputError("noise", f"holds non-finite values ({n_nan} NaN, {n_inf} Inf of {size})")
     big = float(np.abs(noise).max()) if noise.size else 0.0
-    if big > finfo_max(pipe.compute_dtype):
-        raise InputError("noise", f"holds values beyond {pipe.compute_dtype}'s range (max |x| {big:.3g})")
+    if big > finfo_max(pipe.compute.name):
+        raise InputError("noise", f"holds values beyond {pipe.compute.name}'s range (max |x| {big:.3g})")
 
 def _check_memory(pipe, batch, shape, steps, max_memory):
     limit, source = memory_limit(max_memory)

@@ -23,7 +23,7 @@ import numpy as np
 from . import precision, sampler
 from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, StageFailed, Stages, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
-from .io.components import TextEncoderWithProjection, check_seed, compute_dtype
+from .io.components import TextEncoderWithProjection, check_seed, parse_compute
 from .io.config import ConfigError
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
 from .io.safetensors import sha256_file
@@ -74,12 +74,13 @@ class Pipeline:
 
     # ---- construction (the files and presets are read by mdref.io) ------------------------------------------
     @classmethod
-    def from_pretrained(cls, path=None, dtype=np.float32, *, upcast=None, downcast=None):
+    def from_pretrained(cls, path=None, dtype=np.float32, *, upcast=None, downcast=None, profile=None):
         """A diffusers-style pipeline folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/,
         scheduler/). None: the embedded default model in weights/default (or, if it is absent, the untrained
         `tiny` preset, with a warning). dtype: float32, float64, or float16 / bfloat16 emulated with the
-        overrides upcast / downcast (mdref.precision; e.g. upcast="attention,decoder")."""
-        dtype = _precision_or_dtype(dtype, upcast, downcast)
+        overrides upcast / downcast and a profile (mdref.precision; e.g. upcast="attention,decoder"), parsed once
+        (mdref.precision.compute) and shared by the components."""
+        dtype = parse_compute(dtype, "Pipeline", upcast, downcast, profile)
         if path is None:
             named = os.environ.get("MDREF_DEFAULT_MODEL")
             if named and not (Path(named) / "unet").is_dir():
@@ -96,15 +97,20 @@ class Pipeline:
         return cls(**load_folder(path, dtype), source=source, path=Path(path))
 
     @classmethod
-    def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
+    def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None, profile=None):
         """Seeded weights for a named architecture: 'mobilediffusion' (full size) or 'tiny'. The components draw
         from seeds seed + mdref.io.presets.COMPONENT_SEED_OFFSET (text encoder +0, UNet +1, decoder +2).
-        dtype, upcast, downcast: as from_pretrained."""
-        dtype = _precision_or_dtype(dtype, upcast, downcast)
+        dtype, upcast, downcast, profile: as from_pretrained."""
+        dtype = parse_compute(dtype, "Pipeline", upcast, downcast, profile)
         check_seed(seed, "Pipeline.from_preset: seed")
         return cls(**load_preset(name, seed, dtype), source=f"preset:{name}", untrained=True)
 
     # ---- facts -----------------------------------------------------------------------------------------------
+    @property
+    def compute(self):
+        """The compute dtype (mdref.precision.Compute): its name, the arrays' numpy dtype, the rounding policy."""
+        return self.unet.compute
+
     @property
     def dtype(self):
         """The arrays' numpy dtype (float32 when float16 / bfloat16 is emulated)."""
@@ -114,11 +120,6 @@ class Pipeline:
     def precision(self):
         """The emulated low precision (mdref.precision.Precision), or None for float32 / float64."""
         return self.unet.precision
-
-    @property
-    def compute_dtype(self):
-        """'float32', 'float64', 'float16' or 'bfloat16'."""
-        return self.unet.compute_dtype
 
     def num_parameters(self):
         """Parameter count per component and in total."""
@@ -249,7 +250,7 @@ class Pipeline:
         """Facts for `mdref info` and trace manifests."""
         cfg = self.unet.config
         return {
-            "source": self.source, "untrained": self.untrained, "dtype": self.compute_dtype,
+            "source": self.source, "untrained": self.untrained, "dtype": self.compute.name,
             "precision": None if self.precision is None else self.precision.describe(),
             "parameters": self.num_parameters(),
             "latent_shape": list(self.latent_shape(1)), "image_size": list(self.default_size()),
@@ -282,9 +283,3 @@ def encode_prompts(prompts, tokenizers, text_encoders, *, clip_skip=None):
             hidden = encoder.hidden_state(ids, index)                        # [B, 77, D_k]
         states.append(hidden)
     return np.concatenate(states, axis=-1), pooled                          # [B, 77, sum D_k]
-
-
-def _precision_or_dtype(dtype, upcast, downcast):
-    """The one dtype value every component gets: a numpy dtype, or a Precision holding the overrides."""
-    carrier, low = compute_dtype(dtype, "Pipeline", upcast, downcast)
-    return carrier if low is None else low

@@ -49,8 +49,9 @@ import numpy as np
 
 from .ops import active_rounding, rounded, rounding
 
-__all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "PROFILES", "Profile", "Precision",
-           "PrecisionError", "round_to", "finfo_max", "using", "active", "rounded", "parse_dtype", "parse_classes"]
+__all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "PROFILES", "DEFAULT_PROFILE", "Profile",
+           "Precision", "Compute", "compute", "PrecisionError", "round_to", "finfo_max", "using", "active", "rounded",
+           "parse_dtype", "parse_classes"]
 
 LOW_DTYPES = ("float16", "bfloat16")
 COMPONENTS = ("text_encoder", "unet", "sampler", "decoder")
@@ -74,7 +75,7 @@ _NORM = ("norm.sum", "norm.mean", "norm.centred", "norm.square", "norm.meansq", 
 POINTS = frozenset([f"{op}.{io}" for op in _OPS for io in ("in", "out")] + list(_NORM) + ["value"]
                    + ["attention.qk", "attention.scores", "attention.masked", "attention.probs"])
 FLOAT32_POINTS = frozenset({"attention.qk", "norm.sum"})      # not rounded by default: sums before their next step
-UPCAST_POINTS = {"attention": {"attention.scores", "attention.masked"}, "norm": set(_NORM)}
+UPCAST_POINTS = {"attention": {"attention.qk", "attention.scores", "attention.masked"}, "norm": set(_NORM)}
 DOWNCAST_POINTS = {"norm": {"norm.sum"}}
 
 
@@ -90,11 +91,15 @@ class Profile:
 
 
 PROFILES = {
-    "mdref": Profile("mdref's model (docs/precision.md): q k^T scaled before it is rounded, one-pass norm statistics"),
-    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and two-pass norm statistics "
-                        "(tinygrad, ExecuTorch / XNNPACK as measured; /work/shared/notes/real-runtimes-2026-12.md)",
+    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and two-pass norm statistics: what "
+                        "most measured runtimes do (tinygrad and ExecuTorch / XNNPACK round q k^T first; their norms, "
+                        "and ONNX Runtime's, are two-pass or float32); the default",
                         rounds=frozenset({"attention.qk"}), norm_statistics="two-pass"),
+    "fused": Profile("the scale applied before q k^T is rounded, R(q k^T * scale), as fused attention kernels do "
+                     "(q pre-scaled), and one-pass norm statistics rounded to the dtype, as decomposed graphs and "
+                     "fused NPU kernels compute them (mdref's model before profiles)"),
 }
+DEFAULT_PROFILE = "qk-first"
 _MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": float.fromhex("0x1.fep127")}
 
 
@@ -134,7 +139,7 @@ class Precision:
     dtype: str
     upcast: frozenset = frozenset()
     downcast: frozenset = frozenset()
-    profile: str = "mdref"      # a key of PROFILES
+    profile: str = DEFAULT_PROFILE  # a key of PROFILES
     float32_points: frozenset = field(init=False, repr=False, compare=False)   # the points left unrounded
 
     def __post_init__(self):
@@ -159,7 +164,7 @@ class Precision:
     @property
     def norm_statistics(self):
         """How the norms' statistics are computed (mdref.ops.normalised): "two-pass" when upcast, else the
-        profile's ("one-pass" in mdref's model)."""
+        profile's."""
         return "two-pass" if "norm" in self.upcast else PROFILES[self.profile].norm_statistics
 
     def round(self, x):
@@ -174,9 +179,39 @@ class Precision:
         return _MAX[self.dtype]
 
     def describe(self):
-        parts = [self.dtype] + ([f"profile {self.profile}"] if self.profile != "mdref" else [])
+        parts = [self.dtype] + ([f"profile {self.profile}"] if self.profile != DEFAULT_PROFILE else [])
         parts += [f"upcast {c}" for c in sorted(self.upcast)] + [f"downcast {c}" for c in sorted(self.downcast)]
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The compute dtype of a component or pipeline, parsed once (`compute`): its name, the numpy dtype its arrays
+    have (float32 "carriers" when float16 / bfloat16 is emulated) and the rounding policy (None: plain float)."""
+    name: str                       # "float32" | "float64" | "float16" | "bfloat16"
+    carrier: np.dtype
+    policy: Precision | None = None
+
+    def describe(self):
+        return self.name if self.policy is None else self.policy.describe()
+
+
+def compute(dtype=np.float32, *, upcast=None, downcast=None, profile=None):
+    """The one parser of a compute dtype: a name ("float32", "float64", "float16", "bfloat16"), a numpy dtype
+    (np.float16 means emulated float16), a Precision, or a Compute (returned as it is), with the overrides and
+    profile of an emulated dtype. Raises PrecisionError naming what is wrong (overrides or a profile with float32 /
+    float64 included)."""
+    given = [n for n, v in (("upcast", upcast), ("downcast", downcast), ("profile", profile)) if v]
+    if isinstance(dtype, (Compute, Precision)):
+        if given:
+            raise PrecisionError(f"{', '.join(given)}: pass them inside the {type(dtype).__name__}, not beside it")
+        return dtype if isinstance(dtype, Compute) else Compute(dtype.dtype, np.dtype(np.float32), dtype)
+    carrier, low = parse_dtype(dtype)
+    if low is None:
+        if given:
+            raise PrecisionError(f"{', '.join(given)}: apply to float16 and bfloat16, not {carrier.name}")
+        return Compute(carrier.name, carrier)
+    return Compute(low, carrier, Precision(low, upcast, downcast, profile or DEFAULT_PROFILE))
 
 
 def parse_classes(value, known, what):

@@ -199,8 +199,8 @@ def prepare(pipe, dtype="float32", batch=1, height=None, width=None):
     """{graph: Prepared} for the three components of an mdref Pipeline computing float32."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
-    if pipe.compute_dtype != "float32":
-        raise ValueError(f"export a pipeline loaded in float32 (this one computes {pipe.compute_dtype}); "
+    if pipe.compute.name != "float32":
+        raise ValueError(f"export a pipeline loaded in float32 (this one computes {pipe.compute.name}); "
                          f"dtype='float16' makes the float16 graphs")
     inputs = example_inputs(pipe, batch, height, width)
     return {graph: Prepared(pipe, graph, inputs[graph], dtype) for graph in GRAPHS}

@@ -25,7 +25,7 @@ def tiny():
 def _traced(pipe, **kw):
     with mdref.trace() as t:
         pipe.run(PROMPT, seed=0, **kw)
-    t.meta.update(prompt=PROMPT, seed=0, precision=pipe.compute_dtype)
+    t.meta.update(prompt=PROMPT, seed=0, precision=pipe.compute.name)
     return t
 
 

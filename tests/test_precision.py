@@ -62,8 +62,10 @@ def ulp(y, dtype):
     return np.maximum(np.ldexp(1.0, e - BITS[dtype]), TINY[dtype])
 
 
-def using(dtype, upcast=None, downcast=None):
-    return precision.using(precision.Precision(dtype, upcast or (), downcast or ()))
+def using(dtype, upcast=None, downcast=None, profile="fused"):
+    """The op-level tests below check the rounding model point by point, as the "fused" profile writes it (scores
+    scaled before they are rounded, one-pass norm statistics); the default profile is checked apart."""
+    return precision.using(precision.Precision(dtype, upcast or (), downcast or (), profile))
 
 
 def rounded(x, dtype):
@@ -313,19 +315,23 @@ def test_profiles_are_tables_of_known_rounding_points():
     for name, prof in precision.PROFILES.items():
         assert prof.rounds | prof.float32 <= precision.POINTS, name
         assert prof.norm_statistics in ("one-pass", "two-pass")
-    assert precision.Precision("float16").float32_points == precision.FLOAT32_POINTS      # the default is the model
-    qk = precision.Precision("float16", upcast="attention", profile="qk-first")
-    assert "attention.qk" not in qk.float32_points and "attention.scores" in qk.float32_points
-    assert qk.describe() == "float16, profile qk-first, upcast attention"
+    assert precision.Precision("float16", profile="fused").float32_points == precision.FLOAT32_POINTS  # the model
+    assert precision.Precision("float16").profile == precision.DEFAULT_PROFILE == "qk-first"
+    qk = precision.Precision("float16", profile="qk-first")
+    assert "attention.qk" not in qk.float32_points and qk.norm_statistics == "two-pass"
+    up = precision.Precision("float16", upcast="attention", profile="qk-first")
+    assert {"attention.qk", "attention.scores"} <= up.float32_points      # upcast attention: scores in float32
+    assert up.describe() == "float16, upcast attention"                    # the default profile is not named
+    assert precision.Precision("float16", profile="fused").describe() == "float16, profile fused"
     with pytest.raises(precision.PrecisionError, match="profile 'tpu': unknown"):
         precision.Precision("float16", profile="tpu")
 
 
-def test_qk_first_profile_predicts_what_the_default_model_misses():
+def test_qk_first_profile_predicts_what_the_fused_model_misses():
     """Measured on tinygrad and ExecuTorch / XNNPACK (real-runtimes note): scores below 65504 after the 1/sqrt(d)
-    scale but 1.6e5 before it are NaN there, because they round q k^T first; mdref's model, which rounds only the
+    scale but 1.6e5 before it are NaN there, because they round q k^T first; the "fused" model, which rounds only the
     scaled scores, predicts finite. And a GroupNorm input near 300 (conv_in.bias + 300) stays finite there (two-pass
-    statistics) where the one-pass model predicts NaN. The "qk-first" profile predicts both."""
+    statistics) where the one-pass model predicts NaN. The "qk-first" profile (the default) predicts both."""
     q = np.full((1, 2, 16), 100.0, np.float32)                           # q.k = 16 * 1e4 = 1.6e5, scaled 4e4
     k, v = q.copy(), np.ones((1, 2, 16), np.float32)
     with using("float16"):
@@ -538,14 +544,18 @@ def test_attention_overflow_is_named_and_upcast_attention_cures_it(tmp_path, cap
 
 
 def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys):
+    """conv_in.bias + 300 (case (a) of the runtime study): the one-pass statistics of the "fused" profile overflow
+    (x^2 > 65504) and name the first ResNet; the default profile's two-pass statistics stay finite, as ONNX Runtime,
+    tinygrad and ExecuTorch / XNNPACK do; --upcast norm cures the fused profile too."""
     model = str(_variant(tmp_path, _shift_conv_in))
-    report = _precision_json(capsys, "--model", model, "--dtype", "float16")
+    assert _precision_json(capsys, "--model", model, "--dtype", "float16")["first_nonfinite"] is None
+    report = _precision_json(capsys, "--model", model, "--dtype", "float16", "--profile", "fused")
     names = [p["name"] for p in report["points"]]
     assert report["first_nonfinite"] == "unet.down_blocks.0.resnets.0"     # its norm1 reads unet.conv_in
     conv_in = report["points"][names.index("unet.conv_in")]
     assert conv_in["nonfinite"] == 0 and 256 < conv_in["max_abs"] < 65504
     assert report["first_beyond_range"] is None                           # no value is beyond float16: a norm bug
-    cured = _precision_json(capsys, "--model", model, "--dtype", "float16", "--upcast", "norm")
+    cured = _precision_json(capsys, "--model", model, "--dtype", "float16", "--upcast", "norm", "--profile", "fused")
     assert cured["first_nonfinite"] is None
 
 

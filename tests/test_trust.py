@@ -189,7 +189,7 @@ def test_a_float32_trace_agrees_with_the_float64_trace_at_the_defaults(source):
         size = dict(height=128, width=128) if source == "mobilediffusion" else {}
         with mdref.trace() as t:
             pipe.run("a large red circle on the left, blue background", seed=0, **size)
-        t.meta["precision"] = pipe.compute_dtype
+        t.meta["precision"] = pipe.compute.name
         return t
     r = compare(traced(np.float64), traced(np.float32))
     worst = max(r.points, key=lambda p: (p.rel_to_max or 0) / (p.rtol or 1))

@@ -5,7 +5,8 @@ Every component offers ``from_pretrained(path)`` (a component folder, a diffuser
 component's subfolder, or one ``.safetensors`` file with ``config.json`` beside it), ``from_config(config | dict,
 seed)``, ``from_preset(name, seed)``, ``save_pretrained(folder)``, ``num_parameters()`` and ``param_schema(config)``;
 ``dtype`` is the compute dtype: float32 or float64, or float16 / bfloat16 emulated by `mdref.precision` (float32
-arrays holding rounded values; ``upcast`` / ``downcast`` name its overrides). An unknown preset, a config that
+arrays holding rounded values; ``upcast`` / ``downcast`` / ``profile`` name its overrides), parsed once into the
+component's ``compute`` (a `mdref.precision.Compute`). An unknown preset, a config that
 cannot be read and a key mdref does not implement are `ConfigError`s; a weights file that does not fit the schema
 is a `WeightsError`; both name the file and the key.
 """
@@ -38,28 +39,17 @@ from .text_encoder_config import TextEncoderConfig, TextEncoderWithProjectionCon
 from .unet_config import UNetConfig, unet_spec
 
 __all__ = ["Component", "TextEncoder", "TextEncoderWithProjection", "QwenTextEncoder", "UNet", "Decoder",
-           "COMPUTE_DTYPES", "compute_dtype", "locate"]
+           "parse_compute", "locate"]
 
 CONFIG_NAME = "config.json"
-COMPUTE_DTYPES = (np.float32, np.float64)
 
 
-def compute_dtype(dtype, who, upcast=None, downcast=None):
-    """(carrier numpy dtype, Precision or None) for a compute dtype and its overrides, or a ValueError naming
-    `who`. `dtype` may also be a `mdref.precision.Precision` (then upcast / downcast must be None)."""
-    if isinstance(dtype, precision.Precision):
-        if upcast or downcast:
-            raise ValueError(f"{who}: pass upcast / downcast inside the Precision, not beside it")
-        return np.dtype(np.float32), dtype
+def parse_compute(dtype, who, upcast=None, downcast=None, profile=None):
+    """mdref.precision.compute: the one parse of a compute dtype, a PrecisionError named by `who` (a ValueError)."""
     try:
-        carrier, low = precision.parse_dtype(dtype)
-        if low is None:
-            if upcast or downcast:
-                raise precision.PrecisionError(f"upcast / downcast apply to float16 and bfloat16, not {dtype!r}")
-            return carrier, None
-        return carrier, precision.Precision(low, upcast, downcast)
+        return precision.compute(dtype, upcast=upcast, downcast=downcast, profile=profile)
     except precision.PrecisionError as e:
-        raise ValueError(f"{who}: {e}") from None
+        raise precision.PrecisionError(f"{who}: {e}") from None
 
 
 def check_seed(seed, what):
@@ -142,9 +132,9 @@ class Component:
     int_keys = frozenset()      # integer buffers a checkpoint may hold (skipped by the key map); all else is float
     name = ""                   # the component's name in mdref.precision's overrides and in trace names
 
-    def __init__(self, config, params, dtype=np.float32, *, upcast=None, downcast=None):
+    def __init__(self, config, params, dtype=np.float32, *, upcast=None, downcast=None, profile=None):
         self.config = config
-        self.dtype, self.precision = compute_dtype(dtype, type(self).__name__, upcast, downcast)
+        self.compute = parse_compute(dtype, type(self).__name__, upcast, downcast, profile)
         if self.precision is not None:                      # weights rounded to the dtype once
             params = nest({k: self.precision.round(v) for k, v in flatten(params).items()})
         self.params = params
@@ -152,9 +142,14 @@ class Component:
         self.files = ()                                     # the weights files read (from_pretrained), in order
 
     @property
-    def compute_dtype(self):
-        """'float32', 'float64', 'float16' or 'bfloat16'."""
-        return self.dtype.name if self.precision is None else self.precision.dtype
+    def dtype(self):
+        """The numpy dtype of the arrays (float32 when float16 / bfloat16 is emulated)."""
+        return self.compute.carrier
+
+    @property
+    def precision(self):
+        """The emulated float16 / bfloat16 rounding policy (mdref.precision.Precision), or None."""
+        return self.compute.policy
 
     def computing(self):
         """The context the forward pass runs in: this component's rounding policy (None: plain float)."""
@@ -192,31 +187,31 @@ class Component:
                           f"found {type(config).__name__}")
 
     @classmethod
-    def from_config(cls, config, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
+    def from_config(cls, config, seed=0, dtype=np.float32, *, upcast=None, downcast=None, profile=None):
         """Seeded weights (`safetensors.init_params`) for a config object or a config.json dict. seed: an int with
         0 <= seed < 2**64. The weights must fit in the memory limit (mdref.guards.memory_limit), checked from the
         schema before anything is drawn."""
         config = cls.as_config(config, f"{cls.__name__}.from_config")
-        carrier, _ = compute_dtype(dtype, cls.__name__, upcast, downcast)
+        compute = parse_compute(dtype, cls.__name__, upcast, downcast, profile)
         check_seed(seed, f"{cls.__name__}.from_config: seed")
         schema = cls.param_schema(config)
-        check_weights_fit(num_parameters(schema) * carrier.itemsize, f"{cls.__name__}.from_config")
-        return cls(config, init_params(schema, seed, carrier), dtype, upcast=upcast, downcast=downcast)
+        check_weights_fit(num_parameters(schema) * compute.carrier.itemsize, f"{cls.__name__}.from_config")
+        return cls(config, init_params(schema, seed, compute.carrier), compute)
 
     @classmethod
-    def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None):
+    def from_preset(cls, name, seed=0, dtype=np.float32, *, upcast=None, downcast=None, profile=None):
         """A named architecture (`mdref.io.presets`) with seeded weights."""
         if name not in cls.presets:
             raise ConfigError(f"{cls.__name__}: unknown preset {name!r} (known: {', '.join(sorted(cls.presets))})")
         return cls.from_config(cls.as_config(cls.presets[name], f"{cls.__name__} preset {name!r}"), seed, dtype,
-                               upcast=upcast, downcast=downcast)
+                               upcast=upcast, downcast=downcast, profile=profile)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32, *, upcast=None, downcast=None):
+    def from_pretrained(cls, path, dtype=np.float32, *, upcast=None, downcast=None, profile=None):
         """A component folder, a pipeline folder holding `subfolder`, or a .safetensors file with config.json
         beside it. Weights may be stored f16 / bf16 / f32 / f64; they are cast to dtype (float16 / bfloat16:
         to float32, then rounded)."""
-        carrier, _ = compute_dtype(dtype, cls.__name__, upcast, downcast)
+        compute = parse_compute(dtype, cls.__name__, upcast, downcast, profile)
         config_path, files = locate(path, cls.subfolder, cls.weights_names)
         config = None if config_path is None else cls.config_class.from_dict(read_json(config_path),
                                                                              where=str(config_path))
@@ -229,8 +224,7 @@ class Component:
         config, flat = cls.read_checkpoint(config, flat, where)
         schema = cls.param_schema(config)
         check_schema(flat, schema, where)
-        component = cls(config, nest({k: flat[k].astype(carrier) for k in schema}), dtype, upcast=upcast,
-                        downcast=downcast)
+        component = cls(config, nest({k: flat[k].astype(compute.carrier) for k in schema}), compute)
         component.files = tuple(str(f) for f in files)
         return component
 
@@ -247,7 +241,7 @@ class Component:
         return num_parameters(self.param_schema(self.config))
 
     def __repr__(self):
-        what = self.dtype.name if self.precision is None else self.precision.describe()
+        what = self.compute.describe()
         return f"{type(self).__name__}({self.num_parameters():,} parameters, dtype={what})"
 
 
