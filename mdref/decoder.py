@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import conv2d, group_norm, relu, upsample_nearest2d
-from .trace import record
+from .ops import conv2d, norm_silu_conv2d, relu, upsample_conv2d, upsample_nearest2d
+from .trace import record, record_unbuilt
 from .unet import pixel_attention, resnet
 
 
@@ -36,10 +36,10 @@ def kl_decode(z, *, decoder, post_quant_conv=None, spec):
         for j in range(spec.resnets_per_block):
             x = resnet(x, None, **block["resnets"][str(j)], **kw)                # [B, C_i, ., .]
         if i < len(spec.widths) - 1:
-            x = conv2d(upsample_nearest2d(x, 2), block["upsamplers"]["0"]["conv"], padding=1)   # [B, C_i, 2., 2.]
+            x = upsample_conv2d(x, block["upsamplers"]["0"]["conv"], scale=2, padding=1)   # conv(up(x)) [B, C_i, 2., 2.]
         record(f"decoder.up_blocks.{i}", x)
-    x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
-    return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
+    x = norm_silu_conv2d(x, decoder["conv_norm_out"], decoder["conv_out"], padding=1, **kw)   # GN-SiLU-conv_out
+    return record("decoder.out", x)                                               # [B, 3, fh, fw]
 
 
 def taesd_stages(spec):
@@ -64,15 +64,18 @@ def taesd_block(x, *, conv):
 
 def taesd_decode(z, *, decoder, spec):
     """AutoencoderTiny.decode(z).sample: tanh(z / 3) * 3, the `taesd_stages` Sequential, x * 2 - 1."""
-    layers = decoder["layers"]
+    layers, stages = decoder["layers"], taesd_stages(spec)
     x = np.tanh(z / spec.clamp) * spec.clamp                                      # |x| < clamp
-    for i, stage in enumerate(taesd_stages(spec)):
+    for i, stage in enumerate(stages):
         if stage == "relu":
             x = relu(x)
         elif stage == "block":
             x = taesd_block(x, **layers[str(i)])
-        elif stage == "upsample":
-            x = upsample_nearest2d(x, spec.upsample)                              # [B, C, sH, sW]
+        elif stage == "upsample":                                                 # built by the next stage's conv
+            record_unbuilt(f"decoder.layers.{i}", lambda x=x: upsample_nearest2d(x, spec.upsample))
+            continue
+        elif i and stages[i - 1] == "upsample":                                  # conv_nobias after the upsample
+            x = upsample_conv2d(x, layers[str(i)], scale=spec.upsample, padding=1)   # [B, C, sH, sW]
         else:                                                                     # conv / conv_nobias
             x = conv2d(x, layers[str(i)], padding=1)
         record(f"decoder.layers.{i}", x)

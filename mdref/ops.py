@@ -18,7 +18,8 @@ from . import precision
 from .precision import emulated
 
 __all__ = [
-    "linear", "conv2d", "conv2d_reference", "group_norm", "layer_norm", "silu", "relu", "gelu", "quick_gelu", "erf",
+    "linear", "conv2d", "conv2d_reference", "upsample_conv2d", "norm_silu_conv2d", "group_norm", "layer_norm", "silu",
+    "relu", "gelu", "quick_gelu", "erf",
     "softmax", "attention", "attention_reference", "causal_mask", "upsample_nearest2d", "timestep_embedding",
 ]
 
@@ -26,6 +27,8 @@ __all__ = [
 IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
 SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
 SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
+CONV_BLOCK_BYTES = 4 * 2**20    # the column block of `_conv_taps`
+NORM_BLOCK_BYTES = 2**20        # the pieces `norm_silu_conv2d` normalises at a time (they stay in cache)
 SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
 ERF_BLOCK = 1 << 15             # erf's elements per block (its float64 temporaries stay in cache)
 
@@ -63,8 +66,10 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
     """torch.nn.Conv2d (dilation 1, zero padding); the plain formula is `conv2d_reference`.
     x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo]. The fast forms, by case:
     - 1x1, stride 1: one matmul over the pixels;
-    - stride 1, depthwise or on a large image: `_conv_shifted`, no im2col copy;
-    - otherwise (small images, strides, other groups): im2col, one block of output rows at a time.
+    - depthwise, stride 1: `_conv_shifted`, one multiply per tap;
+    - otherwise: `_conv_taps`, im2col one block of output rows at a time without a padded copy.
+    Under float16 / bfloat16 emulation (mdref.precision) the forms chosen before issue 33 (`_conv_emulated`) run,
+    so the emulated path's float32 sums are the ones it always had.
     """
     w = p["weight"]
     B, C, H, W = x.shape
@@ -73,24 +78,150 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
         raise ValueError(f"conv2d: input has {C} channels, weight {tuple(w.shape)} with groups={groups} "
                          f"expects {Cg * groups}")
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    bias = p.get("bias")
+    if precision.active() is not None:
+        return _conv_emulated(x, w, bias, stride, padding, groups, Ho, Wo)
+    if kh == kw == 1 and stride == 1 and groups == 1 and not padding:
+        y = np.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, Ho, Wo)    # [B, O, Ho, Wo]
+    elif stride == 1 and groups == C == O:
+        return _crop_add_bias(_conv_shifted(x, w, padding, True), bias)                  # [B, O, Ho, Wo]
+    else:
+        return _conv_taps(x, w, bias, stride, (padding, padding), groups, Ho, Wo)        # [B, O, Ho, Wo]
+    if bias is not None:
+        y += bias[:, None, None]
+    return y
+
+
+def _conv_emulated(x, w, bias, stride, padding, groups, Ho, Wo):
+    """conv2d's forms as chosen before issue 33, kept for the emulated path (see conv2d)."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
     depthwise = groups == C == O
     if kh == kw == 1 and stride == 1 and groups == 1 and not padding:
         y = np.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, Ho, Wo)    # [B, O, Ho, Wo]
     elif stride == 1 and (depthwise or (groups == 1 and Ho * Wo > SHIFTED_MIN_PIXELS)):
-        y = _conv_shifted(x, w, padding, depthwise)                                     # [B, O, Ho, Wo]
+        return _crop_add_bias(_conv_shifted(x, w, padding, depthwise), bias)             # [B, O, Ho, Wo]
     else:
         y = _conv_im2col(_pad(x, padding), w, stride, groups, Ho, Wo)                   # [B, O, Ho, Wo]
-    bias = p.get("bias")
-    if not y.flags.c_contiguous:                # the shifted form's view on the padded width: crop + bias in one pass
-        out = np.empty(y.shape, y.dtype)
-        if bias is None:
-            out[...] = y
-        else:
-            np.add(y, bias[:, None, None], out=out)
-        return out
     if bias is not None:
         y += bias[:, None, None]
     return y
+
+
+def _crop_add_bias(y, bias):
+    """The shifted form's view on the padded width: crop + bias in one pass."""
+    out = np.empty(y.shape, y.dtype)
+    if bias is None:
+        out[...] = y
+    else:
+        np.add(y, bias[:, None, None], out=out)
+    return out
+
+
+def _conv_taps(x, w, bias, stride, pad, groups, Ho, Wo, y=None):
+    """im2col one block of output rows at a time, without a padded copy of x: the block's column matrix
+    cols[(c, u, v), (i, j)] = x[c, i * stride + u - top, j * stride + v - left] (zero outside x; pad = (top, left))
+    is filled by one strided copy per tap (`_fill_taps`) and multiplied by the weights [O, C*kh*kw] in one GEMM
+    (groups: a batch dimension of it); the bias is added while the block is still in cache. CONV_BLOCK_BYTES
+    bounds the column block. Writes into y [B, O, Ho, Wo] if given."""
+    B, C = x.shape[:2]
+    O, Cg, kh, kw = w.shape
+    K = Cg * kh * kw
+    wg = w.reshape(groups, O // groups, K)                                              # [G, O/G, Cg*kh*kw]
+    rows = max(1, min(Ho, CONV_BLOCK_BYTES // (x.itemsize * C * kh * kw * Wo)))
+    buf = np.empty((C * kh * kw, rows * Wo), x.dtype)
+    y = np.empty((B, O, Ho, Wo), x.dtype) if y is None else y
+    yg = y.reshape(B, groups, O // groups, Ho * Wo)                                    # a view
+    for b in range(B):
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            cols = buf[:, :(r1 - r0) * Wo]                                              # [C*kh*kw, r*Wo]
+            _fill_taps(cols.reshape(C, kh, kw, r1 - r0, Wo), x[b], r0, stride, pad)
+            out = yg[b, :, :, r0 * Wo:r1 * Wo]                                          # [G, O/G, r*Wo]
+            np.matmul(wg, cols.reshape(groups, K, -1), out=out)
+            if bias is not None:
+                out += bias.reshape(groups, -1, 1)
+    return y
+
+
+def _fill_taps(cols, x, r0, stride, pad):
+    """cols [C, kh, kw, r, Wo] <- for output rows r0 .. r0 + r - 1 and every tap (u, v):
+    x[c, i * stride + u - top, j * stride + v - left], zero where that falls outside x [C, H, W]."""
+    _, kh, kw, r, Wo = cols.shape
+    H, W = x.shape[1:]
+    for u in range(kh):
+        i0, i1 = _inside(u - pad[0], stride, H, r0, r0 + r)
+        for v in range(kw):
+            j0, j1 = _inside(v - pad[1], stride, W, 0, Wo)
+            tap = cols[:, u, v]                                                         # [C, r, Wo]
+            tap[:, :i0 - r0] = 0
+            tap[:, i1 - r0:] = 0
+            tap[:, :, :j0] = 0
+            tap[:, :, j1:] = 0
+            if i1 > i0 and j1 > j0:
+                tap[:, i0 - r0:i1 - r0, j0:j1] = x[:, _reads(i0, i1, stride, u - pad[0]),
+                                                  _reads(j0, j1, stride, v - pad[1])]
+
+
+def _inside(offset, stride, size, lo, hi):
+    """(i0, i1): the outputs i in [lo, hi) whose tap reads i * stride + offset inside [0, size), i0 <= i1."""
+    i0 = max(lo, -(offset // stride))
+    return i0, max(i0, min(hi, (size - 1 - offset) // stride + 1))
+
+
+def _reads(i0, i1, stride, offset):
+    """The input indices outputs i0 .. i1 - 1 read: i * stride + offset."""
+    return slice(i0 * stride + offset, (i1 - 1) * stride + offset + 1, stride)
+
+
+def upsample_conv2d(x, p, *, scale=2, padding=1):
+    """conv2d(upsample_nearest2d(x, scale), p, padding=padding) (diffusers Upsample2D; TAESD's upsample + conv)
+    without the upsampled image. Output phase (a, b), the pixels (scale i + a, scale j + b), is a conv of x itself:
+    the kernel taps that read the same pixel of x are summed first (`_phase_taps`), so a 3x3 kernel becomes four
+    2x2 kernels on a quarter of the pixels, 2.25x fewer FLOPs. x [B, C, H, W] -> [B, O, scale H, scale W].
+    Under float16 / bfloat16 emulation it is the two emulated ops, as written."""
+    w, bias = p["weight"], p.get("bias")
+    if precision.active() is not None:
+        return conv2d(upsample_nearest2d(x, scale), p, padding=padding)
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    if Cg != C:
+        raise ValueError(f"upsample_conv2d: input has {C} channels, weight {tuple(w.shape)} expects {Cg}")
+    Ho, Wo = scale * H + 2 * padding - kh + 1, scale * W + 2 * padding - kw + 1
+    Hr, Wr = -(-Ho // scale), -(-Wo // scale)                   # outputs per phase (H, W when the kernel fits)
+    rows_taps, cols_taps = _phase_taps(kh, scale, padding), _phase_taps(kw, scale, padding)
+    phases = []                                                 # (a, b, kernel [O, C*ka*kb], (top, left), ka, kb)
+    for a, (top, mu) in enumerate(rows_taps):
+        for b, (left, mv) in enumerate(cols_taps):
+            k = np.einsum("iu,jv,ocuv->ocij", mu.astype(w.dtype), mv.astype(w.dtype), w)   # [O, C, ka, kb]
+            phases.append((a, b, k.reshape(O, -1), (top, left), k.shape[2], k.shape[3]))
+    kmax = max(ka * kb for *_, ka, kb in phases)
+    rows = max(1, min(Hr, CONV_BLOCK_BYTES // (x.itemsize * C * kmax * Wr)))
+    buf = np.empty(C * kmax * rows * Wr, x.dtype)
+    tmp = np.empty((O, rows * Wr), x.dtype)
+    y = np.empty((B, O, scale * Hr, scale * Wr), x.dtype)
+    for n in range(B):
+        for r0 in range(0, Hr, rows):
+            r1 = min(Hr, r0 + rows)
+            for a, b, k, pad, ka, kb in phases:
+                cols = buf[:C * ka * kb * (r1 - r0) * Wr].reshape(C * ka * kb, (r1 - r0) * Wr)
+                _fill_taps(cols.reshape(C, ka, kb, r1 - r0, Wr), x[n], r0, 1, pad)
+                t = np.matmul(k, cols, out=tmp[:, :(r1 - r0) * Wr]).reshape(O, r1 - r0, Wr)
+                out = y[n, :, scale * r0 + a:scale * r1:scale, b::scale]                # [O, r, W], phase (a, b)
+                np.copyto(out, t) if bias is None else np.add(t, bias[:, None, None], out=out)
+    return np.ascontiguousarray(y[:, :, :Ho, :Wo])
+
+
+def _phase_taps(k, scale, padding):
+    """Per output phase a < scale along one axis: (top, M) with M [n, k] 0/1, M[d, u] = 1 where kernel tap u of
+    output scale * i + a reads input pixel i + d - top of the un-upsampled image (floor((a + u - padding) / scale))."""
+    out = []
+    for a in range(scale):
+        d = [(a + u - padding) // scale for u in range(k)]
+        m = np.zeros((d[-1] - d[0] + 1, k))
+        m[np.subtract(d, d[0]), np.arange(k)] = 1
+        out.append((-d[0], m))
+    return out
 
 
 def _pad(x, padding):
@@ -167,6 +298,56 @@ def group_norm(x, p, groups, eps, *, silu=False):
     return y.reshape(x.shape)
 
 
+def norm_silu_conv2d(x, norm, conv, *, groups, eps, stride=1, padding=0):
+    """conv2d(group_norm(x, norm, groups, eps, silu=True), conv, stride=stride, padding=padding), the GroupNorm-SiLU-
+    conv that opens every ResNet conv (diffusers ResnetBlock2D) and ends the decoders and the UNet. Fast form (an
+    ungrouped conv, outside emulation): the group statistics from cache-sized pieces (`_group_stats`), then one image
+    at a time normalised and activated in cache-sized pieces into one reused buffer, which `_conv_taps` reads; the
+    normalised batch is never built. Under float16 / bfloat16 emulation it is the two emulated ops, as written."""
+    w = conv["weight"]
+    if precision.active() is not None or w.shape[1] != x.shape[1]:
+        return conv2d(group_norm(x, norm, groups, eps, silu=True), conv, stride=stride, padding=padding)
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    mean, var = _group_stats(x, groups)                                                 # [B, G] each
+    per_channel = lambda t: np.repeat(t, C // groups, axis=1)[:, :, None, None]         # noqa: E731, [B, C, 1, 1]
+    mean_c = per_channel(mean)
+    scale_c = norm["weight"][:, None, None] / per_channel(np.sqrt(var + eps))           # [B, C, 1, 1]
+    shift_c = norm["bias"][:, None, None]
+    y = np.empty((B, O, Ho, Wo), x.dtype)
+    a = np.empty((1, C, H, W), x.dtype)                                                 # one image, normalised
+    step = max(1, NORM_BLOCK_BYTES // (H * W * x.itemsize))                            # channels per piece
+    tmp = np.empty((min(C, step), H, W), x.dtype)
+    for b in range(B):
+        for c0 in range(0, C, step):
+            c1 = min(C, c0 + step)
+            t = a[0, c0:c1]                                                             # [c, H, W]
+            np.subtract(x[b, c0:c1], mean_c[b, c0:c1], out=t)
+            t *= scale_c[b, c0:c1]
+            t += shift_c[c0:c1]
+            _silu_inplace(t, tmp[:c1 - c0])
+        _conv_taps(a, w, conv.get("bias"), stride, (padding, padding), 1, Ho, Wo, y[b:b + 1])
+    return y
+
+
+def _group_stats(x, groups):
+    """Mean and biased variance of each (sample, group) of x [B, C, ...] in x's dtype: the mean as np.mean sums it,
+    the variance from cache-sized pieces of the centred values (their sums added in float64)."""
+    B = x.shape[0]
+    g = x.reshape(B, groups, -1)                                                        # [B, G, n]
+    n = g.shape[2]
+    mean = g.mean(axis=-1)                                                              # [B, G]
+    step = max(1, NORM_BLOCK_BYTES // (B * groups * x.itemsize))
+    tmp = np.empty((B, groups, min(n, step)), x.dtype)
+    acc = np.zeros((B, groups), np.float64)
+    for s0 in range(0, n, step):
+        d = np.subtract(g[:, :, s0:s0 + step], mean[:, :, None], out=tmp[:, :, :min(step, n - s0)])
+        np.square(d, out=d)
+        acc += d.sum(axis=-1)
+    return mean, (acc / n).astype(x.dtype)
+
+
 @emulated(precision.layer_norm)
 def layer_norm(x, p, eps):
     """torch.nn.LayerNorm over the last axis (biased variance), then affine.  x [..., D]."""
@@ -189,8 +370,8 @@ def silu(x):
     return _silu_inplace(np.array(x, copy=True))
 
 
-def _silu_inplace(x):
-    t = np.multiply(x, 0.5, out=np.empty_like(x))                   # an array even when x is 0-d
+def _silu_inplace(x, scratch=None):
+    t = np.multiply(x, 0.5, out=np.empty_like(x) if scratch is None else scratch)   # an array even when x is 0-d
     np.tanh(t, out=t)
     t += 1
     x *= t

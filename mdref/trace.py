@@ -17,7 +17,7 @@ import numpy as np
 
 from .precision import rounded
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "recording",
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "record_unbuilt", "recording",
            "active", "save_trace", "load_trace", "first_nonfinite"]
 
 _ACTIVE = contextvars.ContextVar("mdref_trace", default=None)
@@ -126,6 +126,14 @@ def record_on_request(name, compute):
     compute is not called otherwise: the extra work costs one context-variable lookup when nobody asks."""
     t = _ACTIVE.get()
     if t is not None and t.requests(name):
+        t.add(name, rounded(compute()))
+
+
+def record_unbuilt(name, compute):
+    """A point the fast path never builds (TAESD's upsampled image, fused into the next conv): keep compute() under
+    `name` if a trace is active and wants it, as `record` would; compute is not called otherwise."""
+    t = _ACTIVE.get()
+    if t is not None and t.wants(name):
         t.add(name, rounded(compute()))
 
 

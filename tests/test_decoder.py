@@ -16,6 +16,7 @@ from mdref.io import Decoder, DecoderConfig
 from mdref.io.decoder_config import config_from_diffusers
 from mdref.io.keymaps import diffusers_to_raw_taesd, raw_taesd_to_diffusers
 from mdref.io.presets import DECODER_PRESETS as PRESETS
+from mdref.decoder import taesd_stages
 from mdref.trace import trace as tracing
 from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
 
@@ -232,3 +233,8 @@ def test_trace_points(kl_folder, tiny_folder):
         dec = Decoder.from_pretrained(tiny_folder[1])
         dec(latents)
     assert t.names()[:2] == ["decoder.layers.0", "decoder.layers.1"] and t.names()[-1] == "decoder.out"
+    # The upsample stages are fused into the next conv; traced, they still record the upsampled image.
+    ups = [i for i, s in enumerate(taesd_stages(dec.spec)) if s == "upsample"]
+    assert ups and t.names() == [f"decoder.layers.{i}" for i in range(len(taesd_stages(dec.spec)))] + ["decoder.out"]
+    for i in ups:
+        np.testing.assert_array_equal(t[f"decoder.layers.{i}"], t[f"decoder.layers.{i - 1}"].repeat(2, 2).repeat(2, 3))
