@@ -189,12 +189,18 @@ def upsample_conv2d(x, p, *, scale=2, padding=1):
         raise ValueError(f"upsample_conv2d: input has {C} channels, weight {tuple(w.shape)} expects {Cg}")
     Ho, Wo = scale * H + 2 * padding - kh + 1, scale * W + 2 * padding - kw + 1
     Hr, Wr = -(-Ho // scale), -(-Wo // scale)                   # outputs per phase (H, W when the kernel fits)
-    rows_taps, cols_taps = _phase_taps(kh, scale, padding), _phase_taps(kw, scale, padding)
-    phases = []                                                 # (a, b, kernel [O, C*ka*kb], (top, left), ka, kb)
-    for a, (top, mu) in enumerate(rows_taps):
-        for b, (left, mv) in enumerate(cols_taps):
-            k = np.einsum("iu,jv,ocuv->ocij", mu.astype(w.dtype), mv.astype(w.dtype), w)   # [O, C, ka, kb]
-            phases.append((a, b, k.reshape(O, -1), (top, left), k.shape[2], k.shape[3]))
+    planes = np.ascontiguousarray(w.transpose(2, 3, 0, 1))     # [kh, kw, O, C]: each tap's weights contiguous
+    phases = []                                                 # (a, b, kernel [O, ka*kb*C], (top, left), ka, kb)
+    for a, (top, row_taps) in enumerate(_phase_taps(kh, scale, padding)):
+        for b, (left, col_taps) in enumerate(_phase_taps(kw, scale, padding)):
+            k = np.empty((O, len(row_taps), len(col_taps), C), w.dtype)                # taps, then channels
+            for i, us in enumerate(row_taps):
+                for j, vs in enumerate(col_taps):
+                    taps = [(u, v) for u in us for v in vs]
+                    np.copyto(k[:, i, j], planes[taps[0]])
+                    for t in taps[1:]:
+                        k[:, i, j] += planes[t]
+            phases.append((a, b, k.reshape(O, -1), (top, left), k.shape[1], k.shape[2]))
     kmax = max(ka * kb for *_, ka, kb in phases)
     rows = max(1, min(Hr, CONV_BLOCK_BYTES // (x.itemsize * C * kmax * Wr)))
     buf = np.empty(C * kmax * rows * Wr, x.dtype)
@@ -204,23 +210,22 @@ def upsample_conv2d(x, p, *, scale=2, padding=1):
         for r0 in range(0, Hr, rows):
             r1 = min(Hr, r0 + rows)
             for a, b, k, pad, ka, kb in phases:
-                cols = buf[:C * ka * kb * (r1 - r0) * Wr].reshape(C * ka * kb, (r1 - r0) * Wr)
-                _fill_taps(cols.reshape(C, ka, kb, r1 - r0, Wr), x[n], r0, 1, pad)
-                t = np.matmul(k, cols, out=tmp[:, :(r1 - r0) * Wr]).reshape(O, r1 - r0, Wr)
+                cols = buf[:ka * kb * C * (r1 - r0) * Wr].reshape(ka, kb, C, r1 - r0, Wr)   # taps, channels
+                _fill_taps(cols.transpose(2, 0, 1, 3, 4), x[n], r0, 1, pad)
+                t = np.matmul(k, cols.reshape(ka * kb * C, -1), out=tmp[:, :(r1 - r0) * Wr]).reshape(O, r1 - r0, Wr)
                 out = y[n, :, scale * r0 + a:scale * r1:scale, b::scale]                # [O, r, W], phase (a, b)
                 np.copyto(out, t) if bias is None else np.add(t, bias[:, None, None], out=out)
     return np.ascontiguousarray(y[:, :, :Ho, :Wo])
 
 
 def _phase_taps(k, scale, padding):
-    """Per output phase a < scale along one axis: (top, M) with M [n, k] 0/1, M[d, u] = 1 where kernel tap u of
-    output scale * i + a reads input pixel i + d - top of the un-upsampled image (floor((a + u - padding) / scale))."""
+    """Per output phase a < scale along one axis: (top, groups). Kernel tap u of output scale * i + a reads input
+    pixel i + d(u) of the image before upsampling, d(u) = floor((a + u - padding) / scale), non-decreasing and
+    skipping no value; groups lists the taps u of each value of d in turn, and top = -d(0)."""
     out = []
     for a in range(scale):
         d = [(a + u - padding) // scale for u in range(k)]
-        m = np.zeros((d[-1] - d[0] + 1, k))
-        m[np.subtract(d, d[0]), np.arange(k)] = 1
-        out.append((-d[0], m))
+        out.append((-d[0], [[u for u in range(k) if d[u] == e] for e in range(d[0], d[-1] + 1)]))
     return out
 
 
