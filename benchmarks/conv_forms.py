@@ -1,15 +1,15 @@
 """mdref's convolution forms timed shape by shape against torch (issue 33): the measurement behind
 ops.CONV_BLOCK_BYTES and the choice of form in ops.conv2d. See benchmarks/README.md, "conv_forms.py".
 
-    python benchmarks/conv_forms.py [--components taesd,md-lite,sd-vae,md-unet,sd21-unet] [--blocks 1,2,4,8,16]
+    python benchmarks/conv_forms.py [--components taesd,md-lite,sd-vae,md-unet,sd21-unet] [--blocks 4:0,4:2048]
                                     [--rounds 5] [--threads 1] [--dtype float32] [--markdown out.md] [--json out.json]
     python benchmarks/conv_forms.py --ablation [--components ...] [--rounds N] [--threads 1] ...
 
 1. Shapes: each component's mdref side (benchmarks/components.py, full size, batch 1) runs once with ops.conv2d,
    ops.upsample_conv2d and ops.norm_silu_conv2d wrapped, recording every call's form and shapes and how often.
 2. Every distinct shape with a 3x3 (or larger) dense kernel is timed in each form, interleaved, min over --rounds:
-   conv      torch F.conv2d | taps@N (ops.conv2d, CONV_BLOCK_BYTES = N MiB) | shifted / im2col (the forms before
-             issue 33, which the float16 emulation still runs: ops._conv_emulated)
+   conv      torch F.conv2d | taps@N:M (ops.conv2d with CONV_BLOCK_BYTES = N MiB, CONV_MIN_COLUMNS = M) | shifted /
+             im2col (the forms before issue 33, which the float16 emulation still runs: ops._conv_emulated)
    upsample  torch interpolate + conv2d | upsample_conv2d@N | conv2d(upsample_nearest2d(x)) (taps, default block)
    norm      torch group_norm + silu + conv2d | norm_silu_conv2d@N | conv2d(group_norm(x, silu=True))
    (1x1 and depthwise convs are one matmul / one multiply per tap and are not timed.)
@@ -82,6 +82,12 @@ def timed(key):
     return kh * kw > 1 and groups == 1
 
 
+def _setting(b):
+    """'4:2048' -> the ops constants it names (CONV_BLOCK_BYTES in MiB : CONV_MIN_COLUMNS)."""
+    mib, cols = b.split(":")
+    return dict(CONV_BLOCK_BYTES=int(float(mib) * MIB), CONV_MIN_COLUMNS=int(cols))
+
+
 def forms(key, dtype, blocks, torch):
     """{form name: zero-argument callable} for one shape; random data, weights ~ 1/sqrt(fan_in)."""
     from mdref import ops
@@ -117,24 +123,22 @@ def forms(key, dtype, blocks, torch):
     if kind == "conv":
         f["torch"] = lambda: F.conv2d(tx, tw, tb, **conv)
         for b in blocks:
-            f[f"taps@{b:g}"] = patched(lambda: ops.conv2d(x, p, **conv), CONV_BLOCK_BYTES=int(b * MIB))
+            f[f"taps@{b}"] = patched(lambda: ops.conv2d(x, p, **conv), **_setting(b))
         if stride == 1:
             f["shifted"] = patched(lambda: former(x, stride, padding), SHIFTED_MIN_PIXELS=-1)
         f["im2col"] = patched(lambda: former(x, stride, padding), SHIFTED_MIN_PIXELS=2**62)
     elif kind == "upsample":
         f["torch"] = lambda: F.conv2d(F.interpolate(tx, scale_factor=2, mode="nearest"), tw, tb, padding=padding)
         for b in blocks:
-            f[f"upsample_conv2d@{b:g}"] = patched(lambda: ops.upsample_conv2d(x, p, padding=padding),
-                                                  CONV_BLOCK_BYTES=int(b * MIB))
+            f[f"upsample_conv2d@{b}"] = patched(lambda: ops.upsample_conv2d(x, p, padding=padding), **_setting(b))
         f["conv2d(upsample)"] = lambda: ops.conv2d(ops.upsample_nearest2d(x, 2), p, padding=padding)
         f["former"] = lambda: former(ops.upsample_nearest2d(x, 2), 1, padding)
     else:
         groups = 32 if C % 32 == 0 else 1
         f["torch"] = lambda: F.conv2d(F.silu(F.group_norm(tx, groups, *tn, 1e-6)), tw, tb, **conv)
         for b in blocks:
-            f[f"norm_silu_conv2d@{b:g}"] = patched(
-                lambda: ops.norm_silu_conv2d(x, norm, p, groups=groups, eps=1e-6, **conv),
-                CONV_BLOCK_BYTES=int(b * MIB))
+            f[f"norm_silu_conv2d@{b}"] = patched(
+                lambda: ops.norm_silu_conv2d(x, norm, p, groups=groups, eps=1e-6, **conv), **_setting(b))
         f["conv2d(group_norm)"] = lambda: ops.conv2d(ops.group_norm(x, norm, groups, 1e-6, silu=True), p, **conv)
         f["former"] = lambda: former(ops.group_norm(x, norm, groups, 1e-6, silu=True), stride, padding)
     return f
@@ -220,8 +224,9 @@ def markdown(report):
     lines = [f"# mdref conv forms vs torch, shape by shape ({a['dtype']}, {a['threads']} thread(s), "
              f"{'thread CPU time' if a['threads'] == 1 else 'wall time'}, min of {a['rounds']})", ""]
     lines += [f"- {k}: {v}" for k, v in report["machine"].items()]
-    lines += ["- taps@N / upsample_conv2d@N / norm_silu_conv2d@N: ops.CONV_BLOCK_BYTES = N MiB; shifted, im2col: the "
-              "forms before issue 33 (ops._conv_emulated); each cell: ms, and / torch", ""]
+    lines += ["- taps@N:M / upsample_conv2d@N:M / norm_silu_conv2d@N:M: ops.CONV_BLOCK_BYTES = N MiB, "
+              "ops.CONV_MIN_COLUMNS = M; shifted, im2col: the forms before issue 33 (ops._conv_emulated); each cell: "
+              "ms, and / torch", ""]
     for kind in ("conv", "upsample", "norm"):
         rows = [r for r in report["shapes"] if r["key"][0] == kind]
         if not rows:
@@ -236,11 +241,11 @@ def markdown(report):
             lines.append(f"| {label(r['key'])} | {r['calls']} | {r['gflop']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Per component: sum of calls x time over the timed shapes, / torch", "",
-              "| component | torch s | " + " | ".join(f"block {b:g} MiB" for b in a["blocks"]) + " | former forms |",
+              "| component | torch s | " + " | ".join(f"{b}" for b in a["blocks"]) + " | former forms |",
               "|" + "---|" * (3 + len(a["blocks"]))]
     for name, tot in report["totals"].items():
         t = tot["torch"]
-        cells = [f"{tot[f'@{b:g}'] / t:.3f}" for b in a["blocks"]] + [f"{tot['former'] / t:.3f}"]
+        cells = [f"{tot[f'@{b}'] / t:.3f}" for b in a["blocks"]] + [f"{tot['former'] / t:.3f}"]
         lines.append(f"| {name} | {t:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "former forms: conv2d as before issue 33 (shifted above 64x64 output pixels at stride 1, else "
               "im2col), on upsample_nearest2d(x) and on group_norm(x, silu=True) where the new form fuses those.", ""]
@@ -266,7 +271,8 @@ def ablation_markdown(report):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--components", default="taesd,md-lite,sd-vae,md-unet,sd21-unet")
-    ap.add_argument("--blocks", default="1,2,4,8,16", help="CONV_BLOCK_BYTES values to time, in MiB")
+    ap.add_argument("--blocks", default="2:0,4:0,8:0,4:1024,4:2048,8:2048",
+                    help="column block settings to time, CONV_BLOCK_BYTES in MiB : CONV_MIN_COLUMNS")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -281,7 +287,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     import run
     clock = time.thread_time if a.threads == 1 else time.perf_counter
-    blocks = [float(b) for b in a.blocks.split(",")]
+    blocks = a.blocks.split(",")
     pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
     report = {"args": {**vars(a), "blocks": blocks}, "shapes": [], "totals": {}, "machine": {
         "CPU": f"{run.cpu_model()} ({os.cpu_count()} CPUs)", "NumPy": np.__version__,
@@ -317,11 +323,12 @@ def main(argv=None):
             m = ms[key]
             tot["torch"] += n * m["torch"] / 1e3
             for b in blocks:
-                tot[f"@{b:g}"] += n * next(v for k, v in m.items() if k.endswith(f"@{b:g}")) / 1e3
+                tot[f"@{b}"] += n * next(v for k, v in m.items() if k.endswith(f"@{b}")) / 1e3
             former = ("shifted" if key[3] * key[4] > 64 * 64 and key[7] == 1 else "im2col") if key[0] == "conv" \
                 else "former"
             tot["former"] += n * m[former] / 1e3
         report["totals"][name] = dict(tot)
+        report.setdefault("calls", {})[name] = [[list(k), n] for k, n in c.items()]
     run.write_report(report, markdown(report), a.markdown, a.json)
 
 

@@ -27,7 +27,8 @@ __all__ = [
 IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
 SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
 SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
-CONV_BLOCK_BYTES = 4 * 2**20    # the column block of `_conv_taps`
+CONV_BLOCK_BYTES = 4 * 2**20    # a column block of `_conv_taps` / `upsample_conv2d` at most this large (cache) ...
+CONV_MIN_COLUMNS = 2048         # ... unless that is fewer output pixels than this (the GEMM packs the weights per call)
 NORM_BLOCK_BYTES = 2**20        # the pieces `norm_silu_conv2d` normalises at a time (they stay in cache)
 SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
 ERF_BLOCK = 1 << 15             # erf's elements per block (its float64 temporaries stay in cache)
@@ -128,7 +129,7 @@ def _conv_taps(x, w, bias, stride, pad, groups, Ho, Wo, y=None):
     O, Cg, kh, kw = w.shape
     K = Cg * kh * kw
     wg = w.reshape(groups, O // groups, K)                                              # [G, O/G, Cg*kh*kw]
-    rows = max(1, min(Ho, CONV_BLOCK_BYTES // (x.itemsize * C * kh * kw * Wo)))
+    rows = _block_rows(Ho, Wo, C * kh * kw, x.itemsize)
     buf = np.empty((C * kh * kw, rows * Wo), x.dtype)
     y = np.empty((B, O, Ho, Wo), x.dtype) if y is None else y
     yg = y.reshape(B, groups, O // groups, Ho * Wo)                                    # a view
@@ -142,6 +143,13 @@ def _conv_taps(x, w, bias, stride, pad, groups, Ho, Wo, y=None):
             if bias is not None:
                 out += bias.reshape(groups, -1, 1)
     return y
+
+
+def _block_rows(Ho, Wo, K, itemsize):
+    """Output rows per column block [K, rows * Wo]: at most CONV_BLOCK_BYTES of it, so that it is still in cache when
+    the GEMM reads it, but at least CONV_MIN_COLUMNS pixels, so that packing the weights is a small part of each
+    GEMM (measured: benchmarks/conv-forms-2cpu.md)."""
+    return max(1, min(Ho, max(CONV_BLOCK_BYTES // (itemsize * K * Wo), -(-CONV_MIN_COLUMNS // Wo))))
 
 
 def _fill_taps(cols, x, r0, stride, pad):
@@ -202,7 +210,7 @@ def upsample_conv2d(x, p, *, scale=2, padding=1):
                         k[:, i, j] += planes[t]
             phases.append((a, b, k.reshape(O, -1), (top, left), k.shape[1], k.shape[2]))
     kmax = max(ka * kb for *_, ka, kb in phases)
-    rows = max(1, min(Hr, CONV_BLOCK_BYTES // (x.itemsize * C * kmax * Wr)))
+    rows = _block_rows(Hr, Wr, C * kmax, x.itemsize)
     buf = np.empty(C * kmax * rows * Wr, x.dtype)
     tmp = np.empty((O, rows * Wr), x.dtype)
     y = np.empty((B, O, scale * Hr, scale * Wr), x.dtype)

@@ -160,16 +160,23 @@ def test_depthwise_conv_equals_per_channel_conv(dtype, seed, B, C, mult, k, stri
     check("depthwise==per-channel", y, per_channel, dtype, RTOL[dtype])
 
 
+def one_row_blocks(m):
+    """Column blocks of one output row (monkeypatch context m)."""
+    m.setattr(ops, "CONV_BLOCK_BYTES", 1)
+    m.setattr(ops, "CONV_MIN_COLUMNS", 1)
+
+
 @by_dtype
 @given(seed=seeds, c=conv_cases(max_hw=9))
 def test_conv2d_row_blocks_equal_one_block(dtype, seed, c):
-    """CONV_BLOCK_BYTES only bounds the working set: one output row per block gives the unblocked result."""
+    """CONV_BLOCK_BYTES / CONV_MIN_COLUMNS only shape the working set: one output row per block gives the unblocked
+    result."""
     rng = np.random.default_rng(seed)
     x, w = conv_inputs(rng, c, dtype)
     kw = dict(stride=c["stride"], padding=c["padding"], groups=c["groups"])
     whole = ops.conv2d(x, {"weight": w}, **kw)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ops, "CONV_BLOCK_BYTES", 1)
+        one_row_blocks(m)
         blocked = ops.conv2d(x, {"weight": w}, **kw)
     # Each output is the same dot product; only the matmul's shape changes, which BLAS may sum differently.
     check("conv2d blocked==whole", blocked, whole, dtype, RTOL[dtype])
@@ -202,7 +209,7 @@ def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
     assert plain.dtype == dtype
     scale = ops.conv2d_reference(np.abs(x), {"weight": np.abs(w)}, **kw)                 # sum |x w| bound
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ops, "CONV_BLOCK_BYTES", 1)
+        one_row_blocks(m)
         one_row = ops.conv2d(x, p, **kw)
     for name, out in [("default", ops.conv2d(x, p, **kw)), ("taps, one-row blocks", one_row),
                       *emulated_forms(x, p, **kw)]:
@@ -233,7 +240,7 @@ def test_upsample_conv2d_matches_loop_and_plain_formula(dtype, seed, c, bias, on
     up = np.repeat(np.repeat(x, s, axis=2), s, axis=3)                                  # nearest, by definition
     with pytest.MonkeyPatch.context() as m:
         if one_row:
-            m.setattr(ops, "CONV_BLOCK_BYTES", 1)
+            one_row_blocks(m)
         out = ops.upsample_conv2d(x, p, scale=s, padding=c["padding"])
     kw = dict(stride=1, padding=c["padding"], groups=1)
     scale = conv2d_ref(np.abs(up), np.abs(w), None if b is None else np.abs(b), **kw)   # sum |x w| bound
@@ -268,7 +275,7 @@ def test_norm_silu_conv2d_equals_its_plain_formula(dtype, seed, c, bias, blocks)
     kw = dict(stride=c["stride"], padding=c["padding"])
     with pytest.MonkeyPatch.context() as m:
         if blocks == "one":                                  # one row of the column block, one value per piece
-            m.setattr(ops, "CONV_BLOCK_BYTES", 1)
+            one_row_blocks(m)
             m.setattr(ops, "NORM_BLOCK_BYTES", 1)
         out = ops.norm_silu_conv2d(x, norm, p, groups=c["groups"], eps=c["eps"], **kw)
     gn = group_norm_ref(x, norm["weight"], norm["bias"], c["groups"], c["eps"])
@@ -318,6 +325,7 @@ def test_decoder_conv_shapes_against_torch(dtype, form, C, O, H, W, groups, bloc
     with pytest.MonkeyPatch.context() as m:
         if block is not None:
             m.setattr(ops, "CONV_BLOCK_BYTES", block)
+            m.setattr(ops, "CONV_MIN_COLUMNS", 1)
         if form == "conv":
             out = ops.conv2d(x, p, padding=1, stride=2 if C == 320 else 1)
         elif form == "upsample":
