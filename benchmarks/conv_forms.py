@@ -10,7 +10,8 @@ ops.CONV_BLOCK_BYTES and the choice of form in ops.conv2d. See benchmarks/README
 2. Every distinct shape with a 3x3 (or larger) dense kernel is timed in each form, interleaved, min over --rounds:
    conv      torch F.conv2d | taps@N:M (ops.conv2d with CONV_BLOCK_BYTES = N MiB, CONV_MIN_COLUMNS = M) | shifted /
              im2col (the forms before issue 33, which the float16 emulation still runs: ops._conv_emulated)
-   upsample  torch interpolate + conv2d | upsample_conv2d@N | conv2d(upsample_nearest2d(x)) (taps, default block)
+   upsample  torch interpolate + conv2d | upsample_conv2d@N:M (its phase form, at every size) |
+             conv2d(upsample_nearest2d(x)) (taps, default block)
    norm      torch group_norm + silu + conv2d | norm_silu_conv2d@N | conv2d(group_norm(x, silu=True))
    (1x1 and depthwise convs are one matmul / one multiply per tap and are not timed.)
 3. Per component: the sum over its shapes of count x time, per form, against torch's.
@@ -130,7 +131,8 @@ def forms(key, dtype, blocks, torch):
     elif kind == "upsample":
         f["torch"] = lambda: F.conv2d(F.interpolate(tx, scale_factor=2, mode="nearest"), tw, tb, padding=padding)
         for b in blocks:
-            f[f"upsample_conv2d@{b}"] = patched(lambda: ops.upsample_conv2d(x, p, padding=padding), **_setting(b))
+            f[f"upsample_conv2d@{b}"] = patched(lambda: ops.upsample_conv2d(x, p, padding=padding), **_setting(b),
+                                                UPSAMPLE_MIN_PIXELS=0)                  # the phase form
         f["conv2d(upsample)"] = lambda: ops.conv2d(ops.upsample_nearest2d(x, 2), p, padding=padding)
         f["former"] = lambda: former(ops.upsample_nearest2d(x, 2), 1, padding)
     else:

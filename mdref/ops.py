@@ -27,8 +27,11 @@ __all__ = [
 IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
 SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
 SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
+# The conv forms' constants, chosen from benchmarks/conv-forms-2cpu.md (every conv shape of the benchmarked models):
 CONV_BLOCK_BYTES = 4 * 2**20    # a column block of `_conv_taps` / `upsample_conv2d` at most this large (cache) ...
-CONV_MIN_COLUMNS = 2048         # ... unless that is fewer output pixels than this (the GEMM packs the weights per call)
+CONV_MIN_COLUMNS = 1024         # ... unless that is fewer output pixels than this (the GEMM packs the weights per call)
+UPSAMPLE_MIN_PIXELS = 16 * 16   # upsample_conv2d's phase form from this image size on (1280 channels at 8 x 8: 93 ms,
+                                # conv2d of the upsampled image 77 ms; at 16 x 16: 191 ms against 297 ms)
 NORM_BLOCK_BYTES = 2**20        # the pieces `norm_silu_conv2d` normalises at a time (they stay in cache)
 SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
 ERF_BLOCK = 1 << 15             # erf's elements per block (its float64 temporaries stay in cache)
@@ -187,9 +190,9 @@ def upsample_conv2d(x, p, *, scale=2, padding=1):
     without the upsampled image. Output phase (a, b), the pixels (scale i + a, scale j + b), is a conv of x itself:
     the kernel taps that read the same pixel of x are summed first (`_phase_taps`), so a 3x3 kernel becomes four
     2x2 kernels on a quarter of the pixels, 2.25x fewer FLOPs. x [B, C, H, W] -> [B, O, scale H, scale W].
-    Under float16 / bfloat16 emulation it is the two emulated ops, as written."""
+    Under float16 / bfloat16 emulation, and on images under UPSAMPLE_MIN_PIXELS, it is the two ops, as written."""
     w, bias = p["weight"], p.get("bias")
-    if precision.active() is not None:
+    if precision.active() is not None or x.shape[2] * x.shape[3] < UPSAMPLE_MIN_PIXELS:
         return conv2d(upsample_nearest2d(x, scale), p, padding=padding)
     B, C, H, W = x.shape
     O, Cg, kh, kw = w.shape

@@ -76,16 +76,21 @@ def tiny_folder(tmp_path_factory):
     return vae, folder
 
 
+# Latent sizes: small, and large enough that upsample_conv2d takes its phase form (ops.UPSAMPLE_MIN_PIXELS).
+SIZES = pytest.mark.parametrize("hw", [(5, 7), (17, 16)], ids=["small", "phase-form"])
+
+
+@SIZES
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kl_matches_diffusers(kl_folder, dtype):
+def test_kl_matches_diffusers(kl_folder, dtype, hw):
     vae, folder = kl_folder
     keys = read_safetensors(folder / "diffusion_pytorch_model.safetensors")[0]
     assert any(k.startswith("encoder.") for k in keys) and any(k.startswith("quant_conv.") for k in keys)
-    latents = np.random.default_rng(0).standard_normal((2, 4, 5, 7)).astype(dtype)   # batch 2, non-square
+    latents = np.random.default_rng(0).standard_normal((2, 4) + hw).astype(dtype)   # batch 2, non-square
     dec = Decoder.from_pretrained(folder, dtype=dtype)
     assert dec.scaling_factor == 0.3 and dec.shift_factor == 0.1 and dec.upsampling_factor == 4
     got, ref = dec(latents), oracle(vae, latents, dtype)
-    assert got.shape == ref.shape == (2, 3, 20, 28) and got.dtype == dtype
+    assert got.shape == ref.shape == (2, 3, 4 * hw[0], 4 * hw[1]) and got.dtype == dtype
     assert report(f"AutoencoderKL.decode {np.dtype(dtype).name}", got, ref) <= TOL[dtype]
 
 
@@ -103,14 +108,15 @@ def test_kl_variants_match_diffusers(variant, tmp_path):
     assert report(f"AutoencoderKL {variant} float32", dec(latents), oracle(vae, latents, np.float32)) <= 1e-5
 
 
+@SIZES
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tiny_matches_diffusers(tiny_folder, dtype):
+def test_tiny_matches_diffusers(tiny_folder, dtype, hw):
     vae, folder = tiny_folder
-    latents = 2 * np.random.default_rng(1).standard_normal((2, 4, 6, 5)).astype(dtype)  # |x| > 3 hits the clamp
+    latents = 2 * np.random.default_rng(1).standard_normal((2, 4) + hw).astype(dtype)  # |x| > 3 hits the clamp
     dec = Decoder.from_pretrained(folder, dtype=dtype)
     assert dec.scaling_factor == 1.0 and dec.shift_factor == 0.0 and dec.upsampling_factor == 4
     got, ref = dec(latents), oracle(vae, latents, dtype)
-    assert got.shape == ref.shape == (2, 3, 24, 20)
+    assert got.shape == ref.shape == (2, 3, 4 * hw[0], 4 * hw[1])
     assert report(f"AutoencoderTiny.decode {np.dtype(dtype).name}", got, ref) <= TOL[dtype]
 
 

@@ -241,6 +241,7 @@ def test_upsample_conv2d_matches_loop_and_plain_formula(dtype, seed, c, bias, on
     with pytest.MonkeyPatch.context() as m:
         if one_row:
             one_row_blocks(m)
+        m.setattr(ops, "UPSAMPLE_MIN_PIXELS", 0)                     # the phase form even on these small images
         out = ops.upsample_conv2d(x, p, scale=s, padding=c["padding"])
     kw = dict(stride=1, padding=c["padding"], groups=1)
     scale = conv2d_ref(np.abs(up), np.abs(w), None if b is None else np.abs(b), **kw)   # sum |x w| bound
@@ -248,6 +249,8 @@ def test_upsample_conv2d_matches_loop_and_plain_formula(dtype, seed, c, bias, on
     check("upsample_conv2d", out, conv2d_ref(up, w, b, **kw), dtype, RTOL[dtype], scale)
     plain = ops.conv2d(ops.upsample_nearest2d(x, s), p, padding=c["padding"])
     check("upsample_conv2d == conv2d(upsample)", out, plain, dtype, RTOL[dtype], scale)
+    small = ops.upsample_conv2d(x, p, scale=s, padding=c["padding"])                      # the composition here
+    check("upsample_conv2d (under UPSAMPLE_MIN_PIXELS) == conv2d(upsample)", small, plain, dtype, RTOL[dtype], scale)
 
 
 @st.composite
@@ -326,6 +329,7 @@ def test_decoder_conv_shapes_against_torch(dtype, form, C, O, H, W, groups, bloc
         if block is not None:
             m.setattr(ops, "CONV_BLOCK_BYTES", block)
             m.setattr(ops, "CONV_MIN_COLUMNS", 1)
+        m.setattr(ops, "UPSAMPLE_MIN_PIXELS", 0)                     # the phase form at every size here
         if form == "conv":
             out = ops.conv2d(x, p, padding=1, stride=2 if C == 320 else 1)
         elif form == "upsample":
