@@ -8,11 +8,12 @@ ops.CONV_BLOCK_BYTES and the choice of form in ops.conv2d. See benchmarks/README
 1. Shapes: each component's mdref side (benchmarks/components.py, full size, batch 1) runs once with ops.conv2d,
    ops.upsample_conv2d and ops.norm_silu_conv2d wrapped, recording every call's form and shapes and how often.
 2. Every distinct shape with a 3x3 (or larger) dense kernel is timed in each form, interleaved, min over --rounds:
-   conv      torch F.conv2d | taps@N:M (ops.conv2d with CONV_BLOCK_BYTES = N MiB, CONV_MIN_COLUMNS = M) | shifted /
-             im2col (the forms before issue 33, which the float16 emulation still runs: ops._conv_emulated)
+   conv      torch F.conv2d | conv2d@N:M (ops.conv2d with CONV_BLOCK_BYTES = N MiB, CONV_MIN_COLUMNS = M) | rows /
+             taps (each of its im2col forms forced, at the default block) | shifted / im2col (the forms before
+             issue 33, which the float16 emulation still runs: ops._conv_emulated)
    upsample  torch interpolate + conv2d | upsample_conv2d@N:M (its phase form, at every size) |
              conv2d(upsample_nearest2d(x)) (taps, default block)
-   norm      torch group_norm + silu + conv2d | norm_silu_conv2d@N | conv2d(group_norm(x, silu=True))
+   norm      torch group_norm + silu + conv2d | norm_silu_conv2d@N:M | norm rows / taps | conv2d(group_norm(x))
    (1x1 and depthwise convs are one matmul / one multiply per tap and are not timed.)
 3. Per component: the sum over its shapes of count x time, per form, against torch's.
 --ablation instead times each whole component (mdref side, float32) with this round's forms switched on one by one
@@ -124,7 +125,9 @@ def forms(key, dtype, blocks, torch):
     if kind == "conv":
         f["torch"] = lambda: F.conv2d(tx, tw, tb, **conv)
         for b in blocks:
-            f[f"taps@{b}"] = patched(lambda: ops.conv2d(x, p, **conv), **_setting(b))
+            f[f"conv2d@{b}"] = patched(lambda: ops.conv2d(x, p, **conv), **_setting(b))
+        for name, per_channel in (("rows", 0), ("taps", 2**62)):                 # each im2col form, forced
+            f[name] = patched(lambda: ops.conv2d(x, p, **conv), ROWS_MIN_PIXELS_PER_CHANNEL=per_channel)
         if stride == 1:
             f["shifted"] = patched(lambda: former(x, stride, padding), SHIFTED_MIN_PIXELS=-1)
         f["im2col"] = patched(lambda: former(x, stride, padding), SHIFTED_MIN_PIXELS=2**62)
@@ -141,6 +144,9 @@ def forms(key, dtype, blocks, torch):
         for b in blocks:
             f[f"norm_silu_conv2d@{b}"] = patched(
                 lambda: ops.norm_silu_conv2d(x, norm, p, groups=groups, eps=1e-6, **conv), **_setting(b))
+        for name, per_channel in (("rows", 0), ("taps", 2**62)):
+            f[f"norm {name}"] = patched(lambda: ops.norm_silu_conv2d(x, norm, p, groups=groups, eps=1e-6, **conv),
+                                        ROWS_MIN_PIXELS_PER_CHANNEL=per_channel)
         f["conv2d(group_norm)"] = lambda: ops.conv2d(ops.group_norm(x, norm, groups, 1e-6, silu=True), p, **conv)
         f["former"] = lambda: former(ops.group_norm(x, norm, groups, 1e-6, silu=True), stride, padding)
     return f
@@ -226,9 +232,9 @@ def markdown(report):
     lines = [f"# mdref conv forms vs torch, shape by shape ({a['dtype']}, {a['threads']} thread(s), "
              f"{'thread CPU time' if a['threads'] == 1 else 'wall time'}, min of {a['rounds']})", ""]
     lines += [f"- {k}: {v}" for k, v in report["machine"].items()]
-    lines += ["- taps@N:M / upsample_conv2d@N:M / norm_silu_conv2d@N:M: ops.CONV_BLOCK_BYTES = N MiB, "
-              "ops.CONV_MIN_COLUMNS = M; shifted, im2col: the forms before issue 33 (ops._conv_emulated); each cell: "
-              "ms, and / torch", ""]
+    lines += ["- conv2d@N:M / upsample_conv2d@N:M / norm_silu_conv2d@N:M: ops.CONV_BLOCK_BYTES = N MiB, "
+              "ops.CONV_MIN_COLUMNS = M; rows, taps: ops._conv_rows / ops._conv_taps forced (default block); "
+              "shifted, im2col: the forms before issue 33 (ops._conv_emulated); each cell: ms, and / torch", ""]
     for kind in ("conv", "upsample", "norm"):
         rows = [r for r in report["shapes"] if r["key"][0] == kind]
         if not rows:
@@ -273,7 +279,7 @@ def ablation_markdown(report):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--components", default="taesd,md-lite,sd-vae,md-unet,sd21-unet")
-    ap.add_argument("--blocks", default="2:0,4:0,8:0,4:1024,4:2048,8:2048",
+    ap.add_argument("--blocks", default="4:1024,8:2048,16:4096",
                     help="column block settings to time, CONV_BLOCK_BYTES in MiB : CONV_MIN_COLUMNS")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)

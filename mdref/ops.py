@@ -28,8 +28,9 @@ IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
 SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
 SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
 # The conv forms' constants, chosen from benchmarks/conv-forms-2cpu.md (every conv shape of the benchmarked models):
-CONV_BLOCK_BYTES = 4 * 2**20    # a column block of `_conv_taps` / `upsample_conv2d` at most this large (cache) ...
-CONV_MIN_COLUMNS = 1024         # ... unless that is fewer output pixels than this (the GEMM packs the weights per call)
+CONV_BLOCK_BYTES = 8 * 2**20    # an im2col block of the conv forms at most this large (it stays in cache) ...
+CONV_MIN_COLUMNS = 2048         # ... unless that is fewer output pixels than this (the GEMM packs the weights per call)
+ROWS_MIN_PIXELS_PER_CHANNEL = 16  # `_conv_rows` where the output has this many pixels per input channel (else taps)
 UPSAMPLE_MIN_PIXELS = 16 * 16   # upsample_conv2d's phase form from this image size on (1280 channels at 8 x 8: 93 ms,
                                 # conv2d of the upsampled image 77 ms; at 16 x 16: 191 ms against 297 ms)
 NORM_BLOCK_BYTES = 2**20        # the pieces `norm_silu_conv2d` normalises at a time (they stay in cache)
@@ -71,7 +72,8 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
     x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo]. The fast forms, by case:
     - 1x1, stride 1: one matmul over the pixels;
     - depthwise, stride 1: `_conv_shifted`, one multiply per tap;
-    - otherwise: `_conv_taps`, im2col one block of output rows at a time without a padded copy.
+    - otherwise: im2col one block of output rows at a time without a padded copy (`_conv_dense`): the kernel row's
+      taps stacked (`_conv_rows`) on large images, all taps (`_conv_taps`) on small ones and for strides, groups.
     Under float16 / bfloat16 emulation (mdref.precision) the forms chosen before issue 33 (`_conv_emulated`) run,
     so the emulated path's float32 sums are the ones it always had.
     """
@@ -90,10 +92,19 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
     elif stride == 1 and groups == C == O:
         return _crop_add_bias(_conv_shifted(x, w, padding, True), bias)                  # [B, O, Ho, Wo]
     else:
-        return _conv_taps(x, w, bias, stride, (padding, padding), groups, Ho, Wo)        # [B, O, Ho, Wo]
+        return _conv_dense(x, w, bias, stride, (padding, padding), groups, Ho, Wo)       # [B, O, Ho, Wo]
     if bias is not None:
         y += bias[:, None, None]
     return y
+
+
+def _conv_dense(x, w, bias, stride, pad, groups, Ho, Wo, y=None):
+    """The im2col forms: `_conv_rows` for ungrouped stride-1 convs with ROWS_MIN_PIXELS_PER_CHANNEL output pixels per
+    input channel or more (it copies a third as much of the image, but the weights once per call), `_conv_taps`
+    otherwise (measured: benchmarks/conv-forms-2cpu.md)."""
+    if stride == 1 and groups == 1 and Ho * Wo >= ROWS_MIN_PIXELS_PER_CHANNEL * x.shape[1]:
+        return _conv_rows(x, w, bias, pad, Ho, Wo, y)
+    return _conv_taps(x, w, bias, stride, pad, groups, Ho, Wo, y)
 
 
 def _conv_emulated(x, w, bias, stride, padding, groups, Ho, Wo):
@@ -153,6 +164,34 @@ def _block_rows(Ho, Wo, K, itemsize):
     the GEMM reads it, but at least CONV_MIN_COLUMNS pixels, so that packing the weights is a small part of each
     GEMM (measured: benchmarks/conv-forms-2cpu.md)."""
     return max(1, min(Ho, max(CONV_BLOCK_BYTES // (itemsize * K * Wo), -(-CONV_MIN_COLUMNS // Wo))))
+
+
+def _conv_rows(x, w, bias, pad, Ho, Wo, y=None):
+    """Stride-1 dense conv, one block of output rows at a time, without a padded copy of x: the block's window
+    win[(c, v), (t, j)] = x[c, r0 + t - top, j + v - left] (zero outside x) over its r + kh - 1 input rows stacks the
+    kw taps of a kernel row (one strided copy each, `_fill_taps`), so the taps of kernel row u are the window's
+    columns from u * Wo on: kh GEMMs with the weights [O, C*kw] of row u, summed in cache. A third of the copying of
+    `_conv_taps` (which NumPy does on one thread), for kh GEMMs instead of one. Writes into y if given."""
+    B, C = x.shape[:2]
+    O, _, kh, kw = w.shape
+    rows = _block_rows(Ho, Wo, C * kw, x.itemsize)
+    wrows = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, O, C * kw)        # [kh, O, C*kw]
+    win = np.empty((C * kw, (rows + kh - 1) * Wo), x.dtype)
+    tmp = np.empty((O, rows * Wo), x.dtype)
+    y = np.empty((B, O, Ho, Wo), x.dtype) if y is None else y
+    for b in range(B):
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            n = (r1 - r0) * Wo
+            window = win[:, :(r1 - r0 + kh - 1) * Wo]                                  # [C*kw, (r + kh - 1)*Wo]
+            _fill_taps(window.reshape(C, 1, kw, r1 - r0 + kh - 1, Wo), x[b], r0, 1, pad)
+            out = y[b].reshape(O, Ho * Wo)[:, r0 * Wo:r1 * Wo]                          # [O, r*Wo]
+            np.matmul(wrows[0], window[:, :n], out=out)
+            for u in range(1, kh):                                                      # + kernel row u
+                out += np.matmul(wrows[u], window[:, u * Wo:u * Wo + n], out=tmp[:, :n])
+            if bias is not None:
+                out += bias[:, None]
+    return y
 
 
 def _fill_taps(cols, x, r0, stride, pad):
@@ -318,7 +357,7 @@ def norm_silu_conv2d(x, norm, conv, *, groups, eps, stride=1, padding=0):
     """conv2d(group_norm(x, norm, groups, eps, silu=True), conv, stride=stride, padding=padding), the GroupNorm-SiLU-
     conv that opens every ResNet conv (diffusers ResnetBlock2D) and ends the decoders and the UNet. Fast form (an
     ungrouped conv, outside emulation): the group statistics from cache-sized pieces (`_group_stats`), then one image
-    at a time normalised and activated in cache-sized pieces into one reused buffer, which `_conv_taps` reads; the
+    at a time normalised and activated in cache-sized pieces into one reused buffer, which `_conv_dense` reads; the
     normalised batch is never built. Under float16 / bfloat16 emulation it is the two emulated ops, as written."""
     w = conv["weight"]
     if precision.active() is not None or w.shape[1] != x.shape[1]:
@@ -343,7 +382,7 @@ def norm_silu_conv2d(x, norm, conv, *, groups, eps, stride=1, padding=0):
             t *= scale_c[b, c0:c1]
             t += shift_c[c0:c1]
             _silu_inplace(t, tmp[:c1 - c0])
-        _conv_taps(a, w, conv.get("bias"), stride, (padding, padding), 1, Ho, Wo, y[b:b + 1])
+        _conv_dense(a, w, conv.get("bias"), stride, (padding, padding), 1, Ho, Wo, y[b:b + 1])
     return y
 
 

@@ -166,6 +166,17 @@ def one_row_blocks(m):
     m.setattr(ops, "CONV_MIN_COLUMNS", 1)
 
 
+def im2col_forms(run):
+    """run() with each of conv2d's im2col forms forced (stacked kernel rows, all taps), in one-row blocks too."""
+    for name, per_channel in (("rows", 0), ("taps", 2**62)):
+        for blocks in ("default", "one-row"):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(ops, "ROWS_MIN_PIXELS_PER_CHANNEL", per_channel)
+                if blocks == "one-row":
+                    one_row_blocks(m)
+                yield f"{name}, {blocks} blocks", run()
+
+
 @by_dtype
 @given(seed=seeds, c=conv_cases(max_hw=9))
 def test_conv2d_row_blocks_equal_one_block(dtype, seed, c):
@@ -208,10 +219,7 @@ def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
     plain = ops.conv2d_reference(x, p, **kw)
     assert plain.dtype == dtype
     scale = ops.conv2d_reference(np.abs(x), {"weight": np.abs(w)}, **kw)                 # sum |x w| bound
-    with pytest.MonkeyPatch.context() as m:
-        one_row_blocks(m)
-        one_row = ops.conv2d(x, p, **kw)
-    for name, out in [("default", ops.conv2d(x, p, **kw)), ("taps, one-row blocks", one_row),
+    for name, out in [("default", ops.conv2d(x, p, **kw)), *im2col_forms(lambda: ops.conv2d(x, p, **kw)),
                       *emulated_forms(x, p, **kw)]:
         assert out.dtype == dtype and out.shape == plain.shape
         check(f"conv2d ({name}) == conv2d_reference", out, plain, dtype, RTOL[dtype], scale)
@@ -277,10 +285,9 @@ def test_norm_silu_conv2d_equals_its_plain_formula(dtype, seed, c, bias, blocks)
     p = {"weight": w, **maybe_bias(rng, c["O"], dtype, bias)}
     kw = dict(stride=c["stride"], padding=c["padding"])
     with pytest.MonkeyPatch.context() as m:
-        if blocks == "one":                                  # one row of the column block, one value per piece
-            one_row_blocks(m)
+        if blocks == "one":                                  # one value per normalised piece
             m.setattr(ops, "NORM_BLOCK_BYTES", 1)
-        out = ops.norm_silu_conv2d(x, norm, p, groups=c["groups"], eps=c["eps"], **kw)
+        outs = list(im2col_forms(lambda: ops.norm_silu_conv2d(x, norm, p, groups=c["groups"], eps=c["eps"], **kw)))
     gn = group_norm_ref(x, norm["weight"], norm["bias"], c["groups"], c["eps"])
     act = gn / (1 + np.exp(-gn))                                                         # SiLU, float64
     b = p.get("bias")
@@ -289,9 +296,10 @@ def test_norm_silu_conv2d_equals_its_plain_formula(dtype, seed, c, bias, blocks)
     # |silu'| <= 1.1), and the conv sums it with weights w: bound by the conv of |w| with max|gn| + 1 + |act|.
     scale = conv2d_ref(np.abs(act) + np.max(np.abs(gn)) + 1, np.abs(w), None if b is None else np.abs(b), **kw,
                        groups=1)
-    check("norm_silu_conv2d", out, ref, dtype, RTOL[dtype], scale)
     plain = ops.conv2d(ops.group_norm(x, norm, c["groups"], c["eps"], silu=True), p, **kw)
-    check("norm_silu_conv2d == conv2d(group_norm)", out, plain, dtype, RTOL[dtype], scale)
+    for name, out in outs:
+        check(f"norm_silu_conv2d ({name})", out, ref, dtype, RTOL[dtype], scale)
+        check(f"norm_silu_conv2d ({name}) == conv2d(group_norm)", out, plain, dtype, RTOL[dtype], scale)
 
 
 # The decoders' and UNets' own conv shapes (channels, kernel, width, what precedes the conv) against torch in float64,
@@ -313,8 +321,9 @@ DECODER_CONVS = [  # (form, C, O, H, W, groups of the norm, block bytes or None 
 
 @pytest.mark.parametrize("form, C, O, H, W, groups, block", DECODER_CONVS,
                          ids=[f"{f}-{c}-{o}-{h}x{w}" for f, c, o, h, w, *_ in DECODER_CONVS])
+@pytest.mark.parametrize("im2col", ["chosen", "rows", "taps"])
 @by_dtype
-def test_decoder_conv_shapes_against_torch(dtype, form, C, O, H, W, groups, block):
+def test_decoder_conv_shapes_against_torch(dtype, im2col, form, C, O, H, W, groups, block):
     """The fast forms at the shapes the models run, against torch's float64 conv of the same (float64-cast) input.
     Bound: any summation order of K = C*9 (+ 4 for summed taps and the bias) products has error <= (K + 5) u
     sum |x w| (u the unit roundoff; Higham's gamma_K); the norm's error enters as in the test above."""
@@ -330,6 +339,8 @@ def test_decoder_conv_shapes_against_torch(dtype, form, C, O, H, W, groups, bloc
             m.setattr(ops, "CONV_BLOCK_BYTES", block)
             m.setattr(ops, "CONV_MIN_COLUMNS", 1)
         m.setattr(ops, "UPSAMPLE_MIN_PIXELS", 0)                     # the phase form at every size here
+        if im2col != "chosen":
+            m.setattr(ops, "ROWS_MIN_PIXELS_PER_CHANNEL", 0 if im2col == "rows" else 2**62)
         if form == "conv":
             out = ops.conv2d(x, p, padding=1, stride=2 if C == 320 else 1)
         elif form == "upsample":
