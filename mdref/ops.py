@@ -23,7 +23,8 @@ __all__ = [
     "softmax", "attention", "attention_reference", "causal_mask", "upsample_nearest2d", "timestep_embedding",
 ]
 
-# Working-set limits for the two kernels that would otherwise allocate huge temporaries.
+# conv2d's forms before issue 33, which the float16 / bfloat16 emulation still runs (`_conv_emulated`); the shifted
+# form is also the depthwise conv's.
 IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
 SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
 SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
