@@ -17,8 +17,9 @@ import numpy as np
 
 from .ops import rounded, scoped
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "point",
-           "recording", "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request",
+           "record_unbuilt", "point", "recording", "active", "save_trace", "load_trace", "first_nonfinite",
+           "PRECISIONS", "point_precisions"]
 
 # Compute precisions a trace may declare, most precise first (manifest "precision" / "point_precision").
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")
@@ -147,6 +148,19 @@ def record_on_request(name, compute):
     t = _ACTIVE.get()
     if t is not None and t.requests(name := point(name)):
         t.add(name, rounded(compute()))
+
+
+def record_unbuilt(name, compute):
+    """A point the fast path never builds (TAESD's upsampled image, fused into the next conv): keep compute() under
+    `name` if a trace is active and wants it, as `record` would; compute is not called otherwise. Returns the value
+    teacher forcing passes on in its place, or None when the fused path may go on (nothing forced)."""
+    t = _ACTIVE.get()
+    if t is None or not t.wants(name := point(name)):
+        return None
+    x = compute()
+    t.add(name, rounded(x))
+    passed = t.passed_on(x)
+    return None if passed is x else passed
 
 
 # ---- the first non-finite point ----------------------------------------------------------------------

@@ -44,9 +44,12 @@ def test_model_files_fit_the_line_budget():
     file of its own (qwen_text.py). +130 for issue 28: the emulated attention and norm formulas and the mechanism
     that runs them (the rounding policy in force, the emulation decorator) moved into ops.py from precision.py, where
     they were model math outside this budget; they are written once, as the plain formulas with their rounding
-    points, beside the new group_norm_reference / layer_norm_reference the fast forms are tested against."""
+    points, beside the new group_norm_reference / layer_norm_reference the fast forms are tested against. +220 for
+    issue 33: the measured conv forms (im2col by taps and by kernel rows without a padded copy, upsample + conv by
+    output phase, GroupNorm-SiLU-conv in cache-sized pieces), each with the composition it fuses as its plain
+    formula."""
     lines = {n: len((PACKAGE / n).read_text().splitlines()) for n in MODEL_FILES}
-    assert sum(lines.values()) <= 1590, lines
+    assert sum(lines.values()) <= 1810, lines
 
 
 def _mdref_imports(name):
