@@ -230,3 +230,26 @@ def test_trace_points(kl_folder, tiny_folder):
     assert ups and t.names() == [f"decoder.layers.{i}" for i in range(len(taesd_stages(dec.spec)))] + ["decoder.out"]
     for i in ups:
         np.testing.assert_array_equal(t[f"decoder.layers.{i}"], t[f"decoder.layers.{i - 1}"].repeat(2, 2).repeat(2, 3))
+
+
+def test_a_forced_upsample_stage_feeds_the_next_conv(tiny_folder):
+    """TAESD's upsample stage is fused into the next conv (ops.upsample_conv2d) and never built; under teacher
+    forcing (mdref compare --local) the candidate's upsampled image is what that conv reads."""
+    from mdref.comparison import TeacherForcing
+    from mdref.ops import conv2d
+    from mdref.trace import recording
+
+    dec = Decoder.from_pretrained(tiny_folder[1])
+    stages = taesd_stages(dec.spec)
+    i = stages.index("upsample")
+    latents = np.random.default_rng(3).standard_normal((1, 4, 17, 16)).astype(np.float32)   # the phase form's size
+    with tracing("decoder.*") as t:
+        dec(latents)
+    forced = np.random.default_rng(4).standard_normal(t[f"decoder.layers.{i}"].shape).astype(np.float32)
+    tf = TeacherForcing({f"decoder.layers.{i}": forced})
+    with recording(tf):
+        dec(latents)
+    np.testing.assert_array_equal(tf.arrays[f"decoder.layers.{i}"], t[f"decoder.layers.{i}"])   # mdref's own value
+    expected = conv2d(forced, dec.params["decoder"]["layers"][str(i + 1)], padding=1)
+    np.testing.assert_array_equal(tf.arrays[f"decoder.layers.{i + 1}"], expected)
+    assert not np.array_equal(expected, t[f"decoder.layers.{i + 1}"])
