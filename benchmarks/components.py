@@ -52,7 +52,7 @@ def _state(obj):
     """mdref params -> the flat torch state dict with the checkpoint's key names (float32 copies)."""
     import torch
 
-    from mdref.io.safetensors import flatten
+    from mdref.formats.safetensors import flatten
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
             for k, v in obj.checkpoint_keys(flatten(obj.params)).items()}
 

@@ -214,7 +214,7 @@ def save_trace(path, t, manifest=None, *, what="trace file"):
     import json
 
     from .outputs import atomic_write
-    from .io.safetensors import write_safetensors
+    from .formats.safetensors import write_safetensors
 
     arrays = t.arrays if isinstance(t, Trace) else dict(t)
     for name, v in arrays.items():                 # what load_trace would refuse is refused before writing
@@ -239,7 +239,7 @@ def save_trace(path, t, manifest=None, *, what="trace file"):
 def _check_manifest(meta, tensors, stored=None):
     """The manifest of a trace file's metadata, validated against its tensors and (stored) the dtypes the file
     stores them in (see load_trace)."""
-    from .io.safetensors import no_duplicate_keys
+    from .formats.safetensors import no_duplicate_keys
 
     import json
 
@@ -348,7 +348,7 @@ def load_trace(path):
     (tensors it does not list follow in file order; a file without "points" keeps the file's key order); its
     ``"dtypes"``, if present, an object {tensor name: dtype name}. Anything else raises TraceError saying what was
     expected; an unreadable safetensors file raises mdref.io.WeightsError."""
-    from .io.safetensors import read_safetensors
+    from .formats.safetensors import read_safetensors
 
     tensors, meta, stored = read_safetensors(path, allow_int=True, stored_dtypes=True)   # traces keep integer ids
     manifest = _check_manifest(meta, tensors, stored)

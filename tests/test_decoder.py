@@ -18,7 +18,7 @@ from mdref.io.keymaps import diffusers_to_raw_taesd, raw_taesd_to_diffusers
 from mdref.io.presets import DECODER_PRESETS as PRESETS
 from mdref.decoder import taesd_stages
 from mdref.trace import trace as tracing
-from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
+from mdref.formats.safetensors import WeightsError, read_safetensors, write_safetensors
 from oracles import randomize, rel_err, within
 
 pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)

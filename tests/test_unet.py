@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-import mdref.io.safetensors as W  # noqa: E402
+import mdref.formats.safetensors as W  # noqa: E402
 from mdref.io import ConfigError  # noqa: E402
 from mdref.trace import trace  # noqa: E402
 from mdref import ops  # noqa: E402
