@@ -25,7 +25,8 @@ from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, Stag
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
 from .io.components import TextEncoderWithProjection, check_seed, parse_compute
 from .io.config import ConfigError
-from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
+from .io.pipeline_folder import (DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, is_dreamlite_folder,
+                                 load_dreamlite_folder, load_folder, load_preset)
 from .io.safetensors import sha256_file
 from .io.scheduler_config import scheduler_config_to_dict
 from .trace import first_nonfinite, record
@@ -94,6 +95,9 @@ class Pipeline:
             source = os.environ.get("MDREF_DEFAULT_MODEL", DEFAULT_MODEL_LABEL)   # never a site-packages path
         else:
             source = str(path)
+        if is_dreamlite_folder(path):                                    # model_index.json: DreamLiteMobilePipeline
+            from .dreamlite import DreamLitePipeline
+            return DreamLitePipeline(**load_dreamlite_folder(path, dtype), source=source, path=Path(path))
         return cls(**load_folder(path, dtype), source=source, path=Path(path))
 
     @classmethod
