@@ -63,6 +63,7 @@ class DreamLiteRequest:
 class DreamLitePipeline(Pipeline):
     """DreamLiteMobilePipeline: Qwen tokenizer + Qwen3-VL text path + DreamLite UNet + TAESDXL + flow sampler.
     `mdref.Pipeline.from_pretrained(folder)` gives one for a DreamLite pipeline folder."""
+    default_steps = DEFAULT_STEPS
 
     def num_parameters(self):
         counts = {"text_encoder": self.text_encoder.num_parameters() if self.text_encoder is not None else 0,

@@ -25,6 +25,7 @@ from test_dreamlite_unet import CONFIGS, float64_oracle  # noqa: E402
 from test_flow_sampler import DREAMLITE, FLOAT64_STEP  # noqa: E402
 
 import mdref  # noqa: E402
+import mdref.cli  # noqa: E402
 from mdref.dreamlite import DreamLitePipeline  # noqa: E402
 from mdref.trace import trace  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
