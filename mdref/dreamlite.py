@@ -171,3 +171,6 @@ class DreamLitePipeline(Pipeline):
                 "scheduler": self.scheduler.to_dict(),
                 "decoder": {"kind": self.decoder.config.kind, "scaling_factor": self.decoder.scaling_factor,
                             "shift_factor": self.decoder.shift_factor}}
+
+
+Pipeline.kinds["dreamlite"] = DreamLitePipeline

@@ -62,6 +62,8 @@ class Result:
 
 class Pipeline:
     """Tokenizer + text encoder + UNet + decoder + one-step sampler."""
+    kinds = {}                  # the other pipelines from_pretrained builds, each registered by its module
+
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
                  weight_files=(), path=None):
@@ -95,9 +97,8 @@ class Pipeline:
             source = os.environ.get("MDREF_DEFAULT_MODEL", DEFAULT_MODEL_LABEL)   # never a site-packages path
         else:
             source = str(path)
-        if is_dreamlite_folder(path):                                    # model_index.json: DreamLiteMobilePipeline
-            from .dreamlite import DreamLitePipeline
-            return DreamLitePipeline(**load_dreamlite_folder(path, dtype), source=source, path=Path(path))
+        if is_dreamlite_folder(path):                    # model_index.json: DreamLiteMobilePipeline (mdref.dreamlite)
+            return Pipeline.kinds["dreamlite"](**load_dreamlite_folder(path, dtype), source=source, path=Path(path))
         return cls(**load_folder(path, dtype), source=source, path=Path(path))
 
     @classmethod

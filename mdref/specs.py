@@ -142,12 +142,12 @@ class UNetSpec:
 @dataclass(frozen=True)
 class DreamLiteUNetSpec(UNetSpec):
     """DreamLiteUNetModel: a UNetSpec plus its conditioning (diffusers unet_dreamlite.py): the text features pass
-    Linear(text_dim -> context_dim) + RMSNorm (encoder_hid_dim_type "text_proj_rms"); the time ids [w, h] add a
-    second time embedding (addition_embed_type "time"); the text mask becomes an additive bias."""
-    text_dim: int = 2048        # width of the text features the UNet is given (encoder_hid_dim)
+    Linear(text_dim -> context_dim) + RMSNorm ("text_proj_rms"); the time ids [w, h] add a second time embedding
+    (sinusoids of time_ids_dim each, then an MLP); the text mask becomes an additive bias."""
+    text_dim: int = 2048        # width of the text features the UNet is given
     text_norm_eps: float = 1e-5  # the RMSNorm after the text projection (diffusers hard-codes 1e-5)
     time_ids: int = 2           # time ids per sample ([w, h])
-    time_ids_dim: int = 256     # sinusoid width per time id (addition_time_embed_dim)
+    time_ids_dim: int = 256     # sinusoid width per time id
     mask_bias: float = -10000.0  # added to the scores of masked text positions ((1 - mask) * mask_bias)
 
 

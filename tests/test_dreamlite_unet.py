@@ -131,7 +131,7 @@ def test_the_mask_and_the_trap_change_the_output(tmp_path, monkeypatch):
     kinds = {layer.spec.kind for st in unet.spec.stages for layer in st.of("transformer")}
     assert kinds == {"replace", "full"}
     from mdref import ops
-    import mdref.unet as unet_math
+    import mdref.dreamlite_unet as unet_math
     right = unet_math.dreamlite_transformer_block
 
     def skipped_attn1(x, context, *, norm1, norm2, attn2, norm3, ff, attn1=None, spec, bias):

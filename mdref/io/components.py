@@ -23,6 +23,7 @@ from ..guards import SEED_LIMIT, is_int, memory_limit
 from .. import precision
 from .. import qwen_text as qwen_math
 from .. import text_encoder as text_math
+from .. import dreamlite_unet as dreamlite_math
 from .. import unet as unet_math
 from ..params import tree
 from . import keymaps
@@ -482,7 +483,7 @@ class DreamLiteUNet(UNet):
                              f"got shape {np.shape(timestep)}")
         t = np.broadcast_to(t, (B,)).astype(self.dtype)
         with self.computing():
-            return unet_math.dreamlite_unet(sample, t, context, encoder_attention_mask=mask.astype(self.dtype),
+            return dreamlite_math.dreamlite_unet(sample, t, context, encoder_attention_mask=mask.astype(self.dtype),
                                             time_ids=ids.astype(self.dtype), **tree(self.params, self.name),
                                             spec=spec)
 
