@@ -81,7 +81,7 @@ def test_images_match_the_pipeline(folder, dtype, monkeypatch):
     assert np.abs(result.pixels.astype(np.int64) - pixels).max() <= 1
 
 
-def test_text_embeddings_as_an_array_and_traces(folder, tmp_path):
+def test_text_embeddings_as_an_array_and_traces(folder, tmp_path, capsys):
     """The text features given as an array draw the same image as the prompt's; traces of two runs compare
     (mdref.compare) with every point equal, and the UNet's points sit under parameter paths."""
     pipe = mdref.Pipeline.from_pretrained(folder)
@@ -94,6 +94,14 @@ def test_text_embeddings_as_an_array_and_traces(folder, tmp_path):
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm1" in a and "unet.encoder_hid_proj" in a
     report = mdref.compare(a, b, points=["unet.*", "latents.x0", "image"])
     assert report.ok and report.points
+    size = ["--model", str(folder), "--height", "64", "--width", "128"]
+    for name, dtype in (("a", "float32"), ("b", "float16")):               # traces with manifests (the prompt)
+        assert mdref.cli.main(["trace", PROMPT, *size, "--dtype", dtype, "-o", str(tmp_path / f"{name}.st")]) == 0
+    capsys.readouterr()
+    assert mdref.cli.main(["compare", str(tmp_path / "a.st"), str(tmp_path / "b.st"), "--local", "--model",
+                           str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "first local divergence: none" in out and "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm1" in out
     np.save(tmp_path / "ctx.npy", context)
     code = mdref.cli.main(["generate", PROMPT, "--model", str(folder), "--height", "64", "--width", "128",
                            "--text-embeddings", str(tmp_path / "ctx.npy"), "-o", str(tmp_path / "x.png")])
