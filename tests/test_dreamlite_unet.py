@@ -8,8 +8,6 @@ zeros). Whole output tensors, batch 2, two timesteps: float32 <= 1e-5 relative (
 1e-10. The full-size preset's parameter count is checked against diffusers built on the meta device.
 """
 
-import math
-
 import numpy as np
 import pytest
 
@@ -22,6 +20,7 @@ from mdref.io import ConfigError, DreamLiteUNet, DreamLiteUNetConfig, UNet  # no
 from mdref.io.presets import DREAMLITE_UNET_PRESETS  # noqa: E402
 from mdref.trace import trace  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
+from test_unet import timestep_embedding_f64  # noqa: E402
 
 pytestmark = pytest.mark.numerics
 
@@ -46,18 +45,6 @@ CONFIGS = {
 }
 B, h, w, T = 2, 8, 8, 6
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def timestep_embedding_f64(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
-                           max_period=10000):
-    """diffusers.models.embeddings.get_timestep_embedding computed in float64 instead of float32."""
-    half = embedding_dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - downscale_freq_shift)
-    emb = scale * timesteps[:, None].double() * torch.exp(exponent)[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
-    return torch.nn.functional.pad(emb, (0, 1, 0, 0)) if embedding_dim % 2 else emb
 
 
 def rms_norm_in_input_dtype(self, x):

@@ -393,6 +393,24 @@ class UNet(Component):
     def param_schema(cls, config):
         return unet_schema(unet_spec(config))
 
+    def _checked(self, sample, timestep, context, context_dim, what=""):
+        """(sample, timestep [B], context) as arrays of the compute dtype, or a ValueError naming the argument."""
+        spec, who = self.spec, type(self).__name__
+        sample, context = np.asarray(sample, dtype=self.dtype), np.asarray(context, dtype=self.dtype)
+        if sample.ndim != 4 or sample.shape[1] != spec.in_channels:
+            raise ValueError(f"{who}: sample must be [B, {spec.in_channels}, H, W], got shape {sample.shape}")
+        B, _, H, W = sample.shape
+        f = spec.size_factor
+        if H % f or W % f:
+            raise ValueError(f"{who}: sample height and width must be divisible by {f} (2**(levels-1), "
+                             f"{len(spec.down)} levels), got H={H}, W={W}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != context_dim:
+            raise ValueError(f"{who}: context must be [B={B}, T, {context_dim}]{what}, got shape {context.shape}")
+        t = np.asarray(timestep, dtype=np.float64).reshape(-1)
+        if t.size not in (1, B):
+            raise ValueError(f"{who}: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
+        return sample, np.broadcast_to(t, (B,)).astype(self.dtype), context
+
     # A DreamLite config (_class_name "DreamLiteUNetModel", or a DreamLite preset) gives a DreamLiteUNet.
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32, **kw):
@@ -419,20 +437,7 @@ class UNet(Component):
         """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, D] -> [B, C_out, H, W]
         (== UNet2DConditionModel(sample, timestep, context).sample)."""
         spec = self.spec
-        sample, context = np.asarray(sample, dtype=self.dtype), np.asarray(context, dtype=self.dtype)
-        if sample.ndim != 4 or sample.shape[1] != spec.in_channels:
-            raise ValueError(f"UNet: sample must be [B, {spec.in_channels}, H, W], got shape {sample.shape}")
-        B, _, H, W = sample.shape
-        f = spec.size_factor
-        if H % f or W % f:
-            raise ValueError(f"UNet: sample height and width must be divisible by {f} (2**(levels-1), "
-                             f"{len(spec.down)} levels), got H={H}, W={W}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != spec.context_dim:
-            raise ValueError(f"UNet: context must be [B={B}, T, {spec.context_dim}], got shape {context.shape}")
-        t = np.asarray(timestep, dtype=np.float64).reshape(-1)
-        if t.size not in (1, B):
-            raise ValueError(f"UNet: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
-        t = np.broadcast_to(t, (B,)).astype(self.dtype)
+        sample, t, context = self._checked(sample, timestep, context, spec.context_dim)
         with self.computing():
             return unet_math.unet(sample, t, context, **tree(self.params, self.name), spec=spec)
 
@@ -455,18 +460,8 @@ class DreamLiteUNet(UNet):
         (== DreamLiteUNetModel(sample, timestep, context, encoder_attention_mask=mask,
         added_cond_kwargs={"time_ids": ids}).sample)."""
         spec = self.spec
-        sample, context = np.asarray(sample, dtype=self.dtype), np.asarray(context, dtype=self.dtype)
-        if sample.ndim != 4 or sample.shape[1] != spec.in_channels:
-            raise ValueError(f"DreamLiteUNet: sample must be [B, {spec.in_channels}, H, W], got shape {sample.shape}")
-        B, _, H, W = sample.shape
-        f = spec.size_factor
-        if H % f or W % f:
-            raise ValueError(f"DreamLiteUNet: sample height and width must be divisible by {f} (2**(levels-1), "
-                             f"{len(spec.down)} levels), got H={H}, W={W}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != spec.text_dim:
-            raise ValueError(f"DreamLiteUNet: context must be [B={B}, T, {spec.text_dim}] (text features), "
-                             f"got shape {context.shape}")
-        T = context.shape[1]
+        sample, t, context = self._checked(sample, timestep, context, spec.text_dim, " (text features)")
+        B, T = context.shape[:2]
         mask = np.ones((B, T)) if encoder_attention_mask is None else np.asarray(encoder_attention_mask)
         if mask.shape != (B, T) or not np.isin(mask, (0, 1)).all():
             raise ValueError(f"DreamLiteUNet: encoder_attention_mask must be 1 / 0 of shape [B={B}, T={T}], "
@@ -477,15 +472,10 @@ class DreamLiteUNet(UNet):
         if ids.shape != (B, spec.time_ids) or not np.isfinite(ids).all():
             raise ValueError(f"DreamLiteUNet: time_ids must be finite, of shape [B={B}, {spec.time_ids}] ([w, h]), "
                              f"got shape {ids.shape}")
-        t = np.asarray(timestep, dtype=np.float64).reshape(-1)
-        if t.size not in (1, B):
-            raise ValueError(f"DreamLiteUNet: timestep must be a scalar or have shape [B={B}], "
-                             f"got shape {np.shape(timestep)}")
-        t = np.broadcast_to(t, (B,)).astype(self.dtype)
         with self.computing():
             return dreamlite_math.dreamlite_unet(sample, t, context, encoder_attention_mask=mask.astype(self.dtype),
-                                            time_ids=ids.astype(self.dtype), **tree(self.params, self.name),
-                                            spec=spec)
+                                                 time_ids=ids.astype(self.dtype), **tree(self.params, self.name),
+                                                 spec=spec)
 
 
 class Decoder(Component):

@@ -19,7 +19,7 @@ from dataclasses import InitVar, dataclass, field
 
 from ..specs import DreamLiteUNetSpec, Stage
 from .config import (MAX_LAYERS, MAX_SAMPLE_SIZE, MAX_WIDTH, ConfigError, check_bool, check_choice, check_int,
-                     check_positive_int, from_dict, to_dict)
+                     check_positive_int, from_dict, refuse_unsupported_values, to_dict)
 from .unet_config import DEFAULT_ONLY as UNET_DEFAULT_ONLY
 from .unet_config import IGNORED as UNET_IGNORED
 from .unet_config import UNetConfig, unet_spec
@@ -108,10 +108,7 @@ class DreamLiteUNetConfig:
     @classmethod
     def from_dict(cls, d, where="DreamLiteUNetConfig"):
         """Build from a diffusers config dict; unsupported keys or values raise ConfigError naming them."""
-        for key, allowed in DEFAULT_ONLY.items() if isinstance(d, dict) else ():
-            if key in d and d[key] not in allowed:
-                raise ConfigError(f"{where}: {key}={d[key]!r} is not supported (mdref implements only "
-                                  f"{' or '.join(repr(a) for a in allowed)})")
+        refuse_unsupported_values(d, DEFAULT_ONLY, where)
         return from_dict(cls, d, ignore=set(DEFAULT_ONLY) | set(IGNORED), where=where)
 
     def __post_init__(self, where):

@@ -94,17 +94,20 @@ def qwen_text_schema(cfg):
 
 
 # ---- UNet ---------------------------------------------------------------------------------------------------
-def transformer(prefix, t, C, context_dim):
-    """Transformer2DModel keys for a TransformerSpec t at width C."""
+def transformer(prefix, t, C, context_dim, attn=None):
+    """Transformer2DModel keys for a TransformerSpec t at width C; attn(prefix, kv_dim) gives an attention's keys
+    (default: diffusers Attention's). A "replace" block (DreamLite) has norm1 but no attn1."""
+    attn = attn or (lambda p, kv_dim: attention(p, C, kv_dim, shared_kv=t.shared_kv))
     inner = t.ff_mult * C
     proj = (lambda n: linear(n, C, C)) if t.linear_projection else (lambda n: conv(n, C, C, 1))
     s = {**norm(f"{prefix}.norm", C), **proj(f"{prefix}.proj_in")}
     for k in range(t.depth):
         b = f"{prefix}.transformer_blocks.{k}"
+        if t.kind != "cross":
+            s.update(norm(f"{b}.norm1", C))
         if t.kind == "full":
-            kv_dim = context_dim if t.only_cross else C
-            s.update({**norm(f"{b}.norm1", C), **attention(f"{b}.attn1", C, kv_dim, shared_kv=t.shared_kv)})
-        s.update({**norm(f"{b}.norm2", C), **attention(f"{b}.attn2", C, context_dim, shared_kv=t.shared_kv),
+            s.update(attn(f"{b}.attn1", context_dim if t.only_cross else C))
+        s.update({**norm(f"{b}.norm2", C), **attn(f"{b}.attn2", context_dim),
                   **norm(f"{b}.norm3", C), **linear(f"{b}.ff.net.0.proj", 2 * inner, C),
                   **linear(f"{b}.ff.net.2", C, inner)})
     return {**s, **proj(f"{prefix}.proj_out")}
@@ -155,22 +158,6 @@ def mqa_attention(prefix, dim, kv_dim, t):
             **linear(f"{prefix}.to_v", kv, kv_dim, False), **qk, **linear(f"{prefix}.to_out.0", dim, dim)}
 
 
-def dreamlite_transformer(prefix, t, C, context_dim):
-    """DreamLiteTransformer2DModel keys for a TransformerSpec t at width C (kind "replace": norm1, no attn1)."""
-    inner = t.ff_mult * C
-    proj = (lambda n: linear(n, C, C)) if t.linear_projection else (lambda n: conv(n, C, C, 1))
-    s = {**norm(f"{prefix}.norm", C), **proj(f"{prefix}.proj_in")}
-    for k in range(t.depth):
-        b = f"{prefix}.transformer_blocks.{k}"
-        s.update(norm(f"{b}.norm1", C))
-        if t.kind == "full":
-            s.update(mqa_attention(f"{b}.attn1", C, context_dim if t.only_cross else C, t))
-        s.update({**norm(f"{b}.norm2", C), **mqa_attention(f"{b}.attn2", C, context_dim, t),
-                  **norm(f"{b}.norm3", C), **linear(f"{b}.ff.net.0.proj", 2 * inner, C),
-                  **linear(f"{b}.ff.net.2", C, inner)})
-    return {**s, **proj(f"{prefix}.proj_out")}
-
-
 def dreamlite_unet_schema(spec):
     """DreamLiteUNetModel keys in module order: conv_in, time_embedding, encoder_hid_proj (Linear + RMSNorm),
     add_embedding, the stages, conv_norm_out, conv_out."""
@@ -185,7 +172,8 @@ def dreamlite_unet_schema(spec):
             if layer.kind == "resnet":
                 s.update(dreamlite_resnet(prefix, layer.c_in, layer.c_out, temb, layer.spec))
             elif layer.kind == "transformer":
-                s.update(dreamlite_transformer(prefix, layer.spec, layer.c_out, D))
+                C, t = layer.c_out, layer.spec
+                s.update(transformer(prefix, t, C, D, attn=lambda p, kv_dim: mqa_attention(p, C, kv_dim, t)))
             else:
                 s.update(_layer(prefix, layer, spec))
     return {**s, **norm("conv_norm_out", c0), **conv("conv_out", spec.out_channels, c0, 3)}
