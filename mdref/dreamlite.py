@@ -7,8 +7,10 @@
                   x = x + (sigma_next - sigma) v                        # Euler step of the flow (sample_flow)
     image       = decoder(x / scaling_factor + shift_factor)            # TAESDXL, [B, 3, H, W] in [-1, 1]
 
-Sources: diffusers 0.42 pipelines/dreamlite/pipeline_dreamlite_mobile.py (DMD2-distilled, 4 steps, no CFG; the
-base DreamLitePipeline's guided 30 steps are not here); docs/dreamlite.md cites the lines. Legend: B batch, T
+Sources: diffusers 0.42 pipelines/dreamlite/pipeline_dreamlite_mobile.py (DMD2-distilled, 4 steps, no CFG) and
+pipeline_dreamlite.py (the base model: the batch [negative, prompt] encoded together, the negative without the
+prefix, uncond + g (cond - uncond) at every step, g = 3.5 and 30 steps by default); docs/dreamlite.md cites the
+lines. Legend: B batch, T
 tokens, L text positions the UNet reads, C latent channels, h w latent size, H W image size. The text features can
 be given as an array ([B, L, 2048] + mask) for users who run the 2B text model elsewhere.
 """
@@ -26,9 +28,10 @@ from .qwen_text import prompt_embeddings
 from .qwen_tokenizer import GENERATE_DROP, MAX_SEQUENCE_LENGTH, generate_text
 from .trace import record
 
-__all__ = ["DreamLitePipeline", "DreamLiteRequest", "in_context"]
+__all__ = ["DreamLitePipeline", "DreamLiteRequest", "in_context", "guided_in_batch"]
 
-DEFAULT_STEPS = 4                  # DreamLiteMobilePipeline's num_inference_steps
+DEFAULT_STEPS = {False: 4, True: 30}   # num_inference_steps: DreamLiteMobilePipeline, DreamLitePipeline (guided)
+DEFAULT_GUIDANCE = 3.5                 # DreamLitePipeline's guidance_scale
 
 
 def in_context(unet, context, mask, time_ids):
@@ -39,6 +42,15 @@ def in_context(unet, context, mask, time_ids):
         t = np.full(x.shape[0], t, dtype=x.dtype)
         return unet(x_in, t, context, encoder_attention_mask=mask, time_ids=time_ids)[..., :x.shape[-1]]
     return model
+
+
+def guided_in_batch(model, scale):
+    """DreamLitePipeline's classifier-free guidance: the model on [x, x] (uncond rows first), then
+    uncond + scale (cond - uncond) (sampler.apply_guidance).  (x, t) -> v [B, C, h, w]."""
+    def run(x, t):
+        uncond, cond = np.split(model(np.concatenate([x, x]), t), 2)
+        return sampler.apply_guidance(uncond, cond, scale)
+    return run
 
 
 @dataclass(frozen=True)
@@ -52,8 +64,8 @@ class DreamLiteRequest:
     text_embeddings: np.ndarray | None   # [B, L, D_text] given instead of the prompts' (None: encode the prompts)
     text_mask: np.ndarray | None    # [B, L] of 1 / 0 with text_embeddings
     allow_nonfinite: bool = False
-    negative_prompt: str = ""       # what Pipeline's shared code reads; DreamLite mobile has no guidance
-    guidance_scale: float | None = None
+    negative_prompt: str = ""       # the base (guided) pipeline's negative prompt, encoded without the prefix
+    guidance_scale: float | None = None  # guided: uncond + guidance_scale (cond - uncond); mobile: None
 
     @property
     def timesteps(self):
@@ -61,9 +73,17 @@ class DreamLiteRequest:
 
 
 class DreamLitePipeline(Pipeline):
-    """DreamLiteMobilePipeline: Qwen tokenizer + Qwen3-VL text path + DreamLite UNet + TAESDXL + flow sampler.
-    `mdref.Pipeline.from_pretrained(folder)` gives one for a DreamLite pipeline folder."""
-    default_steps = DEFAULT_STEPS
+    """DreamLiteMobilePipeline (guided=False) or the base DreamLitePipeline (guided=True): Qwen tokenizer +
+    Qwen3-VL text path + DreamLite UNet + TAESDXL + flow sampler. `mdref.Pipeline.from_pretrained(folder)` gives one
+    for a DreamLite pipeline folder (model_index.json names which)."""
+
+    def __init__(self, *parts, guided=False, **kw):
+        super().__init__(*parts, **kw)
+        self.guided = guided
+
+    @property
+    def default_steps(self):
+        return DEFAULT_STEPS[self.guided]
 
     def num_parameters(self):
         counts = {"text_encoder": self.text_encoder.num_parameters() if self.text_encoder is not None else 0,
@@ -78,15 +98,20 @@ class DreamLitePipeline(Pipeline):
         seed, size, noise and memory). steps: None (4, the mobile pipeline's) or an int in [1, 1000];
         guidance_scale / negative_prompt / timesteps do not apply (CFG was distilled away); text_embeddings
         [B, L, D_text] (and text_mask [B, L] of 1 / 0, default all ones) replace the prompts' text features."""
-        steps = DEFAULT_STEPS if steps is None else steps
+        steps = self.default_steps if steps is None else steps
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
             raise InputError("steps", f"must be an integer from 1 to 1000, found {steps!r}")
-        for name, value in (("guidance_scale", guidance_scale), ("timesteps", timesteps)):
-            if value is not None:
-                raise InputError(name, "does not apply to DreamLiteMobilePipeline (distilled: no guidance, flow "
-                                        "sigmas from steps)")
-        if negative_prompt:
-            raise InputError("negative_prompt", "does not apply to DreamLiteMobilePipeline (no guidance)")
+        if timesteps is not None:
+            raise InputError("timesteps", "does not apply to DreamLite (flow sigmas from steps)")
+        if not self.guided and (guidance_scale is not None or negative_prompt):
+            raise InputError("guidance_scale" if guidance_scale is not None else "negative_prompt",
+                             "does not apply to DreamLiteMobilePipeline (distilled: no guidance)")
+        if self.guided:
+            guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+            if not (isinstance(guidance_scale, (int, float, np.floating)) and np.isfinite(guidance_scale)):
+                raise InputError("guidance_scale", f"must be a finite number, found {_short(guidance_scale)}")
+            if not isinstance(negative_prompt, str):
+                raise InputError("negative_prompt", f"must be a string, found {_short(negative_prompt)}")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompt", f"must be a string or a non-empty list of strings, found {_short(prompt)}")
@@ -106,7 +131,7 @@ class DreamLitePipeline(Pipeline):
         base = Request(tuple(prompts), "", int(seed), noise, (), shape, None, bool(allow_nonfinite))
         if text_embeddings is not None:
             text_embeddings = np.asarray(text_embeddings)
-            B, D = len(base.prompts), self.unet.spec.text_dim
+            B, D = len(base.prompts) * (2 if self.guided else 1), self.unet.spec.text_dim    # guided: uncond first
             if text_embeddings.ndim != 3 or text_embeddings.shape[0] != B or text_embeddings.shape[2] != D \
                     or text_embeddings.dtype.kind != "f" or not np.isfinite(text_embeddings).all():
                 raise InputError("text_embeddings", f"must be finite floats [B={B}, L, {D}], found "
@@ -120,19 +145,25 @@ class DreamLitePipeline(Pipeline):
         elif self.text_encoder is None:
             raise InputError("text_embeddings", "are required: this pipeline has no text encoder")
         return DreamLiteRequest(base.prompts, base.seed, base.noise, int(steps), base.shape, text_embeddings,
-                                text_mask, base.allow_nonfinite)
+                                text_mask, base.allow_nonfinite, negative_prompt if self.guided else "",
+                                float(guidance_scale) if self.guided else None)
 
-    def run(self, prompt, *, seed=0, noise=None, steps=None, height=None, width=None, allow_nonfinite=False,
-            max_memory=None, text_embeddings=None, text_mask=None, **unused):
+    def run(self, prompt, *, seed=0, noise=None, steps=None, height=None, width=None, guidance_scale=None,
+            negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None, text_embeddings=None,
+            text_mask=None):
         """The whole pipeline (checks first, as Pipeline.run); returns a Result (token_ids None when the text
-        features were given)."""
+        features were given; guided: the uncond rows first in token_ids and text_embeddings)."""
         return self.execute(self.check(prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
-                                       max_memory=max_memory, allow_nonfinite=allow_nonfinite,
-                                       text_embeddings=text_embeddings, text_mask=text_mask, **unused))
+                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                       max_memory=max_memory, timesteps=timesteps, allow_nonfinite=allow_nonfinite,
+                                       text_embeddings=text_embeddings, text_mask=text_mask))
 
-    def text_features(self, prompts):
-        """encode_prompt(mode="generate"): ([B, L, D_text], mask [B, L]) for the prompts, and the token ids."""
-        ids, mask = self.tokenizer.generate([generate_text(p) for p in prompts], MAX_SEQUENCE_LENGTH)   # [B, T]
+    def text_features(self, prompts, negative=None):
+        """encode_prompt(mode="generate"): ([B, L, D_text], mask [B, L]) for the prompts, and the token ids. With
+        `negative` (the guided pipeline): the rows [negative (no prefix)] * B + prompts, encoded together."""
+        texts = [generate_text(p) for p in prompts]
+        texts = texts if negative is None else [negative] * len(prompts) + texts
+        ids, mask = self.tokenizer.generate(texts, MAX_SEQUENCE_LENGTH)                              # [B, T]
         hidden = self.text_encoder(ids, mask)                                                        # [B, T, D]
         return (*prompt_embeddings(hidden, mask, GENERATE_DROP), ids)
 
@@ -141,7 +172,7 @@ class DreamLitePipeline(Pipeline):
         ids = None
         with stage("text_encoder", "text encoder") as s:
             if req.text_embeddings is None:
-                context, mask, ids = self.text_features(req.prompts)
+                context, mask, ids = self.text_features(req.prompts, req.negative_prompt if self.guided else None)
                 record("tokens", ids)
             else:
                 context, mask = req.text_embeddings.astype(self.dtype), req.text_mask
@@ -151,9 +182,11 @@ class DreamLitePipeline(Pipeline):
         cfg = self.scheduler                                                                # FlowMatchSchedulerConfig
         sigmas = sampler.flow_sigmas(cfg, req.steps, sampler.flow_shift_mu(h * w // 4, cfg))   # float32 [steps + 1]
         up = self.decoder.upsampling_factor
-        time_ids = np.tile(np.array([[w * up, h * up]], self.dtype), (B, 1))                # [B, 2]: [W, H]
+        time_ids = np.tile(np.array([[w * up, h * up]], self.dtype), (len(context), 1))     # [B (2B), 2]: [W, H]
         with stage("unet", "UNet") as s:
             model = in_context(self.unet, context, mask, time_ids)
+            if self.guided:                               # one call on [x, x]: uncond rows first, then cond
+                model = guided_in_batch(model, req.guidance_scale)
             with precision.using(self.precision and self.precision.within("sampler")):
                 x0 = precision.rounded(sampler.sample_flow(lambda x, t: s.finite(model(x, t)), draws, cfg, sigmas,
                                                            dtype=self.dtype))
@@ -166,7 +199,7 @@ class DreamLitePipeline(Pipeline):
 
     def describe(self):
         return {"source": self.source, "untrained": self.untrained, "dtype": self.compute.name,
-                "pipeline": "DreamLiteMobilePipeline", "parameters": self.num_parameters(),
+                "pipeline": "DreamLitePipeline" if self.guided else "DreamLiteMobilePipeline", "parameters": self.num_parameters(),
                 "latent_shape": list(self.latent_shape(1)), "image_size": list(self.default_size()),
                 "scheduler": self.scheduler.to_dict(),
                 "decoder": {"kind": self.decoder.config.kind, "scaling_factor": self.decoder.scaling_factor,

@@ -50,22 +50,29 @@ def folder(tmp_path_factory):
                                    from_pretrained(root / "tok"), processor=None, vae=vae, unet=unet,
                                    scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**DREAMLITE))
     pipe.save_pretrained(root / "pipe")
+    from diffusers.pipelines.dreamlite import DreamLitePipeline as Base
+    Base(**pipe.components).save_pretrained(root / "base")         # the base model's pipeline, same parts
     return root / "pipe"
 
 
 def reference(folder, dtype, noise, monkeypatch, **kwargs):
-    from diffusers.pipelines.dreamlite import DreamLiteMobilePipeline
+    from diffusers.pipelines.dreamlite import DreamLiteMobilePipeline, DreamLitePipeline
     torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
-    # a saved DreamLiteMobilePipeline does not load back without processor= (it saved processor=None as nothing)
-    pipe = DreamLiteMobilePipeline.from_pretrained(folder, dtype=torch_dtype, processor=None)
+    cls = DreamLitePipeline if folder.name == "base" else DreamLiteMobilePipeline
+    # a saved DreamLite pipeline does not load back without processor= (it saved processor=None as nothing)
+    pipe = cls.from_pretrained(folder, dtype=torch_dtype, processor=None)
     monkeypatch.setattr(pipe, "prepare_latents", lambda *a, **k: torch.from_numpy(noise.copy()))
     # output_type "pt": "np" casts the image to float32 (image_processor.pt_to_numpy calls .float())
     out = pipe(PROMPT, height=h * 8, width=w * 8, num_inference_steps=4, output_type="pt", **kwargs).images
     return out.permute(0, 2, 3, 1).numpy()
 
 
+@pytest.mark.parametrize("kind", ["mobile", "base"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_images_match_the_pipeline(folder, dtype, monkeypatch):
+def test_images_match_the_pipeline(folder, dtype, kind, monkeypatch):
+    """mobile: DreamLiteMobilePipeline, 4 steps; base: DreamLitePipeline with its guidance 3.5 on the padded batch
+    [negative "", prompt] (the mask hides the negative row's padding), 4 steps instead of its 30 (time)."""
+    folder = folder if kind == "mobile" else folder.parent / "base"
     if dtype == np.float64:
         float64_exact(monkeypatch)
         float64_oracle(monkeypatch)
@@ -73,10 +80,10 @@ def test_images_match_the_pipeline(folder, dtype, monkeypatch):
     noise = np.random.default_rng(1).standard_normal((1, C, h, w)).astype(dtype)
     ref = reference(folder, dtype, noise, monkeypatch)                                  # [1, H, W, 3] in [0, 1]
     pipe = mdref.Pipeline.from_pretrained(folder, dtype=dtype)
-    assert isinstance(pipe, DreamLitePipeline)
+    assert isinstance(pipe, DreamLitePipeline) and pipe.guided == (kind == "base")
     result = pipe.run(PROMPT, noise=noise, height=h * 8, width=w * 8, steps=4)
     ours = np.clip(result.image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    within(f"DreamLite mobile image {np.dtype(dtype).name}", rel_err(ours, ref), TOL[dtype])
+    within(f"DreamLite {kind} image {np.dtype(dtype).name}", rel_err(ours, ref), TOL[dtype])
     pixels = np.round(ref * 255).astype(np.int64)
     assert np.abs(result.pixels.astype(np.int64) - pixels).max() <= 1
 

@@ -68,24 +68,18 @@ def load_preset(name, seed, dtype):
 
 
 # ---- DreamLite (diffusers DreamLiteMobilePipeline folders) -----------------------------------------------------
-DREAMLITE_PIPELINES = ("DreamLiteMobilePipeline",)
+DREAMLITE_PIPELINES = ("DreamLiteMobilePipeline", "DreamLitePipeline")
 
 
 def is_dreamlite_folder(path):
-    """True for a folder whose model_index.json names a DreamLite pipeline (DreamLitePipeline raises: its guided
-    sampling is not in mdref)."""
+    """True for a folder whose model_index.json names a DreamLite pipeline."""
     index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False
-    cls = read_json(index).get("_class_name")
-    if cls == "DreamLitePipeline":
-        raise ConfigError(f"{index}: DreamLitePipeline (the base model's guided sampling) is not implemented; mdref "
-                          f"runs DreamLiteMobilePipeline folders")
-    return cls in DREAMLITE_PIPELINES
+    return index.is_file() and read_json(index).get("_class_name") in DREAMLITE_PIPELINES
 
 
 def load_dreamlite_folder(path, dtype):
-    """dict(tokenizer, text_encoder, unet, decoder, scheduler, weight_files) of a DreamLiteMobilePipeline folder:
+    """dict(tokenizer, text_encoder, unet, decoder, scheduler, weight_files, guided) of a DreamLiteMobilePipeline
+    folder (guided False) or a DreamLitePipeline folder (the base model, guided True):
     tokenizer/ (Qwen, tokenizer.json), text_encoder/ (Qwen3-VL; optional: without it the text features must be
     given as an array), unet/ (DreamLiteUNetModel), vae/ (AutoencoderTiny), scheduler/
     (FlowMatchEulerDiscreteScheduler)."""
@@ -107,5 +101,6 @@ def load_dreamlite_folder(path, dtype):
     tokenizer = QwenTokenizer.from_pretrained(path / "tokenizer") if has_text else None
     decoder = Decoder.from_pretrained(path / "vae", dtype=dtype)
     files = [*(text_encoder.files if has_text else ()), *unet.files, *decoder.files]
+    guided = read_json(path / "model_index.json").get("_class_name") == "DreamLitePipeline"
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, decoder=decoder, scheduler=scheduler,
-                weight_files=files)
+                weight_files=files, guided=guided)
