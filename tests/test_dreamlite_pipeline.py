@@ -73,17 +73,24 @@ def test_images_match_the_pipeline(folder, dtype, kind, monkeypatch):
     """mobile: DreamLiteMobilePipeline, 4 steps; base: DreamLitePipeline with its guidance 3.5 on the padded batch
     [negative "", prompt] (the mask hides the negative row's padding), 4 steps instead of its 30 (time)."""
     folder = folder if kind == "mobile" else folder.parent / "base"
-    if dtype == np.float64:
+    # Guided float32 is judged against the float64 oracle: guidance 3.5 amplifies float32 rounding (this random
+    # model, 4 steps: diffusers' own float32 is 4.9e-6 from float64, mdref's 6.8e-6, the two 4.6e-6 .. 9.2e-6
+    # apart under the default / Haswell / AVX2 / one-thread kernels), so float32 against float32 would leave no
+    # margin under the same 1e-5.
+    oracle = np.float64 if kind == "base" else dtype
+    if oracle == np.float64:
         float64_exact(monkeypatch)
         float64_oracle(monkeypatch)
         monkeypatch.setattr(diffusers.FlowMatchEulerDiscreteScheduler, "step", FLOAT64_STEP)
-    noise = np.random.default_rng(1).standard_normal((1, C, h, w)).astype(dtype)
-    ref = reference(folder, dtype, noise, monkeypatch)                                  # [1, H, W, 3] in [0, 1]
+    noise = np.random.default_rng(1).standard_normal((1, C, h, w))
+    ref = reference(folder, oracle, noise.astype(oracle), monkeypatch)                 # [1, H, W, 3] in [0, 1]
+    noise = noise.astype(dtype)
     pipe = mdref.Pipeline.from_pretrained(folder, dtype=dtype)
     assert isinstance(pipe, DreamLitePipeline) and pipe.guided == (kind == "base")
     result = pipe.run(PROMPT, noise=noise, height=h * 8, width=w * 8, steps=4)
     ours = np.clip(result.image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    within(f"DreamLite {kind} image {np.dtype(dtype).name}", rel_err(ours, ref), TOL[dtype])
+    within(f"DreamLite {kind} image {np.dtype(dtype).name} vs diffusers {np.dtype(oracle).name}", rel_err(ours, ref),
+           TOL[dtype])
     pixels = np.round(ref * 255).astype(np.int64)
     assert np.abs(result.pixels.astype(np.int64) - pixels).max() <= 1
 
