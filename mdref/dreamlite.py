@@ -32,6 +32,8 @@ __all__ = ["DreamLitePipeline", "DreamLiteRequest", "in_context", "guided_in_bat
 
 DEFAULT_STEPS = {False: 4, True: 30}   # num_inference_steps: DreamLiteMobilePipeline, DreamLitePipeline (guided)
 DEFAULT_GUIDANCE = 3.5                 # DreamLitePipeline's guidance_scale
+DEFAULT_SAMPLE_SIZE = 128              # the pipelines' default_sample_size (latent side; 1024 px with TAESDXL),
+                                       # whatever the UNet config's sample_size says
 
 
 def in_context(unet, context, mask, time_ids):
@@ -84,6 +86,10 @@ class DreamLitePipeline(Pipeline):
     @property
     def default_steps(self):
         return DEFAULT_STEPS[self.guided]
+
+    def default_size(self):
+        """(height, width) in pixels when none is given: the pipelines' default_sample_size x the decoder's factor."""
+        return (DEFAULT_SAMPLE_SIZE * self.decoder.upsampling_factor,) * 2
 
     def num_parameters(self):
         counts = {"text_encoder": self.text_encoder.num_parameters() if self.text_encoder is not None else 0,

@@ -131,3 +131,4 @@ def test_bad_arguments_name_themselves(folder):
         pipe.run(PROMPT, height=64, width=128, text_embeddings=np.zeros((1, 5, 7)))
     with pytest.raises(mdref.pipeline.InputError, match="steps"):
         pipe.run(PROMPT, steps=0)
+    assert pipe.default_size() == (1024, 1024) and pipe.default_steps == 4     # the pipeline's defaults
