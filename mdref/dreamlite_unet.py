@@ -34,19 +34,21 @@ def mqa_attention(x, context, *, to_q, to_k, to_v, to_out, norm_q=None, norm_k=N
         k = ops.rms_norm(k.reshape(B, T, kv_heads, d), norm_k, qk_norm_eps).reshape(B, T, kv_heads * d)
     k, v = ops.repeat_kv(k, kv_heads, heads // kv_heads), ops.repeat_kv(v, kv_heads, heads // kv_heads)  # [B, T, C]
     if name is not None:
-        record_on_request(point(name, "probs"), lambda: attention_probs(q, k, heads=heads, weighting="softmax"))
+        record_on_request(point(name, "probs"), lambda: attention_probs(q, k, heads=heads, weighting="softmax",
+                                                                         mask=bias))
     return ops.linear(ops.attention(q, k, v, heads, mask=bias), to_out[0])                # [B, N, C]
 
 
 def dreamlite_transformer_block(x, context, *, norm1, norm2, attn2, norm3, ff, attn1=None, spec, bias):
     """BasicTransformerBlockDreamLite (layer_norm): x += attn1(LN1 x) ("full"), or x := LN1 x ("replace": DreamLite
     without self-attention REPLACES the hidden state, no residual); x += attn2(LN2 x, text, bias); x += ff(LN3 x).
-    x [B, N, C] -> [B, N, C]; bias: the text mask's additive bias [B, 1, 1, T] (cross-attention only)."""
+    x [B, N, C] -> [B, N, C]; bias: the text mask's additive bias [B, 1, 1, T], on attn2 only (diffusers gives attn1
+    the self-attention mask, None in the UNet, even with only_cross_attention)."""
     kw = dict(heads=spec.heads, kv_heads=spec.kv_heads or spec.heads, qk_norm_eps=spec.qk_norm_eps)
     h = ops.layer_norm(x, norm1, spec.layer_norm_eps)
     if spec.kind == "full":
         x = x + record(attn1, mqa_attention(h, context if spec.only_cross else None, **attn1, **kw,
-                                            bias=bias if spec.only_cross else None, name=attn1))
+                                            name=attn1))                 # no text mask, even over the text
     else:                                                                         # "replace"
         x = record(norm1, h)
     h = ops.layer_norm(x, norm2, spec.layer_norm_eps)
@@ -84,7 +86,7 @@ def dreamlite_unet(sample, timestep, context, *, encoder_attention_mask, time_id
         time_ids, **add_embedding, dim=spec.time_ids_dim, flip_sin_to_cos=spec.flip_sin_to_cos,
         freq_shift=spec.freq_shift))                                              # [B, E]
     context = record(encoder_hid_proj, text_proj_rms(context, encoder_hid_proj=encoder_hid_proj,
-                                                            eps=spec.text_norm_eps))   # [B, T, D]
+                                                     eps=spec.text_norm_eps))    # [B, T, D]
     bias = ((1 - encoder_attention_mask) * spec.mask_bias)[:, None, None, :]     # [B, 1, 1, T]
 
     def transformer(x, temb, context, p, s):

@@ -64,12 +64,13 @@ def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, hea
     return ops.linear(ops.attention(q, k, v, heads, weighting=weighting), to_out[0])   # [B, N, C]
 
 
-def attention_probs(q, k, *, heads, weighting):
+def attention_probs(q, k, *, heads, weighting, mask=None):
     """The weight each query gives each key, per head: ops.attention applied to one-hot values (value j of every
-    head is e_j), so the same kernel as the layer's output computes them.  q [B, N, C], k [B, T, C] -> [B, h, N, T]."""
+    head is e_j), so the same kernel as the layer's output computes them.  q [B, N, C], k [B, T, C] -> [B, h, N, T];
+    mask: additive, as ops.attention's."""
     B, N, T = q.shape[0], q.shape[1], k.shape[1]
     one_hot = np.tile(np.eye(T, dtype=q.dtype), (B, 1, heads))                    # [B, T, h*T]
-    w = ops.attention(q, k, one_hot, heads, weighting=weighting)                  # [B, N, h*T]
+    w = ops.attention(q, k, one_hot, heads, weighting=weighting, mask=mask)       # [B, N, h*T]
     return w.reshape(B, N, heads, T).transpose(0, 2, 1, 3)                        # [B, h, N, T]
 
 

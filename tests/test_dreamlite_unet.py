@@ -36,12 +36,14 @@ CONFIGS = {
                       transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 2, 4], cross_attention_dim=32,
                       use_linear_projection=True, ff_mult=3, num_kv_heads=1, num_mid_layers=2),
     # Other block types and options: a plain down block, no-self-attention blocks on the inner levels, GQA 4 -> 2,
-    # no q/k norm, ordinary ResNets, conv projections, the aliases DreamLite's configs use for two block types.
+    # no q/k norm, ordinary ResNets, conv projections, the aliases DreamLite's configs use for two block types,
+    # only_cross_attention on the innermost level.
     "variant": dict(COMMON, block_out_channels=[16, 32, 32],
                     down_block_types=[DOWN, "CrossAttnDownRemoveSelfAttnBlock2D", CA_DOWN],
                     up_block_types=[CA_UP, "CrossAttnUpRemoveSelfAttnBlock2DV1", UP], layers_per_block=[1, 2, 1],
                     transformer_layers_per_block=1, attention_head_dim=4, cross_attention_dim=16, qk_norm=None,
-                    use_sep_conv=False, ff_mult=2, num_kv_heads=2, freq_shift=1, flip_sin_to_cos=False),
+                    use_sep_conv=False, ff_mult=2, num_kv_heads=2, freq_shift=1, flip_sin_to_cos=False,
+                    only_cross_attention=[False, False, True]),  # attn1 over the text: diffusers gives it no mask
 }
 B, h, w, T = 2, 8, 8, 6
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
