@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import precision, sampler
-from .guards import SEED_LIMIT, InputError, Request, _check_noise, _short, is_int
+from .guards import SEED_LIMIT, InputError, _check_noise, _short, is_int
 from .pipeline import Pipeline, Result, to_pixels
 from .qwen_text import prompt_embeddings
 from .qwen_tokenizer import GENERATE_DROP, MAX_SEQUENCE_LENGTH, generate_text
@@ -100,10 +100,11 @@ class DreamLitePipeline(Pipeline):
     def check(self, prompt, *, seed=0, noise=None, steps=None, height=None, width=None, guidance_scale=None,
               negative_prompt="", max_memory=None, timesteps=None, allow_nonfinite=False, text_embeddings=None,
               text_mask=None):
-        """Refuse bad arguments before anything runs (the shared checks of mdref.guards.check_run for prompt,
-        seed, size, noise and memory). steps: None (4, the mobile pipeline's) or an int in [1, 1000];
-        guidance_scale / negative_prompt / timesteps do not apply (CFG was distilled away); text_embeddings
-        [B, L, D_text] (and text_mask [B, L] of 1 / 0, default all ones) replace the prompts' text features."""
+        """Refuse bad arguments before anything runs (InputError naming the argument; prompt, seed, size and noise
+        as mdref.guards.check_run). steps: None (the pipeline's default: 4 mobile, 30 base) or an int in [1, 1000];
+        guidance_scale (default 3.5) and negative_prompt apply to the base (guided) pipeline only, timesteps and
+        max_memory to neither; text_embeddings [B, L, D_text] ([2B, ...], uncond rows first, when guided) and
+        text_mask [B, L] of 1 / 0 (default all ones) replace the prompts' text features."""
         steps = self.default_steps if steps is None else steps
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
             raise InputError("steps", f"must be an integer from 1 to 1000, found {steps!r}")
@@ -134,10 +135,9 @@ class DreamLitePipeline(Pipeline):
             noise = np.array(noise)
         if max_memory is not None:          # mdref.guards.estimate_peak_bytes knows CLIP pipelines only (so far)
             raise InputError("max_memory", "is not supported for DreamLite pipelines yet")
-        base = Request(tuple(prompts), "", int(seed), noise, (), shape, None, bool(allow_nonfinite))
         if text_embeddings is not None:
             text_embeddings = np.asarray(text_embeddings)
-            B, D = len(base.prompts) * (2 if self.guided else 1), self.unet.spec.text_dim    # guided: uncond first
+            B, D = len(prompts) * (2 if self.guided else 1), self.unet.spec.text_dim    # guided: uncond first
             if text_embeddings.ndim != 3 or text_embeddings.shape[0] != B or text_embeddings.shape[2] != D \
                     or text_embeddings.dtype.kind != "f" or not np.isfinite(text_embeddings).all():
                 raise InputError("text_embeddings", f"must be finite floats [B={B}, L, {D}], found "
@@ -150,8 +150,8 @@ class DreamLitePipeline(Pipeline):
             raise InputError("text_mask", "applies only with text_embeddings")
         elif self.text_encoder is None:
             raise InputError("text_embeddings", "are required: this pipeline has no text encoder")
-        return DreamLiteRequest(base.prompts, base.seed, base.noise, int(steps), base.shape, text_embeddings,
-                                text_mask, base.allow_nonfinite, negative_prompt if self.guided else "",
+        return DreamLiteRequest(tuple(prompts), int(seed), noise, int(steps), shape, text_embeddings,
+                                text_mask, bool(allow_nonfinite), negative_prompt if self.guided else "",
                                 float(guidance_scale) if self.guided else None)
 
     def run(self, prompt, *, seed=0, noise=None, steps=None, height=None, width=None, guidance_scale=None,
