@@ -99,5 +99,5 @@ def dreamlite_unet(sample, timestep, context, *, encoder_attention_mask, time_id
     blocks = [*down_blocks, *([mid_block] if spec.mid is not None else []), *up_blocks]
     for st, p in zip(spec.stages, blocks):                                        # down, mid, up
         x = record(p, block(x, temb, context, skips, p, st, layers))
-    x = ops.group_norm(x, conv_norm_out, spec.groups, spec.resnet_eps, silu=True)
-    return record("unet.out", ops.conv2d(x, conv_out, padding=1))               # [B, C_out, H, W], the output point
+    x = ops.norm_silu_conv2d(x, conv_norm_out, conv_out, groups=spec.groups, eps=spec.resnet_eps, padding=1)
+    return record("unet.out", x)                                                  # [B, C_out, H, W], the output point
