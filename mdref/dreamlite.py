@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import precision, sampler
-from .guards import SEED_LIMIT, InputError, _check_noise, _short, is_int
+from .guards import GUIDANCE_RANGE, SEED_LIMIT, InputError, _check_noise, _is_finite_real, _short, is_int
 from .pipeline import Pipeline, Result, to_pixels
 from .qwen_text import prompt_embeddings
 from .qwen_tokenizer import GENERATE_DROP, MAX_SEQUENCE_LENGTH, generate_text
@@ -115,8 +115,10 @@ class DreamLitePipeline(Pipeline):
                              "does not apply to DreamLiteMobilePipeline (distilled: no guidance)")
         if self.guided:
             guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-            if not (isinstance(guidance_scale, (int, float, np.floating)) and np.isfinite(guidance_scale)):
-                raise InputError("guidance_scale", f"must be a finite number, found {_short(guidance_scale)}")
+            lo, hi = GUIDANCE_RANGE
+            if not (_is_finite_real(guidance_scale) and lo <= guidance_scale <= hi):
+                raise InputError("guidance_scale", f"must be a number in [{lo:g}, {hi:g}], found "
+                                 f"{_short(guidance_scale)}")
             if not isinstance(negative_prompt, str):
                 raise InputError("negative_prompt", f"must be a string, found {_short(negative_prompt)}")
         prompts = [prompt] if isinstance(prompt, str) else prompt

@@ -132,3 +132,7 @@ def test_bad_arguments_name_themselves(folder):
     with pytest.raises(mdref.pipeline.InputError, match="steps"):
         pipe.run(PROMPT, steps=0)
     assert pipe.default_size() == (1024, 1024) and pipe.default_steps == 4     # the pipeline's defaults
+    base = mdref.Pipeline.from_pretrained(folder.parent / "base")
+    assert base.guided and base.default_steps == 30
+    with pytest.raises(mdref.pipeline.InputError, match="guidance_scale"):
+        base.run(PROMPT, guidance_scale=float("nan"))
