@@ -12,6 +12,7 @@ from .comparison import compare  # noqa: E402
 from .io import (ConfigError, Decoder, DecoderConfig, SchedulerConfig, TextEncoder, TextEncoderConfig,  # noqa: E402
                  TextEncoderWithProjection, UNet, UNetConfig, WeightsError)
 from .pipeline import Pipeline  # noqa: E402
+from . import dreamlite  # noqa: E402,F401  (registers DreamLitePipeline with Pipeline.from_pretrained)
 from .tokenizer import Tokenizer  # noqa: E402
 from .trace import active as trace_active  # noqa: E402
 from .trace import load_trace, record, save_trace, trace  # noqa: E402

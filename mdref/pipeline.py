@@ -25,7 +25,8 @@ from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, Stag
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
 from .io.components import TextEncoderWithProjection, check_seed, parse_compute
 from .formats.json_files import ConfigError
-from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
+from .io.pipeline_folder import (DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, is_dreamlite_folder,
+                                 load_dreamlite_folder, load_folder, load_preset)
 from .formats.safetensors import sha256_file
 from .io.scheduler_config import sampler_spec, scheduler_config_to_dict
 from .trace import first_nonfinite, record
@@ -61,6 +62,7 @@ class Result:
 
 class Pipeline(precision.ComputesIn):
     """Tokenizer + text encoder + UNet + decoder + one-step sampler."""
+    kinds = {}                  # the other pipelines from_pretrained builds, each registered by its module
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
                  weight_files=(), path=None):
@@ -94,6 +96,8 @@ class Pipeline(precision.ComputesIn):
             source = os.environ.get("MDREF_DEFAULT_MODEL", DEFAULT_MODEL_LABEL)   # never a site-packages path
         else:
             source = str(path)
+        if is_dreamlite_folder(path):                    # model_index.json: DreamLiteMobilePipeline (mdref.dreamlite)
+            return Pipeline.kinds["dreamlite"](**load_dreamlite_folder(path, dtype), source=source, path=Path(path))
         return cls(**load_folder(path, dtype), source=source, path=Path(path))
 
     @classmethod

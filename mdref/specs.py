@@ -41,12 +41,17 @@ class ResnetSpec:
     groups: int                 # its GroupNorms' groups
     eps: float                  # its GroupNorms' eps (the UNet's norm_eps)
     separable: bool = False     # 3x3 convs as depthwise 3x3 + pointwise 1x1 (MobileDiffusion)
+    expand: int = 1             # DreamLite: conv1's pointwise widens to expand * c_out (time projection and norm2
+                                # at that width), conv2's pointwise contracts back to c_out
+    separable_bias: bool = True  # the depthwise / pointwise convs have biases (DreamLite's DepthwiseSeparableConv: no)
 
 
 @dataclass(frozen=True)
 class TransformerSpec:
     """What one Transformer2DModel (and each of its BasicTransformerBlocks) computes with. Defaults are diffusers'."""
     kind: str = "full"          # "cross" (attn2 + FFN, no norm1 / attn1: MobileDiffusion) | "full" (attn1 + attn2 + FFN)
+                                # | "replace" (DreamLite without self-attention: x := norm1(x), no residual, then
+                                # attn2 + FFN)
     depth: int = 1              # BasicTransformerBlocks (transformer_layers_per_block)
     heads: int = 1              # attention heads (diffusers' SD configs call this attention_head_dim)
     only_cross: bool = False    # attn1 attends to the text too (diffusers only_cross_attention)
@@ -58,6 +63,8 @@ class TransformerSpec:
     norm_eps: float = 1e-6      # its eps (diffusers hard-codes 1e-6)
     layer_norm_eps: float = 1e-5  # norm1 / norm2 / norm3
     linear_projection: bool = False  # proj_in / proj_out as Linear (True) or 1x1 conv (False)
+    kv_heads: int | None = None  # DreamLite: K / V heads, each serving heads / kv_heads query heads (None: heads)
+    qk_norm_eps: float | None = None  # DreamLite: RMSNorm over each q and k head with this eps (None: no q / k norm)
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,18 @@ class UNetSpec:
                                             if layer.kind == kind else layer for layer in st.layers))
         return replace(self, down=tuple(map(stage, self.down)), mid=self.mid and stage(self.mid),
                        up=tuple(map(stage, self.up)))
+
+
+@dataclass(frozen=True)
+class DreamLiteUNetSpec(UNetSpec):
+    """DreamLiteUNetModel: a UNetSpec plus its conditioning (diffusers unet_dreamlite.py): the text features pass
+    Linear(text_dim -> context_dim) + RMSNorm ("text_proj_rms"); the time ids [w, h] add a second time embedding
+    (sinusoids of time_ids_dim each, then an MLP); the text mask becomes an additive bias."""
+    text_dim: int = 2048        # width of the text features the UNet is given
+    text_norm_eps: float = 1e-5  # the RMSNorm after the text projection (diffusers hard-codes 1e-5)
+    time_ids: int = 2           # time ids per sample ([w, h])
+    time_ids_dim: int = 256     # sinusoid width per time id
+    mask_bias: float = -10000.0  # added to the scores of masked text positions ((1 - mask) * mask_bias)
 
 
 # ---- decoders (mdref/decoder.py) -----------------------------------------------------------------------------

@@ -72,12 +72,12 @@ def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, hea
     return ops.linear(ops.attention(q, k, v, heads, weighting=weighting), to_out[0])   # [B, N, C]
 
 
-def attention_probs(q, k, *, heads, weighting):
-    """The weight each query gives each key, per head: ops.attention applied to one-hot values (value j of every
-    head is e_j), so the same kernel as the layer's output computes them.  q [B, N, C], k [B, T, C] -> [B, h, N, T]."""
+def attention_probs(q, k, *, heads, weighting, mask=None):
+    """The weight each query gives each key, per head (mask: additive): ops.attention applied to one-hot values
+    (value j of every head is e_j), the layer's own kernel.  q [B, N, C], k [B, T, C] -> [B, h, N, T]."""
     B, N, T = q.shape[0], q.shape[1], k.shape[1]
     one_hot = np.tile(np.eye(T, dtype=q.dtype), (B, 1, heads))                    # [B, T, h*T]
-    w = ops.attention(q, k, one_hot, heads, weighting=weighting)                  # [B, N, h*T]
+    w = ops.attention(q, k, one_hot, heads, weighting=weighting, mask=mask)       # [B, N, h*T]
     return w.reshape(B, N, heads, T).transpose(0, 2, 1, 3)                        # [B, h, N, T]
 
 
@@ -109,8 +109,8 @@ def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=
     return x + record(ff, feed_forward(h, **ff, activation=spec.ff_activation))
 
 
-def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, spec):
-    """diffusers Transformer2DModel (continuous input): GN, proj_in, spec.depth blocks over the pixels, proj_out,
+def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, spec, block=transformer_block):
+    """diffusers Transformer2DModel (continuous input): GN, proj_in, spec.depth `block`s over the pixels, proj_out,
     + x. proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
     B, C, H, W = x.shape
     h = ops.group_norm(x, norm, spec.groups, spec.norm_eps)
@@ -119,7 +119,7 @@ def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, s
     else:
         h = ops.conv2d(h, proj_in).reshape(B, C, H * W).transpose(0, 2, 1)      # [B, N, C]
     for blk in transformer_blocks[:spec.depth]:
-        h = record(blk, transformer_block(h, context, **blk, spec=spec))      # [B, N, C]
+        h = record(blk, block(h, context, **blk, spec=spec))                  # [B, N, C]
     if spec.linear_projection:
         h = ops.linear(h, proj_out).transpose(0, 2, 1).reshape(B, C, H, W)      # [B, C, H, W]
     else:
@@ -147,7 +147,7 @@ LAYERS = {
 }
 
 
-def block(x, temb, context, skips, p, st):
+def block(x, temb, context, skips, p, st, layers=LAYERS):
     """A down block, the mid block or an up block (CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn,
     CrossAttnUpBlock2D / UpBlock2D): the layers of its stage (specs.Stage.layers) in order, each recorded under
     its parameter path. A layer marked "pop" first concatenates the last skip on channels; one marked "push"
@@ -156,7 +156,7 @@ def block(x, temb, context, skips, p, st):
         if layer.skip == "pop":
             x = np.concatenate([x, skips.pop()], axis=1)                          # [B, C + C_skip, H, W]
         q = p[layer.group][layer.index]
-        x = record(q, LAYERS[layer.kind](x, temb, context, q, layer.spec))
+        x = record(q, layers[layer.kind](x, temb, context, q, layer.spec))
         if layer.skip == "push":
             skips.append(x)
     return x

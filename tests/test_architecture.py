@@ -22,7 +22,7 @@ def _tree(name):
     return ast.parse((PACKAGE / name).read_text(), filename=name)
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "decoder.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "dreamlite_unet.py", "decoder.py"])
 def test_model_file_opens_on_its_first_layer(name):
     """The first function that calls a layer op starts within the first 60 lines (after the docstring)."""
     firsts = [n.lineno for n in _tree(name).body if isinstance(n, ast.FunctionDef) and any(
@@ -31,7 +31,7 @@ def test_model_file_opens_on_its_first_layer(name):
     assert firsts and min(firsts) <= 60, (name, firsts[:1])
 
 
-@pytest.mark.parametrize("name", ["sampler.py", "pipeline.py", "ops.py"])
+@pytest.mark.parametrize("name", ["sampler.py", "pipeline.py", "dreamlite.py", "ops.py"])
 def test_other_model_files_open_on_a_function(name):
     defs = [n.lineno for n in _tree(name).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert defs and defs[0] <= 60, (name, defs[0])
@@ -58,8 +58,8 @@ def _mdref_imports(name):
             yield node.module or ""
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "decoder.py", "sampler.py",
-                                  "specs.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "qwen_text.py", "unet.py", "dreamlite_unet.py", "decoder.py",
+                                  "sampler.py", "specs.py"])
 def test_layer_math_imports_nothing_from_io(name):
     assert not [m for m in _mdref_imports(name) if m == "io" or m.startswith("io.")], name
 
@@ -112,11 +112,12 @@ def find_cycle(graph):
 FLOORS = [
     ("formats", {"formats", "formats.safetensors", "formats.json_files", "formats.resources", "ops", "outputs"}),
     ("policy and records", {"precision", "trace", "params", "specs", "tokenizer", "qwen_tokenizer"}),
-    ("model", {"text_encoder", "qwen_text", "unet", "decoder", "sampler"}),
+    ("model", {"text_encoder", "qwen_text", "unet", "dreamlite_unet", "decoder", "sampler"}),
     ("interop and guards", {"io", "io.config", "io.text_encoder_config", "io.qwen_text_config", "io.unet_config",
                             "io.decoder_config", "io.scheduler_config", "io.presets", "io.schema", "io.keymaps",
-                            "io.components", "io.pipeline_folder", "guards", "comparison"}),
-    ("pipeline and tools", {"pipeline", "golden", "matching", "exported", "precision_report"}),
+                            "io.components", "io.pipeline_folder", "io.dreamlite_unet_config", "guards",
+                            "comparison"}),
+    ("pipeline and tools", {"pipeline", "dreamlite", "golden", "matching", "exported", "precision_report"}),
     ("shell", {"explain", "explain.maps", "explain.recorder", "explain.page", "explain.widgets", "live", "cli",
                "__init__", "__main__"}),
 ]
@@ -144,7 +145,7 @@ def test_no_import_cycle_in_mdref():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]       # the check can fail
 
 
-@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "decoder.py"])
+@pytest.mark.parametrize("name", ["text_encoder.py", "unet.py", "dreamlite_unet.py", "decoder.py"])
 def test_trace_points_are_named_by_parameter_paths(name):
     """A layer's point is named by its parameters' path (record(p, x)), never by a name built beside it: no record()
     in a model file builds its name (an f-string, + or %); the constant names left are points without parameters

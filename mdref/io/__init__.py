@@ -5,6 +5,7 @@
     text_encoder_config.py transformers CLIPTextConfig keys -> TextEncoderConfig (WithProjection) -> TextEncoderSpec
     qwen_text_config.py    transformers Qwen3VL(Text)Config keys -> QwenTextConfig -> specs.QwenTextSpec
     unet_config.py         diffusers UNet2DConditionModel keys -> UNetConfig -> specs.UNetSpec (the stage plan)
+    dreamlite_unet_config.py diffusers DreamLiteUNetModel keys -> DreamLiteUNetConfig -> specs.DreamLiteUNetSpec
     decoder_config.py      diffusers AutoencoderKL / AutoencoderTiny keys -> DecoderConfig -> the decoder spec
     scheduler_config.py    diffusers EulerDiscreteScheduler / mdref's scheduler_config.json -> SchedulerConfig
     presets.py             named architectures (component and pipeline presets)
@@ -15,7 +16,9 @@
 The model files (text_encoder.py, unet.py, decoder.py, sampler.py) import nothing from here.
 """
 
-from .components import Decoder, QwenTextEncoder, TextEncoder, TextEncoderWithProjection, UNet  # noqa: F401
+from .components import (Decoder, DreamLiteUNet, QwenTextEncoder, TextEncoder, TextEncoderWithProjection,  # noqa: F401
+                         UNet)
+from .dreamlite_unet_config import DreamLiteUNetConfig  # noqa: F401
 from .config import ConfigError  # noqa: F401
 from .decoder_config import DecoderConfig  # noqa: F401
 from ..formats.safetensors import WeightsError  # noqa: F401

@@ -23,22 +23,24 @@ from ..guards import SEED_LIMIT, is_int, memory_limit
 from .. import precision
 from .. import qwen_text as qwen_math
 from .. import text_encoder as text_math
+from .. import dreamlite_unet as dreamlite_math
 from .. import unet as unet_math
 from ..params import tree
 from . import keymaps
 from .config import ConfigError, read_json
 from .decoder_config import DecoderConfig, decoder_spec
-from .presets import (DECODER_PRESETS, QWEN_TEXT_PRESETS, TEXT_ENCODER_PRESETS, TEXT_ENCODER_WITH_PROJECTION_PRESETS,
-                      UNET_PRESETS)
+from .dreamlite_unet_config import DreamLiteUNetConfig, dreamlite_unet_spec
+from .presets import (DECODER_PRESETS, DREAMLITE_UNET_PRESETS, QWEN_TEXT_PRESETS, TEXT_ENCODER_PRESETS,
+                      TEXT_ENCODER_WITH_PROJECTION_PRESETS, UNET_PRESETS)
 from .qwen_text_config import QwenTextConfig, qwen_text_spec
 from ..formats.safetensors import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
                           write_safetensors)
-from .schema import (decoder_schema, num_parameters, qwen_text_schema, text_encoder_schema,
+from .schema import (decoder_schema, dreamlite_unet_schema, num_parameters, qwen_text_schema, text_encoder_schema,
                      text_encoder_with_projection_schema, unet_schema)
 from .text_encoder_config import TextEncoderConfig, TextEncoderWithProjectionConfig, text_encoder_spec
 from .unet_config import UNetConfig, unet_spec
 
-__all__ = ["Component", "TextEncoder", "TextEncoderWithProjection", "QwenTextEncoder", "UNet", "Decoder",
+__all__ = ["Component", "TextEncoder", "TextEncoderWithProjection", "QwenTextEncoder", "UNet", "DreamLiteUNet", "Decoder",
            "parse_compute", "locate"]
 
 CONFIG_NAME = "config.json"
@@ -372,7 +374,7 @@ class QwenTextEncoder(Component):
 
 class UNet(Component):
     """A UNet2DConditionModel-compatible UNet (SD layouts and MobileDiffusion's)."""
-    config_class, presets, subfolder = UNetConfig, UNET_PRESETS, "unet"
+    config_class, presets, subfolder = UNetConfig, {**UNET_PRESETS, **DREAMLITE_UNET_PRESETS}, "unet"
     weights_names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
     make_spec = staticmethod(unet_spec)
     name = "unet"
@@ -381,26 +383,89 @@ class UNet(Component):
     def param_schema(cls, config):
         return unet_schema(unet_spec(config))
 
+    def _checked(self, sample, timestep, context, context_dim, what=""):
+        """(sample, timestep [B], context) as arrays of the compute dtype, or a ValueError naming the argument."""
+        spec, who = self.spec, type(self).__name__
+        sample, context = np.asarray(sample, dtype=self.dtype), np.asarray(context, dtype=self.dtype)
+        if sample.ndim != 4 or sample.shape[1] != spec.in_channels:
+            raise ValueError(f"{who}: sample must be [B, {spec.in_channels}, H, W], got shape {sample.shape}")
+        B, _, H, W = sample.shape
+        f = spec.size_factor
+        if H % f or W % f:
+            raise ValueError(f"{who}: sample height and width must be divisible by {f} (2**(levels-1), "
+                             f"{len(spec.down)} levels), got H={H}, W={W}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != context_dim:
+            raise ValueError(f"{who}: context must be [B={B}, T, {context_dim}]{what}, got shape {context.shape}")
+        t = np.asarray(timestep, dtype=np.float64).reshape(-1)
+        if t.size not in (1, B):
+            raise ValueError(f"{who}: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
+        return sample, np.broadcast_to(t, (B,)).astype(self.dtype), context
+
+    # A DreamLite config (_class_name "DreamLiteUNetModel", or a DreamLite preset) gives a DreamLiteUNet.
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32, **kw):
+        if cls is UNet:
+            config_path = locate(path, cls.subfolder, cls.weights_names)[0]
+            if config_path is not None and read_json(config_path).get("_class_name") == "DreamLiteUNetModel":
+                return DreamLiteUNet.from_pretrained(path, dtype, **kw)
+        return super().from_pretrained(path, dtype, **kw)
+
+    @classmethod
+    def from_config(cls, config, seed=0, dtype=np.float32, **kw):
+        if cls is UNet and (isinstance(config, DreamLiteUNetConfig) or
+                            isinstance(config, dict) and config.get("_class_name") == "DreamLiteUNetModel"):
+            return DreamLiteUNet.from_config(config, seed, dtype, **kw)
+        return super().from_config(config, seed, dtype, **kw)
+
+    @classmethod
+    def from_preset(cls, name, seed=0, dtype=np.float32, **kw):
+        if cls is UNet and name in DREAMLITE_UNET_PRESETS:
+            return DreamLiteUNet.from_preset(name, seed, dtype, **kw)
+        return super().from_preset(name, seed, dtype, **kw)
+
     def __call__(self, sample, timestep, context):
         """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, D] -> [B, C_out, H, W]
         (== UNet2DConditionModel(sample, timestep, context).sample)."""
         spec = self.spec
-        sample, context = np.asarray(sample, dtype=self.dtype), np.asarray(context, dtype=self.dtype)
-        if sample.ndim != 4 or sample.shape[1] != spec.in_channels:
-            raise ValueError(f"UNet: sample must be [B, {spec.in_channels}, H, W], got shape {sample.shape}")
-        B, _, H, W = sample.shape
-        f = spec.size_factor
-        if H % f or W % f:
-            raise ValueError(f"UNet: sample height and width must be divisible by {f} (2**(levels-1), "
-                             f"{len(spec.down)} levels), got H={H}, W={W}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != spec.context_dim:
-            raise ValueError(f"UNet: context must be [B={B}, T, {spec.context_dim}], got shape {context.shape}")
-        t = np.asarray(timestep, dtype=np.float64).reshape(-1)
-        if t.size not in (1, B):
-            raise ValueError(f"UNet: timestep must be a scalar or have shape [B={B}], got shape {np.shape(timestep)}")
-        t = np.broadcast_to(t, (B,)).astype(self.dtype)
+        sample, t, context = self._checked(sample, timestep, context, spec.context_dim)
         with self.computing():
             return unet_math.unet(sample, t, context, **tree(self.params, self.name), spec=spec)
+
+
+class DreamLiteUNet(UNet):
+    """diffusers DreamLiteUNetModel: ``unet(sample, timestep, context, encoder_attention_mask=mask, time_ids=ids)``.
+    `UNet.from_pretrained` / `UNet.from_preset` give one for a DreamLite config (_class_name DreamLiteUNetModel)."""
+    config_class, presets = DreamLiteUNetConfig, DREAMLITE_UNET_PRESETS
+    name = "unet"
+    make_spec = staticmethod(dreamlite_unet_spec)
+
+    @classmethod
+    def param_schema(cls, config):
+        return dreamlite_unet_schema(dreamlite_unet_spec(config))
+
+    def __call__(self, sample, timestep, context, encoder_attention_mask=None, time_ids=None):
+        """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, encoder_hid_dim] (the text features),
+        encoder_attention_mask [B, T] of 1 / 0 (None: all ones), time_ids [B, 2] as [w, h] of the image in pixels
+        (required; the pipelines pass the image size) -> [B, C_out, H, W]
+        (== DreamLiteUNetModel(sample, timestep, context, encoder_attention_mask=mask,
+        added_cond_kwargs={"time_ids": ids}).sample)."""
+        spec = self.spec
+        sample, t, context = self._checked(sample, timestep, context, spec.text_dim, " (text features)")
+        B, T = context.shape[:2]
+        mask = np.ones((B, T)) if encoder_attention_mask is None else np.asarray(encoder_attention_mask)
+        if mask.shape != (B, T) or not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"DreamLiteUNet: encoder_attention_mask must be 1 / 0 of shape [B={B}, T={T}], "
+                             f"got {mask.dtype} {mask.shape}")
+        if time_ids is None:
+            raise ValueError(f"DreamLiteUNet: time_ids [B={B}, {spec.time_ids}] ([w, h] of the image) are required")
+        ids = np.asarray(time_ids, dtype=np.float64)
+        if ids.shape != (B, spec.time_ids) or not np.isfinite(ids).all():
+            raise ValueError(f"DreamLiteUNet: time_ids must be finite, of shape [B={B}, {spec.time_ids}] ([w, h]), "
+                             f"got shape {ids.shape}")
+        with self.computing():
+            return dreamlite_math.dreamlite_unet(sample, t, context, encoder_attention_mask=mask.astype(self.dtype),
+                                                 time_ids=ids.astype(self.dtype), **tree(self.params, self.name),
+                                                 spec=spec)
 
 
 class Decoder(Component):

@@ -47,6 +47,15 @@ def from_dict(cls, d, *, ignore=(), where=None):
     return cls(**{k: v for k, v in d.items() if k in fields}, where=where)
 
 
+def refuse_unsupported_values(d, allowed, where):
+    """A ConfigError naming the first key of config dict `d` whose value is not among allowed[key] (the keys a
+    config class accepts only at the values it implements)."""
+    for key, values in allowed.items() if isinstance(d, dict) else ():
+        if key in d and d[key] not in values:
+            raise ConfigError(f"{where}: {key}={d[key]!r} is not supported (mdref implements only "
+                              f"{' or '.join(repr(a) for a in values)})")
+
+
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
 

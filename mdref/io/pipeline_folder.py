@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 
 from ..tokenizer import Tokenizer
-from .components import Decoder, TextEncoder, UNet
+from .components import Decoder, DreamLiteUNet, QwenTextEncoder, TextEncoder, UNet
 from .config import ConfigError, read_json
 from .presets import COMPONENT_SEED_OFFSET, PIPELINE_PRESETS
 from ..formats.resources import DEFAULT_MODEL_LABEL, weights_dir
 from .scheduler_config import SchedulerConfig, load_scheduler_config
 
-__all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_MODEL_LABEL", "load_folder", "load_preset"]
+__all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_MODEL_LABEL", "load_folder", "load_preset", "is_dreamlite_folder",
+           "load_dreamlite_folder"]
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("MDREF_DEFAULT_MODEL", weights_dir() / "default"))
 
@@ -64,3 +65,42 @@ def load_preset(name, seed, dtype):
                       else component.from_config(entry, s, dtype))
     scheduler = SchedulerConfig(**preset["scheduler"], prediction_type=parts["unet"].config.prediction_type)
     return dict(parts, tokenizer=Tokenizer.from_pretrained(None), scheduler=scheduler)
+
+
+# ---- DreamLite (diffusers DreamLiteMobilePipeline folders) -----------------------------------------------------
+DREAMLITE_PIPELINES = ("DreamLiteMobilePipeline", "DreamLitePipeline")
+
+
+def is_dreamlite_folder(path):
+    """True for a folder whose model_index.json names a DreamLite pipeline."""
+    index = Path(path) / "model_index.json"
+    return index.is_file() and read_json(index).get("_class_name") in DREAMLITE_PIPELINES
+
+
+def load_dreamlite_folder(path, dtype):
+    """dict(tokenizer, text_encoder, unet, decoder, scheduler, weight_files, guided) of a DreamLiteMobilePipeline
+    folder (guided False) or a DreamLitePipeline folder (the base model, guided True):
+    tokenizer/ (Qwen, tokenizer.json), text_encoder/ (Qwen3-VL; optional: without it the text features must be
+    given as an array), unet/ (DreamLiteUNetModel), vae/ (AutoencoderTiny), scheduler/
+    (FlowMatchEulerDiscreteScheduler)."""
+    from ..qwen_tokenizer import QwenTokenizer
+
+    path = Path(path)
+    missing = [d for d in ("unet", "vae", "scheduler") if not (path / d).is_dir()]
+    if missing:
+        raise ConfigError(f"{path}: not a DreamLite pipeline folder, missing subfolders {missing}")
+    unet = UNet.from_pretrained(path / "unet", dtype=dtype)
+    if not isinstance(unet, DreamLiteUNet):
+        raise ConfigError(f"{path / 'unet'}: a DreamLite pipeline needs a DreamLiteUNetModel config "
+                          f"(_class_name), found a UNet2DConditionModel")
+    scheduler = load_scheduler_config(path / "scheduler")
+    if type(scheduler).__name__ != "FlowMatchSchedulerConfig":
+        raise ConfigError(f"{path / 'scheduler'}: DreamLite samples with FlowMatchEulerDiscreteScheduler")
+    has_text = (path / "text_encoder").is_dir()
+    text_encoder = QwenTextEncoder.from_pretrained(path / "text_encoder", dtype=dtype) if has_text else None
+    tokenizer = QwenTokenizer.from_pretrained(path / "tokenizer") if has_text else None
+    decoder = Decoder.from_pretrained(path / "vae", dtype=dtype)
+    files = [*(text_encoder.files if has_text else ()), *unet.files, *decoder.files]
+    guided = read_json(path / "model_index.json").get("_class_name") == "DreamLitePipeline"
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, decoder=decoder, scheduler=scheduler,
+                weight_files=files, guided=guided)

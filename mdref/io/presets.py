@@ -8,7 +8,7 @@ the MobileDiffusion choices are in weights/README.md and docs/mobilediffusion_un
 from __future__ import annotations
 
 __all__ = ["TEXT_ENCODER_PRESETS", "TEXT_ENCODER_WITH_PROJECTION_PRESETS", "QWEN_TEXT_PRESETS", "UNET_PRESETS",
-           "DECODER_PRESETS", "PIPELINE_PRESETS", "COMPONENT_SEED_OFFSET"]
+           "DREAMLITE_UNET_PRESETS", "DECODER_PRESETS", "PIPELINE_PRESETS", "COMPONENT_SEED_OFFSET"]
 
 TEXT_ENCODER_PRESETS = {
     # OpenAI CLIP ViT-L/14 text tower: SD-1.x's text encoder and MobileDiffusion's (123,060,480 parameters).
@@ -59,6 +59,26 @@ UNET_PRESETS = {
         transformer_kind=["none", "cross", "full"], mid_transformer_layers=16, shared_kv=True,
         attention_weighting="softmax", ff_activation="swiglu", ff_mult=3, separable_conv=[False, True, True],
         prediction_type="epsilon"),
+}
+
+DREAMLITE_UNET_PRESETS = {
+    # DreamLite's UNet (carlofkl/DreamLite-{base,mobile}, unet/config.json as reported by third parties: nothing here
+    # can download it): DreamLiteUNetModel's default block types, 3 levels [256, 512, 896] with 4 / 8 / 14 heads of
+    # 64, transformer depth [1, 2, 4], MQA (one K/V head), q/k RMSNorm, FFN x3, separable ResNets, Qwen3-VL-2B text
+    # features (2048) projected to 2304, time ids [w, h]. layers_per_block 2, linear projections and
+    # addition_time_embed_dim 256 are assumptions; 389,968,388 parameters (diffusers counts the same on the meta
+    # device, tests/test_dreamlite_unet.py), the paper's "0.39B".
+    "dreamlite-unet": dict(
+        _class_name="DreamLiteUNetModel", sample_size=128, in_channels=4, out_channels=4,
+        down_block_types=["DreamLiteCrossAttnNoSelfAttnDownBlock2D", "DreamLiteCrossAttnNoSelfAttnDownBlock2D",
+                          "DreamLiteCrossAttnDownBlock2D"],
+        mid_block_type="DreamLiteUNetMidBlock2DCrossAttn",
+        up_block_types=["DreamLiteCrossAttnUpBlock2D", "DreamLiteCrossAttnNoSelfAttnUpBlock2D", "DreamLiteUpBlock2D"],
+        block_out_channels=[256, 512, 896], layers_per_block=2, transformer_layers_per_block=[1, 2, 4],
+        attention_head_dim=[4, 8, 14], cross_attention_dim=2304, encoder_hid_dim=2048,
+        encoder_hid_dim_type="text_proj_rms", addition_embed_type="time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=512, use_linear_projection=True, norm_num_groups=32, norm_eps=1e-5,
+        qk_norm="rms_norm", use_sep_conv=True, ff_mult=3, num_kv_heads=1, num_mid_layers=1),
 }
 
 DECODER_PRESETS = {

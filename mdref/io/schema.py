@@ -12,7 +12,7 @@ from ..decoder import taesd_stages
 from ..specs import KLDecoderSpec
 
 __all__ = ["text_encoder_schema", "text_encoder_with_projection_schema", "qwen_text_schema", "unet_schema",
-           "decoder_schema", "num_parameters"]
+           "dreamlite_unet_schema", "decoder_schema", "num_parameters"]
 
 
 def conv(prefix, c_out, c_in, k, bias=True):
@@ -94,17 +94,20 @@ def qwen_text_schema(cfg):
 
 
 # ---- UNet ---------------------------------------------------------------------------------------------------
-def transformer(prefix, t, C, context_dim):
-    """Transformer2DModel keys for a TransformerSpec t at width C."""
+def transformer(prefix, t, C, context_dim, attn=None):
+    """Transformer2DModel keys for a TransformerSpec t at width C; attn(prefix, kv_dim) gives an attention's keys
+    (default: diffusers Attention's). A "replace" block (DreamLite) has norm1 but no attn1."""
+    attn = attn or (lambda p, kv_dim: attention(p, C, kv_dim, shared_kv=t.shared_kv))
     inner = t.ff_mult * C
     proj = (lambda n: linear(n, C, C)) if t.linear_projection else (lambda n: conv(n, C, C, 1))
     s = {**norm(f"{prefix}.norm", C), **proj(f"{prefix}.proj_in")}
     for k in range(t.depth):
         b = f"{prefix}.transformer_blocks.{k}"
+        if t.kind != "cross":
+            s.update(norm(f"{b}.norm1", C))
         if t.kind == "full":
-            kv_dim = context_dim if t.only_cross else C
-            s.update({**norm(f"{b}.norm1", C), **attention(f"{b}.attn1", C, kv_dim, shared_kv=t.shared_kv)})
-        s.update({**norm(f"{b}.norm2", C), **attention(f"{b}.attn2", C, context_dim, shared_kv=t.shared_kv),
+            s.update(attn(f"{b}.attn1", context_dim if t.only_cross else C))
+        s.update({**norm(f"{b}.norm2", C), **attn(f"{b}.attn2", context_dim),
                   **norm(f"{b}.norm3", C), **linear(f"{b}.ff.net.0.proj", 2 * inner, C),
                   **linear(f"{b}.ff.net.2", C, inner)})
     return {**s, **proj(f"{prefix}.proj_out")}
@@ -128,6 +131,51 @@ def unet_schema(spec):
     for st in spec.stages:
         for layer in st.layers:
             s.update(_layer(f"{st.name}.{layer.name}", layer, spec))
+    return {**s, **norm("conv_norm_out", c0), **conv("conv_out", spec.out_channels, c0, 3)}
+
+
+# ---- DreamLite UNet -----------------------------------------------------------------------------------------
+def dreamlite_resnet(prefix, c_in, c_out, temb, r):
+    """ResnetBlock2DDreamLite keys for a ResnetSpec r: separable convs (bias per r.separable_bias), conv1's pointwise
+    widening to r.expand * c_out (time_emb_proj and norm2 at that width), conv2's contracting back to c_out."""
+    if not r.separable:
+        return resnet(prefix, c_in, c_out, temb)
+    wide, b = r.expand * c_out, r.separable_bias
+    s = {**norm(f"{prefix}.norm1", c_in), **conv(f"{prefix}.conv1.depthwise", c_in, 1, 3, b),
+         **conv(f"{prefix}.conv1.pointwise", wide, c_in, 1, b), **linear(f"{prefix}.time_emb_proj", wide, temb),
+         **norm(f"{prefix}.norm2", wide), **conv(f"{prefix}.conv2.depthwise", wide, 1, 3, b),
+         **conv(f"{prefix}.conv2.pointwise", c_out, wide, 1, b)}
+    return {**s, **(conv(f"{prefix}.conv_shortcut", c_out, c_in, 1) if c_in != c_out else {})}
+
+
+def mqa_attention(prefix, dim, kv_dim, t):
+    """DreamLite's diffusers Attention keys: to_q, to_k / to_v of t.kv_heads heads, norm_q / norm_k (RMSNorm over
+    one head's width) with qk_norm, to_out.0."""
+    d = dim // t.heads
+    kv = (t.kv_heads or t.heads) * d
+    qk = {**rms(f"{prefix}.norm_q", d), **rms(f"{prefix}.norm_k", d)} if t.qk_norm_eps is not None else {}
+    return {**linear(f"{prefix}.to_q", dim, dim, False), **linear(f"{prefix}.to_k", kv, kv_dim, False),
+            **linear(f"{prefix}.to_v", kv, kv_dim, False), **qk, **linear(f"{prefix}.to_out.0", dim, dim)}
+
+
+def dreamlite_unet_schema(spec):
+    """DreamLiteUNetModel keys in module order: conv_in, time_embedding, encoder_hid_proj (Linear + RMSNorm),
+    add_embedding, the stages, conv_norm_out, conv_out."""
+    c0, temb, D = spec.down[0].layers[0].c_in, spec.time_embed_dim, spec.context_dim
+    s = {**conv("conv_in", c0, spec.in_channels, 3), **linear("time_embedding.linear_1", temb, spec.sinusoid_dim),
+         **linear("time_embedding.linear_2", temb, temb), **linear("encoder_hid_proj.0", D, spec.text_dim),
+         **rms("encoder_hid_proj.1", D), **linear("add_embedding.linear_1", temb, spec.time_ids * spec.time_ids_dim),
+         **linear("add_embedding.linear_2", temb, temb)}
+    for st in spec.stages:
+        for layer in st.layers:
+            prefix = f"{st.name}.{layer.name}"
+            if layer.kind == "resnet":
+                s.update(dreamlite_resnet(prefix, layer.c_in, layer.c_out, temb, layer.spec))
+            elif layer.kind == "transformer":
+                C, t = layer.c_out, layer.spec
+                s.update(transformer(prefix, t, C, D, attn=lambda p, kv_dim: mqa_attention(p, C, kv_dim, t)))
+            else:
+                s.update(_layer(prefix, layer, spec))
     return {**s, **norm("conv_norm_out", c0), **conv("conv_out", spec.out_channels, c0, 3)}
 
 
