@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import precision, sampler
-from .guards import GUIDANCE_RANGE, SEED_LIMIT, InputError, _check_noise, _is_finite_real, _short, is_int
+from .guards import (GUIDANCE_RANGE, SEED_LIMIT, InputError, _check_noise, _is_finite_real, _short, check_memory,
+                     is_int)
 from .pipeline import Pipeline, Result, to_pixels
 from .qwen_text import prompt_embeddings
 from .qwen_tokenizer import GENERATE_DROP, MAX_SEQUENCE_LENGTH, generate_text
@@ -103,7 +104,7 @@ class DreamLitePipeline(Pipeline):
         """Refuse bad arguments before anything runs (InputError naming the argument; prompt, seed, size and noise
         as mdref.guards.check_run). steps: None (the pipeline's default: 4 mobile, 30 base) or an int in [1, 1000];
         guidance_scale (default 3.5) and negative_prompt apply to the base (guided) pipeline only, timesteps and
-        max_memory to neither; text_embeddings [B, L, D_text] ([2B, ...], uncond rows first, when guided) and
+        max_memory as Pipeline.run; text_embeddings [B, L, D_text] ([2B, ...], uncond rows first, when guided) and
         text_mask [B, L] of 1 / 0 (default all ones) replace the prompts' text features."""
         steps = self.default_steps if steps is None else steps
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
@@ -135,8 +136,9 @@ class DreamLitePipeline(Pipeline):
         if noise is not None:
             _check_noise(self, noise, shape, 1)
             noise = np.array(noise)
-        if max_memory is not None:          # mdref.guards.estimate_peak_bytes knows CLIP pipelines only (so far)
-            raise InputError("max_memory", "is not supported for DreamLite pipelines yet")
+        batch = len(prompts) * (2 if self.guided else 1)                          # guided: [negative, prompt] at once
+        check_memory(self, batch, shape, int(steps), max_memory,                  # the UNet sees the latent twice as
+                     text_tokens=MAX_SEQUENCE_LENGTH, unet_width=2)               # wide (zeros beside it)
         if text_embeddings is not None:
             text_embeddings = np.asarray(text_embeddings)
             B, D = len(prompts) * (2 if self.guided else 1), self.unet.spec.text_dim    # guided: uncond first

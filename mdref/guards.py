@@ -153,7 +153,7 @@ def _im2col_bytes(batch, channels, height, width, itemsize, k=3):
     return max(1, min(height, ops.IM2COL_BYTES // row)) * row
 
 
-def estimate_peak_bytes(pipe, batch, height, width, steps=1):
+def estimate_peak_bytes(pipe, batch, height, width, steps=1, *, text_tokens=None, unet_width=1):
     """About how many bytes a run of `pipe` at this size holds at its peak; computed from the specs and the weight
     shapes only (nothing is allocated). With s the dtype's size, h w the latent size, and for each block of the UNet
     and the decoder its widest layer C (largest weight dimension) at the largest resolution the block touches (Hb Wb):
@@ -169,7 +169,9 @@ def estimate_peak_bytes(pipe, batch, height, width, steps=1):
         im2col  = the 3x3 conv column block (ops.IM2COL_BYTES, or one output row B * 9 C * Wb * s if larger)
         skips   = the UNet's skip connections, all alive at the mid block
 
-    The text encoder's [B, 77, D] activations are small beside these and not counted. This is an estimate for a
+    text_tokens: the text length the cross-attention sees (default: the tokenizer's max_length); unet_width: how many
+    latents wide the UNet's input is (DreamLite's in-context input: 2, the latent beside its zero twin).
+    The text encoder's [B, T, D] activations are small beside these and not counted. This is an estimate for a
     refusal, meant to be on the high side (ACTIVATION_COPIES = 6): it says when a size cannot fit, not a budget
     to plan against to the byte."""
     s = np.dtype(pipe.dtype).itemsize
@@ -184,7 +186,8 @@ def estimate_peak_bytes(pipe, batch, height, width, steps=1):
         return act + scores + _im2col_bytes(batch, channels, hb, wb, s)
 
     spec, params = pipe.unet.spec, pipe.unet.params
-    text = pipe.tokenizer.max_length
+    text = pipe.tokenizer.max_length if text_tokens is None else text_tokens
+    w_latent, w = w, w * unet_width                     # the UNet's input width; the decoder's stays w_latent
     unet, skips, scale = 0, batch * spec.down[0].channels * h * w * s if spec.down else 0, 1
     for st in spec.stages:                              # each stage's layer list, in execution order
         if st.of("upsample"):                           # an up block at its output resolution, the others at their input
@@ -199,6 +202,7 @@ def estimate_peak_bytes(pipe, batch, height, width, steps=1):
     unet += skips
 
     dspec, dparams = pipe.decoder.spec, pipe.decoder.params["decoder"]
+    w = w_latent
     if pipe.decoder.config.kind == "kl":
         decoder = block(_widest(dparams["mid_block"]), h, w, 1 if dspec.mid_attention else 0, h * w)
         for i in range(len(dspec.widths)):
@@ -307,7 +311,7 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     if noise is not None:
         _check_noise(pipe, noise, shape, steps)
         noise = np.array(noise)                                          # a memory map is read once, after the checks
-    _check_memory(pipe, len(prompts), shape, steps, max_memory)
+    check_memory(pipe, len(prompts), shape, steps, max_memory)
     return Request(tuple(prompts), negative_prompt, int(seed), noise, timesteps, shape,
                    None if guidance_scale is None else float(guidance_scale), bool(allow_nonfinite))
 
@@ -328,11 +332,13 @@ def _check_noise(pipe, noise, shape, steps):
     if big > finfo_max(pipe.compute.name):
         raise InputError("noise", f"holds values beyond {pipe.compute.name}'s range (max |x| {big:.3g})")
 
-def _check_memory(pipe, batch, shape, steps, max_memory):
+def check_memory(pipe, batch, shape, steps, max_memory, **layout):
+    """Raise MemoryLimitError when a run of `pipe` on latents `shape` [B, C, h, w] would not fit in
+    memory_limit(max_memory); `layout`: estimate_peak_bytes' text_tokens / unet_width."""
     limit, source = memory_limit(max_memory)
     u = pipe.decoder.upsampling_factor
     H, W = shape[2] * u, shape[3] * u
-    needed = estimate_peak_bytes(pipe, batch, H, W, steps)
+    needed = estimate_peak_bytes(pipe, batch, H, W, steps, **layout)
     if limit is not None and needed > limit:
         raise MemoryLimitError(
             f"{H}x{W} (batch {batch}, {steps} step{'s' if steps > 1 else ''}, {np.dtype(pipe.dtype).name}) needs "

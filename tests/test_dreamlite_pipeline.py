@@ -136,3 +136,15 @@ def test_bad_arguments_name_themselves(folder):
     assert base.guided and base.default_steps == 30
     with pytest.raises(mdref.pipeline.InputError, match="guidance_scale"):
         base.run(PROMPT, guidance_scale=float("nan"))
+
+
+def test_the_memory_guard_covers_dreamlite(folder, tmp_path):
+    """The memory estimate counts the UNet's in-context input (twice the latent's width) and the 200 text tokens;
+    a run that cannot fit is refused before anything runs, as for every pipeline."""
+    pipe = mdref.Pipeline.from_pretrained(folder)
+    with pytest.raises(mdref.pipeline.MemoryLimitError, match="1024x1024"):
+        pipe.run(PROMPT, max_memory="1M")
+    code = mdref.cli.main(["generate", PROMPT, "--model", str(folder), "--height", "64", "--width", "64",
+                           "--max-memory", "1K", "-o", str(tmp_path / "x.png")])
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert pipe.run(PROMPT, height=64, width=64, max_memory="64G").image.shape == (1, 3, 64, 64)
