@@ -31,10 +31,15 @@ def time_embed(t, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift, cond_
 
 
 def guidance_embedding(w, dim):
-    """diffusers get_guidance_scale_embedding (LCM, Luo et al. 2023): a sinusoid of w * 1000 with frequencies
-    exp(-ln(10000) i / (half - 1)) (divisor half - 1: freq_shift 1), [sin, cos] (no flip).  w [B] -> [B, dim]."""
-    return ops.timestep_embedding(w * np.asarray(1000.0, w.dtype), dim, flip_sin_to_cos=False,
-                                  downscale_freq_shift=1, dtype=w.dtype)         # [B, dim]
+    """diffusers get_guidance_scale_embedding (LCM, Luo et al. 2023): [sin, cos] (no flip) of w * 1000 times the
+    frequencies exp(-i ln(10000) / (half - 1)) (divisor half - 1, not the timestep sinusoid's half - shift),
+    zero-padded when dim is odd.  w [B] -> [B, dim]. The arguments reach 1000 w radians, so float32 rounding of a
+    frequency shows 1000-fold: the operations are diffusers' own, in its order (ln(10000) / (half - 1) first)."""
+    half, dt = dim // 2, w.dtype
+    step = np.asarray(np.log(np.asarray(10000.0, dt)) / np.asarray(half - 1, dt), dt)
+    freqs = np.exp(np.arange(half, dtype=dt) * -step)                            # [half]
+    args = (w * np.asarray(1000.0, dt))[:, None] * freqs[None, :]                 # [B, half]
+    return np.pad(np.concatenate([np.sin(args), np.cos(args)], axis=-1), ((0, 0), (0, dim % 2)))   # [B, dim]
 
 
 def text_time_embed(text_embeds, time_ids, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift):
@@ -125,7 +130,7 @@ def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=
     return x + record(ff, feed_forward(h, **ff, activation=spec.ff_activation))
 
 
-def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, spec):
+def transformer_2d(x, context, *, norm, proj_in, proj_out, spec, transformer_blocks=()):
     """diffusers Transformer2DModel (continuous input): GN, proj_in, spec.depth blocks over the pixels, proj_out,
     + x. proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
     B, C, H, W = x.shape
