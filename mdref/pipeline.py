@@ -53,6 +53,7 @@ class Result:
     image: np.ndarray              # decoder output [B, 3, H, W] in [-1, 1]
     pixels: np.ndarray             # uint8 [B, H, W, 3]
     timings: dict = field(default_factory=dict)
+    pooled_text_embeddings: np.ndarray | None = None   # SDXL: text_encoder_2's text_embeds [B, P]; else None
 
     def pil(self):
         from PIL import Image
@@ -63,8 +64,12 @@ class Pipeline:
     """Tokenizer + text encoder + UNet + decoder + one-step sampler."""
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
-                 weight_files=(), path=None):
+                 weight_files=(), path=None, tokenizer_2=None, text_encoder_2=None, force_zeros_for_empty_prompt=False):
         self.tokenizer, self.text_encoder, self.unet, self.decoder = tokenizer, text_encoder, unet, decoder
+        # SDXL (StableDiffusionXLPipeline folders): the second tower, a TextEncoderWithProjection, and whether a
+        # negative prompt left out (None) conditions on zeros rather than on the encoding of "".
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.scheduler = scheduler            # mdref.io.SchedulerConfig
         self.source = source                  # as recorded in metadata: model path, "mdref:default" or "preset:NAME"
         self.path = path                      # the model folder (None for a preset)
@@ -123,8 +128,9 @@ class Pipeline:
 
     def num_parameters(self):
         """Parameter count per component and in total."""
-        counts = {"text_encoder": self.text_encoder.num_parameters(), "unet": self.unet.num_parameters(),
-                  "decoder": self.decoder.num_parameters()}
+        counts = {"text_encoder": self.text_encoder.num_parameters(),
+                  **({"text_encoder_2": self.text_encoder_2.num_parameters()} if self.text_encoder_2 else {}),
+                  "unet": self.unet.num_parameters(), "decoder": self.decoder.num_parameters()}
         counts["total"] = sum(counts.values())
         return counts
 
@@ -172,7 +178,7 @@ class Pipeline:
         return self.decoder(self.decoder_input(x0))                          # [B, 3, H, W]
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-              negative_prompt="", max_memory=None, timesteps=None, allow_nonfinite=False):
+              negative_prompt=None, max_memory=None, timesteps=None, allow_nonfinite=False):
         """Refuse bad arguments of run() before anything is computed or allocated (mdref.guards.check_run);
         returns the checked Request that execute() runs."""
         return check_run(self, prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
@@ -180,10 +186,12 @@ class Pipeline:
                          timesteps=timesteps, allow_nonfinite=allow_nonfinite)
 
     def run(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-            negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None):
+            negative_prompt=None, allow_nonfinite=False, max_memory=None, timesteps=None):
         """The whole pipeline; returns a Result with every intermediate and per-stage wall times.
         timesteps: custom timesteps as diffusers' argument of that name (e.g. [399] for DMD2's LCMScheduler,
         whose own one-step timestep is 999); steps is then 1 or their number (mdref.sampler.schedule).
+        negative_prompt: None (not given: "" for SD; zeros for SDXL with force_zeros_for_empty_prompt, as diffusers)
+        or a string, used only with classifier-free guidance.
 
         The arguments are checked first (see check: InputError, MemoryLimitError). Each stage's output (the text
         embeddings, every UNet output, x0, the image) must be finite: if one is not, the run is repeated under a
@@ -215,13 +223,15 @@ class Pipeline:
 
     def _stages(self, req, stage):
         """Tokenize, encode the text, sample the latent, decode: the four lines of the module docstring."""
+        if self.text_encoder_2 is not None:
+            return self._stages_sdxl(req, stage)
         with stage("tokenize"):
             ids = record("tokens", self.tokenizer(list(req.prompts)))                       # int64 [B, 77]
         with stage("text_encoder", "text encoder") as s:
             context = s.finite(record("text_embeddings", self.text_encoder(ids)))          # [B, 77, D]
             uncond = None
             if uses_guidance(req.guidance_scale):
-                neg_ids = self.tokenizer([req.negative_prompt] * len(req.prompts))
+                neg_ids = self.tokenizer([req.negative_prompt or ""] * len(req.prompts))
                 uncond = s.finite(record("negative_text_embeddings", self.text_encoder(neg_ids)))
         draws = sampler.sampling_noise(req.shape, len(req.timesteps), req.seed, self.dtype, req.noise)
         draws[0] = record("noise", draws[0])                                                # [steps, B, C, h, w]
@@ -232,13 +242,63 @@ class Pipeline:
             with precision.using(self.precision and self.precision.within("sampler")):
                 x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.scheduler, req.shape,
                                                       seed=req.seed, noise=draws, dtype=self.dtype,
-                                                      timesteps=req.timesteps))
+                                                      **self._schedule(req)))
             x0 = s.finite(record("latents.x0", x0))                                         # [B, C, h, w]
         with stage("decoder") as s:
             image = s.finite(self.decode(x0))                                               # [B, 3, H, W]
         record("image", np.clip((image + 1) / 2, 0, 1))                     # [B, 3, H, W] in [0, 1], before 8 bits
         return Result(list(req.prompts), ids, context, draws[0], list(req.timesteps), x0, image, to_pixels(image),
                       stage.timings)
+
+    def _schedule(self, req):
+        """The checked timesteps as sampler.sample takes them: EulerAncestral takes no custom timesteps (as diffusers),
+        so its schedule is passed as its number of steps (check_run resolved it by the same rule)."""
+        if self.scheduler.sampler == "euler_ancestral":
+            return {"steps": len(req.timesteps)}
+        return {"timesteps": req.timesteps}
+
+    def _stages_sdxl(self, req, stage):
+        """StableDiffusionXLPipeline's stages (docs/sdxl.md): two towers give the context [B, 77, 2048] and the
+        pooled text_embeds [B, 1280]; the UNet also reads the time ids [h, w, 0, 0, h, w] of the image size and,
+        with time_cond_proj_dim, the guidance w = guidance_scale - 1 (no CFG pass then; None counts as 1)."""
+        tokenizers, encoders = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
+        B = len(req.prompts)
+        with stage("tokenize"):
+            ids = record("tokens", self.tokenizer(list(req.prompts)))                       # int64 [B, 77]
+            record("tokens_2", self.tokenizer_2(list(req.prompts)))                         # int64 [B, 77]
+        embedded_guidance = self.unet.spec.time_cond_proj_dim is not None
+        cfg = uses_guidance(req.guidance_scale) and not embedded_guidance                   # P:803-805
+        with stage("text_encoder", "text encoder") as s:
+            context, pooled = encode_prompts(list(req.prompts), tokenizers, encoders)
+            context = s.finite(record("text_embeddings", context))                         # [B, 77, 2048]
+            pooled = s.finite(record("text_embeds", pooled))                               # [B, 1280]
+            if cfg and req.negative_prompt is None and self.force_zeros_for_empty_prompt:   # P:424-427
+                uncond, uncond_pooled = np.zeros_like(context), np.zeros_like(pooled)
+            elif cfg:
+                uncond, uncond_pooled = encode_prompts([req.negative_prompt or ""] * B, tokenizers, encoders)
+            if cfg:
+                uncond = s.finite(record("negative_text_embeddings", uncond))
+                uncond_pooled = s.finite(record("negative_text_embeds", uncond_pooled))
+        h, w = (n * self.decoder.upsampling_factor for n in req.shape[2:])                 # the image size
+        time_ids = record("time_ids", np.tile(np.array([h, w, 0, 0, h, w], self.dtype), (B, 1)))   # [B, 6]
+        extra = {"guidance": (req.guidance_scale or 1.0) - 1.0} if embedded_guidance else {}
+        draws = sampler.sampling_noise(req.shape, len(req.timesteps), req.seed, self.dtype, req.noise)
+        draws[0] = record("noise", draws[0])                                                # [steps, B, C, h, w]
+        with stage("unet", "UNet") as s:
+            def unet(text, text_embeds):
+                return lambda x, t: self.unet(x, t, text, text_embeds=text_embeds, time_ids=time_ids, **extra)
+            model = sampler.guided(unet(context, pooled), unet(uncond, uncond_pooled) if cfg else None,
+                                   req.guidance_scale if cfg else None)
+            with precision.using(self.precision and self.precision.within("sampler")):
+                x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.scheduler, req.shape,
+                                                      seed=req.seed, noise=draws, dtype=self.dtype,
+                                                      **self._schedule(req)))
+            x0 = s.finite(record("latents.x0", x0))                                         # [B, C, h, w]
+        with stage("decoder") as s:
+            image = s.finite(self.decode(x0))                                               # [B, 3, H, W]
+        record("image", np.clip((image + 1) / 2, 0, 1))
+        return Result(list(req.prompts), ids, context, draws[0], list(req.timesteps), x0, image, to_pixels(image),
+                      stage.timings, pooled)
 
     def __call__(self, prompt, seed=0, **arguments):
         """prompt -> PIL.Image (a list of images for a list of prompts). Arguments (keywords but seed) and errors as
@@ -257,7 +317,17 @@ class Pipeline:
             "prediction_type": cfg.prediction_type, "scheduler": scheduler_config_to_dict(self.scheduler),
             "decoder": {"kind": self.decoder.config.kind, "scaling_factor": self.decoder.scaling_factor,
                         "shift_factor": self.decoder.shift_factor},
+            "conditioning": self.conditioning(),
         }
+
+    def conditioning(self):
+        """What the UNet is conditioned on besides the timestep and the text context: the text towers, SDXL's
+        "text_time" added embedding, the guidance embedding, the empty-negative-prompt rule."""
+        spec = self.unet.spec
+        return {"text_encoders": ["text_encoder"] + (["text_encoder_2"] if self.text_encoder_2 else []),
+                "addition_embed_type": self.unet.config.addition_embed_type,
+                "addition_time_embed_dim": spec.addition_time_embed_dim, "time_cond_proj_dim": spec.time_cond_proj_dim,
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
 
     def __repr__(self):
         n = self.num_parameters()

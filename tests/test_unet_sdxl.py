@@ -113,10 +113,11 @@ def test_parity_with_diffusers(name, dtype, tmp_path, monkeypatch, record_proper
 
 def test_guidance_embedding():
     """mdref.unet.guidance_embedding against diffusers' get_guidance_scale_embedding: float64 (the oracle's float32
-    ln(10000) made float64) and float32 against it, each within the bound derived here with its unit roundoff. Its arguments are 1000 w f_i: a frequency f_i = exp(-i s) carries
-    the rounding of i s (<= ~2 u32 relative, so i s u32-ish absolute) times f_i, largest at i s = 1 (f = 1/e), plus
-    the exp and the products (~3 u32): |d arg| <= 1000 |w| (2/e + 3) u32, and sin / cos pass it on 1:1. A float32
-    oracle is no reference here: diffusers' float32 embedding lies as far from float64 as mdref's (both measured)."""
+    ln(10000) made float64) and float32 against it, each within the bound derived here with its unit roundoff u.
+    Its arguments are 1000 w f_i: a frequency f_i = exp(-i s) carries the rounding of i s (~2 u relative, so
+    ~2 u i s absolute) times f_i, largest at i s = 1 (f = 1/e), plus the exp and the products (~3 u):
+    |d arg| <= 1000 |w| (2/e + 3) u, and sin / cos pass it on 1:1. A float32 oracle is no reference here:
+    diffusers' float32 embedding lies as far from float64 as mdref's (both measured)."""
     w = np.array([0.0, 0.5, 1.5, 7.0, 14.0])                     # guidance 1 .. 15
     for dim in (16, 256, 17):
         ref = guidance_embedding_f64(None, torch.tensor(w), dim).numpy()
@@ -129,7 +130,7 @@ def test_guidance_embedding():
         assert ours.dtype == np.float32
         theirs = GUIDANCE_EMBEDDING(None, torch.tensor(w, dtype=torch.float32), dim).numpy()
         within(f"guidance embedding f32 dim {dim}", np.abs(ours - ref).max(), bound, "derived, see docstring")
-        within(f"diffusers' guidance embedding f32 dim {dim}", np.abs(theirs - ref).max(), bound, "the same bound")
+        within(f"diffusers' guidance embedding f32 dim {dim}", np.abs(theirs - ref).max(), bound, "same bound")
 
 
 def test_added_conditions_change_the_output_and_are_checked():
