@@ -223,22 +223,17 @@ class Pipeline:
 
     def _stages(self, req, stage):
         """Tokenize, encode the text, sample the latent, decode: the four lines of the module docstring."""
-        if self.text_encoder_2 is not None:
-            return self._stages_sdxl(req, stage)
         with stage("tokenize"):
             ids = record("tokens", self.tokenizer(list(req.prompts)))                       # int64 [B, 77]
+            if self.tokenizer_2 is not None:
+                record("tokens_2", self.tokenizer_2(list(req.prompts)))                     # int64 [B, 77]
         with stage("text_encoder", "text encoder") as s:
-            context = s.finite(record("text_embeddings", self.text_encoder(ids)))          # [B, 77, D]
-            uncond = None
-            if uses_guidance(req.guidance_scale):
-                neg_ids = self.tokenizer([req.negative_prompt or ""] * len(req.prompts))
-                uncond = s.finite(record("negative_text_embeddings", self.text_encoder(neg_ids)))
+            cond, uncond = self._conditions(req, ids, s)      # the UNet's inputs besides x and t, per CFG half
         draws = sampler.sampling_noise(req.shape, len(req.timesteps), req.seed, self.dtype, req.noise)
         draws[0] = record("noise", draws[0])                                                # [steps, B, C, h, w]
         with stage("unet", "UNet") as s:
-            model = sampler.guided(lambda x, t: self.unet(x, t, context),
-                                   None if uncond is None else (lambda x, t: self.unet(x, t, uncond)),
-                                   None if uncond is None else req.guidance_scale)
+            model = sampler.guided(lambda x, t: self.unet(x, t, cond[0], **cond[1]), uncond and (
+                lambda x, t: self.unet(x, t, uncond[0], **uncond[1])), None if uncond is None else req.guidance_scale)
             with precision.using(self.precision and self.precision.within("sampler")):
                 x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.scheduler, req.shape,
                                                       seed=req.seed, noise=draws, dtype=self.dtype,
@@ -247,58 +242,43 @@ class Pipeline:
         with stage("decoder") as s:
             image = s.finite(self.decode(x0))                                               # [B, 3, H, W]
         record("image", np.clip((image + 1) / 2, 0, 1))                     # [B, 3, H, W] in [0, 1], before 8 bits
-        return Result(list(req.prompts), ids, context, draws[0], list(req.timesteps), x0, image, to_pixels(image),
-                      stage.timings)
+        return Result(list(req.prompts), ids, cond[0], draws[0], list(req.timesteps), x0, image, to_pixels(image),
+                      stage.timings, cond[1].get("text_embeds"))
 
     def _schedule(self, req):
-        """The checked timesteps as sampler.sample takes them: EulerAncestral takes no custom timesteps (as diffusers),
-        so its schedule is passed as its number of steps (check_run resolved it by the same rule)."""
-        if self.scheduler.sampler == "euler_ancestral":
-            return {"steps": len(req.timesteps)}
-        return {"timesteps": req.timesteps}
+        """The checked timesteps for sampler.sample; EulerAncestral's as their number (it refuses custom ones)."""
+        return {"steps": len(req.timesteps)} if self.scheduler.sampler == "euler_ancestral" else \
+            {"timesteps": req.timesteps}
 
-    def _stages_sdxl(self, req, stage):
-        """StableDiffusionXLPipeline's stages (docs/sdxl.md): two towers give the context [B, 77, 2048] and the
-        pooled text_embeds [B, 1280]; the UNet also reads the time ids [h, w, 0, 0, h, w] of the image size and,
-        with time_cond_proj_dim, the guidance w = guidance_scale - 1 (no CFG pass then; None counts as 1)."""
-        tokenizers, encoders = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
-        B = len(req.prompts)
-        with stage("tokenize"):
-            ids = record("tokens", self.tokenizer(list(req.prompts)))                       # int64 [B, 77]
-            record("tokens_2", self.tokenizer_2(list(req.prompts)))                         # int64 [B, 77]
-        embedded_guidance = self.unet.spec.time_cond_proj_dim is not None
-        cfg = uses_guidance(req.guidance_scale) and not embedded_guidance                   # P:803-805
-        with stage("text_encoder", "text encoder") as s:
-            context, pooled = encode_prompts(list(req.prompts), tokenizers, encoders)
-            context = s.finite(record("text_embeddings", context))                         # [B, 77, 2048]
-            pooled = s.finite(record("text_embeds", pooled))                               # [B, 1280]
-            if cfg and req.negative_prompt is None and self.force_zeros_for_empty_prompt:   # P:424-427
-                uncond, uncond_pooled = np.zeros_like(context), np.zeros_like(pooled)
-            elif cfg:
-                uncond, uncond_pooled = encode_prompts([req.negative_prompt or ""] * B, tokenizers, encoders)
-            if cfg:
-                uncond = s.finite(record("negative_text_embeddings", uncond))
-                uncond_pooled = s.finite(record("negative_text_embeds", uncond_pooled))
+    def _conditions(self, req, ids, s):
+        """(cond, uncond): the UNet's text context and added inputs (a dict of keywords) for the prompts and, when
+        classifier-free guidance runs, for the negative prompt (else None). SD: the context alone. SDXL
+        (docs/sdxl.md): two towers give the context [B, 77, 2048] and the pooled text_embeds [B, 1280], plus the time
+        ids [h, w, 0, 0, h, w] of the image size and, with time_cond_proj_dim, the guidance w = guidance_scale - 1
+        (no CFG pass then; None counts as 1)."""
+        B, cfg = len(req.prompts), uses_guidance(req.guidance_scale)
+        if self.text_encoder_2 is None:
+            cond = s.finite(record("text_embeddings", self.text_encoder(ids))), {}               # [B, 77, D]
+            if not cfg:
+                return cond, None
+            neg = self.text_encoder(self.tokenizer([req.negative_prompt or ""] * B))
+            return cond, (s.finite(record("negative_text_embeddings", neg)), {})
+        towers = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
+        context, pooled = encode_prompts(list(req.prompts), *towers)                        # [B, 77, 2048], [B, 1280]
         h, w = (n * self.decoder.upsampling_factor for n in req.shape[2:])                 # the image size
-        time_ids = record("time_ids", np.tile(np.array([h, w, 0, 0, h, w], self.dtype), (B, 1)))   # [B, 6]
-        extra = {"guidance": (req.guidance_scale or 1.0) - 1.0} if embedded_guidance else {}
-        draws = sampler.sampling_noise(req.shape, len(req.timesteps), req.seed, self.dtype, req.noise)
-        draws[0] = record("noise", draws[0])                                                # [steps, B, C, h, w]
-        with stage("unet", "UNet") as s:
-            def unet(text, text_embeds):
-                return lambda x, t: self.unet(x, t, text, text_embeds=text_embeds, time_ids=time_ids, **extra)
-            model = sampler.guided(unet(context, pooled), unet(uncond, uncond_pooled) if cfg else None,
-                                   req.guidance_scale if cfg else None)
-            with precision.using(self.precision and self.precision.within("sampler")):
-                x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.scheduler, req.shape,
-                                                      seed=req.seed, noise=draws, dtype=self.dtype,
-                                                      **self._schedule(req)))
-            x0 = s.finite(record("latents.x0", x0))                                         # [B, C, h, w]
-        with stage("decoder") as s:
-            image = s.finite(self.decode(x0))                                               # [B, 3, H, W]
-        record("image", np.clip((image + 1) / 2, 0, 1))
-        return Result(list(req.prompts), ids, context, draws[0], list(req.timesteps), x0, image, to_pixels(image),
-                      stage.timings, pooled)
+        added = {"time_ids": record("time_ids", np.tile(np.array([h, w, 0, 0, h, w], self.dtype), (B, 1)))}
+        if self.unet.spec.time_cond_proj_dim is not None:                                   # P:803-805, P:1189
+            added["guidance"], cfg = (req.guidance_scale or 1.0) - 1.0, False
+        cond = (s.finite(record("text_embeddings", context)),
+                {"text_embeds": s.finite(record("text_embeds", pooled)), **added})
+        if not cfg:
+            return cond, None
+        if req.negative_prompt is None and self.force_zeros_for_empty_prompt:              # P:424-427
+            context, pooled = np.zeros_like(context), np.zeros_like(pooled)
+        else:
+            context, pooled = encode_prompts([req.negative_prompt or ""] * B, *towers)
+        return cond, (s.finite(record("negative_text_embeddings", context)),
+                      {"text_embeds": s.finite(record("negative_text_embeds", pooled)), **added})
 
     def __call__(self, prompt, seed=0, **arguments):
         """prompt -> PIL.Image (a list of images for a list of prompts). Arguments (keywords but seed) and errors as

@@ -39,7 +39,7 @@ DEFAULT_ONLY = {
     "center_input_sample": (False,), "downsample_padding": (1,), "mid_block_scale_factor": (1,),
     "act_fn": ("silu", "swish"), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "num_attention_heads": (None,), "dual_cross_attention": (False,),
-    "class_embed_type": (None,), "addition_embed_type": (None, "text_time"),
+    "class_embed_type": (None,),
     "num_class_embeds": (None,), "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1,), "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
