@@ -14,6 +14,9 @@ report of issue 31's second part): the components' float64 parity is tested one 
 test_text_encoder_sdxl.py, test_sampler_distilled.py).
 """
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -22,6 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import mdref  # noqa: E402
+from mdref.cli import main  # noqa: E402
 from mdref.pipeline import Pipeline  # noqa: E402
 from mdref.tokenizer import EOS  # noqa: E402
 from mdref.trace import trace  # noqa: E402
@@ -131,7 +135,7 @@ def test_sdxl_image_matches_diffusers(parts, case, tmp_path):
     print(f"sdxl {case}: {int((levels > 0).sum())} of {levels.size} 8-bit values differ by one level")
 
 
-def test_sdxl_folder_facts(parts, tmp_path):
+def test_sdxl_folder_facts(parts, tmp_path, capsys):
     """The folder's second tower counts in num_parameters, `mdref info`'s facts name the added conditioning, and a
     folder with text_encoder_2/ but no tokenizer_2/ is refused by name."""
     _, folder = folder_for(parts, "lcm", tmp_path)
@@ -139,10 +143,12 @@ def test_sdxl_folder_facts(parts, tmp_path):
     n = pipe.num_parameters()
     assert n["text_encoder_2"] == sum(p.numel() for p in parts["text_encoder_2"].parameters())
     assert n["unet"] == sum(p.numel() for p in parts["unet_lcm"].parameters())
-    facts = pipe.describe()["conditioning"]
-    assert facts == {"text_encoders": ["text_encoder", "text_encoder_2"], "addition_embed_type": "text_time",
-                     "addition_time_embed_dim": A, "time_cond_proj_dim": 16, "force_zeros_for_empty_prompt": True}
-    import shutil
+    assert main(["info", "--model", str(folder)]) == 0                       # mdref info prints describe()
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["conditioning"] == {
+        "text_encoders": ["text_encoder", "text_encoder_2"], "addition_embed_type": "text_time",
+        "addition_time_embed_dim": A, "time_cond_proj_dim": 16, "force_zeros_for_empty_prompt": True}
+    assert facts["parameters"]["text_encoder_2"] == n["text_encoder_2"] and facts["image_size"] == [16, 16]
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(mdref.ConfigError, match="tokenizer_2"):
         Pipeline.from_pretrained(folder)
