@@ -170,8 +170,13 @@ class Pipeline:
 
     # ---- the stages ------------------------------------------------------------------------------------------
     def decoder_input(self, x0):
-        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale)."""
-        return x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
+        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale), or with the VAE's
+        per-channel statistics x0 * latents_std / scaling_factor + latents_mean (the SDXL pipeline, P:1276-1287)."""
+        cfg, dt = self.decoder.config, x0.dtype
+        if cfg.latents_mean is not None:
+            mean, std = (np.asarray(v, dt)[None, :, None, None] for v in (cfg.latents_mean, cfg.latents_std))
+            return x0 * std / np.asarray(cfg.scaling_factor, dt) + mean                    # [B, C, h, w]
+        return x0 / np.asarray(self.decoder.scaling_factor, dt) + np.asarray(self.decoder.shift_factor, dt)
 
     def decode(self, x0):
         """Clean latent -> image in [-1, 1]: the decoder sees decoder_input(x0)."""

@@ -45,6 +45,12 @@ UNET = dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1,
             projection_class_embeddings_input_dim=POOLED + 6 * A, use_linear_projection=True, norm_num_groups=8)
 
 
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+           norm_num_groups=8, scaling_factor=0.13025, force_upcast=True)
+STATS = ([0.1, -0.2, 0.3, 0.05], [0.9, 1.1, 0.7, 1.3])       # Playground-v2.5-style per-channel latent statistics
+
+
 def scheduler(name):
     base = {k: v for k, v in SDXL_BASE.items() if k != "_class_name"}
     if name == "turbo":
@@ -69,19 +75,22 @@ def parts(tmp_path_factory):
         text_encoder=randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_L)), 0),
         text_encoder_2=randomize(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
             **BIG_G, bos_token_id=0, eos_token_id=2, pad_token_id=1)), 1),
-        vae=randomize(diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-            norm_num_groups=8, scaling_factor=0.13025, force_upcast=True), 2),
+        vae=randomize(diffusers.AutoencoderKL(**VAE), 2),
+        vae_stats=randomize(diffusers.AutoencoderKL(**VAE, latents_mean=STATS[0], latents_std=STATS[1]), 2),
+        vae_tiny=randomize(diffusers.AutoencoderTiny(
+            encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 2), latent_channels=4), 5),
         unet=randomize(diffusers.UNet2DConditionModel(**UNET), 3),
         unet_lcm=randomize(diffusers.UNet2DConditionModel(**UNET, time_cond_proj_dim=16), 4))
 
 
 def folder_for(parts, case, tmp_path):
     """A StableDiffusionXLPipeline for `case` (the watermarker off: it would change the image) and its folder."""
-    kw = {k: v for k, v in parts.items() if k != "unet_lcm"}
+    kw = {k: v for k, v in parts.items() if k not in ("unet_lcm", "vae_stats", "vae_tiny")}
     if case == "lcm":
         kw["unet"] = parts["unet_lcm"]
+    if case in ("stats", "taesdxl"):
+        kw["vae"] = parts["vae_stats" if case == "stats" else "vae_tiny"]
     pipe = diffusers.StableDiffusionXLPipeline(**kw, scheduler=scheduler(case), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / case, safe_serialization=True)
@@ -95,8 +104,11 @@ CASES = {   # name: (diffusers call arguments, mdref run arguments)
     "cfg": (dict(num_inference_steps=1, guidance_scale=5.0), dict(guidance_scale=5.0)),
     "cfg_negative": (dict(num_inference_steps=1, guidance_scale=5.0, negative_prompt="a blurry photo!"),
                      dict(guidance_scale=5.0, negative_prompt="a blurry photo!")),
+    "stats": (dict(num_inference_steps=1, guidance_scale=0.0), dict()),              # VAE latents_mean / std
+    "taesdxl": (dict(num_inference_steps=1, guidance_scale=0.0), dict()),            # AutoencoderTiny, scale 1.0
 }
-SAMPLER = {"turbo": "euler_ancestral", "lightning": "euler", "lcm": "lcm", "cfg": "euler", "cfg_negative": "euler"}
+SAMPLER = {"turbo": "euler_ancestral", "lightning": "euler", "lcm": "lcm", "cfg": "euler", "cfg_negative": "euler",
+           "stats": "euler", "taesdxl": "euler"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -108,7 +120,12 @@ def test_sdxl_image_matches_diffusers(parts, case, tmp_path):
     call = dict(prompt=PROMPTS, latents=torch.from_numpy(noise), height=HEIGHT, width=WIDTH, **theirs_kw)
     with torch.no_grad():
         latents = ref_pipe(**call, output_type="latent").images.numpy()
-        ref_image = ref_pipe.vae.decode(torch.from_numpy(latents) / 0.13025).sample.numpy()
+        z = torch.from_numpy(latents)
+        if case == "stats":                                                  # P:1276-1287
+            z = z * torch.tensor(STATS[1]).view(1, 4, 1, 1) / 0.13025 + torch.tensor(STATS[0]).view(1, 4, 1, 1)
+        elif case != "taesdxl":                                              # TAESDXL: scaling_factor 1.0
+            z = z / 0.13025
+        ref_image = ref_pipe.vae.decode(z).sample.numpy()
         ref_np = ref_pipe(**call, output_type="np").images                  # [B, H, W, 3] in [0, 1], float32
         (_, _, pooled, neg_pooled) = ref_pipe.encode_prompt(
             PROMPTS, do_classifier_free_guidance=True, negative_prompt=theirs_kw.get("negative_prompt"))
@@ -133,6 +150,21 @@ def test_sdxl_image_matches_diffusers(parts, case, tmp_path):
     levels = np.abs(r.pixels.astype(np.float64) - theirs8)
     assert levels.max() <= 1, f"8-bit images differ by {levels.max()} levels"
     print(f"sdxl {case}: {int((levels > 0).sum())} of {levels.size} 8-bit values differ by one level")
+
+
+def test_latent_statistics_are_checked():
+    """latents_mean / latents_std: both or neither, latent_channels finite numbers each, a std never 0; they survive
+    save_pretrained (diffusers' keys)."""
+    from mdref.io import ConfigError
+    from mdref.io.decoder_config import config_from_diffusers
+    base = {"_class_name": "AutoencoderKL", "block_out_channels": [16, 32], "norm_num_groups": 8}
+    ok = config_from_diffusers({**base, "latents_mean": STATS[0], "latents_std": STATS[1]})
+    assert ok.latents_std == tuple(STATS[1]) and ok.to_dict()["latents_mean"] == STATS[0]
+    for bad, match in (({"latents_mean": STATS[0]}, "set together"),
+                       ({"latents_mean": STATS[0][:3], "latents_std": STATS[1][:3]}, "latents_mean"),
+                       ({"latents_mean": STATS[0], "latents_std": [1.0, 0.0, 1.0, 1.0]}, r"latents_std\[1\]")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_diffusers({**base, **bad})
 
 
 def test_sdxl_folder_facts(parts, tmp_path, capsys):
