@@ -9,9 +9,8 @@ out (force_zeros_for_empty_prompt: zeros) and given. Batch 2, a non-square image
 
 Bounds, float32: the latent and the decoded image <= 1e-5 of max |reference| (the project's float32 contract, as the
 UNet's: float32 rounding through a few dozen layers, both sides), the 8-bit images within one level (a value within
-float32 rounding of a .5 boundary may round either way). float64 end-to-end parity is not in this file (see the
-report of issue 31's second part): the components' float64 parity is tested one by one (test_unet_sdxl.py,
-test_text_encoder_sdxl.py, test_sampler_distilled.py).
+float32 rounding of a .5 boundary may round either way). float64: <= 1e-10 of max |x| for the latent and the decoded
+image against the oracle in float64 with diffusers' float32 steps made float64 (float64_oracle says which).
 """
 
 import json
@@ -30,8 +29,10 @@ from mdref.pipeline import Pipeline  # noqa: E402
 from mdref.tokenizer import EOS  # noqa: E402
 from mdref.trace import trace  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
-from test_sampler_distilled import SDXL_BASE, SDXL_TURBO  # noqa: E402
+from test_sampler_distilled import SDXL_BASE, SDXL_TURBO, float64_step  # noqa: E402
 from test_text_encoder_sdxl import BIG_G, CLIP_L, write_sdxl_tokenizer  # noqa: E402
+from test_unet import timestep_embedding_f64  # noqa: E402
+from test_unet_sdxl import guidance_embedding_f64  # noqa: E402
 
 pytestmark = pytest.mark.numerics
 
@@ -184,3 +185,52 @@ def test_sdxl_folder_facts(parts, tmp_path, capsys):
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(mdref.ConfigError, match="tokenizer_2"):
         Pipeline.from_pretrained(folder)
+
+
+def float64_oracle(folder, monkeypatch):
+    """StableDiffusionXLPipeline read from `folder` in float64, with the float32 steps of docs/sdxl.md ("float64:
+    what diffusers keeps in float32") made float64, each patch as tests/test_sampler_distilled.py and
+    tests/test_unet_sdxl.py make it: the timestep / time-id sinusoids, the guidance embedding's ln(10000), the
+    Euler steps' cast of the latent to float32 (float64_step), their float32 sigma table (recomputed from the widened
+    alphas_cumprod after set_timesteps), LCM's float32 sqrt(abar) and boundary scalings."""
+    monkeypatch.setattr(diffusers.models.embeddings, "get_timestep_embedding", timestep_embedding_f64)
+    monkeypatch.setattr(diffusers.StableDiffusionXLPipeline, "get_guidance_scale_embedding", guidance_embedding_f64)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float64, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    cls = type(ref.scheduler)
+    euler = cls in (diffusers.EulerDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)
+    sched = (float64_step(cls) if euler else cls).from_config(ref.scheduler.config)
+    abar = sched.alphas_cumprod.double()
+    if euler:
+        set_timesteps = sched.set_timesteps
+
+        def widened(*args, **kwargs):
+            set_timesteps(*args, **kwargs)
+            sigmas = ((1 - abar) / abar) ** 0.5
+            sched.sigmas = torch.cat([sigmas[sched.timesteps.long()], torch.zeros(1, dtype=torch.float64)])
+        sched.set_timesteps = widened
+    else:
+        sched.alphas_cumprod = abar
+        scalings = sched.get_scalings_for_boundary_condition_discrete
+        sched.get_scalings_for_boundary_condition_discrete = lambda t: scalings(t.double())
+    ref.scheduler = sched
+    return ref
+
+
+@pytest.mark.parametrize("case", ["turbo", "lightning", "lcm", "cfg"])
+def test_sdxl_image_matches_diffusers_float64(parts, case, tmp_path, monkeypatch):
+    """float64 end to end against the float64-patched oracle: latent and decoded image <= 1e-10 of max |x|."""
+    theirs_kw, ours_kw = CASES[case]
+    _, folder = folder_for(parts, case, tmp_path)
+    ref = float64_oracle(folder, monkeypatch)
+    noise = np.random.Generator(np.random.PCG64(7)).standard_normal((2, 4, HEIGHT // 2, WIDTH // 2))
+    with torch.no_grad():
+        latents = ref(prompt=PROMPTS, latents=torch.from_numpy(noise), height=HEIGHT, width=WIDTH,
+                      output_type="latent", **theirs_kw).images
+        assert latents.dtype == torch.float64
+        ref_image = ref.vae.decode(latents / 0.13025).sample.numpy()
+    r = Pipeline.from_pretrained(folder, dtype=np.float64).run(PROMPTS, noise=noise, height=HEIGHT, width=WIDTH,
+                                                               **ours_kw)
+    assert r.x0.dtype == r.image.dtype == np.float64
+    within(f"sdxl {case} float64 latent", rel_err(r.x0, latents.numpy()), 1e-10)
+    within(f"sdxl {case} float64 image", rel_err(r.image, ref_image), 1e-10)
