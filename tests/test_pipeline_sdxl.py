@@ -234,3 +234,22 @@ def test_sdxl_image_matches_diffusers_float64(parts, case, tmp_path, monkeypatch
     assert r.x0.dtype == r.image.dtype == np.float64
     within(f"sdxl {case} float64 latent", rel_err(r.x0, latents.numpy()), 1e-10)
     within(f"sdxl {case} float64 image", rel_err(r.image, ref_image), 1e-10)
+
+
+def test_sdxl_folder_through_trace_compare_and_explain(parts, tmp_path, capsys):
+    """mdref trace / compare (with --local, which replays the run under teacher forcing) / explain work on an SDXL
+    folder, across the new points; every point the run records is explained by some layer function."""
+    from mdref.explain import computed_by
+    _, folder = folder_for(parts, "lcm", tmp_path)
+    a, b, page = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "page.html"
+    for out, seed in ((a, 1), (b, 1)):
+        assert main(["trace", "a cat!", "--guidance", "2.5", "--seed", str(seed), "-o", str(out),
+                     "--model", str(folder)]) == 0
+    assert main(["compare", str(a), str(b), "--json", "--local", "--model", str(folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {p["name"] for p in report["points"]}
+    assert {"tokens_2", "text_embeds", "time_ids", "unet.add_time_proj", "unet.add_embedding",
+            "text_encoder_2.text_projection", "text_encoder_2.encoder.layers.1"} <= names, sorted(names)[:20]
+    assert [n for n in names if computed_by(n) is None] == []
+    assert main(["explain", "a cat!", "-o", str(page), "--model", str(folder)]) == 0
+    assert "unet.add_embedding" in page.read_text()
