@@ -244,8 +244,9 @@ CHECKS = {
 def depths(where, key, value, n):
     """A block's transformer depth: an int, or a list of n ints (one per ResNet of the block)."""
     check = lambda w, k, v: check_int(w, k, v, 0, MAX_LAYERS)   # noqa: E731
-    return check_list(where, key, value, check, length=n) if isinstance(value, (list, tuple)) else check(where, key,
-                                                                                                       value)
+    if isinstance(value, (list, tuple)):
+        return check_list(where, key, value, check, length=n)
+    return check(where, key, value)
 
 
 def depth_at(depth, j):
