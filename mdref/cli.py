@@ -201,7 +201,8 @@ def check_sample_args(args):
         raise UsageError(f"--negative-prompt applies only with classifier-free guidance (--guidance > 1), found "
                          f"--guidance {args.guidance}")
     args.prompt = command_line_text(args.prompt, "the prompt")
-    args.negative_prompt = command_line_text(args.negative_prompt or "", "--negative-prompt")
+    if args.negative_prompt is not None:          # left out: None (SDXL's force_zeros_for_empty_prompt reads it)
+        args.negative_prompt = command_line_text(args.negative_prompt, "--negative-prompt")
 
 
 def command_line_text(value, what):

@@ -330,7 +330,7 @@ def teacher_forced(pipe, candidate, manifest):
         arguments.update(height=np.shape(noise)[2] * f, width=np.shape(noise)[3] * f)
     if manifest.get("guidance_scale") is not None:
         arguments.update(guidance_scale=manifest["guidance_scale"],
-                         negative_prompt=manifest.get("negative_prompt") or "")
+                         negative_prompt=manifest.get("negative_prompt"))
     t = TeacherForcing(candidate)
     with recording(t), np.errstate(all="ignore"):
         pipe.run(prompts, allow_nonfinite=True, **arguments)

@@ -250,7 +250,7 @@ def memory_limit(max_memory=None):
 class Request:
     """One run's arguments after check_run: what Pipeline.execute computes from, checked once."""
     prompts: tuple                  # the prompts, one per batch row
-    negative_prompt: str            # "" unless guidance runs
+    negative_prompt: str | None     # None: not given (SD: ""; SDXL: zeros with force_zeros_for_empty_prompt)
     seed: int                       # the noise stream's seed (mdref.sampler.sampling_noise)
     noise: np.ndarray | None        # the caller's noise, [B, C, h, w] or [steps, B, C, h, w], or None
     timesteps: tuple                # the UNet's timesteps in call order (mdref.sampler.schedule)
@@ -260,7 +260,7 @@ class Request:
 
 
 def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-              negative_prompt="", max_memory=None, timesteps=None, allow_nonfinite=False):
+              negative_prompt=None, max_memory=None, timesteps=None, allow_nonfinite=False):
     """Refuse bad arguments of Pipeline.run() before anything is computed or allocated; returns the Request.
 
     prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
@@ -269,17 +269,18 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     (mdref.sampler.schedule: strictly decreasing ints in [0, num_train_timesteps); steps then 1 or their number;
     not for euler_ancestral); height, width: None (the default size) or positive multiples of size_factor;
     guidance_scale: None or a real number in GUIDANCE_RANGE (classifier-free guidance runs when it is > 1);
-    negative_prompt: a str, non-empty only with guidance; noise: None or a real floating-point array of shape
-    [B, C, h, w] or [steps, B, C, h, w] (sampler.noise_shapes) whose values are finite in the compute dtype. The whole
-    run must fit in the memory limit (memory_limit(max_memory); estimate_peak_bytes). Raises InputError (a
-    ValueError) naming the argument, or MemoryLimitError."""
+    negative_prompt: None (not given) or a str, non-empty only with guidance; noise: None or a real floating-point
+    array of shape [B, C, h, w] or [steps, B, C, h, w] (sampler.noise_shapes) whose values are finite in the compute
+    dtype. The whole run must fit in the memory limit (memory_limit(max_memory); estimate_peak_bytes). Raises
+    InputError (a ValueError) naming the argument, or MemoryLimitError."""
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
     else:
         raise InputError("prompt", f"must be a string or a non-empty list of strings, found {_short(prompt)}")
-    for name, texts in (("prompt", prompts), ("negative_prompt", [negative_prompt])):
+    negatives = [] if negative_prompt is None else [negative_prompt]
+    for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
         for text in texts:
             if not isinstance(text, str):
                 raise InputError(name, f"must be a string, found {_short(text)}")

@@ -54,6 +54,7 @@ class Result:
     image: np.ndarray              # decoder output [B, 3, H, W] in [-1, 1]
     pixels: np.ndarray             # uint8 [B, H, W, 3]
     timings: dict = field(default_factory=dict)
+    pooled_text_embeddings: np.ndarray | None = None   # SDXL: text_encoder_2's text_embeds [B, P]; else None
 
     def pil(self):
         from PIL import Image
@@ -65,8 +66,12 @@ class Pipeline(precision.ComputesIn):
     kinds = {}                  # the other pipelines from_pretrained builds, each registered by its module
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
-                 weight_files=(), path=None):
+                 weight_files=(), path=None, tokenizer_2=None, text_encoder_2=None, force_zeros_for_empty_prompt=False):
         self.tokenizer, self.text_encoder, self.unet, self.decoder = tokenizer, text_encoder, unet, decoder
+        # SDXL (StableDiffusionXLPipeline folders): the second tower, a TextEncoderWithProjection, and whether a
+        # negative prompt left out (None) conditions on zeros rather than on the encoding of "".
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.scheduler = scheduler            # mdref.io.SchedulerConfig
         self.source = source                  # as recorded in metadata: model path, "mdref:default" or "preset:NAME"
         self.path = path                      # the model folder (None for a preset)
@@ -123,8 +128,9 @@ class Pipeline(precision.ComputesIn):
 
     def num_parameters(self):
         """Parameter count per component and in total."""
-        counts = {"text_encoder": self.text_encoder.num_parameters(), "unet": self.unet.num_parameters(),
-                  "decoder": self.decoder.num_parameters()}
+        counts = {"text_encoder": self.text_encoder.num_parameters(),
+                  **({"text_encoder_2": self.text_encoder_2.num_parameters()} if self.text_encoder_2 else {}),
+                  "unet": self.unet.num_parameters(), "decoder": self.decoder.num_parameters()}
         counts["total"] = sum(counts.values())
         return counts
 
@@ -164,15 +170,20 @@ class Pipeline(precision.ComputesIn):
 
     # ---- the stages ------------------------------------------------------------------------------------------
     def decoder_input(self, x0):
-        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale)."""
-        return x0 / np.asarray(self.decoder.scaling_factor, x0.dtype) + np.asarray(self.decoder.shift_factor, x0.dtype)
+        """What the decoder is fed: x0 / scaling_factor + shift_factor (the VAE's own latent scale), or with the VAE's
+        per-channel statistics x0 * latents_std / scaling_factor + latents_mean (the SDXL pipeline, P:1276-1287)."""
+        cfg, dt = self.decoder.config, x0.dtype
+        if cfg.latents_mean is not None:
+            mean, std = (np.asarray(v, dt)[None, :, None, None] for v in (cfg.latents_mean, cfg.latents_std))
+            return x0 * std / np.asarray(cfg.scaling_factor, dt) + mean                    # [B, C, h, w]
+        return x0 / np.asarray(self.decoder.scaling_factor, dt) + np.asarray(self.decoder.shift_factor, dt)
 
     def decode(self, x0):
         """Clean latent -> image in [-1, 1]: the decoder sees decoder_input(x0)."""
         return self.decoder(self.decoder_input(x0))                          # [B, 3, H, W]
 
     def check(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-              negative_prompt="", max_memory=None, timesteps=None, allow_nonfinite=False):
+              negative_prompt=None, max_memory=None, timesteps=None, allow_nonfinite=False):
         """Refuse bad arguments of run() before anything is computed or allocated (mdref.guards.check_run);
         returns the checked Request that execute() runs."""
         return check_run(self, prompt, seed=seed, noise=noise, steps=steps, height=height, width=width,
@@ -180,10 +191,12 @@ class Pipeline(precision.ComputesIn):
                          timesteps=timesteps, allow_nonfinite=allow_nonfinite)
 
     def run(self, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-            negative_prompt="", allow_nonfinite=False, max_memory=None, timesteps=None):
+            negative_prompt=None, allow_nonfinite=False, max_memory=None, timesteps=None):
         """The whole pipeline; returns a Result with every intermediate and per-stage wall times.
         timesteps: custom timesteps as diffusers' argument of that name (e.g. [399] for DMD2's LCMScheduler,
         whose own one-step timestep is 999); steps is then 1 or their number (mdref.sampler.schedule).
+        negative_prompt: None (not given: "" for SD; zeros for SDXL with force_zeros_for_empty_prompt, as diffusers)
+        or a string, used only with classifier-free guidance.
 
         The arguments are checked first (see check: InputError, MemoryLimitError). Each stage's output (the text
         embeddings, every UNet output, x0, the image) must be finite: if one is not, the run is repeated under a
@@ -217,28 +230,60 @@ class Pipeline(precision.ComputesIn):
         """Tokenize, encode the text, sample the latent, decode: the four lines of the module docstring."""
         with stage("tokenize"):
             ids = record("tokens", self.tokenizer(list(req.prompts)))                       # int64 [B, 77]
+            if self.tokenizer_2 is not None:
+                record("tokens_2", self.tokenizer_2(list(req.prompts)))                     # int64 [B, 77]
         with stage("text_encoder", "text encoder") as s:
-            context = s.finite(record("text_embeddings", self.text_encoder(ids)))          # [B, 77, D]
-            uncond = None
-            if uses_guidance(req.guidance_scale):
-                neg_ids = self.tokenizer([req.negative_prompt] * len(req.prompts))
-                uncond = s.finite(record("negative_text_embeddings", self.text_encoder(neg_ids)))
+            cond, uncond = self._conditions(req, ids, s)      # the UNet's inputs besides x and t, per CFG half
         draws = sampler.sampling_noise(req.shape, len(req.timesteps), req.seed, self.dtype, req.noise)
         draws[0] = record("noise", draws[0])                                                # [steps, B, C, h, w]
         with stage("unet", "UNet") as s:
-            model = sampler.guided(lambda x, t: self.unet(x, t, context),
-                                   None if uncond is None else (lambda x, t: self.unet(x, t, uncond)),
-                                   None if uncond is None else req.guidance_scale)
+            model = sampler.guided(lambda x, t: self.unet(x, t, cond[0], **cond[1]), uncond and (
+                lambda x, t: self.unet(x, t, uncond[0], **uncond[1])), None if uncond is None else req.guidance_scale)
             with precision.using(self.precision and self.precision.within("sampler")):
                 x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.sampler_spec,
                                                       req.shape, seed=req.seed, noise=draws, dtype=self.dtype,
-                                                      timesteps=req.timesteps))
+                                                      **self._schedule(req)))
             x0 = s.finite(record("latents.x0", x0))                                         # [B, C, h, w]
         with stage("decoder") as s:
             image = s.finite(self.decode(x0))                                               # [B, 3, H, W]
         record("image", np.clip((image + 1) / 2, 0, 1))                     # [B, 3, H, W] in [0, 1], before 8 bits
-        return Result(list(req.prompts), ids, context, draws[0], list(req.timesteps), x0, image, to_pixels(image),
-                      stage.timings)
+        return Result(list(req.prompts), ids, cond[0], draws[0], list(req.timesteps), x0, image, to_pixels(image),
+                      stage.timings, cond[1].get("text_embeds"))
+
+    def _schedule(self, req):
+        """The checked timesteps for sampler.sample; EulerAncestral's as their number (it refuses custom ones)."""
+        return {"steps": len(req.timesteps)} if self.scheduler.sampler == "euler_ancestral" else \
+            {"timesteps": req.timesteps}
+
+    def _conditions(self, req, ids, s):
+        """(cond, uncond): the UNet's text context and added inputs (a dict of keywords) for the prompts and, when
+        classifier-free guidance runs, for the negative prompt (else None). SD: the context alone. SDXL
+        (docs/sdxl.md): two towers give the context [B, 77, 2048] and the pooled text_embeds [B, 1280], plus the time
+        ids [h, w, 0, 0, h, w] of the image size and, with time_cond_proj_dim, the guidance w = guidance_scale - 1
+        (no CFG pass then; None counts as 1)."""
+        B, cfg = len(req.prompts), uses_guidance(req.guidance_scale)
+        if self.text_encoder_2 is None:
+            cond = s.finite(record("text_embeddings", self.text_encoder(ids))), {}               # [B, 77, D]
+            if not cfg:
+                return cond, None
+            neg = self.text_encoder(self.tokenizer([req.negative_prompt or ""] * B))
+            return cond, (s.finite(record("negative_text_embeddings", neg)), {})
+        towers = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
+        context, pooled = encode_prompts(list(req.prompts), *towers)                        # [B, 77, 2048], [B, 1280]
+        h, w = (n * self.decoder.upsampling_factor for n in req.shape[2:])                 # the image size
+        added = {"time_ids": record("time_ids", np.tile(np.array([h, w, 0, 0, h, w], self.dtype), (B, 1)))}
+        if self.unet.spec.time_cond_proj_dim is not None:                                   # P:803-805, P:1189
+            added["guidance"], cfg = (req.guidance_scale or 1.0) - 1.0, False
+        cond = (s.finite(record("text_embeddings", context)),
+                {"text_embeds": s.finite(record("text_embeds", pooled)), **added})
+        if not cfg:
+            return cond, None
+        if req.negative_prompt is None and self.force_zeros_for_empty_prompt:              # P:424-427
+            context, pooled = np.zeros_like(context), np.zeros_like(pooled)
+        else:
+            context, pooled = encode_prompts([req.negative_prompt or ""] * B, *towers)
+        return cond, (s.finite(record("negative_text_embeddings", context)),
+                      {"text_embeds": s.finite(record("negative_text_embeds", pooled)), **added})
 
     def __call__(self, prompt, seed=0, **arguments):
         """prompt -> PIL.Image (a list of images for a list of prompts). Arguments (keywords but seed) and errors as
@@ -257,7 +302,17 @@ class Pipeline(precision.ComputesIn):
             "prediction_type": cfg.prediction_type, "scheduler": scheduler_config_to_dict(self.scheduler),
             "decoder": {"kind": self.decoder.config.kind, "scaling_factor": self.decoder.scaling_factor,
                         "shift_factor": self.decoder.shift_factor},
+            "conditioning": self.conditioning(),
         }
+
+    def conditioning(self):
+        """What the UNet is conditioned on besides the timestep and the text context: the text towers, SDXL's
+        "text_time" added embedding, the guidance embedding, the empty-negative-prompt rule."""
+        spec = self.unet.spec
+        return {"text_encoders": ["text_encoder"] + (["text_encoder_2"] if self.text_encoder_2 else []),
+                "addition_embed_type": self.unet.config.addition_embed_type,
+                "addition_time_embed_dim": spec.addition_time_embed_dim, "time_cond_proj_dim": spec.time_cond_proj_dim,
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
 
     def __repr__(self):
         n = self.num_parameters()

@@ -118,6 +118,10 @@ class UNetSpec:
     down: tuple                 # Stage per down block
     mid: Stage | None
     up: tuple                   # Stage per up block; up[0] is the innermost level
+    # Added conditioning (SDXL and LCM-distilled UNets); None: absent.
+    addition_time_embed_dim: int | None = None   # "text_time": sinusoid width per time id (SDXL: 256)
+    addition_embed_in: int | None = None  # add_embedding's input width P + K * addition_time_embed_dim (SDXL: 2816)
+    time_cond_proj_dim: int | None = None  # width of the guidance embedding fed to time_embedding.cond_proj
 
     @property
     def stages(self):

@@ -18,12 +18,41 @@ from . import ops
 from .trace import point, record, record_on_request
 
 
-def time_embed(t, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift):
+def time_embed(t, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift, cond_proj=None, guidance=None):
     """diffusers Timesteps + TimestepEmbedding: sinusoid -> linear_1 -> SiLU -> linear_2.  t [B] (float) -> [B, E].
-    The sinusoid is computed in t's dtype (diffusers: always float32), so float64 mode is float64 end to end."""
+    The sinusoid is computed in t's dtype (diffusers: always float32), so float64 mode is float64 end to end.
+    With cond_proj (time_cond_proj_dim; LCM-distilled UNets) the guidance embedding of w = guidance [B] is projected
+    (no bias) and added to the sinusoid before linear_1 (TimestepEmbedding(sample, condition))."""
     e = ops.timestep_embedding(t, dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift,
                                dtype=t.dtype)                                     # [B, C0]
+    if cond_proj is not None:
+        e = e + ops.linear(guidance_embedding(guidance, cond_proj["weight"].shape[1]), cond_proj)   # [B, C0]
     return ops.linear(ops.silu(ops.linear(e, linear_1)), linear_2)                # [B, E]
+
+
+def guidance_embedding(w, dim):
+    """diffusers get_guidance_scale_embedding (LCM, Luo et al. 2023): [sin, cos] (no flip) of w * 1000 times the
+    frequencies exp(-i ln(10000) / (half - 1)) (divisor half - 1, not the timestep sinusoid's half - shift),
+    zero-padded when dim is odd.  w [B] -> [B, dim]. The arguments reach 1000 w radians, so float32 rounding of a
+    frequency shows 1000-fold: the operations are diffusers' own, in its order (ln(10000) / (half - 1) first)."""
+    half, dt = dim // 2, w.dtype
+    step = np.asarray(np.log(np.asarray(10000.0, dt)) / np.asarray(half - 1, dt), dt)
+    freqs = np.exp(np.arange(half, dtype=dt) * -step)                            # [half]
+    args = (w * np.asarray(1000.0, dt))[:, None] * freqs[None, :]                 # [B, half]
+    return np.pad(np.concatenate([np.sin(args), np.cos(args)], axis=-1), ((0, 0), (0, dim % 2)))   # [B, dim]
+
+
+def text_time_embed(text_embeds, time_ids, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift):
+    """diffusers' addition_embed_type "text_time" (SDXL, Podell et al. 2023 sec. 2.2): each of the K time ids
+    (SDXL: K = 6, [h, w, top, left, target h, target w]) through a `dim`-wide sinusoid with the UNet's own flip /
+    shift, concatenated id-major after the pooled text embedding, then add_embedding (linear_1, SiLU, linear_2).
+    text_embeds [B, P], time_ids [B, K] -> [B, E]; the caller adds it to the time embedding."""
+    B, K = time_ids.shape
+    e = ops.timestep_embedding(time_ids.reshape(-1), dim, flip_sin_to_cos=flip_sin_to_cos,
+                               downscale_freq_shift=freq_shift, dtype=time_ids.dtype)   # [B*K, dim]
+    e = record("unet.add_time_proj", e.reshape(B, K * dim))                      # [B, K*dim]
+    h = np.concatenate([text_embeds, e], axis=-1)                                 # [B, P + K*dim]
+    return ops.linear(ops.silu(ops.linear(h, linear_1)), linear_2)                # [B, E]
 
 
 def conv3x3(x, p, *, separable):
@@ -109,7 +138,7 @@ def transformer_block(x, context, *, norm2, attn2, norm3, ff, norm1=None, attn1=
     return x + record(ff, feed_forward(h, **ff, activation=spec.ff_activation))
 
 
-def transformer_2d(x, context, *, norm, proj_in, transformer_blocks, proj_out, spec, block=transformer_block):
+def transformer_2d(x, context, *, norm, proj_in, proj_out, spec, transformer_blocks=(), block=transformer_block):
     """diffusers Transformer2DModel (continuous input): GN, proj_in, spec.depth `block`s over the pixels, proj_out,
     + x. proj_in / proj_out are Linear on [B, N, C] (use_linear_projection) or 1x1 convs.  x [B, C, H, W]."""
     B, C, H, W = x.shape
@@ -163,13 +192,18 @@ def block(x, temb, context, skips, p, st, layers=LAYERS):
 
 
 def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_blocks, conv_norm_out, conv_out,
-         mid_block=None, spec):
-    """UNet2DConditionModel.forward (no class or added conditions): time embedding, conv_in, down blocks, mid block,
-    up blocks fed the skips in reverse, GN-SiLU-conv_out.
+         mid_block=None, add_embedding=None, text_embeds=None, time_ids=None, guidance=None, spec):
+    """UNet2DConditionModel.forward (no class conditions): time embedding (+ the guidance embedding of `guidance`
+    [B] with time_cond_proj_dim; + add_embedding of text_embeds [B, P] and time_ids [B, K] with "text_time"),
+    conv_in, down blocks, mid block, up blocks fed the skips in reverse, GN-SiLU-conv_out.
     sample [B, C_in, H, W], timestep [B] (float), context [B, T, D] -> [B, C_out, H, W]."""
     temb = record(time_embedding, time_embed(
         timestep, **time_embedding, dim=spec.sinusoid_dim, flip_sin_to_cos=spec.flip_sin_to_cos,
-        freq_shift=spec.freq_shift))                                              # [B, E]
+        freq_shift=spec.freq_shift, guidance=guidance))                          # [B, E]
+    if spec.addition_time_embed_dim is not None:                                  # SDXL's "text_time": added
+        temb = temb + record(add_embedding, text_time_embed(
+            text_embeds, time_ids, **add_embedding, dim=spec.addition_time_embed_dim,
+            flip_sin_to_cos=spec.flip_sin_to_cos, freq_shift=spec.freq_shift))    # [B, E]
     x = record(conv_in, ops.conv2d(sample, conv_in, padding=1))                 # [B, C0, H, W]
     skips = [x]
     blocks = [*down_blocks, *([mid_block] if spec.mid is not None else []), *up_blocks]

@@ -47,9 +47,13 @@ def test_model_files_fit_the_line_budget():
     points, beside the new group_norm_reference / layer_norm_reference the fast forms are tested against. +220 for
     issue 33: the measured conv forms (im2col by taps and by kernel rows without a padded copy, upsample + conv by
     output phase, GroupNorm-SiLU-conv in cache-sized pieces), each with the composition it fuses as its plain
-    formula."""
+    formula. +85 for issue 31's second part: SDXL's text_time and the LCM guidance embedding in the UNet's time
+    embedding, and the pipeline's conditioning step (one path for SD's context and SDXL's two towers, pooled
+    embedding, time ids and guidance embedding). +5 for issue 32's hooks into these files (unet.block's and
+    transformer_2d's layer tables, attention_probs' mask, the pipeline's kinds registry; DreamLite's layers are in
+    dreamlite_unet.py), counted once both issues' files were merged."""
     lines = {n: len((PACKAGE / n).read_text().splitlines()) for n in MODEL_FILES}
-    assert sum(lines.values()) <= 1810, lines
+    assert sum(lines.values()) <= 1900, lines
 
 
 def _mdref_imports(name):
@@ -149,14 +153,15 @@ def test_no_import_cycle_in_mdref():
 def test_trace_points_are_named_by_parameter_paths(name):
     """A layer's point is named by its parameters' path (record(p, x)), never by a name built beside it: no record()
     in a model file builds its name (an f-string, + or %); the constant names left are points without parameters
-    of their own (unet.out, decoder.out) or outside diffusers' module (decoder.post_quant_conv)."""
+    of their own (unet.out, unet.add_time_proj: SDXL's time-id sinusoids, decoder.out) or outside diffusers' module
+    (decoder.post_quant_conv)."""
     calls = [n for n in ast.walk(_tree(name)) if isinstance(n, ast.Call) and getattr(n.func, "id", None) in
              ("record", "record_on_request") and n.args]
     assert calls
     built = [ast.unparse(c.args[0]) for c in calls if isinstance(c.args[0], (ast.JoinedStr, ast.BinOp))]
     assert built == [], (name, built)
     constants = {c.args[0].value for c in calls if isinstance(c.args[0], ast.Constant)}
-    assert constants <= {"unet.out", "decoder.out", "decoder.post_quant_conv"}, constants
+    assert constants <= {"unet.out", "unet.add_time_proj", "decoder.out", "decoder.post_quant_conv"}, constants
 
 
 def test_a_parameter_tree_knows_its_paths():

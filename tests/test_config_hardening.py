@@ -149,12 +149,12 @@ CASES = [
     ("freq_shift divides by zero", U, {"freq_shift": 16}, "unet", "freq_shift"),
     ("flip_sin_to_cos int", U, {"flip_sin_to_cos": 1}, "unet", "flip_sin_to_cos"),
     ("use_linear_projection string", U, {"use_linear_projection": "yes"}, "unet", "use_linear_projection"),
-    ("upcast_attention null", U, {"upcast_attention": None}, "unet", "upcast_attention"),
+    ("upcast_attention string", U, {"upcast_attention": "yes"}, "unet", "upcast_attention"),   # null: SDXL's own
     ("layers_per_block 0", U, {"layers_per_block": 0}, "unet", "layers_per_block"),
     ("attention_head_dim 0", U, {"attention_head_dim": 0}, "unet", "attention_head_dim"),
     ("cross_attention_dim string", U, {"cross_attention_dim": "16"}, "unet", "cross_attention_dim"),
     ("down_block_types a string", U, {"down_block_types": "CrossAttnDownBlock2D"}, "unet", "down_block_types"),
-    ("mid_block_type unknown", U, {"mid_block_type": "UNetMidBlock2D"}, "unet", "mid_block_type"),
+    ("mid_block_type unknown", U, {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "unet", "mid_block_type"),
     ("unet prediction_type unknown", U, {"prediction_type": "x0"}, "unet", "prediction_type"),
     ("unet config a JSON list", U, "[]", "unet", "JSON object"),
     # ---- VAE ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def _noise(dtype=np.float64, shape=LATENT):
     (dict(prompt=b"a red circle"), "prompt", "found b'a red circle'"),
     (dict(prompt=None), "prompt", "found None"),
     (dict(prompt="caf\udcc3"), "prompt", "not valid UTF-8"),
-    (dict(negative_prompt=None, guidance_scale=2.0), "negative_prompt", "must be a string"),
+    (dict(negative_prompt=3, guidance_scale=2.0), "negative_prompt", "must be a string"),
     (dict(steps=0), "steps", "found 0"),
     (dict(steps=-1), "steps", "found -1"),
     (dict(steps=1001), "steps", "num_train_timesteps = 1000"),

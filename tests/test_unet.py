@@ -147,7 +147,10 @@ def test_size_not_divisible_is_a_clear_error():
 
 
 @pytest.mark.parametrize("key, value", [("foo_bar", 1), ("addition_embed_type", "text_time"),
-                                        ("class_embed_type", "timestep"), ("time_cond_proj_dim", 256),
+                                        ("class_embed_type", "timestep"), ("time_cond_proj_dim", 2),
+                                        ("addition_embed_type", "text"), ("addition_time_embed_dim", 8),
+                                        ("reverse_transformer_layers_per_block", [1, 1]),
+                                        ("transformer_layers_per_block", [[1, 2], 1, 1, 1]),
                                         ("resnet_time_scale_shift", "scale_shift"), ("act_fn", "gelu"),
                                         ("center_input_sample", True), ("attention_type", "gated"),
                                         ("down_block_types", ["SimpleCrossAttnDownBlock2D"] * 4),

@@ -27,15 +27,19 @@ _LAYER = r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)"
 # Point kind (a regular expression matching the whole name, repeats "#n" dropped) -> the function that computed it;
 # the first match wins. A value {decoder kind: function} depends on the pipeline's decoder.
 POINT_FUNCTIONS = [
-    (r"tokens", tokenizer.Tokenizer.__call__),
+    (r"tokens(_2)?", tokenizer.Tokenizer.__call__),
     (r"(negative_)?text_embeddings", text_encoder.text_transformer),
-    (r"text_encoder\.embeddings", text_encoder.embed_tokens),
-    (r"text_encoder\.encoder\.layers\.\d+\.self_attn", text_encoder.self_attention),
-    (r"text_encoder\.encoder\.layers\.\d+\.mlp", text_encoder.clip_mlp),
-    (r"text_encoder\.encoder\.layers\.\d+", text_encoder.encoder_layer),
-    (r"text_encoder\.final_layer_norm", ops.layer_norm),
+    (r"(negative_)?text_embeds", pipeline.encode_prompts),                 # SDXL's pooled embedding
+    (r"time_ids", pipeline.Pipeline._conditions),
+    (r"text_encoder(_2)?\.embeddings", text_encoder.embed_tokens),
+    (r"text_encoder(_2)?\.encoder\.layers\.\d+\.self_attn", text_encoder.self_attention),
+    (r"text_encoder(_2)?\.encoder\.layers\.\d+\.mlp", text_encoder.clip_mlp),
+    (r"text_encoder(_2)?\.encoder\.layers\.\d+", text_encoder.encoder_layer),
+    (r"text_encoder(_2)?\.final_layer_norm", ops.layer_norm),
+    (r"text_encoder_2\.text_projection", text_encoder.text_embeds),
     (r"(sampler\.)?noise", sampler.sampling_noise),
     (r"unet\.time_embedding", unet.time_embed),
+    (r"unet\.add_(time_proj|embedding)", unet.text_time_embed),
     (r"unet\.conv_in", ops.conv2d),
     (r"unet\..*\.attn[12]\.probs", unet.attention_probs),
     (r"unet\..*\.attn[12]", unet.attention),

@@ -423,13 +423,45 @@ class UNet(Component):
             return DreamLiteUNet.from_preset(name, seed, dtype, **kw)
         return super().from_preset(name, seed, dtype, **kw)
 
-    def __call__(self, sample, timestep, context):
+    def __call__(self, sample, timestep, context, *, text_embeds=None, time_ids=None, guidance=None):
         """sample [B, C_in, H, W], timestep scalar or [B], context [B, T, D] -> [B, C_out, H, W]
-        (== UNet2DConditionModel(sample, timestep, context).sample)."""
+        (== UNet2DConditionModel(sample, timestep, context).sample). A "text_time" UNet (SDXL) also takes
+        text_embeds [B, P] and time_ids [B, K] (diffusers' added_cond_kwargs); one with time_cond_proj_dim takes
+        guidance, w scalar or [B] (the pipelines pass guidance_scale - 1; diffusers' timestep_cond is its
+        embedding, computed here by mdref.unet.guidance_embedding)."""
         spec = self.spec
         sample, t, context = self._checked(sample, timestep, context, spec.context_dim)
+        added = self._added_conditions(sample.shape[0], text_embeds, time_ids, guidance)
         with self.computing():
-            return unet_math.unet(sample, t, context, **tree(self.params, self.name), spec=spec)
+            return unet_math.unet(sample, t, context, **tree(self.params, self.name), **added, spec=spec)
+
+    def _added_conditions(self, B, text_embeds, time_ids, guidance):
+        """The added inputs this UNet's config asks for, checked (a ValueError naming the one that is missing,
+        unexpected or mis-shaped)."""
+        spec, out = self.spec, {}
+        text_time = spec.addition_time_embed_dim is not None
+        for name, value, wanted in (("text_embeds", text_embeds, text_time), ("time_ids", time_ids, text_time),
+                                    ("guidance", guidance, spec.time_cond_proj_dim is not None)):
+            if (value is None) == wanted:
+                why = ('addition_embed_type "text_time"' if name != "guidance" else "time_cond_proj_dim")
+                raise ValueError(f"UNet: {name} is {'required' if wanted else 'not taken'}: its config "
+                                 f"{'sets' if wanted else 'does not set'} {why}")
+        if text_time:
+            text_embeds, time_ids = (np.asarray(text_embeds, self.dtype), np.asarray(time_ids, self.dtype))
+            if text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != B or time_ids.shape[0] != B \
+                    or text_embeds.shape[1] + time_ids.shape[1] * spec.addition_time_embed_dim != spec.addition_embed_in:
+                raise ValueError(f"UNet: text_embeds [B={B}, P] and time_ids [B={B}, K] need P + K * "
+                                 f"{spec.addition_time_embed_dim} = {spec.addition_embed_in} "
+                                 f"(projection_class_embeddings_input_dim), got shapes {text_embeds.shape} and "
+                                 f"{time_ids.shape}")
+            out.update(text_embeds=text_embeds, time_ids=time_ids)
+        if guidance is not None:
+            w = np.asarray(guidance, dtype=np.float64).reshape(-1)
+            if w.size not in (1, B):
+                raise ValueError(f"UNet: guidance must be a scalar or have shape [B={B}], got shape "
+                                 f"{np.shape(guidance)}")
+            out["guidance"] = np.broadcast_to(w, (B,)).astype(self.dtype)
+        return out
 
 
 class DreamLiteUNet(UNet):

@@ -43,6 +43,10 @@ class DecoderConfig:
     num_decoder_blocks: tuple = (3, 3, 3, 1)
     upsampling_scaling_factor: int = 2
     tiny_clamp: float = 3.0                   # DecoderTiny's hard-coded tanh(x / 3) * 3 (mdref extension key)
+    # kl: per-channel latent statistics (both or neither; e.g. Playground v2.5). The SDXL pipeline then feeds the
+    # decoder latents * latents_std / scaling_factor + latents_mean instead of latents / scaling_factor.
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
 
     where: InitVar[str | None] = None         # the config file, for error messages (not a config key)
 
@@ -69,6 +73,7 @@ class DecoderConfig:
             if len(getattr(self, key)) > MAX_LEVELS:
                 raise ConfigError(f"{where}: {key} has {len(getattr(self, key))} levels; mdref builds at most "
                                   f"{MAX_LEVELS}")
+        self.check_latent_statistics(where)
         if self.kind == "kl":
             bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
             if bad:
@@ -82,6 +87,17 @@ class DecoderConfig:
             if len(set(self.decoder_block_out_channels)) != 1:
                 raise ConfigError(f"{where}: diffusers' DecoderTiny only runs with equal "
                                   f"decoder_block_out_channels, found {list(self.decoder_block_out_channels)}")
+
+    def check_latent_statistics(self, where):
+        """latents_mean and latents_std: both null, or both latent_channels finite numbers (the std's nonzero)."""
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ConfigError(f"{where}: latents_mean and latents_std must be set together (diffusers' SDXL pipeline "
+                              f"ignores one alone), found latents_mean={self.latents_mean!r}, "
+                              f"latents_std={self.latents_std!r}")
+        for key, nonzero in (("latents_mean", False), ("latents_std", True)):
+            if getattr(self, key) is not None:
+                setattr(self, key, tuple(check_list(where, key, getattr(self, key), lambda w, k, v, nz=nonzero:
+                                                    check_float(w, k, v, nonzero=nz), length=self.latent_channels)))
 
     @classmethod
     def from_dict(cls, d, where="DecoderConfig"):
@@ -103,7 +119,7 @@ class DecoderConfig:
 # decoder's forward pass (encoder side, tiling, dtype policy), and the values mdref requires where a key does.
 _KL_DEFAULTS = dict(latent_channels=4, out_channels=3, scaling_factor=0.18215, shift_factor=None,
                     block_out_channels=(64,), layers_per_block=1, norm_num_groups=32, use_post_quant_conv=True,
-                    mid_block_add_attention=True)
+                    mid_block_add_attention=True, latents_mean=None, latents_std=None)
 _KL_IGNORED = ("in_channels", "down_block_types", "sample_size", "force_upcast", "use_quant_conv")
 _TINY_DEFAULTS = dict(latent_channels=4, out_channels=3, scaling_factor=1.0, shift_factor=0.0,
                       decoder_block_out_channels=(64, 64, 64, 64), num_decoder_blocks=(3, 3, 3, 1),
@@ -130,10 +146,6 @@ def config_from_diffusers(d, where="config.json"):
         ups = d.pop("up_block_types", ["UpDecoderBlock2D"] * len(d.get("block_out_channels", (64,))))
         if any(u != "UpDecoderBlock2D" for u in ups):
             raise ConfigError(f"{where}: up_block_types {ups} unsupported (only 'UpDecoderBlock2D')")
-        for key in ("latents_mean", "latents_std"):
-            if d.pop(key, None) is not None:
-                raise ConfigError(f"{where}: {key} is set; mdref's decoder does not apply per-channel latent "
-                                  f"statistics (only scaling_factor and shift_factor)")
         return from_dict(DecoderConfig, {**_KL_DEFAULTS, **d, "kind": "kl"}, ignore=_KL_IGNORED, where=where)
     # AutoencoderTiny registers block_out_channels = decoder_block_out_channels into its config as well.
     dec = d.get("decoder_block_out_channels", _TINY_DEFAULTS["decoder_block_out_channels"])
@@ -155,7 +167,7 @@ def config_to_diffusers(cfg):
         d = {"_class_name": "AutoencoderTiny", "act_fn": "relu", "upsample_fn": "nearest"}
     if full[extension] != getattr(defaults, extension):       # diffusers knows no such key: only where it differs
         keys.append(extension)
-    d.update({k: list(full[k]) if isinstance(full[k], tuple) else full[k] for k in keys})
+    d.update({k: list(full[k]) if isinstance(full[k], (tuple, list)) else full[k] for k in keys})
     return d
 
 

@@ -60,6 +60,7 @@ DEFAULT_ONLY = {
         "encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type", "addition_time_embed_dim",
         "projection_class_embeddings_input_dim")},
     "encoder_hid_dim_type": ("text_proj_rms",), "addition_embed_type": ("time",), "qk_norm": ("rms_norm", None),
+    "reverse_transformer_layers_per_block": (None,), "time_cond_proj_dim": (None,),   # UNetConfig fields (SDXL)
 }
 IGNORED = dict(UNET_IGNORED)
 # Fields of the equivalent UNetConfig taken over unchanged.

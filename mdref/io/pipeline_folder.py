@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from ..tokenizer import Tokenizer
-from .components import Decoder, DreamLiteUNet, QwenTextEncoder, TextEncoder, UNet
+from .components import Decoder, DreamLiteUNet, QwenTextEncoder, TextEncoder, TextEncoderWithProjection, UNet
 from .config import ConfigError, read_json
 from .presets import COMPONENT_SEED_OFFSET, PIPELINE_PRESETS
 from ..formats.resources import DEFAULT_MODEL_LABEL, weights_dir
@@ -48,8 +48,28 @@ def load_folder(path, dtype):
                               f"{unet_file}: prediction_type {stated!r} (the UNet was trained for one of them)")
     text_encoder = TextEncoder.from_pretrained(path / "text_encoder", dtype=dtype)
     decoder = Decoder.from_pretrained(path / "vae", dtype=dtype)
+    sdxl = load_sdxl_parts(path, dtype)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, decoder=decoder, scheduler=scheduler,
-                weight_files=[*text_encoder.files, *unet.files, *decoder.files])   # only what was read
+                **sdxl, weight_files=[*text_encoder.files, *getattr(sdxl.get("text_encoder_2"), "files", ()),
+                                      *unet.files, *decoder.files])   # only what was read
+
+
+def load_sdxl_parts(path, dtype):
+    """The second text tower of a StableDiffusionXLPipeline folder (text_encoder_2/, tokenizer_2/) and
+    model_index.json's force_zeros_for_empty_prompt (the pipeline class's default, True, when unstated); {} for a
+    folder without text_encoder_2/."""
+    if not (path / "text_encoder_2").is_dir():
+        return {}
+    if not (path / "tokenizer_2").is_dir():
+        raise ConfigError(f"{path}: text_encoder_2/ needs its tokenizer_2/ (OpenCLIP's pads with '!', CLIP-L's "
+                          f"with <|endoftext|>: one cannot stand in for the other)")
+    index = path / "model_index.json"
+    force_zeros = read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+    if not isinstance(force_zeros, bool):
+        raise ConfigError(f"{index}: force_zeros_for_empty_prompt must be true or false, found {force_zeros!r}")
+    return dict(tokenizer_2=Tokenizer.from_pretrained(path / "tokenizer_2"),
+                text_encoder_2=TextEncoderWithProjection.from_pretrained(path / "text_encoder_2", dtype=dtype),
+                force_zeros_for_empty_prompt=force_zeros)
 
 
 def load_preset(name, seed, dtype):

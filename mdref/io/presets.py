@@ -81,6 +81,37 @@ DREAMLITE_UNET_PRESETS = {
         qk_norm="rms_norm", use_sep_conv=True, ff_mult=3, num_kv_heads=1, num_mid_layers=1),
 }
 
+# SDXL base 1.0's unet/config.json (stabilityai/stable-diffusion-xl-base-1.0; SDXL-Turbo, SDXL-Lightning, DMD2 and
+# Hyper-SDXL share the architecture, SDXL-Turbo's states sample_size 64): 2,567,463,684 parameters. Every key as
+# published, so the preset also exercises the config reader on a real file's content (upcast_attention null).
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
+    class_embed_type=None, class_embeddings_concat=False, conv_in_kernel=3, conv_out_kernel=3,
+    cross_attention_dim=2048, cross_attention_norm=None,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    dual_cross_attention=False, encoder_hid_dim=None, encoder_hid_dim_type=None, flip_sin_to_cos=True, freq_shift=0,
+    in_channels=4, layers_per_block=2, mid_block_only_cross_attention=None, mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-05, norm_num_groups=32, num_attention_heads=None,
+    num_class_embeds=None, only_cross_attention=False, out_channels=4, projection_class_embeddings_input_dim=2816,
+    resnet_out_scale_factor=1.0, resnet_skip_time_act=False, resnet_time_scale_shift="default", sample_size=128,
+    time_cond_proj_dim=None, time_embedding_act_fn=None, time_embedding_dim=None, time_embedding_type="positional",
+    timestep_post_act=None, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], upcast_attention=None,
+    use_linear_projection=True)
+
+UNET_PRESETS = {
+    **UNET_PRESETS,
+    "sdxl-unet": SDXL_UNET,
+    # SSD-1B (segmind/SSD-1B, "1.3B"): SDXL with blocks removed: 1,331,334,404 parameters. Its depths are those
+    # ComfyUI's model detection reads off the published weights (docs/sdxl.md); its config.json was not at hand.
+    "ssd-1b-unet": dict(SDXL_UNET, transformer_layers_per_block=[1, 2, 4],
+                        reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], [1, 1, 1]],
+                        mid_block_type="UNetMidBlock2D"),
+    # Segmind Vega ("745M"): 745,225,604 parameters; depths as SSD-1B's (same source), up blocks the reversed down.
+    "vega-unet": dict(SDXL_UNET, transformer_layers_per_block=[1, 1, 2], mid_block_type="UNetMidBlock2D"),
+}
+
 DECODER_PRESETS = {
     # MobileDiffusion's pruned VAE decoder (paper: ~9.8M parameters vs SD's 49.5M): see docs/decoders.md.
     "mobilediffusion-lite": dict(kind="kl", latent_channels=8, block_out_channels=(64, 128, 256, 256),

@@ -126,8 +126,13 @@ def unet_schema(spec):
     """UNet2DConditionModel keys (plus mdref's MobileDiffusion extensions), in module order: each stage's layers as
     its layer list gives them."""
     c0, temb = spec.down[0].layers[0].c_in, spec.time_embed_dim
-    s = {**conv("conv_in", c0, spec.in_channels, 3), **linear("time_embedding.linear_1", temb, spec.sinusoid_dim),
-         **linear("time_embedding.linear_2", temb, temb)}
+    s = {**conv("conv_in", c0, spec.in_channels, 3), **linear("time_embedding.linear_1", temb, spec.sinusoid_dim)}
+    if spec.time_cond_proj_dim is not None:                                  # the guidance embedding's projection
+        s.update(linear("time_embedding.cond_proj", spec.sinusoid_dim, spec.time_cond_proj_dim, bias=False))
+    s.update(linear("time_embedding.linear_2", temb, temb))
+    if spec.addition_time_embed_dim is not None:                             # SDXL's "text_time" add_embedding
+        s.update({**linear("add_embedding.linear_1", temb, spec.addition_embed_in),
+                  **linear("add_embedding.linear_2", temb, temb)})
     for st in spec.stages:
         for layer in st.layers:
             s.update(_layer(f"{st.name}.{layer.name}", layer, spec))

@@ -31,26 +31,26 @@ DEFAULT_SAMPLE_SIZE = 64        # latent side when config.json leaves sample_siz
 
 DOWN_BLOCKS = {"CrossAttnDownBlock2D": "full", "DownBlock2D": "none"}   # block type -> default transformer kind
 UP_BLOCKS = {"CrossAttnUpBlock2D": "full", "UpBlock2D": "none"}
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)   # UNetMidBlock2D: one ResNet (SSD-1B, Vega)
 KINDS = ("none", "cross", "full")
 
 # diffusers keys whose only supported value is diffusers' default (any other value raises ConfigError).
 DEFAULT_ONLY = {
     "center_input_sample": (False,), "downsample_padding": (1,), "mid_block_scale_factor": (1,),
-    "act_fn": ("silu", "swish"), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
+    "act_fn": ("silu", "swish"), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "num_attention_heads": (None,), "dual_cross_attention": (False,),
-    "class_embed_type": (None,), "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
+    "class_embed_type": (None,),
     "num_class_embeds": (None,), "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1,), "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,),
     "attention_type": ("default",), "class_embeddings_concat": (False,), "cross_attention_norm": (None,),
 }
 # diffusers keys with no effect on this forward pass, ignored on purpose.
 IGNORED = {
     "dropout": "inference only",
     "mid_block_only_cross_attention": "read only by UNetMidBlock2DSimpleCrossAttn, which mdref does not build",
-    "addition_embed_type_num_heads": "read only when addition_embed_type is set (it must be null)",
+    "addition_embed_type_num_heads": "read only by addition_embed_type \"text\", which mdref does not build",
 }
 
 
@@ -74,7 +74,12 @@ class UNetConfig:
     cross_attention_dim: int | list = 1280
     attention_head_dim: int | list = 8                   # SD convention: the number of heads per level
     use_linear_projection: bool = False
-    upcast_attention: bool = False                       # no effect in float32 / float64
+    upcast_attention: bool | None = False                # no effect in float32 / float64 (null: false)
+    reverse_transformer_layers_per_block: list | None = None   # per up block (int or per-ResNet list); None: reversed
+    addition_embed_type: str | None = None               # "text_time" (SDXL): pooled text + time ids, added to temb
+    addition_time_embed_dim: int | None = None           # sinusoid width per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None   # add_embedding's input width (SDXL: 1280 + 6 * 256)
+    time_cond_proj_dim: int | None = None                # guidance embedding width (LCM-distilled UNets)
     # ---- mdref extensions (MobileDiffusion); defaults reproduce diffusers ----
     transformer_kind: list | None = None                 # per level "none" | "cross" | "full"; None: from block types
     mid_transformer_layers: int | None = None            # None: transformer_layers_per_block[-1]
@@ -136,9 +141,43 @@ class UNetConfig:
         if len(set(self.per_level("cross_attention_dim"))) != 1:
             raise ConfigError(f"{where}: cross_attention_dim {self.cross_attention_dim} differs between levels; "
                               f"one context tensor feeds every level, so mdref needs a single width")
-        if self.mid_transformer_layers is not None and self.mid_block_type is None:
-            raise ConfigError(f"{where}: mid_transformer_layers is set but mid_block_type is null (no mid block)")
+        if self.mid_transformer_layers is not None and self.mid_block_type in (None, "UNetMidBlock2D"):
+            raise ConfigError(f"{where}: mid_transformer_layers is set but mid_block_type is "
+                              f"{self.mid_block_type!r} (no mid transformer)")
+        self.check_added_conditioning(where)
+        if self.reverse_transformer_layers_per_block is not None:
+            self.up_depths(where)                        # validates lengths and element types
+        elif any(isinstance(d, list) for d in self.per_level("transformer_layers_per_block")):
+            raise ConfigError(f"{where}: transformer_layers_per_block {self.transformer_layers_per_block} lists "
+                              f"depths per block, which needs reverse_transformer_layers_per_block for the up "
+                              f"blocks (as diffusers requires)")
         stage_plan(self, where)                          # checks kinds vs block types, heads vs channels
+
+    def check_added_conditioning(self, where):
+        """addition_embed_type "text_time" (SDXL) needs both of its widths; time_cond_proj_dim is a width >= 4."""
+        check_choice(where, "addition_embed_type", self.addition_embed_type, ("text_time", None))
+        keys = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        for key in keys:
+            value = getattr(self, key)
+            if (value is None) == (self.addition_embed_type == "text_time"):
+                raise ConfigError(f"{where}: {key}={value!r} with addition_embed_type={self.addition_embed_type!r} "
+                                  f"(\"text_time\" needs both {keys[0]} and {keys[1]}; without it they must be null)")
+            check_int(where, key, value, 1, MAX_WIDTH, none=True)
+        if self.addition_time_embed_dim is not None:    # its sinusoid divides by half - freq_shift, as the timestep's
+            check_int(where, "addition_time_embed_dim", self.addition_time_embed_dim, 2 * self.freq_shift + 2,
+                      MAX_WIDTH)
+        check_int(where, "time_cond_proj_dim", self.time_cond_proj_dim, 4, MAX_WIDTH, none=True)   # divisor half - 1
+
+    def up_depths(self, where="UNetConfig"):
+        """Transformer depth per up block (up_blocks.0 first), an int or one per ResNet: diffusers'
+        reverse_transformer_layers_per_block, or transformer_layers_per_block reversed."""
+        if self.reverse_transformer_layers_per_block is None:
+            return self.per_level("transformer_layers_per_block", where)[::-1]
+        layers = self.per_level("layers_per_block", where)[::-1]
+        out = check_list(where, "reverse_transformer_layers_per_block", self.reverse_transformer_layers_per_block,
+                         length=self.levels)
+        return [depths(where, f"reverse_transformer_layers_per_block[{i}]", d, layers[i] + 1)
+                for i, d in enumerate(out)]
 
     @property
     def levels(self):
@@ -159,6 +198,10 @@ class UNetConfig:
             least = 0 if key == "transformer_layers_per_block" else 1
             most = MAX_LAYERS if key.endswith("per_block") else MAX_WIDTH
             check = lambda w, k, v: check_int(w, k, v, least, most)  # noqa: E731
+        if key == "transformer_layers_per_block" and isinstance(value, (list, tuple)):   # an int or a list per block
+            layers = self.per_level("layers_per_block", where)
+            return [depths(where, f"{key}[{i}]", d, layers[i])
+                    for i, d in enumerate(check_list(where, key, value, length=self.levels))]
         if isinstance(value, (list, tuple)):
             return check_list(where, key, value, check, length=self.levels)
         return [check(where, key, value)] * self.levels
@@ -170,7 +213,7 @@ class UNetConfig:
         d = {"_class_name": "UNet2DConditionModel"}
         defaults = UNetConfig()
         implied = {"transformer_kind": [DOWN_BLOCKS[t] for t in self.down_block_types],
-                   "mid_transformer_layers": self.per_level("transformer_layers_per_block")[-1],
+                   "mid_transformer_layers": depth_at(self.per_level("transformer_layers_per_block")[-1], 0),
                    "separable_conv": [False] * self.levels}
         for k, v in to_dict(self).items():
             if k not in self.EXTENSIONS or (v != getattr(defaults, k) and v != implied.get(k, getattr(defaults, k))):
@@ -184,7 +227,8 @@ CHECKS = {
     "in_channels": lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH),
     "out_channels": lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH),
     "norm_num_groups": lambda w, k, v: check_positive_int(w, k, v, MAX_WIDTH),
-    "flip_sin_to_cos": check_bool, "use_linear_projection": check_bool, "upcast_attention": check_bool,
+    "flip_sin_to_cos": check_bool, "use_linear_projection": check_bool,
+    "upcast_attention": lambda w, k, v: v if v is None else check_bool(w, k, v),   # SDXL's config says null
     "shared_kv": check_bool, "ff_mult": lambda w, k, v: check_positive_int(w, k, v, MAX_LAYERS),
     "mid_block_type": lambda w, k, v: check_choice(w, k, v, MID_BLOCKS),
     "mid_transformer_layers": lambda w, k, v: check_int(w, k, v, 1, MAX_LAYERS, none=True),
@@ -192,6 +236,19 @@ CHECKS = {
     "ff_activation": lambda w, k, v: check_choice(w, k, v, ("geglu", "swiglu")),
     "prediction_type": lambda w, k, v: check_choice(w, k, v, ("epsilon", "v_prediction", "sample")),
 }
+
+
+def depths(where, key, value, n):
+    """A block's transformer depth: an int, or a list of n ints (one per ResNet of the block)."""
+    check = lambda w, k, v: check_int(w, k, v, 0, MAX_LAYERS)   # noqa: E731
+    if isinstance(value, (list, tuple)):
+        return check_list(where, key, value, check, length=n)
+    return check(where, key, value)
+
+
+def depth_at(depth, j):
+    """The depth of a block's j-th transformer: depth is an int or one per ResNet (specs of `depths`)."""
+    return depth[j] if isinstance(depth, list) else depth
 
 
 def stage_plan(cfg, where="UNetConfig"):
@@ -207,9 +264,9 @@ def stage_plan(cfg, where="UNetConfig"):
         """A down (skip "push") or up ("pop") block's layers: ResNet j, then Transformer2DModel j when the level has
         transformers, for each ResNet; then its resampler ("downsample", "upsample" or None)."""
         check_kind(where, name, level, kind, block_type, only_cross[level], heads[level], ch[level])
-        t = transformer_spec(cfg, kind, depth, heads[level], only_cross[level])
         out = []
         for j, (c_in, c_out) in enumerate(resnets):
+            t = transformer_spec(cfg, kind, depth_at(depth, j), heads[level], only_cross[level])
             out.append(Layer("resnet", "resnets", j, c_in, c_out, ResnetSpec(cfg.norm_num_groups, cfg.norm_eps,
                              sep[level]), "pop" if skip == "pop" else None if t else skip))
             if t is not None:
@@ -226,21 +283,22 @@ def stage_plan(cfg, where="UNetConfig"):
         down.append(stage(f"down_blocks.{i}", i, rs, kinds[i], tlayers[i], cfg.down_block_types[i], "push",
                           "downsample" if i < L - 1 else None))
         c = ch[i]
-    mid = None
-    if cfg.mid_block_type is not None:                # UNetMidBlock2DCrossAttn: ResNet, full transformer, ResNet
-        c, res = ch[-1], ResnetSpec(cfg.norm_num_groups, cfg.norm_eps, sep[-1])
+    mid, c, res = None, ch[-1], ResnetSpec(cfg.norm_num_groups, cfg.norm_eps, sep[-1])
+    if cfg.mid_block_type == "UNetMidBlock2D":        # num_layers=0, no attention: one ResNet (SSD-1B, Vega)
+        mid = Stage("mid_block", c, (Layer("resnet", "resnets", 0, c, c, res),))
+    elif cfg.mid_block_type is not None:              # UNetMidBlock2DCrossAttn: ResNet, full transformer, ResNet
         check_kind(where, "mid_block", L - 1, "full", None, False, heads[-1], c)
-        t = transformer_spec(cfg, "full", cfg.mid_transformer_layers or tlayers[-1], heads[-1], False)
+        t = transformer_spec(cfg, "full", cfg.mid_transformer_layers or depth_at(tlayers[-1], 0), heads[-1], False)
         mid = Stage("mid_block", c, (Layer("resnet", "resnets", 0, c, c, res), Layer("transformer", "attentions", 0,
                                      c, c, t), Layer("resnet", "resnets", 1, c, c, res)))
-    up, prev = [], ch[-1]
+    up, prev, up_depth = [], ch[-1], cfg.up_depths(where)
     for i in range(L):
         level = L - 1 - i                                 # up_blocks.0 is the innermost level
         skip_in = ch[max(level - 1, 0)]                   # diffusers' `input_channel` of this up block
         n = layers[level] + 1
         rs = [((prev if j == 0 else ch[level]) + (skip_in if j == n - 1 else ch[level]), ch[level]) for j in range(n)]
         kind = kinds[level] if cfg.transformer_kind is not None else UP_BLOCKS[cfg.up_block_types[i]]
-        up.append(stage(f"up_blocks.{i}", level, rs, kind, tlayers[level], cfg.up_block_types[i], "pop",
+        up.append(stage(f"up_blocks.{i}", level, rs, kind, up_depth[i], cfg.up_block_types[i], "pop",
                         "upsample" if i < L - 1 else None))
         prev = ch[level]
     return down, mid, up
@@ -280,4 +338,6 @@ def unet_spec(cfg):
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, sinusoid_dim=c0,
         time_embed_dim=TIME_EMBED_MULT * c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
         groups=cfg.norm_num_groups, resnet_eps=cfg.norm_eps, context_dim=cfg.per_level("cross_attention_dim")[0],
-        sample_size=(s, s) if isinstance(s, int) else tuple(s), down=tuple(down), mid=mid, up=tuple(up))
+        sample_size=(s, s) if isinstance(s, int) else tuple(s), down=tuple(down), mid=mid, up=tuple(up),
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        addition_embed_in=cfg.projection_class_embeddings_input_dim, time_cond_proj_dim=cfg.time_cond_proj_dim)
