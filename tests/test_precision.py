@@ -315,6 +315,7 @@ def test_profiles_are_tables_of_known_rounding_points():
     for name, prof in precision.PROFILES.items():
         assert prof.rounds | prof.float32 <= precision.POINTS, name
         assert prof.norm_statistics in ("one-pass", "two-pass")
+    assert set(precision.PROFILES) == {"qk-first", "fused", "float32-islands"}
     assert precision.Precision("float16", profile="fused").float32_points == precision.FLOAT32_POINTS  # the model
     assert precision.Precision("float16").profile == precision.DEFAULT_PROFILE == "qk-first"
     qk = precision.Precision("float16", profile="qk-first")
@@ -349,6 +350,48 @@ def test_qk_first_profile_predicts_what_the_fused_model_misses():
     # float16 y (|y| < 4) by half an ulp, 2^-9; the rounded variance by 2^-11 relative, 2^-10 |y|
     bound = 0.125 / x.std() + 2.0 ** -9 + 2.0 ** -10 * 4
     assert np.isfinite(y).all() and np.abs(y - (x - x.mean()) / x.std()).max() <= bound
+
+
+def test_float32_islands_profile_rounds_only_at_the_island_boundaries():
+    """The "float32-islands" profile (ONNX Runtime's CPU provider on a float16 graph): a conv and a GroupNorm read
+    and return float32 (no rounding: the float32 formula on the unrounded input, within float32's accumulation bound
+    of the float64 one), so GroupNorm statistics of ~300-sized values stay finite and exact to float32; scores of
+    1.6e5 before the scale stay finite (scores and softmax are float32); a linear layer's output and a LayerNorm's
+    output are still rounded to float16 (the float16 Reshape / LayerNormalization that read them)."""
+    islands = lambda: precision.using(precision.Precision("float16", profile="float32-islands"))  # noqa: E731
+    g = np.random.default_rng(3)
+    x = (0.1 + g.standard_normal((1, 8, 6, 5))).astype(np.float32)            # not float16 values
+    p = {"weight": (g.standard_normal((8, 8, 3, 3)) / 4).astype(np.float32), "bias": np.full(8, 0.3, np.float32)}
+    with islands():
+        got = ops.conv2d(x, p, padding=1)
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    exact = ops.conv2d_reference(x.astype(np.float64), p64, padding=1)
+    absolute = ops.conv2d_reference(np.abs(x).astype(np.float64), {"weight": np.abs(p64["weight"])}, padding=1) + 0.3
+    assert np.all(np.abs(got - exact) <= 2 * 72 * 2.0 ** -24 * absolute)        # float32 sums of 72 products
+    assert not np.array_equal(rounded(got, "float16"), got)                    # and not rounded to float16
+    gn = {"weight": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}
+    offset = (300 + g.standard_normal((1, 4, 8, 8))).astype(np.float32)       # x^2 > 65504
+    with islands():
+        y = ops.group_norm(offset, gn, 1, 1e-5)
+    with using("float16"):
+        assert np.isnan(ops.group_norm(offset, gn, 1, 1e-5)).all()            # one-pass, rounded: NaN
+    z = offset.astype(np.float64)
+    ref = (z - z.mean()) / np.sqrt(z.var() + 1e-5)
+    # float32 two-pass: the mean of 256 values ~300 is off by <= 256 * 2^-24 * 301, which moves y by that / std
+    # (std ~ 1); the centred squares' mean and the division add a few 2^-24 relative
+    assert np.abs(y - ref).max() <= 256 * 2.0 ** -24 * 301 / z.std() + 1e-5 * np.abs(ref).max()
+    q = np.full((1, 2, 16), 100.0, np.float32)                                # q.k = 1.6e5, scaled 4e4
+    with islands():
+        att = ops.attention(q, q.copy(), np.ones((1, 2, 16), np.float32), 1)
+    assert np.array_equal(att, np.ones_like(att))
+    w = {"weight": rounded(g.standard_normal((5, 7)), "float16"), "bias": rounded(g.standard_normal(5), "float16")}
+    a = g.standard_normal((3, 7)).astype(np.float32)
+    ln = {"weight": np.ones(7, np.float32), "bias": np.zeros(7, np.float32)}
+    with islands():
+        lin, norm = ops.linear(a, w), ops.layer_norm(a, ln, 1e-5)
+    want = R64(rounded(a, "float16").astype(np.float64) @ w["weight"].T.astype(np.float64) + w["bias"], "float16")
+    assert np.array_equal(rounded(lin, "float16"), lin) and np.array_equal(rounded(norm, "float16"), norm)
+    assert np.all(np.abs(lin - want) <= ulp(want, "float16") + 7 * 2.0 ** -24 * (np.abs(a) @ np.abs(w["weight"].T) + 3))
 
 
 def test_ops_outside_using_are_untouched():
