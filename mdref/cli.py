@@ -403,7 +403,7 @@ def cmd_precision(args):
     results = {}
     for name in ("float64", args.dtype):
         pipe = load_pipeline(args, name, overrides=name != "float64")
-        with trace(args.points) as t:
+        with trace(args.points, on_request=["unet.*.qk", "unet.*.scores"] if args.scores else None) as t:
             _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: it never stops on them
         if not t.arrays:                               # known after the first run: no need for the second
             raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches")
@@ -579,6 +579,8 @@ def build_parser():
     _add_sample_args(p)
     p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to report; repeatable")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--scores", action="store_true", help="also report every UNet attention's q k^T before and "
+                   "after the 1/sqrt(d) scale (points <attention>.qk, <attention>.scores) and their least headroom")
     _add_model_args(p)
     p.set_defaults(func=cmd_precision)
 

@@ -586,6 +586,31 @@ def test_attention_overflow_is_named_and_upcast_attention_cures_it(tmp_path, cap
     assert _precision_json(capsys, "--model", model, "--dtype", "bfloat16")["first_nonfinite"] is None
 
 
+def test_unscaled_scores_headroom_predicts_the_qk_first_overflow(tmp_path, capsys):
+    """Case (c) of the runtime study: to_q x 172, to_kv x 30 in the mid attn1 put q k^T at ~1.6e5 before the
+    1/sqrt(d) scale and ~2e4 after it. `--scores` reports both (on-request points .qk, .scores): the unscaled sum's
+    headroom is below 1 (log2 < 0) under every profile, the scaled scores' above; the default profile (q k^T rounded
+    first, as tinygrad and ExecuTorch / XNNPACK do) overflows there and names .qk first; "fused" stays finite."""
+    model = str(_variant(tmp_path, lambda t: t.update({f"{ATTN}.to_q.weight": t[f"{ATTN}.to_q.weight"] * 172,
+                                                        f"{ATTN}.to_kv.weight": t[f"{ATTN}.to_kv.weight"] * 30})))
+    for profile in ("qk-first", "fused"):
+        report = _precision_json(capsys, "--model", model, "--dtype", "float16", "--scores", "--profile", profile)
+        rows = {r["name"]: r for r in report["points"]}
+        qk, scores = rows[f"unet.{ATTN}.qk"], rows[f"unet.{ATTN}.scores"]
+        assert scores["ref_max_abs"] == pytest.approx(qk["ref_max_abs"] / 8, rel=1e-9)    # 1/sqrt(d), d = 64
+        assert 65504 < qk["ref_max_abs"] and scores["ref_max_abs"] < 65504
+        assert qk["headroom_log2"] < 0
+        assert qk["headroom_log2"] == pytest.approx(math.log2(65504 / max(qk["ref_max_abs"], qk["max_abs"])))
+        assert scores["headroom_log2"] > 0
+        assert report["least_headroom"]["qk"] == {"name": f"unet.{ATTN}.qk", "headroom_log2": qk["headroom_log2"]}
+        if profile == "qk-first":
+            assert report["first_nonfinite"] == f"unet.{ATTN}.qk" and scores["nonfinite"] > 0
+        else:
+            assert report["first_nonfinite"] is None and qk["nonfinite"] == 0 and qk["max_abs"] > 65504
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.qk" not in {
+        r["name"] for r in _precision_json(capsys, "--model", model, "--dtype", "float16")["points"]}
+
+
 def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys):
     """conv_in.bias + 300 (case (a) of the runtime study): the one-pass statistics of the "fused" profile overflow
     (x^2 > 65504) and name the first ResNet; the default profile's two-pass statistics stay finite, as ONNX Runtime,
