@@ -559,7 +559,8 @@ def _variant(tmp_path, edit):
 
 
 def _precision_json(capsys, *argv):
-    assert main(["precision", "a red circle", *argv, "--json"]) == 0
+    prompt = [] if "--golden" in argv else ["a red circle"]
+    assert main(["precision", *prompt, *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -625,6 +626,39 @@ def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys)
     assert report["first_beyond_range"] is None                           # no value is beyond float16: a norm bug
     cured = _precision_json(capsys, "--model", model, "--dtype", "float16", "--upcast", "norm", "--profile", "fused")
     assert cured["first_nonfinite"] is None
+
+
+def test_precision_runs_one_component_on_a_golden_case(tmp_path, capsys):
+    """--component NAME --golden CASE_DIR: only that component's points, each computed from the bundle's own
+    inputs (token ids; noise, first timestep and text embeddings; decoder input), the emulated run on those inputs
+    rounded to the dtype: the report's main-output error is the one recomputed here through the Python API."""
+    from mdref.golden import write_golden
+
+    write_golden(mdref.Pipeline.from_pretrained(None), tmp_path / "g", cases=GOLDEN_CASES[:1])
+    case = tmp_path / "g" / "case0"
+    load = lambda name: np.load(case / f"{name}.npy")                          # noqa: E731
+    p64 = mdref.Pipeline.from_pretrained(None, dtype=np.float64)
+    p16 = mdref.Pipeline.from_pretrained(None, dtype="float16", profile="float32-islands")
+    r16 = lambda a: rounded(a, "float16")                                      # noqa: E731
+    t = load("timesteps")[0]
+    want = {"text_encoder": ("text_encoder.final_layer_norm", p64.text_encoder(load("token_ids")),
+                             p16.text_encoder(load("token_ids"))),
+            "unet": ("unet.out", p64.unet(load("noise"), t, load("text_embeddings")),
+                     p16.unet(r16(load("noise")), t, r16(load("text_embeddings")))),
+            "decoder": ("decoder.out", p64.decoder(load("decoder_input")), p16.decoder(r16(load("decoder_input"))))}
+    for component, (main_point, ref, got) in want.items():
+        report = _precision_json(capsys, "--component", component, "--golden", str(case), "--dtype", "float16",
+                                 "--profile", "float32-islands")
+        assert report["component"] == component and report["golden"] == str(case)
+        rows = {r["name"]: r for r in report["points"]}
+        assert all(n.startswith(f"{component}.") for n in rows) and main_point in rows
+        expected = np.abs(r16(got).astype(np.float64) - ref).max() / np.abs(ref).max()
+        assert rows[main_point]["rel_err"] == pytest.approx(expected, rel=1e-9)
+    (case / "decoder_input.npy").unlink()
+    assert main(["precision", "--component", "decoder", "--golden", str(case), "--dtype", "float16"]) == 2
+    assert "no decoder_input.npy" in capsys.readouterr().err
+    assert main(["precision", "a red circle", "--component", "unet", "--golden", str(case)]) == 2
+    assert main(["precision", "--component", "unet"]) == 2
 
 
 # ---- the embedded default model in low precision ------------------------------------------------------------------
