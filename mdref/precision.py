@@ -36,7 +36,7 @@ Overrides (per op class and per component) reproduce what runtimes do:
 
 An override names what it changes (`UPCAST_POINTS`, `DOWNCAST_POINTS`); every other rounding point stays. A
 profile (`PROFILES`) is a runtime's way of computing as a small table of changes to this model: which points it
-rounds or keeps in float32, and its norm statistics ("qk-first": ``R(R(q k^T) * scale)`` and two-pass norms;
+rounds or keeps in float32, and its norm statistics ("qk-first": ``R(R(q k^T) * scale)`` and float32 norm statistics;
 "float32-islands": ONNX Runtime's CPU provider, convs, GroupNorms, activations and the softmax in float32). Outside
 a `using` block nothing is rounded and the ops run their float32 / float64 fast forms unchanged (one
 context-variable lookup per op).
@@ -97,10 +97,11 @@ class Profile:
 
 
 PROFILES = {
-    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and two-pass norm statistics: what "
-                        "most measured runtimes do (tinygrad and ExecuTorch / XNNPACK round q k^T first; their norms, "
-                        "and ONNX Runtime's, are two-pass or float32); the default",
-                        rounds=frozenset({"attention.qk"}), norm_statistics="two-pass"),
+    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and norm statistics in float32 "
+                        "(two-pass, only the norm's output rounded): what most measured runtimes do (tinygrad and "
+                        "ExecuTorch / XNNPACK round q k^T first; their norms, and ONNX Runtime's, keep float32 "
+                        "statistics; benchmarks/float16-profiles.md); the default",
+                        rounds=frozenset({"attention.qk"}), float32=frozenset(_NORM), norm_statistics="two-pass"),
     "fused": Profile("the scale applied before q k^T is rounded, R(q k^T * scale), as fused attention kernels do "
                      "(q pre-scaled), and one-pass norm statistics rounded to the dtype, as decomposed graphs and "
                      "fused NPU kernels compute them (mdref's model before profiles)"),
