@@ -15,7 +15,8 @@ the exported graphs hold them), and reports per runtime and profile:
   overflow  per case, the first non-finite point of the runtime and of the emulation: predicted (both non-finite),
             missed (the runtime only), false alarm (the emulation only)
 
-Cases (benchmarks/float16_runtimes.py): default (golden case 0), conv_in_300 (a), decoder_x4 (b), attn_q172 (c).
+Cases (benchmarks/float16_runtimes.py): default (golden case 0), conv_in_300 (a), decoder_x4, decoder_x64 (b),
+attn_q172 (c).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def manifest_of_default(work):
 
 def emulate(case, profile, manifest, ref, inputs):
     """{point: {rel_err, nonfinite}} and the first non-finite point of the emulation of `case` under `profile`."""
-    if case == "decoder_x4":
+    if case in runtimes.DECODER_SCALE:
         dec = mdref.Decoder.from_preset("mobilediffusion-lite", seed=2, dtype="float16", profile=profile)
         with mdref.trace() as t, np.errstate(all="ignore"):
             dec(round_to(inputs, "float16"))                          # fed as the float16 graph was
