@@ -38,6 +38,7 @@ POINT_FUNCTIONS = [
     (r"unet\.time_embedding", unet.time_embed),
     (r"unet\.conv_in", ops.conv2d),
     (r"unet\..*\.attn[12]\.probs", unet.attention_probs),
+    (r"unet\..*\.attn[12]\.(qk|scores)", ops.attention_logits),
     (r"unet\..*\.attn[12]", unet.attention),
     (r"unet\..*\.ff", unet.feed_forward),
     (r"unet\..*\.transformer_blocks\.\d+", unet.transformer_block),
