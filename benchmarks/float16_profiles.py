@@ -12,8 +12,9 @@ the exported graphs hold them), and reports per runtime and profile:
 
   ratio     measured / emulated rel err per point (points finite in both runs, emulated error > 0): median, and the
             range (min, max) over the points; the main output's ratio per case beside it
-  overflow  per case, the first non-finite point of the runtime and of the emulation: predicted (both non-finite),
-            missed (the runtime only), false alarm (the emulation only)
+  overflow  per case, the first non-finite point of the runtime and of the emulation, or a collapsed main output
+            (finite but rel err >= 0.5, e.g. all zeros): predicted (both fail), missed (the runtime only), false
+            alarm (the emulation only)
 
 Cases (benchmarks/float16_runtimes.py): default (golden case 0), conv_in_300 (a), decoder_x4, decoder_x64 (b),
 attn_q172 (c).
@@ -42,6 +43,7 @@ from mdref.precision import PROFILES, round_to  # noqa: E402
 
 MEASURED = ROOT / "benchmarks" / "float16-runtimes" / "results.json"
 MAIN = ("unet.out", "decoder.out")
+COLLAPSED = 0.5             # a main output this far off (rel err) is lost though finite: counted as an overflow
 
 
 def _round_params(dst, src):
@@ -146,11 +148,21 @@ def run(work):
     return {"versions": measured["versions"], "profiles": {k: v.about for k, v in PROFILES.items()}, "rows": rows}
 
 
+def _failed(first_nonfinite, main_err):
+    """How a run failed: its first non-finite point, "collapsed" when the main output is finite but lost (rel err
+    >= COLLAPSED: e.g. the decoder's output all zeros), or None."""
+    if first_nonfinite:
+        return first_nonfinite
+    return "collapsed" if main_err is not None and main_err >= COLLAPSED else None
+
+
 def _verdict(row):
-    a, b = row["first_nonfinite_runtime"], row["first_nonfinite_emulated"]
+    a = _failed(row["first_nonfinite_runtime"], row["main_measured"])
+    b = _failed(row["first_nonfinite_emulated"], row["main_emulated"])
     if a and b:
         return "predicted" + ("" if a == b else f" (at {b.split('.')[-1]}, runtime {a.split('.')[-1]})")
-    return "missed" if a else ("false alarm" if b else "finite, both")
+    return "missed" if a else (f"false alarm ({'collapsed output' if b == 'collapsed' else 'NaN / Inf'})" if b
+                               else "finite, both")
 
 
 def table(result):
@@ -161,7 +173,8 @@ def table(result):
              "Made by `benchmarks/float16_profiles.py` from the measured runs of `benchmarks/float16_runtimes.py` "
              f"({', '.join(result['versions'])}). Ratio = the runtime's rel err / the emulation's rel err at the "
              "same point (max |x - float64| / max |float64|; points finite in both runs); 1 = the profile predicts "
-             "the runtime's error exactly.", "",
+             "the runtime's error exactly. Overflow: a non-finite point, or a main output lost though finite (rel err "
+             f">= {COLLAPSED}).", "",
              "| runtime | profile | points | median ratio | range | main output ratio per case | overflow: "
              "predicted / missed / false alarm |", "|---|---|---|---|---|---|---|"]
     for rt in runtimes_:
@@ -245,14 +258,19 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "float16-profiles.md"))
     ap.add_argument("--work", help="folder for the export (default: a temporary folder)")
     ap.add_argument("--islands", action="store_true", help="only print which ops ORT's CPU runs in float32")
+    ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the JSON beside --out")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.table:
+        out.write_text(table(json.loads(out.with_suffix(".json").read_text())))
+        print(out.read_text())
+        return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="mdref-f16p-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.islands:
         islands(work)
         return 0
     result = run(work)
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     out.write_text(table(result))
     print(out.read_text())
