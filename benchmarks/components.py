@@ -52,7 +52,7 @@ def _state(obj):
     """mdref params -> the flat torch state dict with the checkpoint's key names (float32 copies)."""
     import torch
 
-    from mdref.io.safetensors import flatten
+    from mdref.formats.safetensors import flatten
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
             for k, v in obj.checkpoint_keys(flatten(obj.params)).items()}
 
@@ -147,7 +147,7 @@ def _sd21_unet():
 
 
 # ---- decoders -----------------------------------------------------------------------------------------------
-def _decoder(preset, label, torch_label, channels):
+def _decoder(preset, label, torch_label, channels, size=64, small=True):
     import mdref
     from mdref.io.presets import DECODER_PRESETS
 
@@ -160,8 +160,8 @@ def _decoder(preset, label, torch_label, channels):
         conf = mdref.Decoder.config_class.from_dict(dict(DECODER_PRESETS[preset]), where="preset").to_dict()
         return module(conf)
     return dict(
-        label=label, torch_label=torch_label, small=True,
-        inputs=lambda b: (_rng(0).standard_normal((b, channels, 64, 64)).astype(np.float32),),
+        label=label, torch_label=torch_label, small=small,
+        inputs=lambda b: (_rng(0).standard_normal((b, channels, size, size)).astype(np.float32),),
         mdref=lambda dtype: mdref.Decoder.from_preset(preset, 2, dtype), call_mdref=lambda m, x: m(x[0]),
         torch_from=lambda m: _load(module(m.config.to_dict()), m, allow_missing=("encoder.", "quant_conv.")), torch_alone=alone,
         call_torch=lambda t, x: t.decode(x[0]).sample)
@@ -237,5 +237,8 @@ COMPONENTS = {
     "md-lite": lambda: _decoder("mobilediffusion-lite", "MobileDiffusion lite decoder 9.7M, 512x512 (64x64x8)",
                                 "diffusers AutoencoderKL", 8),
     "sd-vae": lambda: _decoder("sd-vae", "SD VAE decoder 49.5M, 512x512 (64x64x4)", "diffusers AutoencoderKL", 4),
+    # The SDXL VAE decoder has the SD VAE's layout (block_out_channels (128, 256, 512, 512)); SDXL decodes 1024x1024.
+    "sd-vae-1024": lambda: _decoder("sd-vae", "SD / SDXL VAE decoder 49.5M, 1024x1024 (128x128x4)",
+                                    "diffusers AutoencoderKL", 4, size=128, small=False),
     "pipeline": _pipeline,
 }

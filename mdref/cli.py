@@ -315,7 +315,7 @@ def cmd_generate(args):
 
 
 def cmd_info(args):
-    from .io.safetensors import flatten
+    from .formats.safetensors import flatten
 
     pipe = load_pipeline(args)
     d = pipe.describe()
@@ -575,7 +575,7 @@ def cmd_match(args):
 
 def _read_trace(path):
     """A trace file as a Trace (its arrays in order, its manifest as meta), or UsageError naming the file."""
-    from .io.safetensors import WeightsError
+    from .formats.safetensors import WeightsError
     from .trace import Trace, TraceError, load_trace
 
     if not Path(path).exists():
@@ -594,7 +594,13 @@ def build_parser():
                                      "text-to-image diffusion in the MobileDiffusion family.")
     parser.add_argument("--version", action="version", version=f"mdref {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_model_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_model_commands(sub):
+    """The commands that run the model: generate, info, trace, compare, golden, precision."""
     p = sub.add_parser("generate", help="draw an image from a prompt")
     _add_sample_args(p)
     p.add_argument("-o", "--output", required=True, help="output PNG path")
@@ -647,6 +653,9 @@ def build_parser():
     _add_model_args(p)
     p.set_defaults(func=cmd_precision)
 
+
+def _add_tool_commands(sub):
+    """The commands around it: explain, live, export, match."""
     p = sub.add_parser("explain", help="one self-contained HTML page: what every layer did to the prompt")
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("-o", "--output", required=True, help="output HTML path")
@@ -691,7 +700,6 @@ def build_parser():
     p.add_argument("--only-doubtful", action="store_true", help="print only points not matched exactly or "
                    "with high confidence")
     p.set_defaults(func=cmd_match)
-    return parser
 
 
 class Terminated(BaseException):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import conv2d, group_norm, relu, upsample_nearest2d
-from .trace import point, record
+from .ops import conv2d, norm_silu_conv2d, relu, upsample_conv2d, upsample_nearest2d
+from .trace import point, record, record_unbuilt
 from .unet import pixel_attention, resnet, upsample
 
 
@@ -39,8 +39,8 @@ def kl_decode(z, *, decoder, post_quant_conv=None, spec):
             u = block["upsamplers"][0]
             x = record(u, upsample(x, **u))                                       # [B, C_i, 2., 2.]
         x = record(block, x)
-    x = group_norm(x, decoder["conv_norm_out"], spec.groups, spec.eps, silu=True)
-    return record("decoder.out", conv2d(x, decoder["conv_out"], padding=1))     # [B, 3, fh, fw]
+    x = norm_silu_conv2d(x, decoder["conv_norm_out"], decoder["conv_out"], padding=1, **kw)   # GN-SiLU-conv_out
+    return record("decoder.out", x)                                               # [B, 3, fh, fw]
 
 
 def taesd_stages(spec):
@@ -67,13 +67,19 @@ def taesd_decode(z, *, decoder, spec):
     """AutoencoderTiny.decode(z).sample: tanh(z / 3) * 3, the `taesd_stages` Sequential, x * 2 - 1."""
     layers = decoder["layers"]                                                    # None where a stage has no weights
     x = np.tanh(z / spec.clamp) * spec.clamp                                      # |x| < clamp
+    upsampled = False           # an upsample stage left to the next conv (ops.upsample_conv2d never builds it)
     for i, stage in enumerate(taesd_stages(spec)):
         if stage == "relu":
             x = relu(x)
         elif stage == "block":
             x = taesd_block(x, **layers[i])
-        elif stage == "upsample":
-            x = upsample_nearest2d(x, spec.upsample)                              # [B, C, sH, sW]
+        elif stage == "upsample":                                                 # [B, C, sH, sW], built lazily
+            forced = record_unbuilt(point(layers, str(i)), lambda x=x: upsample_nearest2d(x, spec.upsample))
+            upsampled = forced is None
+            x = x if upsampled else forced
+            continue
+        elif upsampled:                                                           # conv_nobias of the upsampled x
+            x, upsampled = upsample_conv2d(x, layers[i], scale=spec.upsample, padding=1), False   # [B, C, sH, sW]
         else:                                                                     # conv / conv_nobias
             x = conv2d(x, layers[i], padding=1)
         x = record(point(layers, str(i)), x)

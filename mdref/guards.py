@@ -291,7 +291,7 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
     if not is_int(steps) or not 1 <= steps <= T:
         raise InputError("steps", f"must be an integer from 1 to num_train_timesteps = {T}, found {_short(steps)}")
     try:
-        timesteps = tuple(int(t) for t in sampler.schedule(pipe.scheduler, steps, timesteps))
+        timesteps = tuple(int(t) for t in sampler.schedule(pipe.sampler_spec, steps, timesteps))
     except ValueError as e:                              # "steps ..." or "timesteps ...": the argument named first
         name, problem = str(e).split(" ", 1)
         raise InputError(name, problem) from None

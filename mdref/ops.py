@@ -23,16 +23,24 @@ from contextlib import contextmanager
 import numpy as np
 
 __all__ = [
-    "linear", "conv2d", "conv2d_reference", "group_norm", "group_norm_reference", "layer_norm",
-    "layer_norm_reference", "rms_norm", "repeat_kv", "silu", "relu", "gelu", "quick_gelu", "erf", "softmax",
-    "attention", "attention_reference", "attention_logits", "causal_mask", "upsample_nearest2d", "timestep_embedding",
-    "rounding", "rounded", "active_rounding", "scoped", "EXACT",
+    "linear", "conv2d", "conv2d_reference", "upsample_conv2d", "norm_silu_conv2d", "group_norm",
+    "group_norm_reference", "layer_norm", "layer_norm_reference", "rms_norm", "repeat_kv", "silu", "relu", "gelu",
+    "quick_gelu", "erf", "softmax", "attention", "attention_reference", "attention_logits", "causal_mask",
+    "upsample_nearest2d", "timestep_embedding", "rounding", "rounded", "active_rounding", "scoped", "EXACT",
 ]
 
-# Working-set limits for the two kernels that would otherwise allocate huge temporaries.
+# conv2d's forms before issue 33, which the float16 / bfloat16 emulation still runs (`_conv_emulated`); the shifted
+# form is also the depthwise conv's.
 IM2COL_BYTES = 256 * 2**20      # one im2col column block at most this large
 SHIFTED_MIN_PIXELS = 64 * 64    # dense stride-1 convs on more output pixels take the shifted form (faster there)
 SHIFTED_BLOCK_BYTES = 4 * 2**20  # output block of the shifted form, small enough to stay in cache while it sums
+# The conv forms' constants, chosen from benchmarks/conv-forms-2cpu.md (every conv shape of the benchmarked models):
+CONV_BLOCK_BYTES = 8 * 2**20    # an im2col block of the conv forms at most this large (it stays in cache) ...
+CONV_MIN_COLUMNS = 2048         # ... unless that is fewer output pixels than this (the GEMM packs the weights per call)
+ROWS_MIN_PIXELS_PER_CHANNEL = 16  # `_conv_rows` where the output has this many pixels per input channel (else taps)
+UPSAMPLE_MIN_PIXELS = 16 * 16   # upsample_conv2d's phase form from this image size on (1280 channels at 8 x 8: 93 ms,
+                                # conv2d of the upsampled image 77 ms; at 16 x 16: 191 ms against 297 ms)
+NORM_BLOCK_BYTES = 2**20        # the pieces `norm_silu_conv2d` normalises at a time (they stay in cache)
 SCORES_BYTES = 64 * 2**20       # one attention score buffer at most this large
 QUERY_CHUNK = 4096              # queries per block of the emulated attention (its float32 score buffer stays bounded)
 ERF_BLOCK = 1 << 15             # erf's elements per block (its float64 temporaries stay in cache)
@@ -134,8 +142,11 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
     """torch.nn.Conv2d (dilation 1, zero padding); the plain formula is `conv2d_reference`.
     x [B, C, H, W]; p["weight"] [O, C/groups, kh, kw]; returns [B, O, Ho, Wo]. The fast forms, by case:
     - 1x1, stride 1: one matmul over the pixels;
-    - stride 1, depthwise or on a large image: `_conv_shifted`, no im2col copy;
-    - otherwise (small images, strides, other groups): im2col, one block of output rows at a time.
+    - depthwise, stride 1: `_conv_shifted`, one multiply per tap;
+    - otherwise: im2col one block of output rows at a time without a padded copy (`_conv_dense`): the kernel row's
+      taps stacked (`_conv_rows`) on large images, all taps (`_conv_taps`) on small ones and for strides, groups.
+    Under float16 / bfloat16 emulation (mdref.precision) the forms chosen before issue 33 (`_conv_emulated`) run,
+    so the emulated path's float32 sums are the ones it always had.
     """
     w = p["weight"]
     B, C, H, W = x.shape
@@ -144,24 +155,199 @@ def conv2d(x, p, *, stride=1, padding=0, groups=1):
         raise ValueError(f"conv2d: input has {C} channels, weight {tuple(w.shape)} with groups={groups} "
                          f"expects {Cg * groups}")
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    bias = p.get("bias")
+    if active_rounding() is not None:
+        return _conv_emulated(x, w, bias, stride, padding, groups, Ho, Wo)
+    if kh == kw == 1 and stride == 1 and groups == 1 and not padding:
+        y = np.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, Ho, Wo)    # [B, O, Ho, Wo]
+    elif stride == 1 and groups == C == O:
+        return _crop_add_bias(_conv_shifted(x, w, padding, True), bias)                  # [B, O, Ho, Wo]
+    else:
+        return _conv_dense(x, w, bias, stride, (padding, padding), groups, Ho, Wo)       # [B, O, Ho, Wo]
+    if bias is not None:
+        y += bias[:, None, None]
+    return y
+
+
+def _conv_dense(x, w, bias, stride, pad, groups, Ho, Wo, y=None):
+    """The im2col forms: `_conv_rows` for ungrouped stride-1 convs with ROWS_MIN_PIXELS_PER_CHANNEL output pixels per
+    input channel or more (it copies a third as much of the image, but the weights once per call), `_conv_taps`
+    otherwise (measured: benchmarks/conv-forms-2cpu.md)."""
+    if stride == 1 and groups == 1 and Ho * Wo >= ROWS_MIN_PIXELS_PER_CHANNEL * x.shape[1]:
+        return _conv_rows(x, w, bias, pad, Ho, Wo, y)
+    return _conv_taps(x, w, bias, stride, pad, groups, Ho, Wo, y)
+
+
+def _conv_emulated(x, w, bias, stride, padding, groups, Ho, Wo):
+    """conv2d's forms as chosen before issue 33, kept for the emulated path (see conv2d)."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
     depthwise = groups == C == O
     if kh == kw == 1 and stride == 1 and groups == 1 and not padding:
         y = np.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, Ho, Wo)    # [B, O, Ho, Wo]
     elif stride == 1 and (depthwise or (groups == 1 and Ho * Wo > SHIFTED_MIN_PIXELS)):
-        y = _conv_shifted(x, w, padding, depthwise)                                     # [B, O, Ho, Wo]
+        return _crop_add_bias(_conv_shifted(x, w, padding, depthwise), bias)             # [B, O, Ho, Wo]
     else:
         y = _conv_im2col(_pad(x, padding), w, stride, groups, Ho, Wo)                   # [B, O, Ho, Wo]
-    bias = p.get("bias")
-    if not y.flags.c_contiguous:                # the shifted form's view on the padded width: crop + bias in one pass
-        out = np.empty(y.shape, y.dtype)
-        if bias is None:
-            out[...] = y
-        else:
-            np.add(y, bias[:, None, None], out=out)
-        return out
     if bias is not None:
         y += bias[:, None, None]
     return y
+
+
+def _crop_add_bias(y, bias):
+    """The shifted form's view on the padded width: crop + bias in one pass."""
+    out = np.empty(y.shape, y.dtype)
+    if bias is None:
+        out[...] = y
+    else:
+        np.add(y, bias[:, None, None], out=out)
+    return out
+
+
+def _conv_taps(x, w, bias, stride, pad, groups, Ho, Wo, y=None):
+    """im2col one block of output rows at a time, without a padded copy of x: the block's column matrix
+    cols[(c, u, v), (i, j)] = x[c, i * stride + u - top, j * stride + v - left] (zero outside x; pad = (top, left))
+    is filled by one strided copy per tap (`_fill_taps`) and multiplied by the weights [O, C*kh*kw] in one GEMM
+    (groups: a batch dimension of it); the bias is added while the block is still in cache. CONV_BLOCK_BYTES
+    bounds the column block. Writes into y [B, O, Ho, Wo] if given."""
+    B, C = x.shape[:2]
+    O, Cg, kh, kw = w.shape
+    K = Cg * kh * kw
+    wg = w.reshape(groups, O // groups, K)                                              # [G, O/G, Cg*kh*kw]
+    rows = _block_rows(Ho, Wo, C * kh * kw, x.itemsize)
+    buf = np.empty((C * kh * kw, rows * Wo), x.dtype)
+    y = np.empty((B, O, Ho, Wo), x.dtype) if y is None else y
+    yg = y.reshape(B, groups, O // groups, Ho * Wo)                                    # a view
+    for b in range(B):
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            cols = buf[:, :(r1 - r0) * Wo]                                              # [C*kh*kw, r*Wo]
+            _fill_taps(cols.reshape(C, kh, kw, r1 - r0, Wo), x[b], r0, stride, pad)
+            out = yg[b, :, :, r0 * Wo:r1 * Wo]                                          # [G, O/G, r*Wo]
+            np.matmul(wg, cols.reshape(groups, K, -1), out=out)
+            if bias is not None:
+                out += bias.reshape(groups, -1, 1)
+    return y
+
+
+def _block_rows(Ho, Wo, K, itemsize):
+    """Output rows per column block [K, rows * Wo]: at most CONV_BLOCK_BYTES of it, so that it is still in cache when
+    the GEMM reads it, but at least CONV_MIN_COLUMNS pixels, so that packing the weights is a small part of each
+    GEMM (measured: benchmarks/conv-forms-2cpu.md)."""
+    return max(1, min(Ho, max(CONV_BLOCK_BYTES // (itemsize * K * Wo), -(-CONV_MIN_COLUMNS // Wo))))
+
+
+def _conv_rows(x, w, bias, pad, Ho, Wo, y=None):
+    """Stride-1 dense conv, one block of output rows at a time, without a padded copy of x: the block's window
+    win[(c, v), (t, j)] = x[c, r0 + t - top, j + v - left] (zero outside x) over its r + kh - 1 input rows stacks the
+    kw taps of a kernel row (one strided copy each, `_fill_taps`), so the taps of kernel row u are the window's
+    columns from u * Wo on: kh GEMMs with the weights [O, C*kw] of row u, summed in cache. A third of the copying of
+    `_conv_taps` (which NumPy does on one thread), for kh GEMMs instead of one. Writes into y if given."""
+    B, C = x.shape[:2]
+    O, _, kh, kw = w.shape
+    rows = _block_rows(Ho, Wo, C * kw, x.itemsize)
+    wrows = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, O, C * kw)        # [kh, O, C*kw]
+    win = np.empty((C * kw, (rows + kh - 1) * Wo), x.dtype)
+    tmp = np.empty((O, rows * Wo), x.dtype)
+    y = np.empty((B, O, Ho, Wo), x.dtype) if y is None else y
+    for b in range(B):
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            n = (r1 - r0) * Wo
+            window = win[:, :(r1 - r0 + kh - 1) * Wo]                                  # [C*kw, (r + kh - 1)*Wo]
+            _fill_taps(window.reshape(C, 1, kw, r1 - r0 + kh - 1, Wo), x[b], r0, 1, pad)
+            out = y[b].reshape(O, Ho * Wo)[:, r0 * Wo:r1 * Wo]                          # [O, r*Wo]
+            np.matmul(wrows[0], window[:, :n], out=out)
+            for u in range(1, kh):                                                      # + kernel row u
+                out += np.matmul(wrows[u], window[:, u * Wo:u * Wo + n], out=tmp[:, :n])
+            if bias is not None:
+                out += bias[:, None]
+    return y
+
+
+def _fill_taps(cols, x, r0, stride, pad):
+    """cols [C, kh, kw, r, Wo] <- for output rows r0 .. r0 + r - 1 and every tap (u, v):
+    x[c, i * stride + u - top, j * stride + v - left], zero where that falls outside x [C, H, W]."""
+    _, kh, kw, r, Wo = cols.shape
+    H, W = x.shape[1:]
+    for u in range(kh):
+        i0, i1 = _inside(u - pad[0], stride, H, r0, r0 + r)
+        for v in range(kw):
+            j0, j1 = _inside(v - pad[1], stride, W, 0, Wo)
+            tap = cols[:, u, v]                                                         # [C, r, Wo]
+            tap[:, :i0 - r0] = 0
+            tap[:, i1 - r0:] = 0
+            tap[:, :, :j0] = 0
+            tap[:, :, j1:] = 0
+            if i1 > i0 and j1 > j0:
+                tap[:, i0 - r0:i1 - r0, j0:j1] = x[:, _reads(i0, i1, stride, u - pad[0]),
+                                                  _reads(j0, j1, stride, v - pad[1])]
+
+
+def _inside(offset, stride, size, lo, hi):
+    """(i0, i1): the outputs i in [lo, hi) whose tap reads i * stride + offset inside [0, size), i0 <= i1."""
+    i0 = max(lo, -(offset // stride))
+    return i0, max(i0, min(hi, (size - 1 - offset) // stride + 1))
+
+
+def _reads(i0, i1, stride, offset):
+    """The input indices outputs i0 .. i1 - 1 read: i * stride + offset."""
+    return slice(i0 * stride + offset, (i1 - 1) * stride + offset + 1, stride)
+
+
+def upsample_conv2d(x, p, *, scale=2, padding=1):
+    """conv2d(upsample_nearest2d(x, scale), p, padding=padding) (diffusers Upsample2D; TAESD's upsample + conv)
+    without the upsampled image. Output phase (a, b), the pixels (scale i + a, scale j + b), is a conv of x itself:
+    the kernel taps that read the same pixel of x are summed first (`_phase_taps`), so a 3x3 kernel becomes four
+    2x2 kernels on a quarter of the pixels, 2.25x fewer FLOPs. x [B, C, H, W] -> [B, O, scale H, scale W].
+    Under float16 / bfloat16 emulation, and on images under UPSAMPLE_MIN_PIXELS, it is the two ops, as written."""
+    w, bias = p["weight"], p.get("bias")
+    if active_rounding() is not None or x.shape[2] * x.shape[3] < UPSAMPLE_MIN_PIXELS:
+        return conv2d(upsample_nearest2d(x, scale), p, padding=padding)
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    if Cg != C:
+        raise ValueError(f"upsample_conv2d: input has {C} channels, weight {tuple(w.shape)} expects {Cg}")
+    Ho, Wo = scale * H + 2 * padding - kh + 1, scale * W + 2 * padding - kw + 1
+    Hr, Wr = -(-Ho // scale), -(-Wo // scale)                   # outputs per phase (H, W when the kernel fits)
+    planes = np.ascontiguousarray(w.transpose(2, 3, 0, 1))     # [kh, kw, O, C]: each tap's weights contiguous
+    phases = []                                                 # (a, b, kernel [O, ka*kb*C], (top, left), ka, kb)
+    for a, (top, row_taps) in enumerate(_phase_taps(kh, scale, padding)):
+        for b, (left, col_taps) in enumerate(_phase_taps(kw, scale, padding)):
+            k = np.empty((O, len(row_taps), len(col_taps), C), w.dtype)                # taps, then channels
+            for i, us in enumerate(row_taps):
+                for j, vs in enumerate(col_taps):
+                    taps = [(u, v) for u in us for v in vs]
+                    np.copyto(k[:, i, j], planes[taps[0]])
+                    for t in taps[1:]:
+                        k[:, i, j] += planes[t]
+            phases.append((a, b, k.reshape(O, -1), (top, left), k.shape[1], k.shape[2]))
+    kmax = max(ka * kb for *_, ka, kb in phases)
+    rows = _block_rows(Hr, Wr, C * kmax, x.itemsize)
+    buf = np.empty(C * kmax * rows * Wr, x.dtype)
+    tmp = np.empty((O, rows * Wr), x.dtype)
+    y = np.empty((B, O, scale * Hr, scale * Wr), x.dtype)
+    for n in range(B):
+        for r0 in range(0, Hr, rows):
+            r1 = min(Hr, r0 + rows)
+            for a, b, k, pad, ka, kb in phases:
+                cols = buf[:ka * kb * C * (r1 - r0) * Wr].reshape(ka, kb, C, r1 - r0, Wr)   # taps, channels
+                _fill_taps(cols.transpose(2, 0, 1, 3, 4), x[n], r0, 1, pad)
+                t = np.matmul(k, cols.reshape(ka * kb * C, -1), out=tmp[:, :(r1 - r0) * Wr]).reshape(O, r1 - r0, Wr)
+                out = y[n, :, scale * r0 + a:scale * r1:scale, b::scale]                # [O, r, W], phase (a, b)
+                np.copyto(out, t) if bias is None else np.add(t, bias[:, None, None], out=out)
+    return np.ascontiguousarray(y[:, :, :Ho, :Wo])
+
+
+def _phase_taps(k, scale, padding):
+    """Per output phase a < scale along one axis: (top, groups). Kernel tap u of output scale * i + a reads input
+    pixel i + d(u) of the image before upsampling, d(u) = floor((a + u - padding) / scale), non-decreasing and
+    skipping no value; groups lists the taps u of each value of d in turn, and top = -d(0)."""
+    out = []
+    for a in range(scale):
+        d = [(a + u - padding) // scale for u in range(k)]
+        out.append((-d[0], [[u for u in range(k) if d[u] == e] for e in range(d[0], d[-1] + 1)]))
+    return out
 
 
 def _pad(x, padding):
@@ -266,6 +452,56 @@ def group_norm(x, p, groups, eps, *, silu=False):
     return y.reshape(x.shape)
 
 
+def norm_silu_conv2d(x, norm, conv, *, groups, eps, stride=1, padding=0):
+    """conv2d(group_norm(x, norm, groups, eps, silu=True), conv, stride=stride, padding=padding), the GroupNorm-SiLU-
+    conv that opens every ResNet conv (diffusers ResnetBlock2D) and ends the decoders and the UNet. Fast form (an
+    ungrouped conv, outside emulation): the group statistics from cache-sized pieces (`_group_stats`), then one image
+    at a time normalised and activated in cache-sized pieces into one reused buffer, which `_conv_dense` reads; the
+    normalised batch is never built. Under float16 / bfloat16 emulation it is the two emulated ops, as written."""
+    w = conv["weight"]
+    if active_rounding() is not None or w.shape[1] != x.shape[1]:
+        return conv2d(group_norm(x, norm, groups, eps, silu=True), conv, stride=stride, padding=padding)
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    mean, var = _group_stats(x, groups)                                                 # [B, G] each
+    per_channel = lambda t: np.repeat(t, C // groups, axis=1)[:, :, None, None]         # noqa: E731, [B, C, 1, 1]
+    mean_c = per_channel(mean)
+    scale_c = norm["weight"][:, None, None] / per_channel(np.sqrt(var + eps))           # [B, C, 1, 1]
+    shift_c = norm["bias"][:, None, None]
+    y = np.empty((B, O, Ho, Wo), x.dtype)
+    a = np.empty((1, C, H, W), x.dtype)                                                 # one image, normalised
+    step = max(1, NORM_BLOCK_BYTES // (H * W * x.itemsize))                            # channels per piece
+    tmp = np.empty((min(C, step), H, W), x.dtype)
+    for b in range(B):
+        for c0 in range(0, C, step):
+            c1 = min(C, c0 + step)
+            t = a[0, c0:c1]                                                             # [c, H, W]
+            np.subtract(x[b, c0:c1], mean_c[b, c0:c1], out=t)
+            t *= scale_c[b, c0:c1]
+            t += shift_c[c0:c1]
+            _silu_inplace(t, tmp[:c1 - c0])
+        _conv_dense(a, w, conv.get("bias"), stride, (padding, padding), 1, Ho, Wo, y[b:b + 1])
+    return y
+
+
+def _group_stats(x, groups):
+    """Mean and biased variance of each (sample, group) of x [B, C, ...] in x's dtype: the mean as np.mean sums it,
+    the variance from cache-sized pieces of the centred values (their sums added in float64)."""
+    B = x.shape[0]
+    g = x.reshape(B, groups, -1)                                                        # [B, G, n]
+    n = g.shape[2]
+    mean = g.mean(axis=-1)                                                              # [B, G]
+    step = max(1, NORM_BLOCK_BYTES // (B * groups * x.itemsize))
+    tmp = np.empty((B, groups, min(n, step)), x.dtype)
+    acc = np.zeros((B, groups), np.float64)
+    for s0 in range(0, n, step):
+        d = np.subtract(g[:, :, s0:s0 + step], mean[:, :, None], out=tmp[:, :, :min(step, n - s0)])
+        np.square(d, out=d)
+        acc += d.sum(axis=-1)
+    return mean, (acc / n).astype(x.dtype)
+
+
 def layer_norm_reference(x, p, eps, *, R=EXACT):
     """The plain formula `layer_norm` computes: normalised(x) * weight + bias over the last axis.  x [..., D]."""
     return R(normalised(x, eps, R) * p["weight"] + p["bias"], "layer_norm.out")
@@ -316,8 +552,8 @@ def _silu(x):
     return _silu_inplace(np.array(x, copy=True))
 
 
-def _silu_inplace(x):
-    t = np.multiply(x, 0.5, out=np.empty_like(x))                   # an array even when x is 0-d
+def _silu_inplace(x, scratch=None):
+    t = np.multiply(x, 0.5, out=np.empty_like(x) if scratch is None else scratch)   # an array even when x is 0-d
     np.tanh(t, out=t)
     t += 1
     x *= t

@@ -34,7 +34,7 @@ class Numbered(list):
 
 
 def tree(node, path=""):
-    """A nested dict of arrays (mdref.io.safetensors.nest of a checkpoint) as a tree of Params / Numbered nodes whose
+    """A nested dict of arrays (mdref.formats.safetensors.nest of a checkpoint) as a tree of Params / Numbered nodes whose
     paths start with `path` (the component: "unet", "text_encoder"; "" for the decoder, whose keys already start
     with "decoder.")."""
     if not isinstance(node, dict):

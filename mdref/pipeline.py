@@ -24,10 +24,10 @@ from . import precision, sampler
 from .guards import (InputError, MemoryLimitError, NonFiniteError, Request, StageFailed, Stages, check_run,  # noqa: F401
                      estimate_peak_bytes, is_int, memory_limit, parse_bytes, uses_guidance)
 from .io.components import TextEncoderWithProjection, check_seed, parse_compute
-from .io.config import ConfigError
+from .formats.json_files import ConfigError
 from .io.pipeline_folder import DEFAULT_MODEL_DIR, DEFAULT_MODEL_LABEL, load_folder, load_preset
-from .io.safetensors import sha256_file
-from .io.scheduler_config import scheduler_config_to_dict
+from .formats.safetensors import sha256_file
+from .io.scheduler_config import sampler_spec, scheduler_config_to_dict
 from .trace import first_nonfinite, record
 
 __all__ = ["Pipeline", "Result", "to_pixels", "encode_prompts", "InputError", "MemoryLimitError", "NonFiniteError",
@@ -59,7 +59,7 @@ class Result:
         return [Image.fromarray(p) for p in self.pixels]
 
 
-class Pipeline:
+class Pipeline(precision.ComputesIn):
     """Tokenizer + text encoder + UNet + decoder + one-step sampler."""
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, source, untrained=False,
@@ -112,14 +112,10 @@ class Pipeline:
         return self.unet.compute
 
     @property
-    def dtype(self):
-        """The arrays' numpy dtype (float32 when float16 / bfloat16 is emulated)."""
-        return self.unet.dtype
-
-    @property
-    def precision(self):
-        """The emulated low precision (mdref.precision.Precision), or None for float32 / float64."""
-        return self.unet.precision
+    def sampler_spec(self):
+        """The frozen facts the sampler computes from (mdref.specs.SamplerSpec), read off `scheduler`, the
+        diffusers-keyed config (which a caller may change between runs)."""
+        return sampler_spec(self.scheduler)
 
     def num_parameters(self):
         """Parameter count per component and in total."""
@@ -230,8 +226,8 @@ class Pipeline:
                                    None if uncond is None else (lambda x, t: self.unet(x, t, uncond)),
                                    None if uncond is None else req.guidance_scale)
             with precision.using(self.precision and self.precision.within("sampler")):
-                x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.scheduler, req.shape,
-                                                      seed=req.seed, noise=draws, dtype=self.dtype,
+                x0 = precision.rounded(sampler.sample(lambda x, t: s.finite(model(x, t)), self.sampler_spec,
+                                                      req.shape, seed=req.seed, noise=draws, dtype=self.dtype,
                                                       timesteps=req.timesteps))
             x0 = s.finite(record("latents.x0", x0))                                         # [B, C, h, w]
         with stage("decoder") as s:

@@ -211,6 +211,20 @@ class Compute:
         return self.name if self.policy is None else self.policy.describe()
 
 
+class ComputesIn:
+    """What a component or pipeline says of its `compute` (a Compute): `dtype` and `precision`."""
+
+    @property
+    def dtype(self):
+        """The numpy dtype of the arrays (float32 when float16 / bfloat16 is emulated)."""
+        return self.compute.carrier
+
+    @property
+    def precision(self):
+        """The emulated float16 / bfloat16 rounding policy (Precision), or None for float32 / float64."""
+        return self.compute.policy
+
+
 def compute(dtype=np.float32, *, upcast=None, downcast=None, profile=None):
     """The one parser of a compute dtype: a name ("float32", "float64", "float16", "bfloat16"), a numpy dtype
     (np.float16 means emulated float16), a Precision, or a Compute (returned as it is), with the overrides and

@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
-from .io.config import read_json
+from .formats.json_files import read_json
 from .tokenizer import TokenizerError, _token_content
 
 __all__ = ["QwenTokenizer", "QWEN_PATTERN", "GENERATE_TEMPLATE", "GENERATE_DROP", "GENERATE_PREFIX",

@@ -3,7 +3,7 @@
 The sampler knows nothing of the UNet: it takes a callable ``model(x, t) -> output`` (x [B, C, h, w], t an int
 timestep) and returns the clean latent, ready for ``latents / scaling_factor + shift_factor`` and the decoder.
 
-Legend: B batch, C latent channels, h w latent size, T num_train_timesteps. `cfg` is a `mdref.io.SchedulerConfig`;
+Legend: B batch, C latent channels, h w latent size, T num_train_timesteps. `cfg` is a `mdref.specs.SamplerSpec`;
 its `sampler` field picks one of five samplers:
 
 ``"x0"`` -- MobileDiffusion's one-step sampling (DiffusionGAN / UFOGen, paper Sec. 3.3): start from pure Gaussian

@@ -163,3 +163,18 @@ class TAESDDecoderSpec:
     @property
     def upsampling_factor(self):
         return self.upsample ** (len(self.blocks) - 1)
+
+
+# ---- sampler (mdref/sampler.py) --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerSpec:
+    """The noise schedule and the sampler that mdref.sampler computes from (io.scheduler_config.sampler_spec)."""
+    sampler: str                    # "x0" | "euler" | "euler_ancestral" | "lcm" | "tcd"
+    prediction_type: str            # "epsilon" | "v_prediction" | "sample"
+    num_train_timesteps: int        # T: timesteps 0 .. T - 1
+    beta_schedule: str              # "scaled_linear" | "linear"
+    beta_start: float
+    beta_end: float
+    timestep_spacing: str           # "trailing" | "lcm" (LCM's skipping-step rule)
+    original_inference_steps: int   # lcm / tcd: the distillation schedule their own timesteps come from
+    timestep_scaling: float         # lcm: u = timestep_scaling * t in the boundary condition c_skip, c_out

@@ -40,12 +40,12 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
-from .io.resources import weights_dir
-from .io.config import ConfigError, read_json
+from .formats.resources import weights_dir
+from .formats.json_files import ConfigError, read_json
 
 __all__ = ["Tokenizer", "TokenizerError", "SHIPPED_DIR", "bytes_to_unicode", "clip_vocab", "read_merges"]
 
-SHIPPED_DIR = weights_dir() / "clip"   # merges.txt, LICENSE, README.md (mdref/io/resources.py says where)
+SHIPPED_DIR = weights_dir() / "clip"   # merges.txt, LICENSE, README.md (mdref/formats/resources.py says where)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 # OpenAI clip/simple_tokenizer.py SimpleTokenizer.pat (applied after lowercasing, so IGNORECASE is moot).

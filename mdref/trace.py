@@ -17,8 +17,9 @@ import numpy as np
 
 from .ops import rounded, scoped
 
-__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request", "point",
-           "recording", "active", "save_trace", "load_trace", "first_nonfinite", "PRECISIONS", "point_precisions"]
+__all__ = ["Trace", "TraceError", "PatternError", "point_matcher", "trace", "record", "record_on_request",
+           "record_unbuilt", "point", "recording", "active", "save_trace", "load_trace", "first_nonfinite",
+           "PRECISIONS", "point_precisions"]
 
 # Compute precisions a trace may declare, most precise first (manifest "precision" / "point_precision").
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")
@@ -150,6 +151,19 @@ def record_on_request(name, compute, *, held=False):
         t.add(name, compute() if held else rounded(compute()))
 
 
+def record_unbuilt(name, compute):
+    """A point the fast path never builds (TAESD's upsampled image, fused into the next conv): keep compute() under
+    `name` if a trace is active and wants it, as `record` would; compute is not called otherwise. Returns the value
+    teacher forcing passes on in its place, or None when the fused path may go on (nothing forced)."""
+    t = _ACTIVE.get()
+    if t is None or not t.wants(name := point(name)):
+        return None
+    x = compute()
+    t.add(name, rounded(x))
+    passed = t.passed_on(x)
+    return None if passed is x else passed
+
+
 # ---- the first non-finite point ----------------------------------------------------------------------
 def nonfinite_counts(x):
     """(NaN count, Inf count, size) of an array."""
@@ -201,7 +215,7 @@ def save_trace(path, t, manifest=None, *, what="trace file"):
     import json
 
     from .outputs import atomic_write
-    from .io.safetensors import write_safetensors
+    from .formats.safetensors import write_safetensors
 
     arrays = t.arrays if isinstance(t, Trace) else dict(t)
     for name, v in arrays.items():                 # what load_trace would refuse is refused before writing
@@ -226,7 +240,7 @@ def save_trace(path, t, manifest=None, *, what="trace file"):
 def _check_manifest(meta, tensors, stored=None):
     """The manifest of a trace file's metadata, validated against its tensors and (stored) the dtypes the file
     stores them in (see load_trace)."""
-    from .io.safetensors import no_duplicate_keys
+    from .formats.safetensors import no_duplicate_keys
 
     import json
 
@@ -335,7 +349,7 @@ def load_trace(path):
     (tensors it does not list follow in file order; a file without "points" keeps the file's key order); its
     ``"dtypes"``, if present, an object {tensor name: dtype name}. Anything else raises TraceError saying what was
     expected; an unreadable safetensors file raises mdref.io.WeightsError."""
-    from .io.safetensors import read_safetensors
+    from .formats.safetensors import read_safetensors
 
     tensors, meta, stored = read_safetensors(path, allow_int=True, stored_dtypes=True)   # traces keep integer ids
     manifest = _check_manifest(meta, tensors, stored)

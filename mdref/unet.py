@@ -34,17 +34,25 @@ def conv3x3(x, p, *, separable):
     return ops.conv2d(h, p["pointwise"])                                          # [B, O, H, W]
 
 
+def norm_silu_conv3x3(x, norm, conv, *, groups, eps, separable):
+    """GroupNorm-SiLU-`conv3x3`; the dense conv is ops.norm_silu_conv2d, which never builds the normalised batch."""
+    if separable:
+        return conv3x3(ops.group_norm(x, norm, groups, eps, silu=True), conv, separable=True)
+    return ops.norm_silu_conv2d(x, norm, conv, groups=groups, eps=eps, padding=1)         # [B, O, H, W]
+
+
 def resnet(x, temb, *, norm1, conv1, norm2, conv2, time_emb_proj=None, conv_shortcut=None, groups, eps,
            separable=False):
     """diffusers ResnetBlock2D ('default' time norm, output scale 1): GN-SiLU-conv, + time projection, GN-SiLU-conv,
     + (1x1-projected) input. The VAE's ResNet is this block without a time embedding (temb None).
-    x [B, C, H, W], temb [B, E] -> [B, O, H, W]."""
-    h = conv3x3(ops.group_norm(x, norm1, groups, eps, silu=True), conv1, separable=separable)   # [B, O, H, W]
+    x [B, C, H, W], temb [B, E] -> [B, O, H, W]. The additions are in place, on arrays this block made."""
+    kw = dict(groups=groups, eps=eps, separable=separable)
+    h = norm_silu_conv3x3(x, norm1, conv1, **kw)                                  # [B, O, H, W]
     if temb is not None:
-        h = h + ops.linear(ops.silu(temb), time_emb_proj)[:, :, None, None]
-    h = conv3x3(ops.group_norm(h, norm2, groups, eps, silu=True), conv2, separable=separable)
-    skip = x if x.shape[1] == h.shape[1] else ops.conv2d(x, conv_shortcut)       # [B, O, H, W]
-    return skip + h
+        h += ops.linear(ops.silu(temb), time_emb_proj)[:, :, None, None]
+    h = norm_silu_conv3x3(h, norm2, conv2, **kw)
+    h += x if x.shape[1] == h.shape[1] else ops.conv2d(x, conv_shortcut)         # + skip [B, O, H, W]
+    return h
 
 
 def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, heads, weighting="softmax",
@@ -128,8 +136,9 @@ def downsample(x, *, conv):
 
 
 def upsample(x, *, conv):
-    """diffusers Upsample2D: 2x nearest upsampling, then a 3x3 conv.  [B, C, H, W] -> [B, C, 2H, 2W]."""
-    return ops.conv2d(ops.upsample_nearest2d(x, 2), conv, padding=1)
+    """diffusers Upsample2D: 2x nearest upsampling, then a 3x3 conv, as one op that never builds the upsampled image
+    (ops.upsample_conv2d).  [B, C, H, W] -> [B, C, 2H, 2W]."""
+    return ops.upsample_conv2d(x, conv, scale=2, padding=1)
 
 
 # What each kind of entry of a stage's layer list (specs.Layer.kind) runs, with its parameters p and spec s.
@@ -169,5 +178,5 @@ def unet(sample, timestep, context, *, conv_in, time_embedding, down_blocks, up_
     blocks = [*down_blocks, *([mid_block] if spec.mid is not None else []), *up_blocks]
     for st, p in zip(spec.stages, blocks):                                        # down, mid, up
         x = record(p, block(x, temb, context, skips, p, st))
-    x = ops.group_norm(x, conv_norm_out, spec.groups, spec.resnet_eps, silu=True)
-    return record("unet.out", ops.conv2d(x, conv_out, padding=1))               # [B, C_out, H, W], the output point
+    x = ops.norm_silu_conv2d(x, conv_norm_out, conv_out, groups=spec.groups, eps=spec.resnet_eps, padding=1)
+    return record("unet.out", x)                                                  # [B, C_out, H, W], the output point

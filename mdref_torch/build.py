@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mdref.io.safetensors import flatten
+from mdref.formats.safetensors import flatten
 
 from .twin import TwinUNet
 

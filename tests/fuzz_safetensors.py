@@ -1,4 +1,4 @@
-"""Differential fuzzing of mdref.io.safetensors.read_safetensors against the official safetensors parser.
+"""Differential fuzzing of mdref.formats.safetensors.read_safetensors against the official safetensors parser.
 
 Valid files are mutated (byte flips, header JSON edits of offsets, shapes, dtypes, metadata and fields,
 duplicate keys, deep nesting, truncation, appended bytes, wrong header length). For every case mdref must
@@ -29,7 +29,7 @@ import safetensors
 import safetensors.numpy
 from safetensors import safe_open
 
-from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
+from mdref.formats.safetensors import WeightsError, read_safetensors, write_safetensors
 
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "f32", "", "U64"]
 ODD_NUMBERS = ["1.0", "8.5", "-0", "-1", "1e400", "1e2", "Infinity", "-Infinity", "NaN", "true", "false",

@@ -32,7 +32,7 @@ import numpy as np
 from mdref.cli import main
 from mdref.comparison import compare, format_report
 from mdref.trace import MANIFEST_KEY, TraceError, load_trace
-from mdref.io.safetensors import WeightsError
+from mdref.formats.safetensors import WeightsError
 
 _CODES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
           np.dtype(np.int64): "I64"}

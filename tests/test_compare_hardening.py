@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mdref.io.safetensors
+import mdref.formats.safetensors
 from mdref.cli import main
 from mdref.comparison import compare, format_report
 from mdref.outputs import OutputError, atomic_write, check_output_path
@@ -332,7 +332,7 @@ def test_trace_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(mdref.io.safetensors, "open", Full, raising=False)
+    monkeypatch.setattr(mdref.formats.safetensors, "open", Full, raising=False)
     out = tmp_path / "t.safetensors"
     code, _, err = run(["trace", PROMPT, "-o", str(out)] + TINY + ["--points", "unet.out"], capsys)
     assert_usage_error(code, err, f"-o {out}: could not write (No space left on device)")

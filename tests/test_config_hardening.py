@@ -230,7 +230,7 @@ def test_unet_without_prediction_type_follows_the_scheduler(base, tmp_path):
 def test_sharded_checkpoint_loads_and_missing_shard_is_a_weights_error(base, tmp_path):
     """A valid index (two shards) loads the same tensors; an index naming a shard that is not there is a
     WeightsError naming it."""
-    from mdref.io.safetensors import read_safetensors, write_safetensors
+    from mdref.formats.safetensors import read_safetensors, write_safetensors
     folder = copy_of(base, tmp_path / "m") / "text_encoder"
     flat = read_safetensors(folder / "model.safetensors")[0]
     (folder / "model.safetensors").unlink()

@@ -16,8 +16,9 @@ from mdref.io import Decoder, DecoderConfig
 from mdref.io.decoder_config import config_from_diffusers
 from mdref.io.keymaps import diffusers_to_raw_taesd, raw_taesd_to_diffusers
 from mdref.io.presets import DECODER_PRESETS as PRESETS
+from mdref.decoder import taesd_stages
 from mdref.trace import trace as tracing
-from mdref.io.safetensors import WeightsError, read_safetensors, write_safetensors
+from mdref.formats.safetensors import WeightsError, read_safetensors, write_safetensors
 from oracles import randomize, rel_err, within
 
 pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)
@@ -57,16 +58,21 @@ def tiny_folder(tmp_path_factory):
     return vae, folder
 
 
+# Latent sizes: small, and large enough that upsample_conv2d takes its phase form (ops.UPSAMPLE_MIN_PIXELS).
+SIZES = pytest.mark.parametrize("hw", [(5, 7), (17, 16)], ids=["small", "phase-form"])
+
+
+@SIZES
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kl_matches_diffusers(kl_folder, dtype):
+def test_kl_matches_diffusers(kl_folder, dtype, hw):
     vae, folder = kl_folder
     keys = read_safetensors(folder / "diffusion_pytorch_model.safetensors")[0]
     assert any(k.startswith("encoder.") for k in keys) and any(k.startswith("quant_conv.") for k in keys)
-    latents = np.random.default_rng(0).standard_normal((2, 4, 5, 7)).astype(dtype)   # batch 2, non-square
+    latents = np.random.default_rng(0).standard_normal((2, 4) + hw).astype(dtype)   # batch 2, non-square
     dec = Decoder.from_pretrained(folder, dtype=dtype)
     assert dec.scaling_factor == 0.3 and dec.shift_factor == 0.1 and dec.upsampling_factor == 4
     got, ref = dec(latents), oracle(vae, latents, dtype)
-    assert got.shape == ref.shape == (2, 3, 20, 28) and got.dtype == dtype
+    assert got.shape == ref.shape == (2, 3, 4 * hw[0], 4 * hw[1]) and got.dtype == dtype
     within(f"AutoencoderKL.decode {np.dtype(dtype).name}", rel_err(got, ref), TOL[dtype])
 
 
@@ -84,14 +90,15 @@ def test_kl_variants_match_diffusers(variant, tmp_path):
     within(f"AutoencoderKL {variant} float32", rel_err(dec(latents), oracle(vae, latents, np.float32)), 1e-5)
 
 
+@SIZES
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tiny_matches_diffusers(tiny_folder, dtype):
+def test_tiny_matches_diffusers(tiny_folder, dtype, hw):
     vae, folder = tiny_folder
-    latents = 2 * np.random.default_rng(1).standard_normal((2, 4, 6, 5)).astype(dtype)  # |x| > 3 hits the clamp
+    latents = 2 * np.random.default_rng(1).standard_normal((2, 4) + hw).astype(dtype)  # |x| > 3 hits the clamp
     dec = Decoder.from_pretrained(folder, dtype=dtype)
     assert dec.scaling_factor == 1.0 and dec.shift_factor == 0.0 and dec.upsampling_factor == 4
     got, ref = dec(latents), oracle(vae, latents, dtype)
-    assert got.shape == ref.shape == (2, 3, 24, 20)
+    assert got.shape == ref.shape == (2, 3, 4 * hw[0], 4 * hw[1])
     within(f"AutoencoderTiny.decode {np.dtype(dtype).name}", rel_err(got, ref), TOL[dtype])
 
 
@@ -218,3 +225,31 @@ def test_trace_points(kl_folder, tiny_folder):
         dec = Decoder.from_pretrained(tiny_folder[1])
         dec(latents)
     assert t.names()[:2] == ["decoder.layers.0", "decoder.layers.1"] and t.names()[-1] == "decoder.out"
+    # The upsample stages are fused into the next conv; traced, they still record the upsampled image.
+    ups = [i for i, s in enumerate(taesd_stages(dec.spec)) if s == "upsample"]
+    assert ups and t.names() == [f"decoder.layers.{i}" for i in range(len(taesd_stages(dec.spec)))] + ["decoder.out"]
+    for i in ups:
+        np.testing.assert_array_equal(t[f"decoder.layers.{i}"], t[f"decoder.layers.{i - 1}"].repeat(2, 2).repeat(2, 3))
+
+
+def test_a_forced_upsample_stage_feeds_the_next_conv(tiny_folder):
+    """TAESD's upsample stage is fused into the next conv (ops.upsample_conv2d) and never built; under teacher
+    forcing (mdref compare --local) the candidate's upsampled image is what that conv reads."""
+    from mdref.comparison import TeacherForcing
+    from mdref.ops import conv2d
+    from mdref.trace import recording
+
+    dec = Decoder.from_pretrained(tiny_folder[1])
+    stages = taesd_stages(dec.spec)
+    i = stages.index("upsample")
+    latents = np.random.default_rng(3).standard_normal((1, 4, 17, 16)).astype(np.float32)   # the phase form's size
+    with tracing("decoder.*") as t:
+        dec(latents)
+    forced = np.random.default_rng(4).standard_normal(t[f"decoder.layers.{i}"].shape).astype(np.float32)
+    tf = TeacherForcing({f"decoder.layers.{i}": forced})
+    with recording(tf):
+        dec(latents)
+    np.testing.assert_array_equal(tf.arrays[f"decoder.layers.{i}"], t[f"decoder.layers.{i}"])   # mdref's own value
+    expected = conv2d(forced, dec.params["decoder"]["layers"][str(i + 1)], padding=1)
+    np.testing.assert_array_equal(tf.arrays[f"decoder.layers.{i + 1}"], expected)
+    assert not np.array_equal(expected, t[f"decoder.layers.{i + 1}"])

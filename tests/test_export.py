@@ -82,7 +82,7 @@ def test_graph_interface(f32):
     golden, _ = mdref.load_trace(GOLDEN / "trace.safetensors")
     exported = {p for e in m["graphs"].values() for p in e["points"]}
     assert set(golden) - exported <= set(m["pipeline_points"]), set(golden) - exported - set(m["pipeline_points"])
-    from mdref.io.safetensors import read_safetensors
+    from mdref.formats.safetensors import read_safetensors
     for g, sub, file in (("text_encoder", "text_encoder", "model.safetensors"),
                          ("unet", "unet", "diffusion_pytorch_model.safetensors"),
                          ("decoder", "vae", "diffusion_pytorch_model.safetensors")):
@@ -203,7 +203,7 @@ def test_match_names_every_ort_value_by_value(f32, tmp_path):
     """`mdref match`: ORT's ~900 values under names that say nothing; every golden point but `image` (computed
     outside the graphs) is matched, exactly or with high confidence, and the mapped trace agrees with the golden
     one at every point."""
-    from mdref.io.safetensors import write_safetensors
+    from mdref.formats.safetensors import write_safetensors
 
     cand = _all_values(f32, load_points(f32))
     write_safetensors(tmp_path / "ort.safetensors", cand)

@@ -90,7 +90,7 @@ def test_non_finite_values():
 def test_command_writes_a_trace_compare_reads(tmp_path, capsys):
     ref = _reference()
     mdref.save_trace(tmp_path / "ref.safetensors", ref)
-    from mdref.io.safetensors import write_safetensors
+    from mdref.formats.safetensors import write_safetensors
     write_safetensors(tmp_path / "cand.safetensors", _candidate(ref))
     argv = ["match", str(tmp_path / "ref.safetensors"), str(tmp_path / "cand.safetensors"), "-o",
             str(tmp_path / "mapped.safetensors")]

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import mdref  # noqa: E402
-from mdref.io.safetensors import flatten  # noqa: E402
+from mdref.formats.safetensors import flatten  # noqa: E402
 from mdref_torch import build, points  # noqa: E402
 from mdref_torch.export import example_inputs, prepare  # noqa: E402
 

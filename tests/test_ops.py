@@ -162,26 +162,58 @@ def test_depthwise_conv_equals_per_channel_conv(dtype, seed, B, C, mult, k, stri
     check("depthwise==per-channel", y, per_channel, dtype, RTOL[dtype])
 
 
+def one_row_blocks(m):
+    """Column blocks of one output row (monkeypatch context m)."""
+    m.setattr(ops, "CONV_BLOCK_BYTES", 1)
+    m.setattr(ops, "CONV_MIN_COLUMNS", 1)
+
+
+def im2col_forms(run):
+    """run() with each of conv2d's im2col forms forced (stacked kernel rows, all taps), in one-row blocks too."""
+    for name, per_channel in (("rows", 0), ("taps", 2**62)):
+        for blocks in ("default", "one-row"):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(ops, "ROWS_MIN_PIXELS_PER_CHANNEL", per_channel)
+                if blocks == "one-row":
+                    one_row_blocks(m)
+                yield f"{name}, {blocks} blocks", run()
+
+
 @by_dtype
 @given(seed=seeds, c=conv_cases(max_hw=9))
 def test_conv2d_row_blocks_equal_one_block(dtype, seed, c):
-    """IM2COL_BYTES only bounds the working set: one output row per block gives the unblocked result."""
+    """CONV_BLOCK_BYTES / CONV_MIN_COLUMNS only shape the working set: one output row per block gives the unblocked
+    result."""
     rng = np.random.default_rng(seed)
     x, w = conv_inputs(rng, c, dtype)
     kw = dict(stride=c["stride"], padding=c["padding"], groups=c["groups"])
     whole = ops.conv2d(x, {"weight": w}, **kw)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ops, "IM2COL_BYTES", 1)
+        one_row_blocks(m)
         blocked = ops.conv2d(x, {"weight": w}, **kw)
     # Each output is the same dot product; only the matmul's shape changes, which BLAS may sum differently.
     check("conv2d blocked==whole", blocked, whole, dtype, RTOL[dtype])
 
 
+def emulated_forms(x, p, stride, padding, groups):
+    """conv2d's forms as the float16 / bfloat16 emulation runs them (ops._conv_emulated), here without rounding: as
+    chosen by size, the shifted form in one-row blocks, im2col in one-row blocks."""
+    w = p["weight"]
+    Ho = (x.shape[2] + 2 * padding - w.shape[2]) // stride + 1
+    Wo = (x.shape[3] + 2 * padding - w.shape[3]) // stride + 1
+    for name, patch in (("emulated default", {}), ("emulated shifted", dict(SHIFTED_MIN_PIXELS=-1, SHIFTED_BLOCK_BYTES=1)),
+                        ("emulated im2col", dict(SHIFTED_MIN_PIXELS=2**62, IM2COL_BYTES=1))):
+        with pytest.MonkeyPatch.context() as m:
+            for k, v in patch.items():
+                m.setattr(ops, k, v)
+            yield name, ops._conv_emulated(x, w, p.get("bias"), stride, padding, groups, Ho, Wo)
+
+
 @by_dtype
 @given(seed=seeds, c=conv_cases(), bias=bias_modes)
 def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
-    """Every fast form of conv2d (pointwise, shifted slices, blocked im2col) and ops.conv2d_reference (one tap at a
-    time) compute the same sums."""
+    """Every fast form of conv2d (pointwise, shifted slices, im2col by taps, and the emulated path's shifted and
+    blocked im2col forms) and ops.conv2d_reference (one tap at a time) compute the same sums."""
     rng = np.random.default_rng(seed)
     x, w = conv_inputs(rng, c, dtype)
     p = {"weight": w, **maybe_bias(rng, c["O"], dtype, bias)}
@@ -189,15 +221,149 @@ def test_conv2d_equals_its_plain_formula(dtype, seed, c, bias):
     plain = ops.conv2d_reference(x, p, **kw)
     assert plain.dtype == dtype
     scale = ops.conv2d_reference(np.abs(x), {"weight": np.abs(w)}, **kw)                 # sum |x w| bound
-    # Every fast form on the same input: as chosen by size, the shifted form in one-row blocks, im2col only.
-    for name, min_pixels, block in (("default", ops.SHIFTED_MIN_PIXELS, ops.SHIFTED_BLOCK_BYTES),
-                                    ("shifted", -1, 1), ("im2col", 2**62, ops.SHIFTED_BLOCK_BYTES)):
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(ops, "SHIFTED_MIN_PIXELS", min_pixels)
-            m.setattr(ops, "SHIFTED_BLOCK_BYTES", block)
-            out = ops.conv2d(x, p, **kw)
+    for name, out in [("default", ops.conv2d(x, p, **kw)), *im2col_forms(lambda: ops.conv2d(x, p, **kw)),
+                      *emulated_forms(x, p, **kw)]:
         assert out.dtype == dtype and out.shape == plain.shape
         check(f"conv2d ({name}) == conv2d_reference", out, plain, dtype, RTOL[dtype], scale)
+
+
+@st.composite
+def upsample_conv_cases(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    scale, padding = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    H = draw(st.integers(max(1, -(-(kh - 2 * padding) // scale)), 5))
+    W = draw(st.integers(max(1, -(-(kw - 2 * padding) // scale)), 5))
+    return dict(B=draw(st.integers(1, 2)), C=draw(st.integers(1, 4)), O=draw(st.integers(1, 4)), H=H, W=W,
+                k=(kh, kw), scale=scale, padding=padding)
+
+
+@by_dtype
+@given(seed=seeds, c=upsample_conv_cases(), bias=bias_modes, one_row=st.booleans())
+def test_upsample_conv2d_matches_loop_and_plain_formula(dtype, seed, c, bias, one_row):
+    """upsample_conv2d (the sub-pixel form: per output phase, a conv of x with the taps reading one pixel summed)
+    against the loop oracle on an upsampled image (np.repeat) and its plain formula conv2d(upsample_nearest2d(x))."""
+    rng = np.random.default_rng(seed)
+    x = randn(rng, (c["B"], c["C"], c["H"], c["W"]), dtype)
+    w = randn(rng, (c["O"], c["C"]) + c["k"], dtype)
+    p = {"weight": w, **maybe_bias(rng, c["O"], dtype, bias)}
+    b, s = p.get("bias"), c["scale"]
+    up = np.repeat(np.repeat(x, s, axis=2), s, axis=3)                                  # nearest, by definition
+    with pytest.MonkeyPatch.context() as m:
+        if one_row:
+            one_row_blocks(m)
+        m.setattr(ops, "UPSAMPLE_MIN_PIXELS", 0)                     # the phase form even on these small images
+        out = ops.upsample_conv2d(x, p, scale=s, padding=c["padding"])
+    kw = dict(stride=1, padding=c["padding"], groups=1)
+    scale = conv2d_ref(np.abs(up), np.abs(w), None if b is None else np.abs(b), **kw)   # sum |x w| bound
+    # At most 4 C 4 x 4 <= 64 products, and the summed taps add one rounding per weight: within RTOL's 64 terms.
+    check("upsample_conv2d", out, conv2d_ref(up, w, b, **kw), dtype, RTOL[dtype], scale)
+    plain = ops.conv2d(ops.upsample_nearest2d(x, s), p, padding=c["padding"])
+    check("upsample_conv2d == conv2d(upsample)", out, plain, dtype, RTOL[dtype], scale)
+    small = ops.upsample_conv2d(x, p, scale=s, padding=c["padding"])                      # the composition here
+    check("upsample_conv2d (under UPSAMPLE_MIN_PIXELS) == conv2d(upsample)", small, plain, dtype, RTOL[dtype], scale)
+
+
+@st.composite
+def norm_conv_cases(draw):
+    """group_norm_cases' conditioning (groups of >= 8 values, |mean| / std <= 4) with a conv behind the norm."""
+    groups, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    k, stride, padding = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1))
+    H, W = draw(st.integers(max(k, 2), 7)), draw(st.integers(max(k, 2), 7))
+    assume(per_group * H * W >= 8)
+    return dict(B=draw(st.integers(1, 2)), groups=groups, C=groups * per_group, O=draw(st.integers(1, 4)), H=H, W=W,
+                k=k, stride=stride, padding=padding, eps=draw(eps_values), offset=draw(st.floats(-2, 2)),
+                amp=draw(st.floats(0.5, 4)))
+
+
+@by_dtype
+@given(seed=seeds, c=norm_conv_cases(), bias=bias_modes, blocks=st.sampled_from(["default", "one"]))
+def test_norm_silu_conv2d_equals_its_plain_formula(dtype, seed, c, bias, blocks):
+    """norm_silu_conv2d (statistics from pieces, each image normalised into one buffer, then conv by taps) against
+    conv2d(group_norm(x, silu=True)) and against the loop oracles (group_norm_ref, then conv2d_ref in float64)."""
+    rng = np.random.default_rng(seed)
+    x = (c["offset"] + randn(rng, (c["B"], c["C"], c["H"], c["W"]), np.float64, c["amp"])).astype(dtype)
+    norm = {"weight": randn(rng, (c["C"],), dtype), "bias": randn(rng, (c["C"],), dtype)}
+    w = randn(rng, (c["O"], c["C"], c["k"], c["k"]), dtype)
+    p = {"weight": w, **maybe_bias(rng, c["O"], dtype, bias)}
+    kw = dict(stride=c["stride"], padding=c["padding"])
+    with pytest.MonkeyPatch.context() as m:
+        if blocks == "one":                                  # one value per normalised piece
+            m.setattr(ops, "NORM_BLOCK_BYTES", 1)
+        outs = list(im2col_forms(lambda: ops.norm_silu_conv2d(x, norm, p, groups=c["groups"], eps=c["eps"], **kw)))
+    gn = group_norm_ref(x, norm["weight"], norm["bias"], c["groups"], c["eps"])
+    act = gn / (1 + np.exp(-gn))                                                         # SiLU, float64
+    b = p.get("bias")
+    ref = conv2d_ref(act, w.astype(np.float64), b, **kw, groups=1)
+    # The activation carries group_norm's error, <= RTOL * (max|gn| + 1) per value (test_group_norm_matches_loop;
+    # |silu'| <= 1.1), and the conv sums it with weights w: bound by the conv of |w| with max|gn| + 1 + |act|.
+    scale = conv2d_ref(np.abs(act) + np.max(np.abs(gn)) + 1, np.abs(w), None if b is None else np.abs(b), **kw,
+                       groups=1)
+    plain = ops.conv2d(ops.group_norm(x, norm, c["groups"], c["eps"], silu=True), p, **kw)
+    for name, out in outs:
+        check(f"norm_silu_conv2d ({name})", out, ref, dtype, RTOL[dtype], scale)
+        check(f"norm_silu_conv2d ({name}) == conv2d(group_norm)", out, plain, dtype, RTOL[dtype], scale)
+
+
+# The decoders' and UNets' own conv shapes (channels, kernel, width, what precedes the conv) against torch in float64,
+# a few rows high: at the real block sizes (a 512-wide image: blocks of 1-3 rows, the last one partial), and the wide
+# ones also in several partial blocks.
+DECODER_CONVS = [  # (form, C, O, H, W, groups of the norm, block bytes or None for the real ones)
+    ("conv", 64, 64, 10, 512, 0, None),           # TAESD / MobileDiffusion lite at 512x512
+    ("upsample", 64, 64, 5, 256, 0, None),        # TAESD's last upsample + conv: 256 -> 512
+    ("norm", 128, 64, 7, 512, 32, None),          # lite decoder: the first ResNet conv at 512x512
+    ("norm", 64, 3, 6, 512, 32, None),            # GN-SiLU-conv_out
+    ("conv", 4, 64, 64, 64, 0, None),             # TAESD conv_in
+    ("norm", 256, 256, 24, 20, 32, 2**18),        # SD VAE / lite ResNets
+    ("upsample", 512, 512, 12, 10, 0, 2**19),     # SD VAE upsamplers
+    ("norm", 512, 256, 20, 16, 32, 2**19),
+    ("conv", 320, 320, 16, 16, 0, 2**18),         # SD UNet level 0 (conv_in, downsampler: stride 2 below)
+    ("upsample", 640, 640, 8, 8, 0, None),        # SD UNet upsamplers
+]
+
+
+@pytest.mark.parametrize("form, C, O, H, W, groups, block", DECODER_CONVS,
+                         ids=[f"{f}-{c}-{o}-{h}x{w}" for f, c, o, h, w, *_ in DECODER_CONVS])
+@pytest.mark.parametrize("im2col", ["chosen", "rows", "taps"])
+@by_dtype
+def test_decoder_conv_shapes_against_torch(dtype, im2col, form, C, O, H, W, groups, block):
+    """The fast forms at the shapes the models run, against torch's float64 conv of the same (float64-cast) input.
+    Bound: any summation order of K = C*9 (+ 4 for summed taps and the bias) products has error <= (K + 5) u
+    sum |x w| (u the unit roundoff; Higham's gamma_K); the norm's error enters as in the test above."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(C + O + H)
+    x = randn(rng, (1, C, H, W), dtype)
+    w = randn(rng, (O, C, 3, 3), dtype, 1 / math.sqrt(9 * C))
+    p = {"weight": w, "bias": randn(rng, (O,), dtype)}
+    norm = {"weight": 1 + randn(rng, (C,), dtype, 0.3), "bias": randn(rng, (C,), dtype, 0.3)}
+    with pytest.MonkeyPatch.context() as m:
+        if block is not None:
+            m.setattr(ops, "CONV_BLOCK_BYTES", block)
+            m.setattr(ops, "CONV_MIN_COLUMNS", 1)
+        m.setattr(ops, "UPSAMPLE_MIN_PIXELS", 0)                     # the phase form at every size here
+        if im2col != "chosen":
+            m.setattr(ops, "ROWS_MIN_PIXELS_PER_CHANNEL", 0 if im2col == "rows" else 2**62)
+        if form == "conv":
+            out = ops.conv2d(x, p, padding=1, stride=2 if C == 320 else 1)
+        elif form == "upsample":
+            out = ops.upsample_conv2d(x, p, scale=2, padding=1)
+        else:
+            out = ops.norm_silu_conv2d(x, norm, p, groups=groups, eps=1e-6, padding=1)
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64))                           # noqa: E731
+    a = t(x)
+    if form == "upsample":
+        a = F.interpolate(a, scale_factor=2, mode="nearest")
+    elif form == "norm":
+        a = F.silu(F.group_norm(a, groups, t(norm["weight"]), t(norm["bias"]), 1e-6))
+    conv = lambda inp, wt, bias: F.conv2d(inp, wt, bias, padding=1, stride=2 if C == 320 else 1).numpy()  # noqa
+    ref = conv(a, t(w), t(p["bias"]))
+    bound = conv(a.abs(), t(np.abs(w)), t(np.abs(p["bias"])))                           # sum |x w|
+    u = np.finfo(dtype).eps / 2
+    tol = (9 * C + 5) * u
+    if form == "norm":                        # + the activation's own error, RTOL * (max|act| + 1) per value
+        bound += conv(torch.ones_like(a) * (a.abs().max() + 1), t(np.abs(w)), None) * RTOL[dtype] / tol
+    with torch.no_grad():
+        check(f"{form} {C}->{O} at {H}x{W}", out, ref, dtype, tol, bound)
 
 
 def test_conv2d_rejects_mismatched_channels():

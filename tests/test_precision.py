@@ -27,7 +27,7 @@ from mdref.cli import main
 from mdref.golden import GOLDEN_CASES
 from mdref.io import Decoder, TextEncoder, UNet
 from mdref.io.pipeline_folder import DEFAULT_MODEL_DIR
-from mdref.io.safetensors import read_safetensors, write_safetensors
+from mdref.formats.safetensors import read_safetensors, write_safetensors
 from oracles import U16, nmse, within
 
 pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)

@@ -16,9 +16,9 @@ import pytest
 import safetensors
 import safetensors.numpy
 
-from mdref.io import safetensors as weights
+from mdref.formats import safetensors as weights
 from mdref.trace import load_trace
-from mdref.io.safetensors import WeightsError
+from mdref.formats.safetensors import WeightsError
 
 _spec = importlib.util.spec_from_file_location("fuzz_safetensors", Path(__file__).with_name("fuzz_safetensors.py"))
 fuzz = importlib.util.module_from_spec(_spec)

@@ -25,7 +25,7 @@ from mdref.io import ConfigError  # noqa: E402
 from mdref.io import TextEncoder, TextEncoderConfig  # noqa: E402
 from mdref.io.presets import TEXT_ENCODER_PRESETS as PRESETS  # noqa: E402
 from mdref.tokenizer import Tokenizer  # noqa: E402
-from mdref.io.safetensors import WeightsError  # noqa: E402
+from mdref.formats.safetensors import WeightsError  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
 pytestmark = pytest.mark.numerics          # also run under other BLAS / oneDNN kernels (.ci/run)

@@ -117,7 +117,7 @@ def test_old_style_precision_descriptions_still_read(tmp_path):
     ({"point_precision": ["x"]}, "expected manifest \"point_precision\" to be an object"),
 ])
 def test_bad_precision_declarations_are_named(tmp_path, capsys, manifest, needle):
-    from mdref.io.safetensors import write_safetensors
+    from mdref.formats.safetensors import write_safetensors
 
     p = tmp_path / "t.safetensors"
     write_safetensors(p, {"x": np.ones(2, np.float32)}, {"mdref_manifest": json.dumps(manifest)})
@@ -126,7 +126,7 @@ def test_bad_precision_declarations_are_named(tmp_path, capsys, manifest, needle
 
 
 def test_a_dtypes_entry_that_contradicts_the_tensor_is_an_error(tmp_path, capsys):
-    from mdref.io.safetensors import write_safetensors
+    from mdref.formats.safetensors import write_safetensors
 
     p = tmp_path / "t.safetensors"
     write_safetensors(p, {"unet.out": np.ones(2, np.float32)},
@@ -332,7 +332,7 @@ def test_the_readme_noise_of_every_draw_works_at_one_step(tmp_path, capsys):
 
 def test_schema_mismatch_is_one_line(tmp_path, capsys):
     root = _folder(tmp_path)
-    from mdref.io.safetensors import read_safetensors, write_safetensors
+    from mdref.formats.safetensors import read_safetensors, write_safetensors
 
     f = root / "unet" / "diffusion_pytorch_model.safetensors"
     t, meta = read_safetensors(f)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")                  # mdref_torch/twin.py borrows diffusers' timestep embedding
 
-import mdref.io.safetensors as W  # noqa: E402
+import mdref.formats.safetensors as W  # noqa: E402
 from mdref import unet as U  # noqa: E402
 from mdref.io import ConfigError, UNet, UNetConfig  # noqa: E402
 from mdref.io.presets import UNET_PRESETS  # noqa: E402

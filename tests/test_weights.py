@@ -1,4 +1,4 @@
-"""Tests for mdref.io.safetensors: safetensors reading (F32, F16, BF16, F64), writing, schema validation, refusal of
+"""Tests for mdref.formats.safetensors: safetensors reading (F32, F16, BF16, F64), writing, schema validation, refusal of
 pickle formats, corrupt files, seeded initialisation, loading, and nest/flatten.
 
 Expected values never come from mdref itself: files are written by the `safetensors` library, by torch, or
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
-from mdref.io import safetensors as weights
-from mdref.io.safetensors import WeightsError
+from mdref.formats import safetensors as weights
+from mdref.formats.safetensors import WeightsError
 
 FLOATS = [np.float16, np.float32, np.float64]
 
@@ -237,7 +237,7 @@ def test_pickle_formats_are_refused_unread(tmp_path, monkeypatch, suffix):
     monkeypatch.setattr(pickle, "load", no_reading)
     monkeypatch.setattr(pickle, "loads", no_reading)
     for call in (lambda: weights.read_safetensors(path), lambda: weights.read_safetensors(str(path)),
-                 lambda: weights.load_params([path], {"x": (1,)}), lambda: weights.refuse_pickle(path)):
+                 lambda: weights.refuse_pickle(path)):
         with pytest.raises(WeightsError, match="safetensors only"):
             call()
     assert not marker.exists()
@@ -317,11 +317,11 @@ def test_arbitrary_bytes_never_raise_anything_but_weights_error(tmp_path_factory
     assert isinstance(tensors, dict)                                # the rare valid file: fine
 
 
-def test_truncated_file_fails_in_load_params_with_weights_error(tmp_path):
+def test_truncated_file_fails_with_weights_error(tmp_path):
     data = _valid_file(tmp_path)
     (tmp_path / "t.safetensors").write_bytes(data[:-3])
     with pytest.raises(WeightsError, match="truncated"):
-        weights.load_params(tmp_path / "t.safetensors", {"a": (3, 4), "b": (5,)})
+        weights.read_safetensors(tmp_path / "t.safetensors")
 
 
 # ---- seeded initialisation ---------------------------------------------------------------------------
@@ -386,63 +386,6 @@ def test_init_params_distribution_rules():
 def test_init_params_returns_a_nested_tree():
     p = weights.init_params({"down_blocks.0.resnets.1.conv1.weight": (2, 2, 3, 3)}, seed=0)
     assert p["down_blocks"]["0"]["resnets"]["1"]["conv1"]["weight"].shape == (2, 2, 3, 3)
-
-
-# ---- load_params -------------------------------------------------------------------------------------
-LOAD_SCHEMA = {"encoder.layers.0.fc.weight": (3, 4), "encoder.layers.0.fc.bias": (3,), "final.weight": (4,)}
-
-
-def _sources(seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) for k, s in LOAD_SCHEMA.items()}
-
-
-@pytest.mark.parametrize("stored", ["F32", "F16", "BF16", "F64"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_load_params_casts_stored_dtype_to_compute_dtype(tmp_path, stored, dtype):
-    src = _sources()
-    if stored == "BF16":                                            # keep values bf16-exact, written by hand
-        src = {k: (v.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32) for k, v in src.items()}
-        write_raw(tmp_path / "w.safetensors",
-                  [(k, "BF16", v.shape, (v.view(np.uint32) >> 16).astype("<u2").tobytes()) for k, v in src.items()])
-    else:
-        npd = {"F32": np.float32, "F16": np.float16, "F64": np.float64}[stored]
-        src = {k: v.astype(npd) for k, v in src.items()}
-        safetensors.numpy.save_file(src, tmp_path / "w.safetensors", metadata={"stored": stored})
-    params, meta = weights.load_params(tmp_path / "w.safetensors", LOAD_SCHEMA, dtype=dtype)
-    flat = weights.flatten(params)
-    assert set(flat) == set(LOAD_SCHEMA) and meta == ({} if stored == "BF16" else {"stored": stored})
-    for k, v in src.items():
-        assert flat[k].dtype == dtype and np.array_equal(flat[k], v.astype(np.float64)), k   # widening is exact
-    assert params["encoder"]["layers"]["0"]["fc"]["bias"].shape == (3,)
-
-
-def test_load_params_strips_a_prefix_only_when_every_key_has_it(tmp_path):
-    src = _sources()
-    safetensors.numpy.save_file({"text_model." + k: v for k, v in src.items()}, tmp_path / "prefixed.safetensors")
-    safetensors.numpy.save_file(src, tmp_path / "plain.safetensors")
-    for name in ("prefixed", "plain"):
-        params, _ = weights.load_params(tmp_path / f"{name}.safetensors", LOAD_SCHEMA, strip_prefixes=("text_model.",))
-        assert all(np.array_equal(weights.flatten(params)[k], v) for k, v in src.items()), name
-    mixed = dict(src, **{"text_model.extra": np.zeros(1, np.float32)})
-    safetensors.numpy.save_file(mixed, tmp_path / "mixed.safetensors")
-    with pytest.raises(WeightsError, match="text_model.extra"):
-        weights.load_params(tmp_path / "mixed.safetensors", LOAD_SCHEMA, strip_prefixes=("text_model.",))
-
-
-def test_load_params_merges_shards_and_validates(tmp_path):
-    src = _sources()
-    keys = list(src)
-    safetensors.numpy.save_file({k: src[k] for k in keys[:2]}, tmp_path / "a.safetensors", metadata={"shard": "a"})
-    safetensors.numpy.save_file({k: src[k] for k in keys[2:]}, tmp_path / "b.safetensors", metadata={"shard": "b"})
-    params, meta = weights.load_params([tmp_path / "a.safetensors", str(tmp_path / "b.safetensors")], LOAD_SCHEMA)
-    assert meta == {"shard": "a"} and set(weights.flatten(params)) == set(LOAD_SCHEMA)
-    with pytest.raises(WeightsError, match=r"(?s)mymodel.*missing.*final\.weight"):
-        weights.load_params(tmp_path / "a.safetensors", LOAD_SCHEMA, where="mymodel")
-    bad = dict(src, **{"final.weight": np.zeros(5, np.float32)})
-    safetensors.numpy.save_file(bad, tmp_path / "bad.safetensors")
-    with pytest.raises(WeightsError, match=r"final\.weight: expected \(4,\), found \(5,\)"):
-        weights.load_params(tmp_path / "bad.safetensors", LOAD_SCHEMA)
 
 
 # ---- nest / flatten ----------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def test_wheel_carries_vocabulary_and_default_model_not_golden(wheel_env):
     assert "mdref/__main__.py" in names
     assert {"mdref/live.html", "mdref/live.css", "mdref/live.js"} <= names, "the `mdref live` page is package data"
     assert {"mdref_torch/__init__.py", "mdref_torch/twin.py", "mdref_torch/export.py"} <= names
+    # every module of the package, subpackages included (mdref.explain was once left out of the package list)
+    modules = {str(f.relative_to(REPO)) for f in (REPO / "mdref").rglob("*.py") if "__pycache__" not in f.parts}
+    assert modules <= names, sorted(modules - names)
 
 
 def test_without_torch_the_export_command_says_how_to_install(wheel_env, tmp_path):

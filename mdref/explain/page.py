@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import __version__, pipeline, sampler, text_encoder, tokenizer, unet
 from .. import decoder as decoder_math
-from ..io.safetensors import flatten
+from ..formats.safetensors import flatten
 from .maps import PROBS, attention_maps, prompt_tokens
 from .recorder import explain
 from .widgets import CSS, Page, heat_rgba, png, points_table, table

@@ -31,7 +31,7 @@ from .decoder_config import DecoderConfig, decoder_spec
 from .presets import (DECODER_PRESETS, QWEN_TEXT_PRESETS, TEXT_ENCODER_PRESETS, TEXT_ENCODER_WITH_PROJECTION_PRESETS,
                       UNET_PRESETS)
 from .qwen_text_config import QwenTextConfig, qwen_text_spec
-from .safetensors import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
+from ..formats.safetensors import (WeightsError, check_schema, flatten, init_params, nest, read_safetensors, refuse_pickle,
                           write_safetensors)
 from .schema import (decoder_schema, num_parameters, qwen_text_schema, text_encoder_schema,
                      text_encoder_with_projection_schema, unet_schema)
@@ -122,7 +122,7 @@ def check_token_ids(ids, cfg, who):
     return ids
 
 
-class Component:
+class Component(precision.ComputesIn):
     """A config, its frozen spec, the checkpoint's parameter tree (``params``), the array ``dtype`` and the emulated
     ``precision`` (a `mdref.precision.Precision`, or None for float32 / float64)."""
     config_class = None         # the config dataclass (from_dict / to_dict)
@@ -140,16 +140,6 @@ class Component:
         self.params = params
         self.spec = self.make_spec(config)
         self.files = ()                                     # the weights files read (from_pretrained), in order
-
-    @property
-    def dtype(self):
-        """The numpy dtype of the arrays (float32 when float16 / bfloat16 is emulated)."""
-        return self.compute.carrier
-
-    @property
-    def precision(self):
-        """The emulated float16 / bfloat16 rounding policy (mdref.precision.Precision), or None."""
-        return self.compute.policy
 
     def computing(self):
         """The context the forward pass runs in: this component's rounding policy (None: plain float)."""

@@ -11,11 +11,10 @@ are refused), a string is a str.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
-from .safetensors import no_duplicate_keys
+from ..formats.json_files import ConfigError, read_json
 
 __all__ = ["ConfigError", "read_json", "from_dict", "to_dict", "check_int", "check_positive_int", "check_float",
            "check_bool", "check_choice", "check_list", "MAX_LAYERS", "MAX_LEVELS", "MAX_WIDTH", "MAX_TIMESTEPS",
@@ -32,38 +31,6 @@ MAX_TIMESTEPS = 100_000      # num_train_timesteps
 MAX_VOCAB = 1 << 21          # token vocabulary
 MAX_POSITIONS = 1 << 16      # position embeddings (text tokens)
 MAX_SAMPLE_SIZE = 1 << 12    # default latent side
-
-
-class ConfigError(ValueError):
-    """A config key or value that mdref does not support, or a config file that cannot be read."""
-
-
-def read_json(path, error=ConfigError):
-    """The JSON object (dict) in `path`; a missing file, bytes that are not UTF-8 JSON, or a JSON value that is not
-    an object raise `error` (a ConfigError class) naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: no such config file")
-    try:
-        d = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicate_keys(_DuplicateKey))
-    except _DuplicateKey as e:
-        raise error(f"{path}: the key {e.args[0]!r} appears twice in one object (JSON readers would silently keep "
-                    f"the last one)") from None
-    except RecursionError:
-        raise error(f"{path}: not a config file (JSON nested too deeply to read)") from None
-    except (ValueError, OSError) as e:                        # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise error(f"{path}: not valid UTF-8 JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise error(f"{path}: expected a JSON object, found a JSON {_json_type(d)}")
-    return d
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _json_type(v):
-    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
 
 
 def from_dict(cls, d, *, ignore=(), where=None):

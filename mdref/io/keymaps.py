@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 
 from .decoder_config import DecoderConfig
-from .safetensors import WeightsError
+from ..formats.safetensors import WeightsError
 
 __all__ = ["text_encoder_keys", "TEXT_KEY_PREFIX", "qwen_text_keys", "select_decoder_keys", "raw_taesd_to_diffusers",
            "diffusers_to_raw_taesd", "config_from_raw_taesd", "is_raw_taesd"]

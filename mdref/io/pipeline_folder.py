@@ -16,7 +16,7 @@ from ..tokenizer import Tokenizer
 from .components import Decoder, TextEncoder, UNet
 from .config import ConfigError, read_json
 from .presets import COMPONENT_SEED_OFFSET, PIPELINE_PRESETS
-from .resources import DEFAULT_MODEL_LABEL, weights_dir
+from ..formats.resources import DEFAULT_MODEL_LABEL, weights_dir
 from .scheduler_config import SchedulerConfig, load_scheduler_config
 
 __all__ = ["DEFAULT_MODEL_DIR", "DEFAULT_MODEL_LABEL", "load_folder", "load_preset"]

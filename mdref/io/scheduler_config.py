@@ -10,9 +10,10 @@ scheduler classes define (a folder's config often carries them over) are ignored
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
 
+from ..specs import SamplerSpec
 from .config import MAX_TIMESTEPS, ConfigError, check_choice, check_float, check_int, from_dict, read_json, to_dict
 
 __all__ = ["SchedulerConfig", "FlowMatchSchedulerConfig", "scheduler_config_from_diffusers", "scheduler_config_to_dict",
@@ -58,6 +59,11 @@ class SchedulerConfig:
         self.beta_end = check_float(where, "beta_end", self.beta_end, 0, 1)
         if self.beta_start > self.beta_end:
             raise ConfigError(f"{where}: beta_start {self.beta_start!r} must be <= beta_end {self.beta_end!r}")
+
+
+def sampler_spec(cfg):
+    """The frozen SamplerSpec of a (validated) SchedulerConfig: what mdref.sampler computes from."""
+    return SamplerSpec(**{f.name: getattr(cfg, f.name) for f in fields(SamplerSpec)})
 
 
 # EulerDiscreteScheduler: diffusers' defaults for keys a config leaves out; values mdref requires (other values

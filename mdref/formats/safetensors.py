@@ -1,10 +1,12 @@
-"""Weights I/O: safetensors only (never unpickle), strict key/shape validation, seeded initialisation.
+"""Weights files: safetensors only (never unpickle), read and written per the format's spec, strict key/shape
+validation, nesting, seeded initialisation, file hashes. A bottom-floor module: imports nothing of mdref but
+formats.json_files.
 
-A component describes its weights as a *schema*: an ordered dict ``{checkpoint key: shape}``. Loading reads
-a safetensors file, checks it against the schema (missing, unexpected and mis-shaped keys are reported
-together), casts to the compute dtype and nests the flat keys (``a.b.weight`` -> ``p["a"]["b"]["weight"]``).
+A component describes its weights as a *schema*: an ordered dict ``{checkpoint key: shape}``. The component shell
+(mdref.io.components) reads a file with `read_safetensors`, checks it against the schema with `check_schema`
+(missing, unexpected and mis-shaped keys reported together), casts to the compute dtype and nests the flat keys
+(``a.b.weight`` -> ``p["a"]["b"]["weight"]``).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .json_files import no_duplicate_keys
+
 __all__ = ["WeightsError", "read_safetensors", "write_safetensors", "check_schema", "nest", "flatten",
-           "init_params", "init_tensor", "key_seed", "load_params", "sha256_file", "refuse_pickle"]
+           "init_params", "init_tensor", "key_seed", "sha256_file", "refuse_pickle"]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -67,18 +71,6 @@ def _int_literal(text):
     # "-0" and every negative number are refused; the official parser reads "-0" as a float, so is it here.
     # Longer than 20 digits cannot be a 64-bit unsigned integer (and int() of huge strings is slow).
     return _Literal(text) if text.startswith("-") or len(text) > 20 else int(text)
-
-
-def no_duplicate_keys(error):
-    """A json object_pairs_hook that raises error(key) for a key given twice (JSON parsers keep the last)."""
-    def hook(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise error(k)
-            seen[k] = v
-        return seen
-    return hook
 
 
 class _HeaderError(Exception):
@@ -176,6 +168,36 @@ def _tensor_info(path, key, info, allowed):
     return dtype, shape, start, end
 
 
+def _metadata(path, metadata):
+    """The header's __metadata__, checked: an object of UTF-8 string -> string."""
+    if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
+        found = (f"{metadata!r}"[:80] if not isinstance(metadata, dict) else
+                 next(f"{k!r}: {v!r}"[:80] for k, v in metadata.items() if type(v) is not str))
+        raise WeightsError(f"{path}: __metadata__ must be an object of string -> string, found {found}")
+    for k, v in metadata.items():
+        _utf8(path, "metadata key", k)
+        _utf8(path, f"metadata value of {k!r}", v)
+    return metadata
+
+
+def _check_tiling(path, entries, size):
+    """Sorted by offset, the tensors (key, dtype, shape, start, end) tile the data section of `size` bytes: each
+    begins where the previous ended, the last ends at its end."""
+    at, previous = 0, None
+    for key, dtype, shape, start, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if start != at:
+            what = (f"overlaps {previous!r}, which ends at {at}" if start < at else
+                    f"leaves a hole [{at}, {start}) after {previous!r}" if previous is not None else
+                    f"leaves a hole [0, {start}) at the start of the data")
+            raise WeightsError(f"{path}: tensor {key!r}: data_offsets [{start}, {end}] {what} "
+                               f"(tensors must tile the data section without overlaps or holes)")
+        at, previous = end, key
+    if at != size:
+        raise WeightsError(f"{path}: the tensors cover {at} bytes but the data section holds {size}: "
+                           + ("truncated or corrupt file" if at > size else
+                              f"{size - at} trailing bytes after the last tensor"))
+
+
 def read_safetensors(path, *, allow_int=False, stored_dtypes=False):
     """Read a .safetensors file into {key: numpy array}, plus its metadata dict.
 
@@ -200,14 +222,7 @@ def read_safetensors(path, *, allow_int=False, stored_dtypes=False):
         raise WeightsError(f"{path}: not a safetensors file (header length {n} runs past the end of the "
                            f"{len(data)}-byte file): truncated or corrupt file")
     header = _parse_header(path, data[8:8 + n])
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
-        found = (f"{metadata!r}"[:80] if not isinstance(metadata, dict) else
-                 next(f"{k!r}: {v!r}"[:80] for k, v in metadata.items() if type(v) is not str))
-        raise WeightsError(f"{path}: __metadata__ must be an object of string -> string, found {found}")
-    for k, v in metadata.items():
-        _utf8(path, "metadata key", k)
-        _utf8(path, f"metadata value of {k!r}", v)
+    metadata = _metadata(path, header.pop("__metadata__", {}))
     int_keys = None if allow_int is True else frozenset(allow_int or ())
     body = memoryview(data)[8 + n:]
     entries = []
@@ -215,20 +230,7 @@ def read_safetensors(path, *, allow_int=False, stored_dtypes=False):
         _utf8(path, "tensor key", key)
         allowed = _FLOAT_DTYPES + (_INT_DTYPES if int_keys is None or key in int_keys else ())
         entries.append((key, *_tensor_info(path, key, info, allowed)))
-    # Sorted by offset, the tensors tile the buffer: each begins where the previous ended, the last ends at its end.
-    at, previous = 0, None
-    for key, dtype, shape, start, end in sorted(entries, key=lambda e: (e[3], e[4])):
-        if start != at:
-            what = (f"overlaps {previous!r}, which ends at {at}" if start < at else
-                    f"leaves a hole [{at}, {start}) after {previous!r}" if previous is not None else
-                    f"leaves a hole [0, {start}) at the start of the data")
-            raise WeightsError(f"{path}: tensor {key!r}: data_offsets [{start}, {end}] {what} "
-                               f"(tensors must tile the data section without overlaps or holes)")
-        at, previous = end, key
-    if at != len(body):
-        raise WeightsError(f"{path}: the tensors cover {at} bytes but the data section holds {len(body)}: "
-                           + ("truncated or corrupt file" if at > len(body) else
-                              f"{len(body) - at} trailing bytes after the last tensor"))
+    _check_tiling(path, entries, len(body))
     tensors = {}
     for key, dtype, shape, start, end in entries:
         raw = body[start:end]
@@ -372,25 +374,8 @@ def init_params(schema, seed, dtype=np.float32, *, threads=None):
     return nest({key: arr for (key, _), arr in zip(items, arrays)})
 
 
-def load_params(paths, schema, dtype=np.float32, *, strip_prefixes=(), where=None):
-    """Read one or more safetensors files, strip optional key prefixes, validate against the schema,
-    cast to dtype and nest. Returns (params, metadata of the first file)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    flat, meta = {}, {}
-    for i, p in enumerate(paths):
-        t, m = read_safetensors(p)
-        flat.update(t)
-        if i == 0:
-            meta = m
-    for prefix in strip_prefixes:
-        if flat and all(k.startswith(prefix) for k in flat):
-            flat = {k[len(prefix):]: v for k, v in flat.items()}
-    check_schema(flat, schema, where or ", ".join(str(p) for p in paths))
-    return nest({k: flat[k].astype(dtype) for k in schema}), meta
-
-
 def sha256_file(path, chunk=1 << 20):
+    """The SHA-256 of a file's bytes (hex), read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
