@@ -25,8 +25,8 @@ import numpy as np
 __all__ = [
     "linear", "conv2d", "conv2d_reference", "upsample_conv2d", "norm_silu_conv2d", "group_norm",
     "group_norm_reference", "layer_norm", "layer_norm_reference", "rms_norm", "repeat_kv", "silu", "relu", "gelu",
-    "quick_gelu", "erf", "softmax", "attention", "attention_reference", "attention_logits", "causal_mask",
-    "upsample_nearest2d", "timestep_embedding", "rounding", "rounded", "active_rounding", "scoped", "EXACT",
+    "quick_gelu", "erf", "softmax", "attention", "attention_reference", "causal_mask", "upsample_nearest2d",
+    "timestep_embedding", "rounding", "rounded", "active_rounding", "scoped", "EXACT",
 ]
 
 # conv2d's forms before issue 33, which the float16 / bfloat16 emulation still runs (`_conv_emulated`); the shifted
@@ -678,7 +678,9 @@ def attention_reference(q, k, v, heads, *, mask=None, weighting="softmax", scale
     _check_attention(q, k, v, heads, weighting)
     B, Tq, D = q.shape
     heads_of = lambda t: t.reshape(B, t.shape[1], heads, -1).transpose(0, 2, 1, 3)   # noqa: E731  [B, H, T, d]
-    _, s = attention_logits(q, k, heads, scale=scale, R=R)                         # [B, H, Tq, Tk]
+    scale = (D // heads) ** -0.5 if scale is None else scale
+    s = R(heads_of(q) @ heads_of(k).transpose(0, 1, 3, 2), "attention.qk")         # [B, H, Tq, Tk]
+    s = R(s * s.dtype.type(scale), "attention.scores")
     if mask is not None:
         s = R(s + mask, "attention.masked")
     with np.errstate(invalid="ignore"):                                            # inf - inf: NaN, as on a device
@@ -689,20 +691,6 @@ def attention_reference(q, k, v, heads, *, mask=None, weighting="softmax", scale
             w = R(np.maximum(s, 0) / s.dtype.type(k.shape[1]), "attention.probs")
     out = R(w @ heads_of(v), "attention.out")                                      # [B, H, Tq, dv]
     return out.transpose(0, 2, 1, 3).reshape(B, Tq, -1)                           # [B, Tq, H*dv]
-
-
-def attention_logits(q, k, heads, *, scale=None, R=None):
-    """(q k^T, q k^T * scale) per head as attention computes them: each rounded at its point ("attention.qk",
-    "attention.scores") by R (default: the policy in force, else none), so under a profile that rounds q k^T the
-    first holds inf where |q k^T| > 65504 even when the scaled scores would fit.  q [B, Tq, H*d], k [B, Tk, H*d] ->
-    2 x [B, H, Tq, Tk]; scale defaults to 1/sqrt(d)."""
-    R = R or _POLICY.get() or EXACT
-    B, Tq, D = q.shape
-    heads_of = lambda t: t.reshape(B, t.shape[1], heads, -1).transpose(0, 2, 1, 3)   # noqa: E731  [B, H, T, d]
-    scale = (D // heads) ** -0.5 if scale is None else scale
-    with np.errstate(over="ignore", invalid="ignore"):
-        qk = R(heads_of(q) @ heads_of(k).transpose(0, 1, 3, 2), "attention.qk")    # [B, H, Tq, Tk]
-        return qk, R(qk * qk.dtype.type(scale), "attention.scores")
 
 
 def _attention_emulated(q, k, v, heads, *, mask=None, R, **kw):

@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ops import active_rounding, rounded, rounding
+from .ops import EXACT, active_rounding, attention_reference, rounded, rounding
 
 __all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "PROFILES", "DEFAULT_PROFILE", "Profile",
            "Precision", "Compute", "compute", "PrecisionError", "round_to", "finfo_max", "using", "active", "rounded",
-           "parse_dtype", "parse_classes"]
+           "parse_dtype", "parse_classes", "attention_logits"]
 
 LOW_DTYPES = ("float16", "bfloat16")
 COMPONENTS = ("text_encoder", "unet", "sampler", "decoder")
@@ -280,3 +280,23 @@ def using(policy):
 def active():
     """The Precision in force, or None."""
     return active_rounding()
+
+
+def attention_logits(q, k, heads):
+    """(q k^T, q k^T / sqrt(d)) per head, [B, H, Tq, Tk] each, as the policy in force holds them:
+    ops.attention_reference on (q, k, k) read at its rounding points "attention.qk" and "attention.scores" (so under
+    a profile that rounds q k^T the first is inf where |q k^T| > 65504, even when the scaled scores fit). The
+    on-request points <attention>.qk / .scores of mdref.unet.attention (`mdref precision --scores`)."""
+    policy, seen = active() or EXACT, {}
+
+    class Reader:
+        norm_statistics = policy.norm_statistics
+
+        def __call__(self, x, point):
+            x = policy(x, point)
+            seen.setdefault(point, x)
+            return x
+
+    with np.errstate(all="ignore"):
+        attention_reference(q, k, k, heads, R=Reader())
+    return seen["attention.qk"], seen["attention.scores"]

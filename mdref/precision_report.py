@@ -94,8 +94,8 @@ def format_precision(report):
     for kind, what in (("qk", "q k^T before the 1/sqrt(d) scale"), ("scores", "the scaled scores")):
         least = report.get("least_headroom", {}).get(kind)
         if least:
-            lines.append(f"least headroom of {what}: 2^{least['headroom_log2']:.1f} at {least['name']}"
-                         + ("  (beyond the range: overflows where it is rounded)" if least["headroom_log2"] < 0 else ""))
+            beyond = "  (beyond the range: overflows where it is rounded)" if least["headroom_log2"] < 0 else ""
+            lines.append(f"least headroom of {what}: 2^{least['headroom_log2']:.1f} at {least['name']}{beyond}")
     rated = [r for r in report["points"] if math.isfinite(r["rel_err"])]
     if rated:
         worst = max(rated, key=lambda r: r["rel_err"])

@@ -394,6 +394,21 @@ def test_float32_islands_profile_rounds_only_at_the_island_boundaries():
     assert np.all(np.abs(lin - want) <= ulp(want, "float16") + 7 * 2.0 ** -24 * (np.abs(a) @ np.abs(w["weight"].T) + 3))
 
 
+def test_attention_logits_are_what_each_profile_holds():
+    """precision.attention_logits reads attention's own rounding points: q.k = 1.6e5, scaled 4e4 (d = 16). qk-first
+    holds inf for both (q k^T rounded first); fused holds the float32 sum 1.6e5 and the rounded 4e4; outside any
+    policy, the plain float64 formula."""
+    q = np.full((1, 2, 16), 100.0)
+    with precision.using(precision.Precision("float16", profile="qk-first")):
+        qk, s = precision.attention_logits(q.astype(np.float32), q.astype(np.float32), 1)
+    assert qk.shape == s.shape == (1, 1, 2, 2) and np.isinf(qk).all() and np.isinf(s).all()
+    with using("float16", profile="fused"):
+        qk, s = precision.attention_logits(q.astype(np.float32), q.astype(np.float32), 1)
+    assert (qk == 1.6e5).all() and (s == 4e4).all()
+    qk, s = precision.attention_logits(q, q, 1)
+    assert qk.dtype == np.float64 and (qk == 1.6e5).all() and (s == 4e4).all()
+
+
 def test_ops_outside_using_are_untouched():
     x = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
     assert np.array_equal(ops.silu(x), ops.silu.plain(x))
