@@ -438,6 +438,8 @@ def cmd_precision(args):
                          "--golden CASE_DIR runs one component on a golden case's inputs")
     if args.golden is not None and args.prompt is not None:
         raise UsageError(f"the prompt {args.prompt!r}: not used with --golden (the case folder holds the inputs)")
+    if args.golden is not None and args.noise is not None:
+        raise UsageError(f"--noise {args.noise}: not used with --golden (the case folder holds the noise)")
     if args.golden is None and args.prompt is None:
         raise UsageError("the prompt is required (or --component NAME --golden CASE_DIR)")
     if args.golden is None:
