@@ -15,18 +15,21 @@ import time
 import numpy as np
 
 import mdref
+from mdref.precision import DEFAULT_PROFILE
 from mdref.precision_report import precision_report
 
 POINTS = ["text_embeddings", "unet.out", "latents.x0", "decoder.out"]
-CONFIGS = [("float16", None), ("float16", "attention,norm"), ("float16", "decoder"), ("bfloat16", None),
-           ("bfloat16", "attention,norm")]
+# (dtype, upcast, profile); profile None: the default (mdref.precision.DEFAULT_PROFILE)
+CONFIGS = [("float16", None, None), ("float16", None, "fused"), ("float16", None, "float32-islands"),
+           ("float16", "attention,norm", None), ("float16", "decoder", None), ("bfloat16", None, None),
+           ("bfloat16", "attention,norm", None)]
 PROMPT = "a large red circle on the left, blue background"
 
 
-def load(args, dtype, upcast=None):
+def load(args, dtype, upcast=None, profile=None):
     if args.preset:
-        return mdref.Pipeline.from_preset(args.preset, seed=0, dtype=dtype, upcast=upcast)
-    return mdref.Pipeline.from_pretrained(None, dtype=dtype, upcast=upcast)
+        return mdref.Pipeline.from_preset(args.preset, seed=0, dtype=dtype, upcast=upcast, profile=profile)
+    return mdref.Pipeline.from_pretrained(None, dtype=dtype, upcast=upcast, profile=profile)
 
 
 def traced(pipe):
@@ -43,12 +46,13 @@ def main():
     args = ap.parse_args()
     ref = traced(load(args, np.float64))
     rows = []
-    for dtype, upcast in CONFIGS:
-        pipe = load(args, dtype, upcast)
+    for dtype, upcast, profile in CONFIGS:
+        pipe = load(args, dtype, upcast, profile)
         rep = precision_report(ref, traced(pipe), dtype)
         by = {r["name"]: r for r in rep["points"]}
         low = min(rep["points"], key=lambda r: r["headroom_log2"])
-        rows.append({"dtype": dtype, "upcast": upcast or "-", "first_nonfinite": rep["first_nonfinite"],
+        rows.append({"dtype": dtype, "upcast": upcast or "-", "profile": profile or DEFAULT_PROFILE,
+                     "first_nonfinite": rep["first_nonfinite"],
                      "min_headroom_log2": low["headroom_log2"], "min_headroom_at": low["name"],
                      **{p: {"rel_err": by[p]["rel_err"], "nmse": by[p]["nmse"]} for p in POINTS}})
         print(json.dumps(rows[-1]), flush=True)
@@ -60,12 +64,12 @@ def main():
             pipe.run(PROMPT, seed=0, allow_nonfinite=True)
             timing[name] = min(timing.get(name, np.inf), time.perf_counter() - t0)
     print(json.dumps({"seconds": timing, "slowdown": {k: v / timing["float32"] for k, v in timing.items()}}))
-    print("\n| dtype | upcast | " + " | ".join(f"{p} rel err / NMSE" for p in POINTS)
+    print("\n| dtype | profile | upcast | " + " | ".join(f"{p} rel err / NMSE" for p in POINTS)
           + " | first non-finite | least headroom |")
-    print("|---|---|" + "---|" * (len(POINTS) + 2))
+    print("|---|---|---|" + "---|" * (len(POINTS) + 2))
     for r in rows:
         cells = " | ".join(f"{r[p]['rel_err']:.2e} / {r[p]['nmse']:.1e}" for p in POINTS)
-        print(f"| {r['dtype']} | {r['upcast']} | {cells} | {r['first_nonfinite'] or 'none'} | "
+        print(f"| {r['dtype']} | {r['profile']} | {r['upcast']} | {cells} | {r['first_nonfinite'] or 'none'} | "
               f"2^{r['min_headroom_log2']:.1f} at {r['min_headroom_at']} |")
     print("\nslowdown vs float32 (min of %d): " % args.runs
           + ", ".join(f"{k} {timing[k]:.3f} s ({timing[k] / timing['float32']:.2f}x)" for k in timing))

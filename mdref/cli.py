@@ -66,8 +66,9 @@ def _add_model_args(p):
                    "the low dtype too")
 
 
-def _add_sample_args(p):
-    p.add_argument("prompt", help="the text prompt")
+def _add_sample_args(p, *, optional_prompt=False):
+    p.add_argument("prompt", help="the text prompt" + (" (not with --golden)" if optional_prompt else ""),
+                   nargs="?" if optional_prompt else None)
     p.add_argument("--seed", type=int, default=0, help="noise seed: PCG64(seed).standard_normal in float64, cast")
     p.add_argument("--noise", metavar="FILE.npy", help="initial noise [B, C, h, w] as .npy (overrides --seed)")
     p.add_argument("--steps", type=int, default=None, help="UNet evaluations (default 1; DreamLite: 4)")
@@ -416,32 +417,91 @@ def cmd_golden(args):
     return 0
 
 
+# --component: what each component reads from a golden bundle's case folder (mdref.golden), in call order
+GOLDEN_INPUTS = {"text_encoder": ("token_ids",), "unet": ("noise", "timesteps", "text_embeddings"),
+                 "decoder": ("decoder_input",)}
+
+
+def _golden_inputs(case, component):
+    """The arrays `component` reads from the golden case folder `case` (GOLDEN_INPUTS), each a .npy read without
+    pickles; a missing or unreadable file is a UsageError naming it."""
+    if not Path(case).is_dir():
+        raise UsageError(f"--golden {case}: no such folder (a golden bundle's case folder, e.g. DIR/case0)")
+    arrays = []
+    for name in GOLDEN_INPUTS[component]:
+        f = Path(case) / f"{name}.npy"
+        if not f.is_file():
+            raise UsageError(f"--golden {case}: no {name}.npy (the --component {component} input; bundles written "
+                             f"by `mdref golden` hold it in each case folder)")
+        try:
+            arrays.append(np.load(f, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as e:
+            raise UsageError(f"--golden {f}: not a readable .npy array ({e})") from None
+    return arrays
+
+
+def _run_component(pipe, component, inputs):
+    """One component of `pipe` on a golden case's inputs: the UNet at the case's first timestep (the only one of a
+    one-step model; later steps' inputs are not in a bundle). Under an emulated dtype the float inputs are first
+    rounded to it, as a device's graph inputs are."""
+    from . import precision
+
+    with precision.using(pipe.precision):
+        inputs = [precision.rounded(a.astype(pipe.dtype)) if a.dtype.kind == "f" else a for a in inputs]
+    if component == "unet":
+        noise, timesteps, context = inputs
+        return pipe.unet(noise, np.asarray(timesteps).reshape(-1)[0], context)
+    return getattr(pipe, component)(*inputs)
+
+
 def cmd_precision(args):
     from .precision_report import format_precision, precision_report, to_json
     from .trace import point_matcher, trace
 
-    check_sample_args(args)
+    if (args.component is None) != (args.golden is None):
+        raise UsageError("--component and --golden go together: --component unet|decoder|text_encoder "
+                         "--golden CASE_DIR runs one component on a golden case's inputs")
+    if args.golden is not None and args.prompt is not None:
+        raise UsageError(f"the prompt {args.prompt!r}: not used with --golden (the case folder holds the inputs)")
+    if args.golden is not None and args.noise is not None:
+        raise UsageError(f"--noise {args.noise}: not used with --golden (the case folder holds the noise)")
+    if args.golden is None and args.prompt is None:
+        raise UsageError("the prompt is required (or --component NAME --golden CASE_DIR)")
+    if args.golden is None:
+        check_sample_args(args)
     with _usage_errors("--points"):
         point_matcher(args.points)
     if args.dtype == "float64":
         raise UsageError("--dtype float64 is the reference: choose float32, float16 or bfloat16")
+    inputs = None if args.golden is None else _golden_inputs(args.golden, args.component)
     results = {}
     for name in ("float64", args.dtype):
         pipe = load_pipeline(args, name, overrides=name != "float64")
-        with trace(args.points) as t:
-            _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: it never stops on them
+        with trace(args.points, on_request=["unet.*.qk", "unet.*.scores"] if args.scores else None) as t:
+            if inputs is None:
+                _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: never stops on them
+            else:
+                with np.errstate(all="ignore"):
+                    try:
+                        _run_component(pipe, args.component, inputs)
+                    except ValueError as e:                # a case of another model: shapes that do not fit
+                        raise UsageError(f"--golden {args.golden}: {e}") from None
         if not t.arrays:                               # known after the first run: no need for the second
             raise UsageError(f"--points {' '.join(args.points or [])}: no traced point matches")
         results[name] = t
     report = precision_report(results["float64"], results[args.dtype], args.dtype, points=args.points)
     what = pipe.precision.describe() if pipe.precision is not None else args.dtype
-    report = {"model": pipe.source, "prompt": args.prompt, "seed": None if args.noise else args.seed,
-              "noise": args.noise, "precision": what, **report}
+    if inputs is None:
+        source = {"prompt": args.prompt, "seed": None if args.noise else args.seed, "noise": args.noise}
+        heading = f"prompt {args.prompt!r}, " + (f"noise {args.noise}" if args.noise else f"seed {args.seed}")
+    else:
+        source = {"component": args.component, "golden": str(args.golden)}
+        heading = f"{args.component} on the inputs of {args.golden}"
+    report = {"model": pipe.source, **source, "precision": what, **report}
     if args.json:
         print(to_json(report))
     else:
-        print(f"{what} vs float64 ground truth, {pipe.source}, prompt {args.prompt!r}, "
-              + (f"noise {args.noise}" if args.noise else f"seed {args.seed}"))
+        print(f"{what} vs float64 ground truth, {pipe.source}, {heading}")
         print(format_precision(report))
     return 0
 
@@ -607,9 +667,16 @@ def _add_model_commands(sub):
 
     p = sub.add_parser("precision", help="a dtype (float32, float16, bfloat16) against float64, point by point: "
                        "errors, headroom, the first non-finite point")
-    _add_sample_args(p)
+    _add_sample_args(p, optional_prompt=True)
     p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to report; repeatable")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--scores", action="store_true", help="also report every UNet attention's q k^T before and "
+                   "after the 1/sqrt(d) scale (points <attention>.qk, <attention>.scores) and their least headroom")
+    p.add_argument("--component", choices=list(GOLDEN_INPUTS), help="with --golden: run only this component on "
+                   "the case's inputs (text_encoder: token_ids.npy; unet: noise.npy at the first of timesteps.npy "
+                   "with text_embeddings.npy; decoder: decoder_input.npy)")
+    p.add_argument("--golden", metavar="CASE_DIR", help="with --component: a golden bundle's case folder "
+                   "(`mdref golden DIR` writes DIR/case0, ...) whose inputs the component reads")
     _add_model_args(p)
     p.set_defaults(func=cmd_precision)
 

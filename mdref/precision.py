@@ -36,7 +36,8 @@ Overrides (per op class and per component) reproduce what runtimes do:
 
 An override names what it changes (`UPCAST_POINTS`, `DOWNCAST_POINTS`); every other rounding point stays. A
 profile (`PROFILES`) is a runtime's way of computing as a small table of changes to this model: which points it
-rounds or keeps in float32, and its norm statistics ("qk-first": ``R(R(q k^T) * scale)`` and two-pass norms). Outside
+rounds or keeps in float32, and its norm statistics ("qk-first": ``R(R(q k^T) * scale)`` and float32 norm statistics;
+"float32-islands": ONNX Runtime's CPU provider, convs, GroupNorms, activations and the softmax in float32). Outside
 a `using` block nothing is rounded and the ops run their float32 / float64 fast forms unchanged (one
 context-variable lookup per op).
 """
@@ -47,11 +48,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ops import active_rounding, rounded, rounding
+from .ops import EXACT, active_rounding, attention_reference, rounded, rounding
 
 __all__ = ["LOW_DTYPES", "UPCASTS", "DOWNCASTS", "COMPONENTS", "POINTS", "PROFILES", "DEFAULT_PROFILE", "Profile",
            "Precision", "Compute", "compute", "PrecisionError", "round_to", "finfo_max", "using", "active", "rounded",
-           "parse_dtype", "parse_classes"]
+           "parse_dtype", "parse_classes", "attention_logits"]
 
 LOW_DTYPES = ("float16", "bfloat16")
 COMPONENTS = ("text_encoder", "unet", "sampler", "decoder")
@@ -77,6 +78,11 @@ POINTS = frozenset([f"{op}.{io}" for op in _OPS for io in ("in", "out")] + list(
 FLOAT32_POINTS = frozenset({"attention.qk", "norm.sum"})      # not rounded by default: sums before their next step
 UPCAST_POINTS = {"attention": {"attention.qk", "attention.scores", "attention.masked"}, "norm": set(_NORM)}
 DOWNCAST_POINTS = {"norm": {"norm.sum"}}
+# What ONNX Runtime's CPU provider keeps in float32 in a float16 graph (docs/precision.md, "float32-islands": read
+# off the Casts it inserts into mdref's own float16 export): every point of these ops and of the norm statistics.
+ISLANDS = ({f"{op}.{io}" for op in ("conv2d", "group_norm", "relu", "silu", "gelu", "quick_gelu", "softmax",
+                                    "upsample_nearest2d") for io in ("in", "out")}
+           | set(_NORM) | {"attention.qk", "attention.scores", "attention.masked", "attention.probs"})
 
 
 @dataclass(frozen=True)
@@ -91,13 +97,22 @@ class Profile:
 
 
 PROFILES = {
-    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and two-pass norm statistics: what "
-                        "most measured runtimes do (tinygrad and ExecuTorch / XNNPACK round q k^T first; their norms, "
-                        "and ONNX Runtime's, are two-pass or float32); the default",
-                        rounds=frozenset({"attention.qk"}), norm_statistics="two-pass"),
+    "qk-first": Profile("q k^T rounded before the scale, R(R(q k^T) * scale), and norm statistics in float32 "
+                        "(two-pass, only the norm's output rounded): what most measured runtimes do (tinygrad and "
+                        "ExecuTorch / XNNPACK round q k^T first; their norms, and ONNX Runtime's, keep float32 "
+                        "statistics; benchmarks/float16-profiles.md); the default",
+                        rounds=frozenset({"attention.qk"}), float32=frozenset(_NORM), norm_statistics="two-pass"),
     "fused": Profile("the scale applied before q k^T is rounded, R(q k^T * scale), as fused attention kernels do "
                      "(q pre-scaled), and one-pass norm statistics rounded to the dtype, as decomposed graphs and "
                      "fused NPU kernels compute them (mdref's model before profiles)"),
+    "float32-islands": Profile("ONNX Runtime on CPU running a float16 graph: ops without a float16 CPU kernel (Conv, "
+                               "Gemm / MatMul, InstanceNormalization, the softmax, Sigmoid / SiLU, Resize) run in "
+                               "float32 behind inserted Casts and neighbouring islands merge, so values are rounded "
+                               "only where a float16 op reads them (the Reshape / Transpose / Split / Concat of the "
+                               "attention projections and skip connections, LayerNormalization): linear outputs, "
+                               "attention inputs and output, LayerNorm input and output; convs, GroupNorms (two-pass "
+                               "float32 statistics), activations, scores and probabilities stay float32",
+                               float32=frozenset(ISLANDS), norm_statistics="two-pass"),
 }
 DEFAULT_PROFILE = "qk-first"
 _MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": float.fromhex("0x1.fep127")}
@@ -265,3 +280,23 @@ def using(policy):
 def active():
     """The Precision in force, or None."""
     return active_rounding()
+
+
+def attention_logits(q, k, heads):
+    """(q k^T, q k^T / sqrt(d)) per head, [B, H, Tq, Tk] each, as the policy in force holds them:
+    ops.attention_reference on (q, k, k) read at its rounding points "attention.qk" and "attention.scores" (so under
+    a profile that rounds q k^T the first is inf where |q k^T| > 65504, even when the scaled scores fit). The
+    on-request points <attention>.qk / .scores of mdref.unet.attention (`mdref precision --scores`)."""
+    policy, seen = active() or EXACT, {}
+
+    class Reader:
+        norm_statistics = policy.norm_statistics
+
+        def __call__(self, x, point):
+            x = policy(x, point)
+            seen.setdefault(point, x)
+            return x
+
+    with np.errstate(all="ignore"):
+        attention_reference(q, k, k, heads, R=Reader())
+    return seen["attention.qk"], seen["attention.scores"]

@@ -5,12 +5,18 @@ rounded values a device would hold, see mdref.trace.record):
   rel_err        max |x - ref| / max |ref|, over the positions finite in both (mdref.comparison's rel_to_max)
   nmse           sum (x - ref)^2 / sum ref^2, same positions
   max_abs        the largest finite |x| of the candidate
-  headroom_log2  log2(largest finite value of the dtype / max_abs): how many doublings are left before overflow
-                 (negative: the float64 reference itself is beyond the dtype's range at ref_max_abs)
+  headroom_log2  log2(largest finite value of the dtype / max_abs): how many doublings are left before overflow;
+                 where the candidate holds a NaN / Inf, or a float32 value beyond the range (a sum an emulated
+                 device keeps in float32, such as q k^T under most profiles), it is taken at
+                 max(max_abs, ref_max_abs) and is negative when the value is beyond the dtype's range
   ref_max_abs    the largest |ref|
   nonfinite      NaN + Inf count in the candidate
 first_nonfinite is the first point whose candidate holds a NaN or an Inf; first_beyond_range the first point whose
 float64 value exceeds the dtype's largest finite value (where a device must overflow, whatever its kernels do).
+With the on-request points <attention>.qk and <attention>.scores (q k^T before and after the 1/sqrt(d) scale, `mdref
+precision --scores`), least_headroom names, for each of the two kinds, the point of least headroom: an unscaled
+q k^T below 1 (headroom_log2 < 0) overflows on a device that rounds q k^T before scaling it (profile qk-first)
+even when the scaled scores fit.
 Integer points (token ids) are not rated. Non-finite values are reported, never refused.
 """
 
@@ -42,15 +48,23 @@ def precision_report(reference, candidate, dtype, *, points=None):
         finite = np.abs(x[np.isfinite(x)])
         big = float(finite.max()) if finite.size else 0.0
         ref_big = float(np.abs(ref[np.isfinite(ref)]).max()) if ref.size else 0.0
+        held = max(big, ref_big) if pr.nonfinite_b or big > top else big      # what the device had to hold
         rows.append({
             "name": pr.name, "shape": list(pr.shape_b), "rel_err": pr.rel_to_max, "nmse": pr.nmse,
-            "max_abs": big, "headroom_log2": math.log2(top / big) if big > 0 else math.inf,
+            "max_abs": big, "headroom_log2": math.log2(top / held) if held > 0 else math.inf,
             "ref_max_abs": ref_big, "nonfinite": int(pr.nonfinite_b),
         })
+    least = {}
+    for kind in ("qk", "scores"):
+        of_kind = [r for r in rows if r["name"].endswith(f".{kind}")]
+        if of_kind:
+            r = min(of_kind, key=lambda r: r["headroom_log2"])
+            least[kind] = {"name": r["name"], "headroom_log2": r["headroom_log2"]}
     return {
         "dtype": dtype, "dtype_max": top,
         "first_nonfinite": next((r["name"] for r in rows if r["nonfinite"]), None),
         "first_beyond_range": next((r["name"] for r in rows if r["ref_max_abs"] > top), None),
+        **({"least_headroom": least} if least else {}),
         "points": rows,
     }
 
@@ -77,6 +91,11 @@ def format_precision(report):
     lines.append(f"first point holding NaN / Inf in {report['dtype']}: {first or 'none'}")
     lines.append(f"first point whose float64 value exceeds {report['dtype']}'s largest finite value "
                  f"({report['dtype_max']:.6g}): {report['first_beyond_range'] or 'none'}")
+    for kind, what in (("qk", "q k^T before the 1/sqrt(d) scale"), ("scores", "the scaled scores")):
+        least = report.get("least_headroom", {}).get(kind)
+        if least:
+            beyond = "  (beyond the range: overflows where it is rounded)" if least["headroom_log2"] < 0 else ""
+            lines.append(f"least headroom of {what}: 2^{least['headroom_log2']:.1f} at {least['name']}{beyond}")
     rated = [r for r in report["points"] if math.isfinite(r["rel_err"])]
     if rated:
         worst = max(rated, key=lambda r: r["rel_err"])

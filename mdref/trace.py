@@ -141,13 +141,14 @@ def record(name, x):
     return x
 
 
-def record_on_request(name, compute):
+def record_on_request(name, compute, *, held=False):
     """Keep compute() under `name` (as record) if the active trace asked for this on-request point
     (trace(on_request=...)). compute is not called otherwise: the extra work costs one context-variable lookup when
-    nobody asks."""
+    nobody asks. held=True: compute() returns the value as an emulated device holds it (rounded, or not, at its own
+    rounding points, e.g. a float32 sum), kept as it is instead of rounded."""
     t = _ACTIVE.get()
     if t is not None and t.requests(name := point(name)):
-        t.add(name, rounded(compute()))
+        t.add(name, compute() if held else rounded(compute()))
 
 
 def record_unbuilt(name, compute):

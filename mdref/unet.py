@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from . import ops, precision
 from .trace import point, record, record_on_request
 
 
@@ -89,7 +89,7 @@ def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, hea
     """diffusers Attention: softmax(q k^T / sqrt(d)) v per head, then to_out.0; self-attention when context is None.
     MobileDiffusion shares one projection to_kv for K = V. x [B, N, C], context [B, T, D] -> [B, N, C].
     A trace that asks for the on-request point `name`.probs (name: the layer's parameters or their path) gets the
-    weights (attention_probs)."""
+    weights (attention_probs); `name`.qk, `name`.scores: q k^T before, after the scale (precision.attention_logits)."""
     source = x if context is None else context
     q = ops.linear(x, to_q)                                                       # [B, N, C]
     if shared_kv:
@@ -98,6 +98,8 @@ def attention(x, context, *, to_q, to_out, to_k=None, to_v=None, to_kv=None, hea
         k, v = ops.linear(source, to_k), ops.linear(source, to_v)                 # [B, T, C]
     if name is not None:
         record_on_request(point(name, "probs"), lambda: attention_probs(q, k, heads=heads, weighting=weighting))
+        record_on_request(point(name, "qk"), lambda: precision.attention_logits(q, k, heads)[0], held=True)
+        record_on_request(point(name, "scores"), lambda: precision.attention_logits(q, k, heads)[1], held=True)
     return ops.linear(ops.attention(q, k, v, heads, weighting=weighting), to_out[0])   # [B, N, C]
 
 

@@ -315,6 +315,7 @@ def test_profiles_are_tables_of_known_rounding_points():
     for name, prof in precision.PROFILES.items():
         assert prof.rounds | prof.float32 <= precision.POINTS, name
         assert prof.norm_statistics in ("one-pass", "two-pass")
+    assert set(precision.PROFILES) == {"qk-first", "fused", "float32-islands"}
     assert precision.Precision("float16", profile="fused").float32_points == precision.FLOAT32_POINTS  # the model
     assert precision.Precision("float16").profile == precision.DEFAULT_PROFILE == "qk-first"
     qk = precision.Precision("float16", profile="qk-first")
@@ -349,6 +350,63 @@ def test_qk_first_profile_predicts_what_the_fused_model_misses():
     # float16 y (|y| < 4) by half an ulp, 2^-9; the rounded variance by 2^-11 relative, 2^-10 |y|
     bound = 0.125 / x.std() + 2.0 ** -9 + 2.0 ** -10 * 4
     assert np.isfinite(y).all() and np.abs(y - (x - x.mean()) / x.std()).max() <= bound
+
+
+def test_float32_islands_profile_rounds_only_at_the_island_boundaries():
+    """The "float32-islands" profile (ONNX Runtime's CPU provider on a float16 graph): a conv and a GroupNorm read
+    and return float32 (no rounding: the float32 formula on the unrounded input, within float32's accumulation bound
+    of the float64 one), so GroupNorm statistics of ~300-sized values stay finite and exact to float32; scores of
+    1.6e5 before the scale stay finite (scores and softmax are float32); a linear layer's output and a LayerNorm's
+    output are still rounded to float16 (the float16 Reshape / LayerNormalization that read them)."""
+    islands = lambda: precision.using(precision.Precision("float16", profile="float32-islands"))  # noqa: E731
+    g = np.random.default_rng(3)
+    x = (0.1 + g.standard_normal((1, 8, 6, 5))).astype(np.float32)            # not float16 values
+    p = {"weight": (g.standard_normal((8, 8, 3, 3)) / 4).astype(np.float32), "bias": np.full(8, 0.3, np.float32)}
+    with islands():
+        got = ops.conv2d(x, p, padding=1)
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    exact = ops.conv2d_reference(x.astype(np.float64), p64, padding=1)
+    absolute = ops.conv2d_reference(np.abs(x).astype(np.float64), {"weight": np.abs(p64["weight"])}, padding=1) + 0.3
+    assert np.all(np.abs(got - exact) <= 2 * 72 * 2.0 ** -24 * absolute)        # float32 sums of 72 products
+    assert not np.array_equal(rounded(got, "float16"), got)                    # and not rounded to float16
+    gn = {"weight": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}
+    offset = (300 + g.standard_normal((1, 4, 8, 8))).astype(np.float32)       # x^2 > 65504
+    with islands():
+        y = ops.group_norm(offset, gn, 1, 1e-5)
+    with using("float16"):
+        assert np.isnan(ops.group_norm(offset, gn, 1, 1e-5)).all()            # one-pass, rounded: NaN
+    z = offset.astype(np.float64)
+    ref = (z - z.mean()) / np.sqrt(z.var() + 1e-5)
+    # float32 two-pass: the mean of 256 values ~300 is off by <= 256 * 2^-24 * 301, which moves y by that / std
+    # (std ~ 1); the centred squares' mean and the division add a few 2^-24 relative
+    assert np.abs(y - ref).max() <= 256 * 2.0 ** -24 * 301 / z.std() + 1e-5 * np.abs(ref).max()
+    q = np.full((1, 2, 16), 100.0, np.float32)                                # q.k = 1.6e5, scaled 4e4
+    with islands():
+        att = ops.attention(q, q.copy(), np.ones((1, 2, 16), np.float32), 1)
+    assert np.array_equal(att, np.ones_like(att))
+    w = {"weight": rounded(g.standard_normal((5, 7)), "float16"), "bias": rounded(g.standard_normal(5), "float16")}
+    a = g.standard_normal((3, 7)).astype(np.float32)
+    ln = {"weight": np.ones(7, np.float32), "bias": np.zeros(7, np.float32)}
+    with islands():
+        lin, norm = ops.linear(a, w), ops.layer_norm(a, ln, 1e-5)
+    want = R64(rounded(a, "float16").astype(np.float64) @ w["weight"].T.astype(np.float64) + w["bias"], "float16")
+    assert np.array_equal(rounded(lin, "float16"), lin) and np.array_equal(rounded(norm, "float16"), norm)
+    assert np.all(np.abs(lin - want) <= ulp(want, "float16") + 7 * 2.0 ** -24 * (np.abs(a) @ np.abs(w["weight"].T) + 3))
+
+
+def test_attention_logits_are_what_each_profile_holds():
+    """precision.attention_logits reads attention's own rounding points: q.k = 1.6e5, scaled 4e4 (d = 16). qk-first
+    holds inf for both (q k^T rounded first); fused holds the float32 sum 1.6e5 and the rounded 4e4; outside any
+    policy, the plain float64 formula."""
+    q = np.full((1, 2, 16), 100.0)
+    with precision.using(precision.Precision("float16", profile="qk-first")):
+        qk, s = precision.attention_logits(q.astype(np.float32), q.astype(np.float32), 1)
+    assert qk.shape == s.shape == (1, 1, 2, 2) and np.isinf(qk).all() and np.isinf(s).all()
+    with using("float16", profile="fused"):
+        qk, s = precision.attention_logits(q.astype(np.float32), q.astype(np.float32), 1)
+    assert (qk == 1.6e5).all() and (s == 4e4).all()
+    qk, s = precision.attention_logits(q, q, 1)
+    assert qk.dtype == np.float64 and (qk == 1.6e5).all() and (s == 4e4).all()
 
 
 def test_ops_outside_using_are_untouched():
@@ -516,7 +574,8 @@ def _variant(tmp_path, edit):
 
 
 def _precision_json(capsys, *argv):
-    assert main(["precision", "a red circle", *argv, "--json"]) == 0
+    prompt = [] if "--golden" in argv else ["a red circle"]
+    assert main(["precision", *prompt, *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -543,6 +602,31 @@ def test_attention_overflow_is_named_and_upcast_attention_cures_it(tmp_path, cap
     assert _precision_json(capsys, "--model", model, "--dtype", "bfloat16")["first_nonfinite"] is None
 
 
+def test_unscaled_scores_headroom_predicts_the_qk_first_overflow(tmp_path, capsys):
+    """Case (c) of the runtime study: to_q x 172, to_kv x 30 in the mid attn1 put q k^T at ~1.6e5 before the
+    1/sqrt(d) scale and ~2e4 after it. `--scores` reports both (on-request points .qk, .scores): the unscaled sum's
+    headroom is below 1 (log2 < 0) under every profile, the scaled scores' above; the default profile (q k^T rounded
+    first, as tinygrad and ExecuTorch / XNNPACK do) overflows there and names .qk first; "fused" stays finite."""
+    model = str(_variant(tmp_path, lambda t: t.update({f"{ATTN}.to_q.weight": t[f"{ATTN}.to_q.weight"] * 172,
+                                                        f"{ATTN}.to_kv.weight": t[f"{ATTN}.to_kv.weight"] * 30})))
+    for profile in ("qk-first", "fused"):
+        report = _precision_json(capsys, "--model", model, "--dtype", "float16", "--scores", "--profile", profile)
+        rows = {r["name"]: r for r in report["points"]}
+        qk, scores = rows[f"unet.{ATTN}.qk"], rows[f"unet.{ATTN}.scores"]
+        assert scores["ref_max_abs"] == pytest.approx(qk["ref_max_abs"] / 8, rel=1e-9)    # 1/sqrt(d), d = 64
+        assert 65504 < qk["ref_max_abs"] and scores["ref_max_abs"] < 65504
+        assert qk["headroom_log2"] < 0
+        assert qk["headroom_log2"] == pytest.approx(math.log2(65504 / max(qk["ref_max_abs"], qk["max_abs"])))
+        assert scores["headroom_log2"] > 0
+        assert report["least_headroom"]["qk"] == {"name": f"unet.{ATTN}.qk", "headroom_log2": qk["headroom_log2"]}
+        if profile == "qk-first":
+            assert report["first_nonfinite"] == f"unet.{ATTN}.qk" and scores["nonfinite"] > 0
+        else:
+            assert report["first_nonfinite"] is None and qk["nonfinite"] == 0 and qk["max_abs"] > 65504
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.qk" not in {
+        r["name"] for r in _precision_json(capsys, "--model", model, "--dtype", "float16")["points"]}
+
+
 def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys):
     """conv_in.bias + 300 (case (a) of the runtime study): the one-pass statistics of the "fused" profile overflow
     (x^2 > 65504) and name the first ResNet; the default profile's two-pass statistics stay finite, as ONNX Runtime,
@@ -557,6 +641,39 @@ def test_group_norm_overflow_is_named_and_upcast_norm_cures_it(tmp_path, capsys)
     assert report["first_beyond_range"] is None                           # no value is beyond float16: a norm bug
     cured = _precision_json(capsys, "--model", model, "--dtype", "float16", "--upcast", "norm", "--profile", "fused")
     assert cured["first_nonfinite"] is None
+
+
+def test_precision_runs_one_component_on_a_golden_case(tmp_path, capsys):
+    """--component NAME --golden CASE_DIR: only that component's points, each computed from the bundle's own
+    inputs (token ids; noise, first timestep and text embeddings; decoder input), the emulated run on those inputs
+    rounded to the dtype: the report's main-output error is the one recomputed here through the Python API."""
+    from mdref.golden import write_golden
+
+    write_golden(mdref.Pipeline.from_pretrained(None), tmp_path / "g", cases=GOLDEN_CASES[:1])
+    case = tmp_path / "g" / "case0"
+    load = lambda name: np.load(case / f"{name}.npy")                          # noqa: E731
+    p64 = mdref.Pipeline.from_pretrained(None, dtype=np.float64)
+    p16 = mdref.Pipeline.from_pretrained(None, dtype="float16", profile="float32-islands")
+    r16 = lambda a: rounded(a, "float16")                                      # noqa: E731
+    t = load("timesteps")[0]
+    want = {"text_encoder": ("text_encoder.final_layer_norm", p64.text_encoder(load("token_ids")),
+                             p16.text_encoder(load("token_ids"))),
+            "unet": ("unet.out", p64.unet(load("noise"), t, load("text_embeddings")),
+                     p16.unet(r16(load("noise")), t, r16(load("text_embeddings")))),
+            "decoder": ("decoder.out", p64.decoder(load("decoder_input")), p16.decoder(r16(load("decoder_input"))))}
+    for component, (main_point, ref, got) in want.items():
+        report = _precision_json(capsys, "--component", component, "--golden", str(case), "--dtype", "float16",
+                                 "--profile", "float32-islands")
+        assert report["component"] == component and report["golden"] == str(case)
+        rows = {r["name"]: r for r in report["points"]}
+        assert all(n.startswith(f"{component}.") for n in rows) and main_point in rows
+        expected = np.abs(r16(got).astype(np.float64) - ref).max() / np.abs(ref).max()
+        assert rows[main_point]["rel_err"] == pytest.approx(expected, rel=1e-9)
+    (case / "decoder_input.npy").unlink()
+    assert main(["precision", "--component", "decoder", "--golden", str(case), "--dtype", "float16"]) == 2
+    assert "no decoder_input.npy" in capsys.readouterr().err
+    assert main(["precision", "a red circle", "--component", "unet", "--golden", str(case)]) == 2
+    assert main(["precision", "--component", "unet"]) == 2
 
 
 # ---- the embedded default model in low precision ------------------------------------------------------------------

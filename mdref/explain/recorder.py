@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import decoder, ops, pipeline, sampler, text_encoder, tokenizer, unet
+from .. import decoder, ops, pipeline, precision, sampler, text_encoder, tokenizer, unet
 from ..trace import Trace, recording
 from .maps import PROBS, AttentionMaps, check_prompt, maps_of
 
@@ -42,6 +42,7 @@ POINT_FUNCTIONS = [
     (r"unet\.add_(time_proj|embedding)", unet.text_time_embed),
     (r"unet\.conv_in", ops.conv2d),
     (r"unet\..*\.attn[12]\.probs", unet.attention_probs),
+    (r"unet\..*\.attn[12]\.(qk|scores)", precision.attention_logits),
     (r"unet\..*\.attn[12]", unet.attention),
     (r"unet\..*\.ff", unet.feed_forward),
     (r"unet\..*\.transformer_blocks\.\d+", unet.transformer_block),
