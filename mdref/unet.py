@@ -164,8 +164,7 @@ def downsample(x, *, conv):
 
 
 def upsample(x, *, conv):
-    """diffusers Upsample2D: 2x nearest upsampling, then a 3x3 conv, as one op that never builds the upsampled image
-    (ops.upsample_conv2d).  [B, C, H, W] -> [B, C, 2H, 2W]."""
+    """diffusers Upsample2D: 2x nearest upsampling + 3x3 conv (ops.upsample_conv2d).  [B, C, H, W] -> [B, C, 2H, 2W]."""
     return ops.upsample_conv2d(x, conv, scale=2, padding=1)
 
 
