@@ -477,7 +477,7 @@ def cmd_precision(args):
     results = {}
     for name in ("float64", args.dtype):
         pipe = load_pipeline(args, name, overrides=name != "float64")
-        with trace(args.points, on_request=["unet.*.qk", "unet.*.scores"] if args.scores else None) as t:
+        with trace(args.points, on_request=["unet.*.qk", "unet.*.scores", "*.sum_sq"] if args.scores else None) as t:
             if inputs is None:
                 _run(pipe, args, allow_nonfinite=True)     # the command for studying NaN / Inf: never stops on them
             else:
@@ -671,7 +671,8 @@ def _add_model_commands(sub):
     p.add_argument("--points", action="append", help="glob (or re:REGEX) of points to report; repeatable")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--scores", action="store_true", help="also report every UNet attention's q k^T before and "
-                   "after the 1/sqrt(d) scale (points <attention>.qk, <attention>.scores) and their least headroom")
+                   "after the 1/sqrt(d) scale (points <attention>.qk, <attention>.scores) and every RMSNorm's sum "
+                   "of squares (<norm>.sum_sq: Qwen, DreamLite), and their least headroom")
     p.add_argument("--component", choices=list(GOLDEN_INPUTS), help="with --golden: run only this component on "
                    "the case's inputs (text_encoder: token_ids.npy; unet: noise.npy at the first of timesteps.npy "
                    "with text_embeddings.npy; decoder: decoder_input.npy)")

@@ -12,6 +12,8 @@ the hidden state BECOMES norm1(x), no residual), the text projection (text_proj_
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import ops
 from .trace import point, record, record_on_request
 from .unet import LAYERS, attention_probs, block, feed_forward, time_embed, transformer_2d
@@ -30,8 +32,12 @@ def mqa_attention(x, context, *, to_q, to_k, to_v, to_out, norm_q=None, norm_k=N
     T, d = source.shape[1], C // heads
     q, k, v = ops.linear(x, to_q), ops.linear(source, to_k), ops.linear(source, to_v)   # [B, N, C], 2 x [B, T, G d]
     if qk_norm_eps is not None:
-        q = ops.rms_norm(q.reshape(B, N, heads, d), norm_q, qk_norm_eps).reshape(B, N, C)
-        k = ops.rms_norm(k.reshape(B, T, kv_heads, d), norm_k, qk_norm_eps).reshape(B, T, kv_heads * d)
+        q, k = q.reshape(B, N, heads, d), k.reshape(B, T, kv_heads, d)                # per head
+        if name is not None:                   # on request: the sums of squares a float16 RMSNorm accumulates
+            record_on_request(point(name, "norm_q", "sum_sq"), lambda: np.square(q).sum(-1))
+            record_on_request(point(name, "norm_k", "sum_sq"), lambda: np.square(k).sum(-1))
+        q = ops.rms_norm(q, norm_q, qk_norm_eps).reshape(B, N, C)
+        k = ops.rms_norm(k, norm_k, qk_norm_eps).reshape(B, T, kv_heads * d)
     k, v = ops.repeat_kv(k, kv_heads, heads // kv_heads), ops.repeat_kv(v, kv_heads, heads // kv_heads)  # [B, T, C]
     if name is not None:
         record_on_request(point(name, "probs"), lambda: attention_probs(q, k, heads=heads, weighting="softmax",
@@ -60,7 +66,9 @@ def dreamlite_transformer_block(x, context, *, norm1, norm2, attn2, norm3, ff, a
 def text_proj_rms(features, *, encoder_hid_proj, eps):
     """encoder_hid_dim_type "text_proj_rms": Sequential(Linear(D_text -> D), RMSNorm(D)).  [B, T, D_text] -> [B, T, D]."""
     proj, norm = encoder_hid_proj
-    return ops.rms_norm(ops.linear(features, proj), norm, eps)
+    h = ops.linear(features, proj)                                                # [B, T, D]
+    record_on_request(point(encoder_hid_proj, "1", "sum_sq"), lambda: np.square(h).sum(-1))   # RMSNorm's sum
+    return ops.rms_norm(h, norm, eps)
 
 
 def time_ids_embed(time_ids, *, linear_1, linear_2, dim, flip_sin_to_cos, freq_shift):

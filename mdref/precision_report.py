@@ -16,7 +16,9 @@ float64 value exceeds the dtype's largest finite value (where a device must over
 With the on-request points <attention>.qk and <attention>.scores (q k^T before and after the 1/sqrt(d) scale, `mdref
 precision --scores`), least_headroom names, for each of the two kinds, the point of least headroom: an unscaled
 q k^T below 1 (headroom_log2 < 0) overflows on a device that rounds q k^T before scaling it (profile qk-first)
-even when the scaled scores fit.
+even when the scaled scores fit. Likewise <norm>.sum_sq, the sum of x^2 an RMSNorm divides by the width (Qwen's
+text model, DreamLite's q / k norms and text projection): a device that accumulates it in float16 overflows where
+its headroom is below 1, although the emulated RMSNorm (its statistics in float32) stays finite.
 Integer points (token ids) are not rated. Non-finite values are reported, never refused.
 """
 
@@ -31,6 +33,10 @@ from .comparison import _strict, compare
 from .precision import finfo_max
 
 __all__ = ["precision_report", "format_precision"]
+
+# The on-request points whose least headroom the report names (`mdref precision --scores`), by name suffix.
+KINDS = {"qk": "q k^T before the 1/sqrt(d) scale", "scores": "the scaled scores",
+         "sum_sq": "an RMSNorm's sum of squares"}
 
 
 def precision_report(reference, candidate, dtype, *, points=None):
@@ -55,7 +61,7 @@ def precision_report(reference, candidate, dtype, *, points=None):
             "ref_max_abs": ref_big, "nonfinite": int(pr.nonfinite_b),
         })
     least = {}
-    for kind in ("qk", "scores"):
+    for kind in KINDS:
         of_kind = [r for r in rows if r["name"].endswith(f".{kind}")]
         if of_kind:
             r = min(of_kind, key=lambda r: r["headroom_log2"])
@@ -91,7 +97,7 @@ def format_precision(report):
     lines.append(f"first point holding NaN / Inf in {report['dtype']}: {first or 'none'}")
     lines.append(f"first point whose float64 value exceeds {report['dtype']}'s largest finite value "
                  f"({report['dtype_max']:.6g}): {report['first_beyond_range'] or 'none'}")
-    for kind, what in (("qk", "q k^T before the 1/sqrt(d) scale"), ("scores", "the scaled scores")):
+    for kind, what in KINDS.items():
         least = report.get("least_headroom", {}).get(kind)
         if least:
             beyond = "  (beyond the range: overflows where it is rounded)" if least["headroom_log2"] < 0 else ""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import attention, linear, repeat_kv, rms_norm, silu
-from .trace import record
+from .trace import record, record_on_request
 
 
 def embed(ids, *, weight):
@@ -55,13 +55,15 @@ def rotate(x, cos, sin, heads):
     return (xh * cos[:, None] + turned * sin[:, None]).reshape(B, T, -1)
 
 
-def self_attention(x, *, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, spec, cos, sin, mask):
+def self_attention(x, *, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, spec, cos, sin, mask, name):
     """Qwen3VLTextAttention: q, k, v projections; RMSNorm over each query and key head (width d); RoPE on q and k;
     each K/V head serves H / G query heads; softmax(q k^T / sqrt(d) + mask) v; o projection.  x [B, T, D]."""
     B, T, _ = x.shape
     d = spec.head_dim
-    q = rms_norm(linear(x, q_proj).reshape(B, T, spec.heads, d), q_norm, spec.eps).reshape(B, T, -1)     # [B, T, H d]
-    k = rms_norm(linear(x, k_proj).reshape(B, T, spec.kv_heads, d), k_norm, spec.eps).reshape(B, T, -1)  # [B, T, G d]
+    q = noted_rms_norm(linear(x, q_proj).reshape(B, T, spec.heads, d), q_norm, spec.eps,
+                       f"{name}.q_norm").reshape(B, T, -1)                                         # [B, T, H d]
+    k = noted_rms_norm(linear(x, k_proj).reshape(B, T, spec.kv_heads, d), k_norm, spec.eps,
+                       f"{name}.k_norm").reshape(B, T, -1)                                         # [B, T, G d]
     q, k = rotate(q, cos, sin, spec.heads), rotate(k, cos, sin, spec.kv_heads)
     groups = spec.heads // spec.kv_heads
     k, v = repeat_kv(k, spec.kv_heads, groups), repeat_kv(linear(x, v_proj), spec.kv_heads, groups)     # [B, T, H d]
@@ -75,10 +77,18 @@ def swiglu_mlp(x, *, gate_proj, up_proj, down_proj):
 
 def decoder_layer(x, *, input_layernorm, self_attn, post_attention_layernorm, mlp, spec, cos, sin, mask, name):
     """Qwen3VLTextDecoderLayer: x + attn(RMSNorm x), then x + mlp(RMSNorm x).  x [B, T, D]."""
-    h = self_attention(rms_norm(x, input_layernorm, spec.eps), **self_attn, spec=spec, cos=cos, sin=sin, mask=mask)
+    h = self_attention(noted_rms_norm(x, input_layernorm, spec.eps, f"{name}.input_layernorm"), **self_attn,
+                       spec=spec, cos=cos, sin=sin, mask=mask, name=f"{name}.self_attn")
     x = x + record(f"{name}.self_attn", h)
-    h = swiglu_mlp(rms_norm(x, post_attention_layernorm, spec.eps), **mlp)
+    h = swiglu_mlp(noted_rms_norm(x, post_attention_layernorm, spec.eps, f"{name}.post_attention_layernorm"), **mlp)
     return record(name, x + record(f"{name}.mlp", h))
+
+
+def noted_rms_norm(x, p, eps, name):
+    """rms_norm(x, p, eps); a trace that asks for the on-request point `name`.sum_sq gets the sum of x^2 over the
+    normalised axis: what a device that accumulates the mean square in float16 must hold (65504 at most)."""
+    record_on_request(f"{name}.sum_sq", lambda: np.square(x).sum(-1))
+    return rms_norm(x, p, eps)
 
 
 def causal_padding_mask(valid, dtype):
@@ -102,7 +112,7 @@ def text_model(ids, attention_mask=None, *, embed_tokens, layers, norm, spec):
     for i in range(spec.layers):
         x = decoder_layer(x, **layers[str(i)], spec=spec, cos=cos, sin=sin, mask=mask,
                           name=f"text_encoder.layers.{i}")
-    return record("text_encoder.norm", rms_norm(x, norm, spec.eps))
+    return record("text_encoder.norm", noted_rms_norm(x, norm, spec.eps, "text_encoder.norm"))
 
 
 # ---- what DreamLite reads off it ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the scheduler step's cast); 8-bit images within one level.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from test_flow_sampler import DREAMLITE, FLOAT64_STEP  # noqa: E402
 import mdref  # noqa: E402
 import mdref.cli  # noqa: E402
 from mdref.dreamlite import DreamLitePipeline  # noqa: E402
+from mdref.formats.safetensors import read_safetensors, write_safetensors  # noqa: E402
 from mdref.trace import trace  # noqa: E402
 from oracles import randomize, rel_err, within  # noqa: E402
 
@@ -148,3 +150,39 @@ def test_the_memory_guard_covers_dreamlite(folder, tmp_path):
                            "--max-memory", "1K", "-o", str(tmp_path / "x.png")])
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert pipe.run(PROMPT, height=64, width=64, max_memory="64G").image.shape == (1, 3, 64, 64)
+
+
+def _precision(capsys, folder, *extra):
+    code = mdref.cli.main(["precision", PROMPT, "--model", str(folder), "--dtype", "float16", "--height", "64",
+                           "--width", "64", "--scores", "--json", *extra])
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_precision_reports_the_rms_norm_sums_of_squares(folder, tmp_path, capsys):
+    """RMSNorm in float16 is a known device failure: the sum of x^2 it divides by the width overflows 65504 long
+    before x does. `mdref precision --scores` reports every RMSNorm's sum (<norm>.sum_sq: the Qwen text model's
+    norms, the UNet's q / k norms and text projection) with its headroom. Text projection weights x 64 put the sum
+    beyond float16 while every value stays in range: that point is named first, and the emulated RMSNorm (its
+    statistics in float32) keeps the run finite."""
+    report = _precision(capsys, folder)
+    sums = {r["name"]: r for r in report["points"] if r["name"].endswith(".sum_sq")}
+    assert {"text_encoder.layers.0.input_layernorm.sum_sq", "text_encoder.layers.0.self_attn.q_norm.sum_sq",
+            "text_encoder.norm.sum_sq", "unet.encoder_hid_proj.1.sum_sq"} <= set(sums)
+    assert any(n.endswith("attn2.norm_q.sum_sq") for n in sums) and any(n.endswith("attn2.norm_k.sum_sq") for n in sums)
+    least = min(sums.values(), key=lambda r: r["headroom_log2"])
+    assert report["least_headroom"]["sum_sq"] == {"name": least["name"], "headroom_log2": least["headroom_log2"]}
+    assert report["first_nonfinite"] is None and least["headroom_log2"] > 0
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(folder, scaled)
+    weights = scaled / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors, meta = read_safetensors(weights)
+    tensors = dict(tensors, **{"encoder_hid_proj.0.weight": tensors["encoder_hid_proj.0.weight"] * 64})
+    write_safetensors(weights, tensors, meta)
+    report = _precision(capsys, scaled)
+    rows = {r["name"]: r for r in report["points"]}
+    hid = rows["unet.encoder_hid_proj.1.sum_sq"]
+    assert hid["ref_max_abs"] > 65504 and hid["headroom_log2"] < 0 and hid["nonfinite"] > 0
+    assert report["first_nonfinite"] == "unet.encoder_hid_proj.1.sum_sq"
+    assert rows["unet.encoder_hid_proj"]["nonfinite"] == 0 and rows["unet.out"]["nonfinite"] == 0
