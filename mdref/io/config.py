@@ -33,11 +33,15 @@ MAX_POSITIONS = 1 << 16      # position embeddings (text tokens)
 MAX_SAMPLE_SIZE = 1 << 12    # default latent side
 
 
-def from_dict(cls, d, *, ignore=(), where=None):
+def from_dict(cls, d, *, ignore=(), default_only=None, where=None):
     """Build dataclass `cls` from a dict. Keys starting with '_' (diffusers' bookkeeping) and keys in
     `ignore` (documented as having no effect on the forward pass) are skipped; any other unknown key raises.
+    `default_only` {key: accepted values}: keys taken only at those values (refuse_unsupported_values), else skipped.
     `where` (the file) is passed on to the class's checks (an InitVar of each config class)."""
     where = where or cls.__name__
+    if default_only:
+        refuse_unsupported_values(d, default_only, where)
+        ignore = set(ignore) | set(default_only)
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a config object, found {type(d).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}

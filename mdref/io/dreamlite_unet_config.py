@@ -19,7 +19,7 @@ from dataclasses import InitVar, dataclass, field
 
 from ..specs import DreamLiteUNetSpec, Stage
 from .config import (MAX_LAYERS, MAX_SAMPLE_SIZE, MAX_WIDTH, ConfigError, check_bool, check_choice, check_int,
-                     check_positive_int, from_dict, refuse_unsupported_values, to_dict)
+                     check_positive_int, from_dict, to_dict)
 from .unet_config import DEFAULT_ONLY as UNET_DEFAULT_ONLY
 from .unet_config import IGNORED as UNET_IGNORED
 from .unet_config import UNetConfig, unet_spec
@@ -109,8 +109,7 @@ class DreamLiteUNetConfig:
     @classmethod
     def from_dict(cls, d, where="DreamLiteUNetConfig"):
         """Build from a diffusers config dict; unsupported keys or values raise ConfigError naming them."""
-        refuse_unsupported_values(d, DEFAULT_ONLY, where)
-        return from_dict(cls, d, ignore=set(DEFAULT_ONLY) | set(IGNORED), where=where)
+        return from_dict(cls, d, ignore=IGNORED, default_only=DEFAULT_ONLY, where=where)
 
     def __post_init__(self, where):
         where = where or type(self).__name__

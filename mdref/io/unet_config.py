@@ -18,7 +18,7 @@ from dataclasses import InitVar, dataclass, field
 from ..specs import Layer, ResnetSpec, Stage, TransformerSpec, UNetSpec
 from .config import (MAX_LAYERS, MAX_LEVELS, MAX_SAMPLE_SIZE, MAX_WIDTH, ConfigError, check_bool, check_choice,
                      check_float, check_int, check_list, check_positive_int,
-                     from_dict, refuse_unsupported_values, to_dict)
+                     from_dict, to_dict)
 
 __all__ = ["UNetConfig", "unet_spec", "DEFAULT_ONLY", "IGNORED", "TRANSFORMER_NORM_EPS", "LAYER_NORM_EPS",
            "TIME_EMBED_MULT", "DEFAULT_SAMPLE_SIZE"]
@@ -97,8 +97,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d, where="UNetConfig"):
         """Build from a diffusers / mdref config dict; unsupported keys or values raise ConfigError naming them."""
-        refuse_unsupported_values(d, DEFAULT_ONLY, where)
-        return from_dict(cls, d, ignore=set(DEFAULT_ONLY) | set(IGNORED), where=where)
+        return from_dict(cls, d, ignore=IGNORED, default_only=DEFAULT_ONLY, where=where)
 
     def __post_init__(self, where):
         """Types, ranges and the stage plan (mdref.io.config's checkers; `CHECKS` below for the scalars)."""
