@@ -257,7 +257,13 @@ def test_seeds_of_seeded_weights_are_checked():
             mdref.Pipeline.from_preset("tiny", seed=bad)
         with pytest.raises(ValueError, match=r"UNet.from_config: seed must be an integer"):
             mdref.UNet.from_preset("mobilediffusion", seed=bad)
-    mdref.Pipeline.from_preset("tiny", seed=np.uint64(2 ** 64 - 1))
+    # The largest seed: each component's seed (seed + its offset) wraps modulo 2**64, for a Python int as for
+    # numpy's uint64 (which wraps by itself), so both give the same weights.
+    a = mdref.Pipeline.from_preset("tiny", seed=np.uint64(2 ** 64 - 1))
+    b = mdref.Pipeline.from_preset("tiny", seed=2 ** 64 - 1)
+    wrapped = mdref.UNet.from_config(b.unet.config, seed=0)                 # the UNet's offset is 1: 2**64 -> 0
+    assert np.array_equal(a.unet.params["conv_in"]["weight"], b.unet.params["conv_in"]["weight"])
+    assert np.array_equal(b.unet.params["conv_in"]["weight"], wrapped.params["conv_in"]["weight"])
 
 
 def test_memory_limit_in_golden_is_one_named_error(tmp_path):

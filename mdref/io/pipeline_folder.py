@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..guards import SEED_LIMIT
 from ..tokenizer import Tokenizer
 from .components import Decoder, DreamLiteUNet, QwenTextEncoder, TextEncoder, TextEncoderWithProjection, UNet
 from .config import ConfigError, read_json
@@ -80,7 +81,7 @@ def load_preset(name, seed, dtype):
     preset = PIPELINE_PRESETS[name]
     parts = {}
     for key, component in (("text_encoder", TextEncoder), ("unet", UNet), ("decoder", Decoder)):
-        entry, s = preset[key], seed + COMPONENT_SEED_OFFSET[key]
+        entry, s = preset[key], (int(seed) + COMPONENT_SEED_OFFSET[key]) % SEED_LIMIT   # in range for any seed
         parts[key] = (component.from_preset(entry, s, dtype) if isinstance(entry, str)
                       else component.from_config(entry, s, dtype))
     scheduler = SchedulerConfig(**preset["scheduler"], prediction_type=parts["unet"].config.prediction_type)
