@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import precision, sampler
-from .guards import (GUIDANCE_RANGE, SEED_LIMIT, InputError, _check_noise, _is_finite_real, _short, check_memory,
-                     is_int)
+from .guards import (GUIDANCE_RANGE, InputError, _check_noise, _is_finite_real, _short, check_memory, check_prompts,
+                     check_seed_arg)
 from .pipeline import Pipeline, Result, to_pixels
 from .qwen_text import prompt_embeddings
 from .qwen_tokenizer import GENERATE_DROP, MAX_SEQUENCE_LENGTH, generate_text
@@ -122,16 +122,8 @@ class DreamLitePipeline(Pipeline):
                                  f"{_short(guidance_scale)}")
             if not isinstance(negative_prompt, str):
                 raise InputError("negative_prompt", f"must be a string, found {_short(negative_prompt)}")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompt", f"must be a string or a non-empty list of strings, found {_short(prompt)}")
-        for p in prompts:
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InputError("prompt", f"is not valid UTF-8 text: {p[e.start]!r} at position {e.start}") from None
-        if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
-            raise InputError("seed", f"must be an integer with 0 <= seed < 2**64, found {_short(seed)}")
+        prompts = check_prompts(prompt)
+        check_seed_arg(seed)
         shape = self.latent_shape(len(prompts), height, width)                      # [B, C, h, w]
         if noise is not None:
             _check_noise(self, noise, shape, 1)

@@ -18,6 +18,7 @@ from .sampler import describe_noise_shapes, noise_shapes
 from .trace import nonfinite_counts
 
 __all__ = ["InputError", "MemoryLimitError", "NonFiniteError", "StageFailed", "Stages", "Request", "check_run",
+           "check_prompts", "check_seed_arg", "check_memory",
            "estimate_peak_bytes",
            "memory_limit", "parse_bytes", "SEED_LIMIT", "ACTIVATION_COPIES", "GUIDANCE_RANGE", "uses_guidance"]
 
@@ -259,20 +260,10 @@ class Request:
     allow_nonfinite: bool = False   # keep going when a stage's output holds NaN / Inf
 
 
-def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
-              negative_prompt=None, max_memory=None, timesteps=None, allow_nonfinite=False):
-    """Refuse bad arguments of Pipeline.run() before anything is computed or allocated; returns the Request.
-
-    prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
-    bytes that were not UTF-8); seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64; steps: an int
-    in [1, num_train_timesteps] (lcm / tcd: at most original_inference_steps); timesteps: None or custom timesteps
-    (mdref.sampler.schedule: strictly decreasing ints in [0, num_train_timesteps); steps then 1 or their number;
-    not for euler_ancestral); height, width: None (the default size) or positive multiples of size_factor;
-    guidance_scale: None or a real number in GUIDANCE_RANGE (classifier-free guidance runs when it is > 1);
-    negative_prompt: None (not given) or a str, non-empty only with guidance; noise: None or a real floating-point
-    array of shape [B, C, h, w] or [steps, B, C, h, w] (sampler.noise_shapes) whose values are finite in the compute
-    dtype. The whole run must fit in the memory limit (memory_limit(max_memory); estimate_peak_bytes). Raises
-    InputError (a ValueError) naming the argument, or MemoryLimitError."""
+def check_prompts(prompt, negative_prompt=None):
+    """The prompts as a list: prompt a str or a non-empty list / tuple of str; it and negative_prompt (None: not
+    given) valid Unicode (no surrogate code points: they come from bytes that were not UTF-8). Raises InputError
+    naming the argument."""
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -290,8 +281,31 @@ def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=N
                 bad = text[e.start]
                 raw = f" (the byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
                 raise InputError(name, f"is not valid UTF-8 text: {bad!r} at position {e.start}{raw}") from None
+    return prompts
+
+
+def check_seed_arg(seed):
+    """A noise seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64, else InputError("seed", ...)."""
     if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise InputError("seed", f"must be an integer with 0 <= seed < 2**64, found {_short(seed)}")
+
+
+def check_run(pipe, prompt, *, seed=0, noise=None, steps=1, height=None, width=None, guidance_scale=None,
+              negative_prompt=None, max_memory=None, timesteps=None, allow_nonfinite=False):
+    """Refuse bad arguments of Pipeline.run() before anything is computed or allocated; returns the Request.
+
+    prompt: a str or a non-empty list / tuple of str, valid Unicode (no surrogate code points: they come from
+    bytes that were not UTF-8); seed: an int (Python or NumPy, not bool) with 0 <= seed < 2**64; steps: an int
+    in [1, num_train_timesteps] (lcm / tcd: at most original_inference_steps); timesteps: None or custom timesteps
+    (mdref.sampler.schedule: strictly decreasing ints in [0, num_train_timesteps); steps then 1 or their number;
+    not for euler_ancestral); height, width: None (the default size) or positive multiples of size_factor;
+    guidance_scale: None or a real number in GUIDANCE_RANGE (classifier-free guidance runs when it is > 1);
+    negative_prompt: None (not given) or a str, non-empty only with guidance; noise: None or a real floating-point
+    array of shape [B, C, h, w] or [steps, B, C, h, w] (sampler.noise_shapes) whose values are finite in the compute
+    dtype. The whole run must fit in the memory limit (memory_limit(max_memory); estimate_peak_bytes). Raises
+    InputError (a ValueError) naming the argument, or MemoryLimitError."""
+    prompts = check_prompts(prompt, negative_prompt)
+    check_seed_arg(seed)
     T = pipe.scheduler.num_train_timesteps
     if not is_int(steps) or not 1 <= steps <= T:
         raise InputError("steps", f"must be an integer from 1 to num_train_timesteps = {T}, found {_short(steps)}")
